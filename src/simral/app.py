@@ -1,0 +1,36 @@
+"""Opening the platform's resources: data folder, database (migrated), blob store."""
+
+from __future__ import annotations
+
+import logging
+
+from simral.config import Settings
+from simral.context import AppContext
+from simral.db.engine import Database
+from simral.db.migrate import upgrade
+from simral.storage.factory import open_store
+
+log = logging.getLogger(__name__)
+
+
+def open_app(settings: Settings, *, migrate: bool = True) -> AppContext:
+    """Create the data folder, open and migrate the database, open the blob store."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "tmp").mkdir(exist_ok=True)
+    db = Database(settings.effective_database_url)
+    if migrate:
+        upgrade(db.engine)
+    store = open_store(settings)
+    return AppContext(settings=settings, db=db, store=store)
+
+
+def configure_logging(level: str) -> None:
+    """Plain application logs (never PHI: that goes to the audit trail)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs identifiers and every PDU at INFO/DEBUG: keep only its warnings.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom warns about non-conformant values while parsing; the ingest path reports what matters.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -1,0 +1,87 @@
+"""Index ↔ blob store consistency (DESIGN.md §3: orphans swept by ``simral check``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from simral.archive.models import Blob
+from simral.archive.service import recover_staged
+from simral.context import AppContext
+from simral.storage.base import sha256_of_stream
+from simral.storage.filesystem import FilesystemStore
+
+
+@dataclass
+class CheckReport:
+    """Problems found; empty lists mean the archive is consistent."""
+
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    temporaries: list[str] = field(default_factory=list)
+    repaired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.orphans or self.mismatches or self.temporaries)
+
+
+def check(
+    ctx: AppContext,
+    *,
+    repair: bool = False,
+    verify_hashes: bool = True,
+    progress: Callable[[], None] | None = None,
+) -> CheckReport:
+    """Compare every indexed blob with the store (presence, size, SHA-256) and list orphans.
+
+    ``repair`` deletes orphan blobs and leftover temporary files; it never touches indexed data.
+    """
+    report = CheckReport()
+    if repair:
+        # Finish interrupted ingests first: indexed staged blobs are published, the rest dropped.
+        published, deleted = recover_staged(ctx)
+        report.repaired += published + deleted
+    indexed: set[str] = set()
+    with ctx.db.reading() as session:
+        rows = session.execute(select(Blob.key, Blob.size, Blob.sha256))
+        for key, size, sha256 in rows:
+            indexed.add(key)
+            report.checked += 1
+            if progress is not None:
+                progress()
+            try:
+                with ctx.store.open(key) as stream:
+                    if verify_hashes:
+                        actual_sha, actual_size = sha256_of_stream(stream)
+                        if actual_sha != sha256 or actual_size != size:
+                            report.mismatches.append(key)
+            except FileNotFoundError:
+                report.missing.append(key)
+            except Exception as exc:
+                if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc) or "404" in str(exc):
+                    report.missing.append(key)
+                else:
+                    raise
+    for key in ctx.store.iter_keys():
+        if key not in indexed and not key.startswith(".scratch/"):
+            report.orphans.append(key)
+    if isinstance(ctx.store, FilesystemStore):
+        report.temporaries = [str(p) for p in ctx.store.leftover_temporaries()]
+    else:
+        report.temporaries = [str(p) for p in ctx.store.scratch_dir().iterdir() if p.is_file()]
+    if repair:
+        for key in report.orphans:
+            ctx.store.delete(key)
+            report.repaired += 1
+        from pathlib import Path
+
+        for name in report.temporaries:
+            Path(name).unlink(missing_ok=True)
+            report.repaired += 1
+        report.orphans, report.temporaries = [], []
+    return report

@@ -1,0 +1,155 @@
+"""Importing files, folders, DICOMDIRs and ZIP archives through the common ingest path.
+
+DICOMDIR: PS3.10 §8 / PS3.3 F.3 (referenced files are resolved relative to the DICOMDIR);
+ZIP members are extracted one at a time to the store's scratch folder (never whole in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+
+from simral.access.policy import Principal
+from simral.archive.service import IngestResult, ingest_file
+from simral.context import AppContext
+
+MAX_ZIP_MEMBER = 4 * 1024**3
+
+
+@dataclass
+class ImportSummary:
+    """Counts by outcome and the rejection reasons (by source name, no PHI)."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, result: IngestResult) -> None:
+        self.outcomes[result.outcome] += 1
+        if result.outcome == "rejected":
+            self.rejected.append((name, result.reason))
+
+    def reject(self, name: str, reason: str) -> None:
+        self.outcomes["rejected"] += 1
+        self.rejected.append((name, reason))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One candidate file: a display name and a function yielding a local path for it."""
+
+    name: str
+    open_path: Callable[[], contextlib.AbstractContextManager[Path]]
+
+
+@contextlib.contextmanager
+def _as_is(path: Path) -> Iterator[Path]:
+    yield path
+
+
+def _dicomdir_files(dicomdir: Path) -> list[Path]:
+    ds = dcmread(dicomdir)
+    root = dicomdir.parent
+    files = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        ref = record.get("ReferencedFileID")
+        if not ref:
+            continue
+        parts = [ref] if isinstance(ref, str) else list(ref)
+        candidate = root.joinpath(*parts)
+        if not candidate.exists():
+            # Media often differ in case from the DICOMDIR (ISO 9660 upper case).
+            lowered = (
+                {p.name.lower(): p for p in candidate.parent.glob("*")} if candidate.parent.exists() else {}
+            )
+            candidate = lowered.get(candidate.name.lower(), candidate)
+        files.append(candidate)
+    return files
+
+
+def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+    for member in members:
+        if member.file_size > MAX_ZIP_MEMBER or member.filename.upper().endswith("DICOMDIR"):
+            continue
+
+        @contextlib.contextmanager
+        def extract(member: zipfile.ZipInfo = member) -> Iterator[Path]:
+            fd, name = tempfile.mkstemp(prefix=".tmp-import-", suffix=".dcm", dir=scratch)
+            try:
+                with zipfile.ZipFile(archive) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+                yield Path(name)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+
+        yield Source(f"{archive.name}:{member.filename}", extract)
+
+
+def iter_sources(paths: Iterable[Path], scratch: Path) -> Iterator[Source]:
+    """Every candidate file under ``paths`` (folders walked, DICOMDIRs and ZIPs expanded)."""
+    seen: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            dicomdir_refs: set[Path] = set()
+            for dirpath, _dirs, files in os.walk(path):
+                for filename in sorted(files):
+                    if filename.upper() == "DICOMDIR":
+                        with contextlib.suppress(Exception):
+                            dicomdir_refs.update(
+                                p.resolve() for p in _dicomdir_files(Path(dirpath, filename))
+                            )
+            for dirpath, dirs, files in os.walk(path):
+                dirs.sort()
+                for filename in sorted(files):
+                    file = Path(dirpath, filename).resolve()
+                    if filename.upper() == "DICOMDIR" or file in seen:
+                        continue
+                    seen.add(file)
+                    if zipfile.is_zipfile(file) and file not in dicomdir_refs:
+                        yield from _zip_sources(file, scratch)
+                    else:
+                        yield Source(str(file), functools.partial(_as_is, file))
+        elif path.name.upper() == "DICOMDIR":
+            for file in _dicomdir_files(path):
+                if file.resolve() not in seen:
+                    seen.add(file.resolve())
+                    yield Source(str(file), functools.partial(_as_is, file))
+        elif zipfile.is_zipfile(path):
+            yield from _zip_sources(path, scratch)
+        else:
+            yield Source(str(path), functools.partial(_as_is, path))
+
+
+def import_paths(
+    ctx: AppContext,
+    paths: Iterable[Path],
+    *,
+    principal: Principal,
+    progress: Callable[[str], None] | None = None,
+) -> ImportSummary:
+    """Ingest every file found under ``paths``; unreadable entries are counted as rejected."""
+    summary = ImportSummary()
+    for source in iter_sources(paths, ctx.store.scratch_dir()):
+        try:
+            with source.open_path() as local:
+                if not local.is_file():
+                    summary.reject(source.name, "file not found")
+                else:
+                    summary.add(source.name, ingest_file(ctx, local, principal=principal, source="import"))
+        except (OSError, zipfile.BadZipFile) as exc:
+            summary.reject(source.name, f"unreadable: {exc}")
+        if progress is not None:
+            progress(source.name)
+    return summary

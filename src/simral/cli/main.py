@@ -1,0 +1,217 @@
+"""The ``simral`` command line: serve, nodes, import, check."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from simral.access.policy import SYSTEM
+from simral.app import configure_logging, open_app
+from simral.config import Settings, load_settings
+from simral.context import AppContext
+
+app = typer.Typer(
+    help="simral — regional tele-imaging platform.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+nodes_app = typer.Typer(help="Registry of remote DICOM nodes.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+console = Console(stderr=True)
+out = Console()
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data folder (index + blobs). Default ./simral-data.")
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML configuration file (also SIMRAL_CONFIG).", exists=True)
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, overrides=overrides)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _open(config: Path | None, data_dir: Path | None) -> AppContext:
+    settings = _settings(config, data_dir=data_dir)
+    configure_logging("ERROR")
+    return open_app(settings)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM port (default 11112).")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title (default SIMRAL).")] = None,
+    dicom_host: Annotated[str | None, typer.Option(help="Address the DICOM port binds to.")] = None,
+    http_host: Annotated[str | None, typer.Option(help="Address the HTTP port binds to.")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Run the platform in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        dicom_port=dicom_port,
+        http_port=http_port,
+        ae_title=ae_title,
+        dicom_host=dicom_host,
+        http_host=http_host,
+    )
+    configure_logging(settings.log_level)
+    from simral.server import run_server
+
+    sys.exit(run_server(settings))
+
+
+@nodes_app.command("add")
+def nodes_add(
+    name: str,
+    ae: Annotated[str, typer.Option("--ae", help="The node's AE title.")],
+    host: Annotated[str, typer.Option("--host", help="Host name or address.")],
+    port: Annotated[int, typer.Option("--port", help="DICOM port.")],
+    check_host: Annotated[bool, typer.Option(help="Accept this AE only from this host.")] = False,
+    organisation: Annotated[str, typer.Option(help="Organisation code.")] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Register a remote DICOM node."""
+    from simral.nodes import service as nodes
+
+    ctx = _open(config, data_dir)
+    try:
+        with ctx.db.unit_of_work() as session:
+            nodes.create(
+                session,
+                name=name,
+                ae_title=ae,
+                host=host,
+                port=port,
+                check_host=check_host,
+                organisation=organisation,
+            )
+    except nodes.NodeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"node {name} added ({ae.strip()} at {host}:{port})")
+
+
+@nodes_app.command("list")
+def nodes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """List registered nodes."""
+    from simral.nodes import service as nodes
+
+    ctx = _open(config, data_dir)
+    with ctx.db.reading() as session:
+        rows = nodes.list_all(session)
+    table = Table("name", "AE title", "host", "port", "host checked", "organisation")
+    for node in rows:
+        table.add_row(
+            node.name,
+            node.ae_title,
+            node.host,
+            str(node.port),
+            "yes" if node.check_host else "no",
+            node.organisation,
+        )
+    out.print(table)
+
+
+@nodes_app.command("remove")
+def nodes_remove(name: str, data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Remove a registered node."""
+    from simral.nodes import service as nodes
+
+    ctx = _open(config, data_dir)
+    try:
+        with ctx.db.unit_of_work() as session:
+            nodes.delete(session, name=name)
+    except nodes.NodeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"node {name} removed")
+
+
+@app.command("import")
+def import_(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files, folders, DICOMDIRs or ZIP archives.", exists=True)
+    ],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Import DICOM files through the same ingest path as C-STORE and STOW-RS."""
+    from simral.archive.importing import import_paths
+
+    ctx = _open(config, data_dir)
+    with Progress(
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("import", total=None)
+        summary = import_paths(ctx, paths, principal=SYSTEM, progress=lambda _name: progress.advance(task))
+    table = Table("outcome", "count")
+    labels = {
+        "stored": "stored",
+        "replaced": "replaced",
+        "duplicate": "duplicate (identical)",
+        "duplicate-conflict": "duplicate (different content, first kept)",
+        "rejected": "rejected",
+    }
+    for outcome, label in labels.items():
+        table.add_row(label, str(summary.outcomes.get(outcome, 0)))
+    out.print(table)
+    for name, reason in summary.rejected:
+        out.print(f"rejected: {name}: {reason}")
+    if summary.outcomes.get("rejected"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    repair: Annotated[
+        bool, typer.Option(help="Delete orphan blobs and finish or undo interrupted ingests.")
+    ] = False,
+    quick: Annotated[bool, typer.Option(help="Skip re-hashing (presence and orphans only).")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Check index ↔ blob store consistency; exit 1 on any problem."""
+    from simral.archive.consistency import check as run_check
+
+    ctx = _open(config, data_dir)
+    report = run_check(ctx, repair=repair, verify_hashes=not quick)
+    out.print(f"checked {report.checked} indexed blobs")
+    for label, items in (
+        ("missing blob", report.missing),
+        ("checksum mismatch", report.mismatches),
+        ("orphan blob", report.orphans),
+        ("leftover temporary file", report.temporaries),
+    ):
+        for item in items:
+            out.print(f"{label}: {item}")
+    if repair:
+        out.print(f"repaired {report.repaired}")
+    if report.clean:
+        out.print("[green]consistent[/green]")
+    else:
+        out.print(
+            f"[red]problems:[/red] {len(report.missing)} missing, {len(report.mismatches)} mismatched, "
+            f"{len(report.orphans)} orphans, {len(report.temporaries)} temporaries"
+        )
+        raise typer.Exit(1)

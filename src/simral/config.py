@@ -1,0 +1,128 @@
+"""Settings: built-in embedded defaults, then a TOML file, then ``SIMRAL_*`` variables, then CLI flags.
+
+Every setting has a flat name (``dicom_port``); in TOML it may sit in a table (``[dicom] port``
+maps to ``dicom_port``); in the environment it is ``SIMRAL_`` + the upper-cased name
+(``SIMRAL_DICOM_PORT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+DuplicatePolicy = Literal["keep-first", "replace", "reject"]
+
+
+@dataclass
+class Settings:
+    """All of simral's configuration, with the embedded defaults."""
+
+    data_dir: Path = field(default_factory=lambda: Path("./simral-data"))
+    #: SQLAlchemy URL; empty means SQLite at ``data_dir/index.sqlite``.
+    database_url: str = ""
+    #: ``filesystem`` (under ``data_dir/blobs``) or ``s3``.
+    storage: Literal["filesystem", "s3"] = "filesystem"
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "simral"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""
+
+    ae_title: str = "SIMRAL"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    #: Accept associations from AE titles not in the node registry (for a lab only).
+    allow_unknown_ae: bool = False
+    #: Maximum PDU length offered and accepted (PS3.8 §9.3.1).
+    max_pdu: int = 131072
+    #: Seconds without traffic before an association is aborted (ARTIM / idle).
+    network_timeout: float = 60.0
+    #: Number of processes accepting DICOM associations on the same port (SO_REUSEPORT).
+    dicom_workers: int = 1
+    duplicate_policy: DuplicatePolicy = "keep-first"
+    #: When a C-MOVE/C-GET peer did not accept the stored transfer syntax, transcode (True) or fail.
+    transcode_on_retrieve: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+
+_NESTED_ALIASES = {"database_url": ("database", "url")}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = get_type_hints(Settings)[name]
+    if hint is Path:
+        return Path(value).expanduser()
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if value.lower() in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(f"setting {name}: not a boolean: {value!r}")
+        return bool(value)
+    if hint is int:
+        return int(value)
+    if hint is float:
+        return float(value)
+    return str(value)
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}".replace("-", "_")
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix=f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional TOML file, the environment and overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    known = {f.name for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    config_file = config_file or (Path(environ["SIMRAL_CONFIG"]) if environ.get("SIMRAL_CONFIG") else None)
+    if config_file is not None:
+        with open(config_file, "rb") as fh:
+            for name, value in _flatten(tomllib.load(fh)).items():
+                if name not in known:
+                    raise ValueError(f"{config_file}: unknown setting {name!r}")
+                values[name] = value
+    for name in known:
+        env_name = f"SIMRAL_{name.upper()}"
+        if env_name in environ:
+            values[name] = environ[env_name]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    return Settings(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(name, default, comment) rows for the README configuration reference."""
+    rows = []
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        rows.append((f.name, repr(getattr(defaults, f.name)), ""))
+    return rows

@@ -1,0 +1,8 @@
+"""Imports every service's models so ``Base.metadata`` describes the whole schema."""
+
+from simral.archive import models as archive_models
+from simral.audit import models as audit_models
+from simral.db.base import Base
+from simral.nodes import models as nodes_models
+
+__all__ = ["Base", "archive_models", "audit_models", "nodes_models"]

@@ -1,0 +1,1 @@
+"""DICOM foundations: header parsing, JSON model, matching, transcoding."""

@@ -1,0 +1,144 @@
+"""Reading an instance's header without its pixel data, and the keys the index needs.
+
+PS3.10 §7 (file format), PS3.5 §7.1 (data element encoding), PS3.18 §F.2 (DICOM JSON model).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+BULK_DATA_THRESHOLD = 4096
+#: Elements whose defined length exceeds this are not read while parsing the header.
+DEFER_SIZE = 64 * 1024
+
+
+class RejectedInstance(ValueError):
+    """An instance that cannot be archived; ``reason`` is safe to log (no PHI)."""
+
+    def __init__(self, reason: str, *, status: int = 0xC000) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: The C-STORE failure status (PS3.4 B.2.3) this rejection maps to.
+        self.status = status
+
+
+@dataclass
+class Header:
+    """An instance's header and the index keys read from it."""
+
+    dataset: Dataset
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+
+    def text(self, keyword: str) -> str:
+        """The element's value as text ('' when absent or empty); PN values decoded."""
+        value = self.dataset.get(keyword)
+        if value is None or value == "":
+            return ""
+        if isinstance(value, list | tuple):
+            return "\\".join(str(v) for v in value)
+        return str(value)
+
+    def integer(self, keyword: str) -> int | None:
+        """The element's first value as an integer, or None."""
+        value = self.dataset.get(keyword)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value[0] if isinstance(value, list | tuple) else value)
+        except (TypeError, ValueError):
+            return None
+
+    def json_model(self) -> dict[str, Any]:
+        """The header as DICOM JSON (PS3.18 §F.2), bulk data replaced by a BulkDataURI."""
+        return dataset_to_json(self.dataset)
+
+
+def _bulk_data_uri(element: Any) -> str:
+    return f"bulkdata/{element.tag:08X}"
+
+
+def dataset_to_json(dataset: Dataset) -> dict[str, Any]:
+    """DICOM JSON of ``dataset`` without group 0002, pixel data or values above the threshold."""
+    body = Dataset()
+    for element in dataset:
+        if element.tag.group == 0x0002 or element.tag == 0x7FE00010:
+            continue
+        body.add(element)
+    body.set_original_encoding(dataset.is_implicit_VR, dataset.is_little_endian, dataset._character_set)
+    return body.to_json_dict(
+        bulk_data_threshold=BULK_DATA_THRESHOLD,
+        bulk_data_element_handler=_bulk_data_uri,
+        suppress_invalid_tags=True,
+    )
+
+
+def _check_lengths(dataset: Dataset, file_size: int) -> None:
+    """Refuse defined lengths that point past the end of the file (PS3.5 §7.1.1)."""
+    for raw in dataset._dict.values():
+        if not isinstance(raw, RawDataElement):
+            continue
+        if raw.length == 0xFFFFFFFF:
+            continue
+        if raw.value_tell + raw.length > file_size:
+            raise RejectedInstance(
+                f"element ({raw.tag.group:04X},{raw.tag.elem:04X}) claims {raw.length} bytes, "
+                f"beyond the end of the data ({file_size} bytes)",
+                status=0xC000,
+            )
+
+
+def _valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
+
+
+def read_header(path: Path) -> Header:
+    """Parse a Part 10 file up to Pixel Data and check the identifying UIDs (DESIGN.md §3 step 1)."""
+    file_size = os.path.getsize(path)
+    try:
+        dataset = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
+    except InvalidDicomError as exc:
+        raise RejectedInstance(f"not a DICOM Part 10 file: {exc}") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        raise RejectedInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
+    _check_lengths(dataset, file_size)
+    meta = dataset.file_meta
+    transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    if not transfer_syntax:
+        raise RejectedInstance("file meta information has no Transfer Syntax UID")
+    try:
+        uids = {
+            "SOPClassUID": str(
+                dataset.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or ""
+            ),
+            "SOPInstanceUID": str(dataset.get("SOPInstanceUID", "") or ""),
+            "StudyInstanceUID": str(dataset.get("StudyInstanceUID", "") or ""),
+            "SeriesInstanceUID": str(dataset.get("SeriesInstanceUID", "") or ""),
+        }
+    except Exception as exc:  # a malformed value surfaces only when the element is decoded
+        raise RejectedInstance(f"undecodable identifying attribute: {type(exc).__name__}") from None
+    for keyword, value in uids.items():
+        if not value:
+            raise RejectedInstance(f"missing {keyword}", status=0xA900)
+        if not _valid_uid(value):
+            raise RejectedInstance(f"invalid {keyword} (PS3.5 §9.1)", status=0xA900)
+    return Header(
+        dataset=dataset,
+        transfer_syntax_uid=str(UID(transfer_syntax)),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+    )

@@ -1,0 +1,360 @@
+"""DICOM upper-layer service provider on pynetdicom (PS3.7 DIMSE, PS3.8 upper layer).
+
+Services: Verification (C-ECHO), Storage (C-STORE, every storage SOP class and transfer syntax
+pynetdicom knows), Query/Retrieve Patient Root and Study Root (C-FIND, C-MOVE, C-GET), Storage
+Commitment Push Model (N-ACTION / N-EVENT-REPORT). This module translates; the archive service
+does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from simral.access.policy import Principal
+from simral.archive import query as qr
+from simral.archive import service as archive
+from simral.archive.models import Instance, Patient, Series, Study
+from simral.context import AppContext
+from simral.dimse import commitment, sending
+from simral.nodes import service as nodes
+
+log = logging.getLogger(__name__)
+
+FIND_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: "PATIENT",
+    StudyRootQueryRetrieveInformationModelFind: "STUDY",
+}
+MOVE_MODELS = {
+    PatientRootQueryRetrieveInformationModelMove: "PATIENT",
+    StudyRootQueryRetrieveInformationModelMove: "STUDY",
+}
+GET_MODELS = {
+    PatientRootQueryRetrieveInformationModelGet: "PATIENT",
+    StudyRootQueryRetrieveInformationModelGet: "STUDY",
+}
+_NO_SUCH_AE = "\x00no-registered-node"
+#: The acceptor picks the first of these the requestor proposes in a context (PS3.8 §9.3.3.2):
+#: explicit VR first (keeps VRs), then the other native syntaxes, then every encapsulated one.
+ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian] + [
+    ts
+    for ts in ALL_TRANSFER_SYNTAXES
+    if ts not in {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian}
+]
+
+
+def _set_nodelay(sock: socket.socket | None) -> None:
+    if sock is not None and sock.family in {socket.AF_INET, socket.AF_INET6}:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """Association server binding with SO_REUSEPORT (several acceptor processes share a port)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request, address = super().get_request()
+        _set_nodelay(request)
+        return request, address
+
+
+class SimralAE(ApplicationEntity):
+    """The archive's AE; only registered calling AE titles are accepted unless configured otherwise."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        super().__init__(ae_title=ctx.settings.ae_title)
+        self.ctx = ctx
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        """Registered AE titles (PS3.8 §7.1.1.3 association rejection reason 3 for others)."""
+        if self.ctx.settings.allow_unknown_ae:
+            return []
+        with self.ctx.db.reading() as session:
+            titles = [n.ae_title for n in nodes.list_all(session)]
+        return titles or [_NO_SUCH_AE]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, value: list[str]) -> None:  # pragma: no cover - set by pynetdicom init
+        pass
+
+
+class DimseService:
+    """Binds the archive services to pynetdicom events."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        settings = ctx.settings
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        sending.install()
+        # Received datasets are spooled where the store can take them by rename.
+        tempfile.tempdir = str(ctx.store.scratch_dir())
+        ae = SimralAE(ctx)
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.maximum_associations = 64
+        ae.network_timeout = settings.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = settings.network_timeout
+        ae.connection_timeout = 10
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True, scp_role=True)
+        for uid in (
+            Verification,
+            *FIND_MODELS,
+            *MOVE_MODELS,
+            *GET_MODELS,
+            StorageCommitmentPushModel,
+        ):
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
+        # Outgoing associations (C-MOVE sub-operations, N-EVENT-REPORT on a new association).
+        ae.add_requested_context(StorageCommitmentPushModel)
+        self.ae = ae
+        self.server: ReusePortServer | None = None
+        self.handlers = [
+            (evt.EVT_CONN_OPEN, self.on_connection_open),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_ACTION, self.on_n_action),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, host: str, port: int) -> ReusePortServer:
+        """Start accepting associations in background threads."""
+        self.server = self.ae.make_server(
+            (host, port), evt_handlers=self.handlers, server_class=ReusePortServer
+        )
+        thread = threading.Thread(target=self.server.serve_forever, name="dimse-acceptor", daemon=True)
+        thread.start()
+        log.info("DICOM service %s listening on %s:%d", self.ae.ae_title, host, self.server.server_address[1])
+        return self.server
+
+    def stop(self) -> None:
+        """Stop accepting and end the open associations."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def principal(event: evt.Event) -> Principal:
+        calling = event.assoc.requestor.ae_title.strip()
+        return Principal(kind="dicom-node", name=calling)
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    def on_connection_open(self, event: evt.Event) -> None:
+        _set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+    def on_established(self, event: evt.Event) -> None:
+        """Refuse a registered AE title calling from another host when the node says so."""
+        if self.ctx.settings.allow_unknown_ae:
+            return
+        calling = event.assoc.requestor.ae_title.strip()
+        with self.ctx.db.reading() as session:
+            node = nodes.get_by_ae(session, ae_title=calling)
+        address = event.assoc.requestor.address
+        if node is not None and node.check_host and node.host != address:
+            log.warning(
+                "association from AE %s refused: address %s is not the registered host", calling, address
+            )
+            event.assoc.abort()
+
+    def on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def on_store(self, event: evt.Event) -> Dataset | int:
+        """C-STORE (PS3.4 B.2.3): acknowledge once the instance is durable and indexed."""
+        request = event.request
+        path = Path(event.dataset_path)
+        result = archive.ingest_file(
+            self.ctx,
+            path,
+            principal=self.principal(event),
+            source=event.assoc.requestor.ae_title.strip(),
+            move=True,
+            expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
+        )
+        status = Dataset()
+        status.Status = result.status
+        if result.reason:
+            status.ErrorComment = result.reason[:64]
+        return status
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND (PS3.4 C.4.1.3): one pending response per match."""
+        model = FIND_MODELS.get(UID(event.request.AffectedSOPClassUID))
+        if model is None:
+            yield 0xC000, None
+            return
+        try:
+            identifier = event.identifier
+            query_plan = qr.plan(identifier, model=model)  # type: ignore[arg-type]
+        except qr.QueryError as exc:
+            log.info("C-FIND refused: %s", exc)
+            yield exc.status, None
+            return
+        except Exception as exc:
+            log.info("C-FIND identifier not understood: %s", type(exc).__name__)
+            yield 0xC000, None
+            return
+        with self.ctx.db.reading() as session:
+            for result in qr.run(session, query_plan, principal=self.principal(event)):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield (
+                    0xFF00,
+                    qr.response_identifier(
+                        result,
+                        query_plan,
+                        retrieve_ae_title=self.ae.ae_title,
+                        model=model,  # type: ignore[arg-type]
+                    ),
+                )
+        yield 0x0000, None
+
+    def _retrieve_instances(self, event: evt.Event, model: str) -> list[archive.StoredInstance] | int:
+        try:
+            query_plan = qr.plan(event.identifier, model=model)  # type: ignore[arg-type]
+        except qr.QueryError as exc:
+            return exc.status
+        except Exception:
+            return 0xC000
+        principal = self.principal(event)
+        with self.ctx.db.reading() as session:
+            uids = [self._pk(result) for result in qr.run(session, query_plan, principal=principal)]
+            if not uids:
+                return []
+            level = query_plan.level
+            base = archive.instances_query(principal)
+            column = {"PATIENT": Patient.id, "STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[
+                level
+            ]
+            found: list[archive.StoredInstance] = []
+            for start in range(0, len(uids), 500):
+                chunk = uids[start : start + 500]
+                found.extend(archive.iter_instances(session, base.where(column.in_(chunk))))
+            return found
+
+    @staticmethod
+    def _pk(result: qr.Result) -> int:
+        entity = result.instance or result.series or result.study or result.patient
+        return entity.id
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE (PS3.4 C.4.2.3): C-STORE sub-operations to a registered destination."""
+        model = MOVE_MODELS.get(UID(event.request.AffectedSOPClassUID), "STUDY")
+        destination = str(event.move_destination or "").strip()
+        with self.ctx.db.reading() as session:
+            node = nodes.get_by_ae(session, ae_title=destination)
+        if node is None:
+            log.info("C-MOVE to unknown destination AE refused")
+            yield None, None
+            return
+        instances = self._retrieve_instances(event, model)
+        if isinstance(instances, int):
+            yield node.host, node.port
+            yield instances, None
+            return
+        yield node.host, node.port, {"contexts": sending.contexts_for(instances) or None}
+        yield len(instances)
+        for item in instances:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield (
+                0xFF00,
+                sending.StoredInstanceDataset(
+                    item, self.ctx, allow_transcode=self.ctx.settings.transcode_on_retrieve
+                ),
+            )
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET (PS3.4 C.4.3.3): C-STORE sub-operations on the same association."""
+        model = GET_MODELS.get(UID(event.request.AffectedSOPClassUID), "STUDY")
+        instances = self._retrieve_instances(event, model)
+        if isinstance(instances, int):
+            yield 0
+            yield instances, None
+            return
+        yield len(instances)
+        for item in instances:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield (
+                0xFF00,
+                sending.StoredInstanceDataset(
+                    item, self.ctx, allow_transcode=self.ctx.settings.transcode_on_retrieve
+                ),
+            )
+
+    def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """Storage Commitment request (PS3.4 J.3.2): answer, then report on this or a new association."""
+        if event.request.RequestedSOPClassUID != StorageCommitmentPushModel:
+            return 0x0112, None
+        if event.action_type != 1:
+            return 0x0123, None  # No such action
+        try:
+            action = event.action_information
+        except Exception:
+            return 0x0110, None
+        calling = event.assoc.requestor.ae_title.strip()
+        principal = self.principal(event)
+        report = commitment.evaluate(self.ctx, action, principal=principal)
+        if report is None:
+            return 0x0120, None  # Missing attribute
+        thread = threading.Thread(
+            target=commitment.deliver,
+            args=(self.ae, self.ctx, event.assoc, calling, report),
+            name="stgcmt-report",
+            daemon=True,
+        )
+        thread.start()
+        return 0x0000, None
+
+
+def wait_forever(stop: threading.Event) -> None:
+    """Block until ``stop`` is set."""
+    while not stop.is_set():
+        time.sleep(0.2)

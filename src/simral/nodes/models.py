@@ -1,0 +1,27 @@
+"""Registry of remote DICOM application entities (PS3.8 §7.1: AE title, host, port)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from simral.db.base import Base, utcnow
+
+
+class RemoteNode(Base):
+    """A peer simral may accept associations from and send to (C-MOVE destination, forwarding)."""
+
+    __tablename__ = "remote_node"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    #: When set, associations from this AE are accepted only from this host address.
+    check_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    organisation: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,67 @@
+"""Operations on the remote node registry."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from simral.audit import service as audit
+from simral.nodes.models import RemoteNode
+
+
+class NodeError(ValueError):
+    """A registry operation that cannot be done (duplicate, unknown, invalid)."""
+
+
+def _check_ae_title(ae_title: str) -> str:
+    # PS3.5 §6.2 AE VR: up to 16 characters, no backslash or control characters, not all spaces.
+    value = ae_title.strip()
+    if not value or len(value) > 16 or "\\" in value or any(ord(c) < 32 for c in value):
+        raise NodeError(f"invalid AE title {ae_title!r} (1-16 characters, no backslash)")
+    return value
+
+
+def create(
+    session: Session,
+    *,
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int,
+    check_host: bool = False,
+    organisation: str = "",
+    actor: str = "cli",
+) -> RemoteNode:
+    """Register a node; names and AE titles are unique."""
+    ae_title = _check_ae_title(ae_title)
+    if not 0 < port < 65536:
+        raise NodeError(f"invalid port {port}")
+    if session.scalar(select(RemoteNode).where(RemoteNode.name == name)) is not None:
+        raise NodeError(f"a node named {name!r} already exists")
+    if get_by_ae(session, ae_title=ae_title) is not None:
+        raise NodeError(f"AE title {ae_title!r} is already registered")
+    node = RemoteNode(
+        name=name, ae_title=ae_title, host=host, port=port, check_host=check_host, organisation=organisation
+    )
+    session.add(node)
+    audit.record(session, action="node.create", actor=actor, outcome="success", detail={"name": name})
+    return node
+
+
+def list_all(session: Session) -> list[RemoteNode]:
+    """Every registered node, by name."""
+    return list(session.scalars(select(RemoteNode).order_by(RemoteNode.name)))
+
+
+def get_by_ae(session: Session, *, ae_title: str) -> RemoteNode | None:
+    """The node registered with this AE title (trailing spaces ignored)."""
+    return session.scalar(select(RemoteNode).where(RemoteNode.ae_title == ae_title.strip()))
+
+
+def delete(session: Session, *, name: str, actor: str = "cli") -> None:
+    """Remove a node from the registry."""
+    node = session.scalar(select(RemoteNode).where(RemoteNode.name == name))
+    if node is None:
+        raise NodeError(f"no node named {name!r}")
+    session.delete(node)
+    audit.record(session, action="node.delete", actor=actor, outcome="success", detail={"name": name})

@@ -1,0 +1,57 @@
+"""``simral serve``: the DICOM service and the HTTP service in one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from simral.app import open_app
+from simral.archive.service import recover_staged
+from simral.config import Settings
+from simral.dimse.server import DimseService
+from simral.web.app import create_web_app
+
+log = logging.getLogger(__name__)
+
+RECOVERY_PERIOD = 30.0
+
+
+def _recovery_loop(ctx: object, stop: threading.Event) -> None:
+    while not stop.wait(RECOVERY_PERIOD):
+        try:
+            recover_staged(ctx, older_than=RECOVERY_PERIOD)  # type: ignore[arg-type]
+        except Exception as exc:
+            log.error("staging recovery sweep failed: %s", exc)
+
+
+def run_server(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM; return the exit status."""
+    ctx = open_app(settings)
+    published, deleted = recover_staged(ctx)
+    if published or deleted:
+        log.warning("recovered interrupted ingests: %d published, %d discarded", published, deleted)
+    dimse = DimseService(ctx)
+    server = dimse.start(settings.dicom_host, settings.dicom_port)
+    stop = threading.Event()
+    threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
+    web = create_web_app(ctx)
+    config = uvicorn.Config(
+        web, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
+    )
+    http = uvicorn.Server(config)
+    dicom_port = server.server_address[1]
+    print(
+        f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{dicom_port}, "
+        f"HTTP http://{settings.http_host}:{settings.http_port}/ (data in {settings.data_dir})",
+        flush=True,
+    )
+    try:
+        http.run()  # handles SIGINT/SIGTERM and returns
+    finally:
+        stop.set()
+        dimse.stop()
+        ctx.db.dispose()
+        log.info("simral stopped")
+    return 0

@@ -1,0 +1,143 @@
+"""S3-compatible blob store (any server speaking the S3 API; tested against SeaweedFS).
+
+Each write is a single PUT carrying ``Content-MD5`` (the server rejects a corrupted upload), or a
+multipart upload above ``multipart_threshold``; the SHA-256 is computed while reading and kept in
+the index and in the object's metadata. An object is visible only once its upload completed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from simral.storage.base import CHUNK, StoredBlob
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class S3Store:
+    """Blobs as objects in one bucket, under an optional key prefix."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        region: str = "us-east-1",
+        prefix: str = "",
+        scratch: Path,
+        name: str = "s3",
+    ) -> None:
+        self.name = name
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None,
+            region_name=region,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                max_pool_connections=32,
+                connect_timeout=5,
+                read_timeout=60,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self._scratch = scratch
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        self._transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist yet."""
+        existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}
+        if self.bucket not in existing:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.prefix + key
+
+    def scratch_dir(self) -> Path:
+        return self._scratch
+
+    def put_file(self, key: str, source: Path, *, move: bool = False) -> StoredBlob:
+        size = source.stat().st_size
+        sha = hashlib.sha256()
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(source, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                sha.update(chunk)
+                md5.update(chunk)
+        digest = sha.hexdigest()
+        with open(source, "rb") as fh:
+            if size < MULTIPART_THRESHOLD:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=fh,
+                    ContentLength=size,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
+                    Metadata={"sha256": digest},
+                )
+            else:
+                self.client.upload_fileobj(
+                    fh,
+                    self.bucket,
+                    self._key(key),
+                    ExtraArgs={"Metadata": {"sha256": digest}},
+                    Config=self._transfer,
+                )
+        if move:
+            source.unlink(missing_ok=True)
+        return StoredBlob(key=key, size=size, sha256=digest)
+
+    def put_stream(self, key: str, stream: BinaryIO) -> StoredBlob:
+        # Spool to scratch so the checksum is known before the PUT (and memory stays bounded).
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=self._scratch, prefix=".tmp-", delete=True) as tmp:
+            while chunk := stream.read(CHUNK):
+                tmp.write(chunk)
+            tmp.flush()
+            return self.put_file(key, Path(tmp.name))
+
+    def open(self, key: str) -> BinaryIO:
+        response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        return cast(BinaryIO, response["Body"])
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+        return True
+
+    def iter_keys(self) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix) :]

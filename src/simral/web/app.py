@@ -1,0 +1,41 @@
+"""The HTTP service (ASGI). The archive core exposes health and a status summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from simral import __version__
+from simral.archive.models import Instance, Patient, Series, Study
+from simral.context import AppContext
+
+
+def create_web_app(ctx: AppContext) -> FastAPI:
+    """Build the ASGI application bound to ``ctx``."""
+    web = FastAPI(title="simral", version=__version__)
+
+    @web.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness and database reachability."""
+        with ctx.db.reading() as session:
+            session.execute(select(1))
+        return {"status": "ok"}
+
+    @web.get("/api/status")
+    def status() -> dict[str, Any]:
+        """Counts of the archive's content."""
+        with ctx.db.reading() as session:
+            counts = {
+                name: session.scalar(select(func.count()).select_from(model))
+                for name, model in (
+                    ("patients", Patient),
+                    ("studies", Study),
+                    ("series", Series),
+                    ("instances", Instance),
+                )
+            }
+        return {"version": __version__, "ae_title": ctx.settings.ae_title, **counts}
+
+    return web

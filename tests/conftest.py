@@ -1,0 +1,65 @@
+"""Shared fixtures: real PostgreSQL and S3 servers, and simral configured on each backend.
+
+Backends: ``sqlite-fs`` (embedded defaults) and ``postgres-s3`` (PostgreSQL 15 + SeaweedFS S3).
+Every peer listens on 127.0.0.1 on a free port and is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import PostgresServer, SeaweedS3
+
+BACKENDS = ["sqlite-fs", "postgres-s3"]
+_counter = itertools.count()
+
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    with SeaweedS3() as server:
+        yield server
+
+
+def backend_env(name: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """SIMRAL_* variables selecting a fresh database and store for backend ``name``."""
+    if name == "sqlite-fs":
+        return {}
+    n = next(_counter)
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    s3: SeaweedS3 = request.getfixturevalue("seaweed")
+    bucket = f"simral-test-{n}"
+    s3.create_bucket(bucket)
+    return {
+        "SIMRAL_DATABASE_URL": pg.create_database(f"simral_test_{n}"),
+        "SIMRAL_STORAGE": "s3",
+        "SIMRAL_S3_ENDPOINT_URL": s3.endpoint_url,
+        "SIMRAL_S3_BUCKET": bucket,
+        "SIMRAL_S3_ACCESS_KEY": s3.access_key,
+        "SIMRAL_S3_SECRET_KEY": s3.secret_key,
+        "SIMRAL_S3_REGION": s3.region,
+    }
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corpus")

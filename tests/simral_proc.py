@@ -1,0 +1,112 @@
+"""Run ``simral serve`` as a real subprocess for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.peers import free_port, wait_port
+
+SIMRAL = str(Path(sys.executable).parent / "simral")
+
+
+class SimralProcess:
+    """A ``simral serve`` process with its own data folder, ports and environment."""
+
+    def __init__(
+        self, data_dir: Path, *, env: dict[str, str] | None = None, ae_title: str = "SIMRAL",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.env = {**os.environ, "TCP_NODELAY": "1", **(env or {}), **(extra_env or {})}
+        self.env.pop("SIMRAL_CONFIG", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+
+    # -- CLI --------------------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run a ``simral`` subcommand against this instance's data folder and settings."""
+        argv = [SIMRAL, *args]
+        if args and args[0] == "nodes":
+            argv += ["--data-dir", str(self.data_dir)]
+        elif args and args[0] in {"import", "check"}:
+            argv += ["--data-dir", str(self.data_dir)]
+        result = subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"simral {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def add_node(self, name: str, ae: str, port: int, host: str = "127.0.0.1") -> None:
+        self.cli("nodes", "add", name, "--ae", ae, "--host", host, "--port", str(port))
+
+    # -- process ----------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> SimralProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [SIMRAL, "serve", "--data-dir", str(self.data_dir), "--dicom-port", str(self.dicom_port),
+             "--http-port", str(self.http_port), "--ae-title", self.ae_title, "--dicom-host", "127.0.0.1"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"simral serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                wait_port("127.0.0.1", self.dicom_port, timeout=0.5)
+                wait_port("127.0.0.1", self.http_port, timeout=0.5)
+                return self
+            except TimeoutError:
+                continue
+        self.kill()
+        raise TimeoutError(f"simral serve did not start:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; return the exit status."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (crash simulation)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> SimralProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            self.stop()
