@@ -94,6 +94,11 @@ COMPUTED: dict[str, Level] = {
     "SOPClassesInStudy": "STUDY",
     "NumberOfSeriesRelatedInstances": "SERIES",
 }
+#: Study-level keys matched against the study's series or instances.
+STUDY_MEMBERSHIP: dict[str, tuple[InstrumentedAttribute[Any], str]] = {
+    "ModalitiesInStudy": (Series.modality, "CS"),
+    "SOPClassesInStudy": (Instance.sop_class_uid, "UI"),
+}
 ALWAYS_SKIPPED = {
     "QueryRetrieveLevel",
     "SpecificCharacterSet",
@@ -191,7 +196,21 @@ def plan(identifier: Dataset, *, model: Model = "STUDY") -> Plan:
         if element.tag.group in {0x0000, 0x0002} or keyword in ALWAYS_SKIPPED:
             continue
         return_tags.append(int(element.tag))
-        if not _has_value(element) or keyword in COMPUTED:
+        if not _has_value(element):
+            continue
+        if keyword in STUDY_MEMBERSHIP and depth >= LEVELS.index("STUDY"):
+            # Matches a study when any of its series / instances matches (PS3.4 C.6.2.1.2).
+            column, vr = STUDY_MEMBERSHIP[keyword]
+            match = parse_match(
+                "\\".join(str(v) for v in element.value) if element.VM > 1 else str(element.value), vr
+            )
+            if match.kind != "universal":
+                member = select(Series.study_pk)
+                if column.class_ is Instance:
+                    member = member.join(Instance, Instance.series_pk == Series.id)
+                conditions.append(Study.id.in_(member.where(_column_clause(column, match, vr))))
+            continue
+        if keyword in COMPUTED:
             continue
         raw = element.value
         text = "\\".join(str(v) for v in raw) if isinstance(raw, list | tuple) or element.VM > 1 else str(raw)
