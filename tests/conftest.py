@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.peers import PostgresServer, SeaweedS3
 
 BACKENDS = ["sqlite-fs", "postgres-s3"]

@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.filereader import read_preamble
 from pydicom.filereader import _read_file_meta_info as read_file_meta
+from pydicom.filereader import read_preamble
 
 
 def dataset_bytes(path: Path) -> tuple[str, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,11 @@ class SimralProcess:
     """A ``simral serve`` process with its own data folder, ports and environment."""
 
     def __init__(
-        self, data_dir: Path, *, env: dict[str, str] | None = None, ae_title: str = "SIMRAL",
+        self,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        ae_title: str = "SIMRAL",
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
@@ -36,16 +41,20 @@ class SimralProcess:
     def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run a ``simral`` subcommand against this instance's data folder and settings."""
         argv = [SIMRAL, *args]
-        if args and args[0] == "nodes":
-            argv += ["--data-dir", str(self.data_dir)]
-        elif args and args[0] in {"import", "check"}:
+        if (args and args[0] == "nodes") or (args and args[0] in {"import", "check"}):
             argv += ["--data-dir", str(self.data_dir)]
         result = subprocess.run(
-            argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+            argv,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"simral {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"simral {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def add_node(self, name: str, ae: str, port: int, host: str = "127.0.0.1") -> None:
@@ -55,13 +64,27 @@ class SimralProcess:
 
     def start(self, timeout: float = 60) -> SimralProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [SIMRAL, "serve", "--data-dir", str(self.data_dir), "--dicom-port", str(self.dicom_port),
-             "--http-port", str(self.http_port), "--ae-title", self.ae_title, "--dicom-host", "127.0.0.1"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    SIMRAL,
+                    "serve",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--dicom-port",
+                    str(self.dicom_port),
+                    "--http-port",
+                    str(self.http_port),
+                    "--ae-title",
+                    self.ae_title,
+                    "--dicom-host",
+                    "127.0.0.1",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -91,10 +114,8 @@ class SimralProcess:
         """SIGKILL the whole process group (crash simulation)."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
         self.proc = None
 

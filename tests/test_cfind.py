@@ -15,7 +15,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
 from tests.conftest import BACKENDS, backend_env
 from tests.simral_proc import SimralProcess
 
@@ -37,10 +36,16 @@ class StudySpec:
 
 
 STUDIES = [
-    StudySpec("S1", "P1", "DUPONT^Jean", "19600101", "M", "20240110", "083000", "A1", "CT THORAX", ("CT", "SR")),
+    StudySpec(
+        "S1", "P1", "DUPONT^Jean", "19600101", "M", "20240110", "083000", "A1", "CT THORAX", ("CT", "SR")
+    ),
     StudySpec("S2", "P1", "DUPONT^Jean", "19600101", "M", "20240215", "101500", "A22", "IRM GENOU", ("MR",)),
-    StudySpec("S3", "P2", "Dupond^Marie", "19751212", "F", "20231105", "235959", "B3", "THORAX FACE", ("CR",)),
-    StudySpec("S4", "P3", "MARTIN^Paul", "20010303", "M", "20240110", "143000", "A4", "TEP TDM", ("CT", "PT")),
+    StudySpec(
+        "S3", "P2", "Dupond^Marie", "19751212", "F", "20231105", "235959", "B3", "THORAX FACE", ("CR",)
+    ),
+    StudySpec(
+        "S4", "P3", "MARTIN^Paul", "20010303", "M", "20240110", "143000", "A4", "TEP TDM", ("CT", "PT")
+    ),
     StudySpec("S5", "P4", "martinez^Ana", "19900420", "F", "20250701", "090000", "C5", "ECHO", ("US",)),
 ]
 INSTANCES_PER_SERIES = 2
@@ -95,7 +100,9 @@ def write_corpus(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def simral(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimralProcess]:
+def simral(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimralProcess]:
     base = tmp_path_factory.mktemp(f"cfind-{request.param}")
     corpus = base / "corpus"
     corpus.mkdir()
@@ -104,20 +111,42 @@ def simral(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     server.add_node("findscu", SCU, 104)
     with server:
         result = subprocess.run(
-            ["/usr/bin/dcmsend", "-aet", SCU, "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port),
-             *map(str, files)],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                "/usr/bin/dcmsend",
+                "-aet",
+                SCU,
+                "-aec",
+                server.ae_title,
+                "127.0.0.1",
+                str(server.dicom_port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         yield server
 
 
-def find(simral: SimralProcess, tmp_path: Path, level: str, keys: dict[str, str], *,
-         root: str = "-S") -> list[Dataset]:
+def find(
+    simral: SimralProcess, tmp_path: Path, level: str, keys: dict[str, str], *, root: str = "-S"
+) -> list[Dataset]:
     """Run findscu with -X and return the response identifiers."""
     out = tmp_path / f"q{len(list(tmp_path.iterdir()))}"
     out.mkdir()
-    args = ["/usr/bin/findscu", "-aet", SCU, "-aec", simral.ae_title, root, "-X", "-k", f"QueryRetrieveLevel={level}"]
+    args = [
+        "/usr/bin/findscu",
+        "-aet",
+        SCU,
+        "-aec",
+        simral.ae_title,
+        root,
+        "-X",
+        "-k",
+        f"QueryRetrieveLevel={level}",
+    ]
     for key, value in keys.items():
         args += ["-k", f"{key}={value}" if value != "" else key]
     args += ["127.0.0.1", str(simral.dicom_port)]
@@ -158,18 +187,33 @@ STUDY_QUERIES: list[tuple[dict[str, str], set[str]]] = [
 
 
 @pytest.mark.parametrize(("keys", "expected"), STUDY_QUERIES, ids=[str(q[0]) for q in STUDY_QUERIES])
-def test_study_level_matches(simral: SimralProcess, tmp_path: Path, keys: dict[str, str], expected: set[str]) -> None:
-    responses = find(simral, tmp_path, "STUDY", {**keys, "StudyInstanceUID": keys.get("StudyInstanceUID", "")})
+def test_study_level_matches(
+    simral: SimralProcess, tmp_path: Path, keys: dict[str, str], expected: set[str]
+) -> None:
+    responses = find(
+        simral, tmp_path, "STUDY", {**keys, "StudyInstanceUID": keys.get("StudyInstanceUID", "")}
+    )
     assert study_keys(responses) == expected
     assert len(responses) == len(expected)
 
 
 def test_study_return_keys(simral: SimralProcess, tmp_path: Path) -> None:
-    responses = find(simral, tmp_path, "STUDY", {
-        "PatientID": "P3", "StudyInstanceUID": "", "PatientName": "", "PatientBirthDate": "",
-        "NumberOfStudyRelatedInstances": "", "NumberOfStudyRelatedSeries": "", "ModalitiesInStudy": "",
-        "AccessionNumber": "", "StudyDescription": "",
-    })
+    responses = find(
+        simral,
+        tmp_path,
+        "STUDY",
+        {
+            "PatientID": "P3",
+            "StudyInstanceUID": "",
+            "PatientName": "",
+            "PatientBirthDate": "",
+            "NumberOfStudyRelatedInstances": "",
+            "NumberOfStudyRelatedSeries": "",
+            "ModalitiesInStudy": "",
+            "AccessionNumber": "",
+            "StudyDescription": "",
+        },
+    )
     assert len(responses) == 1
     r = responses[0]
     assert str(r.PatientName) == "MARTIN^Paul"
@@ -180,20 +224,46 @@ def test_study_return_keys(simral: SimralProcess, tmp_path: Path) -> None:
     assert r.AccessionNumber == "A4"
     assert r.StudyDescription == "TEP TDM"
     # Only requested keys (plus the level's unique key and the SCP's own attributes).
-    allowed = {"PatientID", "StudyInstanceUID", "PatientName", "PatientBirthDate", "NumberOfStudyRelatedInstances",
-               "NumberOfStudyRelatedSeries", "ModalitiesInStudy", "AccessionNumber", "StudyDescription",
-               "QueryRetrieveLevel", "RetrieveAETitle", "InstanceAvailability", "SpecificCharacterSet"}
+    allowed = {
+        "PatientID",
+        "StudyInstanceUID",
+        "PatientName",
+        "PatientBirthDate",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfStudyRelatedSeries",
+        "ModalitiesInStudy",
+        "AccessionNumber",
+        "StudyDescription",
+        "QueryRetrieveLevel",
+        "RetrieveAETitle",
+        "InstanceAvailability",
+        "SpecificCharacterSet",
+    }
     assert {e.keyword for e in r} <= allowed
 
 
 def test_series_level(simral: SimralProcess, tmp_path: Path) -> None:
     s4 = study_uid("S4")
-    responses = find(simral, tmp_path, "SERIES", {"StudyInstanceUID": s4, "SeriesInstanceUID": "", "Modality": "",
-                                                   "NumberOfSeriesRelatedInstances": "", "SeriesNumber": ""})
+    responses = find(
+        simral,
+        tmp_path,
+        "SERIES",
+        {
+            "StudyInstanceUID": s4,
+            "SeriesInstanceUID": "",
+            "Modality": "",
+            "NumberOfSeriesRelatedInstances": "",
+            "SeriesNumber": "",
+        },
+    )
     assert {(r.Modality, str(r.SeriesInstanceUID)) for r in responses} == {
-        ("CT", series_uid("S4", "CT")), ("PT", series_uid("S4", "PT"))}
+        ("CT", series_uid("S4", "CT")),
+        ("PT", series_uid("S4", "PT")),
+    }
     assert all(int(r.NumberOfSeriesRelatedInstances) == INSTANCES_PER_SERIES for r in responses)
-    only_pt = find(simral, tmp_path, "SERIES", {"StudyInstanceUID": s4, "SeriesInstanceUID": "", "Modality": "PT"})
+    only_pt = find(
+        simral, tmp_path, "SERIES", {"StudyInstanceUID": s4, "SeriesInstanceUID": "", "Modality": "PT"}
+    )
     assert [str(r.SeriesInstanceUID) for r in only_pt] == [series_uid("S4", "PT")]
     all_ct = find(simral, tmp_path, "SERIES", {"SeriesInstanceUID": "", "Modality": "CT"})
     assert {str(r.SeriesInstanceUID) for r in all_ct} == {series_uid("S1", "CT"), series_uid("S4", "CT")}
@@ -201,23 +271,45 @@ def test_series_level(simral: SimralProcess, tmp_path: Path) -> None:
 
 def test_image_level(simral: SimralProcess, tmp_path: Path) -> None:
     series = series_uid("S2", "MR")
-    responses = find(simral, tmp_path, "IMAGE", {
-        "StudyInstanceUID": study_uid("S2"), "SeriesInstanceUID": series, "SOPInstanceUID": "",
-        "InstanceNumber": "", "SOPClassUID": ""})
+    responses = find(
+        simral,
+        tmp_path,
+        "IMAGE",
+        {
+            "StudyInstanceUID": study_uid("S2"),
+            "SeriesInstanceUID": series,
+            "SOPInstanceUID": "",
+            "InstanceNumber": "",
+            "SOPClassUID": "",
+        },
+    )
     assert sorted(int(r.InstanceNumber) for r in responses) == list(range(1, INSTANCES_PER_SERIES + 1))
-    assert {str(r.SOPInstanceUID) for r in responses} == {_uid("S2", "MR", str(n))
-                                                          for n in range(1, INSTANCES_PER_SERIES + 1)}
+    assert {str(r.SOPInstanceUID) for r in responses} == {
+        _uid("S2", "MR", str(n)) for n in range(1, INSTANCES_PER_SERIES + 1)
+    }
     assert all(r.SOPClassUID == SecondaryCaptureImageStorage for r in responses)
-    second = find(simral, tmp_path, "IMAGE", {"SeriesInstanceUID": series, "SOPInstanceUID": "", "InstanceNumber": "2"})
+    second = find(
+        simral, tmp_path, "IMAGE", {"SeriesInstanceUID": series, "SOPInstanceUID": "", "InstanceNumber": "2"}
+    )
     assert [str(r.SOPInstanceUID) for r in second] == [_uid("S2", "MR", "2")]
 
 
 def test_patient_root(simral: SimralProcess, tmp_path: Path) -> None:
-    patients = find(simral, tmp_path, "PATIENT", {"PatientName": "MARTIN*", "PatientID": "",
-                                                  "NumberOfPatientRelatedStudies": ""}, root="-P")
+    patients = find(
+        simral,
+        tmp_path,
+        "PATIENT",
+        {"PatientName": "MARTIN*", "PatientID": "", "NumberOfPatientRelatedStudies": ""},
+        root="-P",
+    )
     assert {(r.PatientID, int(r.NumberOfPatientRelatedStudies)) for r in patients} == {("P3", 1), ("P4", 1)}
-    p1 = find(simral, tmp_path, "PATIENT", {"PatientID": "P1", "NumberOfPatientRelatedStudies": "",
-                                            "NumberOfPatientRelatedInstances": ""}, root="-P")
+    p1 = find(
+        simral,
+        tmp_path,
+        "PATIENT",
+        {"PatientID": "P1", "NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedInstances": ""},
+        root="-P",
+    )
     assert len(p1) == 1
     assert int(p1[0].NumberOfPatientRelatedStudies) == 2
     assert int(p1[0].NumberOfPatientRelatedInstances) == 3 * INSTANCES_PER_SERIES
@@ -229,9 +321,26 @@ def test_study_root_refuses_patient_level(simral: SimralProcess, tmp_path: Path)
     out = tmp_path / "x"
     out.mkdir()
     result = subprocess.run(
-        ["/usr/bin/findscu", "-v", "-aet", SCU, "-aec", simral.ae_title, "-S", "-k", "QueryRetrieveLevel=PATIENT",
-         "-k", "PatientID=P1", "127.0.0.1", str(simral.dicom_port)],
-        capture_output=True, text=True, timeout=60, cwd=out, check=False,
+        [
+            "/usr/bin/findscu",
+            "-v",
+            "-aet",
+            SCU,
+            "-aec",
+            simral.ae_title,
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=PATIENT",
+            "-k",
+            "PatientID=P1",
+            "127.0.0.1",
+            str(simral.dicom_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=out,
+        check=False,
     )
     # Status A900 "Identifier does not match SOP Class" (PS3.4 C.4.1.1.4), no match returned.
     assert "Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in result.stdout + result.stderr

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-
 from tests.conftest import BACKENDS, backend_env
 from tests.corpus import storable_test_files
 from tests.dicomcmp import dataset_bytes, same_instance
@@ -32,8 +31,21 @@ class Archive:
 
     def dcmtk(self, tool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [f"/usr/bin/{tool}", "-aet", SCU, "-aec", self.simral.ae_title, *args, "127.0.0.1", str(self.simral.dicom_port)],
-            capture_output=True, text=True, timeout=300, cwd=cwd, check=False,
+            [
+                f"/usr/bin/{tool}",
+                "-aet",
+                SCU,
+                "-aec",
+                self.simral.ae_title,
+                *args,
+                "127.0.0.1",
+                str(self.simral.dicom_port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+            check=False,
         )
 
 
@@ -47,9 +59,22 @@ def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         with simral:
             files = storable_test_files()
             result = subprocess.run(
-                ["/usr/bin/dcmsend", "-aet", SCU, "-aec", simral.ae_title, "--decompress-never", "--no-halt",
-                 "127.0.0.1", str(simral.dicom_port), *map(str, files)],
-                capture_output=True, text=True, timeout=600, check=False,
+                [
+                    "/usr/bin/dcmsend",
+                    "-aet",
+                    SCU,
+                    "-aec",
+                    simral.ae_title,
+                    "--decompress-never",
+                    "--no-halt",
+                    "127.0.0.1",
+                    str(simral.dicom_port),
+                    *map(str, files),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
             )
             assert result.returncode == 0, result.stdout + result.stderr + simral.log_tail()
             sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
@@ -59,8 +84,19 @@ def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def test_echo_and_unknown_ae(archive: Archive) -> None:
     assert archive.dcmtk("echoscu").returncode == 0
     refused = subprocess.run(
-        ["/usr/bin/echoscu", "-aet", "INTRUDER", "-aec", "SIMRAL", "127.0.0.1", str(archive.simral.dicom_port)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "/usr/bin/echoscu",
+            "-aet",
+            "INTRUDER",
+            "-aec",
+            "SIMRAL",
+            "127.0.0.1",
+            str(archive.simral.dicom_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
@@ -74,8 +110,9 @@ def test_every_corpus_file_stored_and_consistent(archive: Archive) -> None:
     assert "consistent" in check.stdout
 
 
-def _find(archive: Archive, level: str, *keys: str, root: str = "-S",
-          level_keys: dict[str, str] | None = None) -> list[str]:
+def _find(
+    archive: Archive, level: str, *keys: str, root: str = "-S", level_keys: dict[str, str] | None = None
+) -> list[str]:
     args = [root, "-k", f"QueryRetrieveLevel={level}"]
     for k, v in (level_keys or {}).items():
         args += ["-k", f"{k}={v}"]
@@ -118,8 +155,17 @@ def test_get_returns_identical_instances(archive: Archive, tmp_path: Path) -> No
     studies = _find(archive, "STUDY", "StudyInstanceUID")
     assert studies
     for study in studies:
-        result = archive.dcmtk("getscu", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-                               "+B", "-od", str(tmp_path))
+        result = archive.dcmtk(
+            "getscu",
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "+B",
+            "-od",
+            str(tmp_path),
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in tmp_path.iterdir()}
     # getscu accepts only native transfer syntaxes: instances stored compressed are decoded for it,
@@ -161,8 +207,16 @@ def _native_or_decodable(path: Path) -> bool:
 
 def test_move_to_storescp_returns_identical_instances(archive: Archive) -> None:
     archive.dest.clear()
-    result = archive.dcmtk("movescu", "-S", "-aem", DEST, "-k", "QueryRetrieveLevel=STUDY",
-                           "-k", "StudyInstanceUID=" + "\\".join(_find(archive, "STUDY", "StudyInstanceUID")))
+    result = archive.dcmtk(
+        "movescu",
+        "-S",
+        "-aem",
+        DEST,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=" + "\\".join(_find(archive, "STUDY", "StudyInstanceUID")),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in archive.dest.files()}
     assert set(received) == set(archive.sent), sorted(set(archive.sent) ^ set(received))[:5]
@@ -172,6 +226,7 @@ def test_move_to_storescp_returns_identical_instances(archive: Archive) -> None:
 
 
 def test_move_to_unknown_destination_fails(archive: Archive) -> None:
-    result = archive.dcmtk("movescu", "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY",
-                           "-k", "StudyInstanceUID=1.2.3")
+    result = archive.dcmtk(
+        "movescu", "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3"
+    )
     assert "Move Destination Unknown" in result.stdout + result.stderr or result.returncode != 0

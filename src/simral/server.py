@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -16,6 +19,23 @@ from simral.web.app import create_web_app
 log = logging.getLogger(__name__)
 
 RECOVERY_PERIOD = 30.0
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn server whose SIGINT/SIGTERM ends ``serve`` normally (exit status 0).
+
+    uvicorn re-raises the captured signal after shutting down, which would kill the process
+    before the DICOM service is stopped; simral handles the signal itself instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _recovery_loop(ctx: object, stop: threading.Event) -> None:
@@ -40,7 +60,7 @@ def run_server(settings: Settings) -> int:
     config = uvicorn.Config(
         web, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
     )
-    http = uvicorn.Server(config)
+    http = _HttpServer(config)
     dicom_port = server.server_address[1]
     print(
         f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{dicom_port}, "
