@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import tempfile
 import threading
 import time
@@ -81,6 +82,11 @@ class ReusePortServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (this server is not in the AE's own server list)."""
+        socketserver.TCPServer.shutdown(self)
+        self.server_close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         request, address = super().get_request()
@@ -169,7 +175,6 @@ class DimseService:
         """Stop accepting and end the open associations."""
         if self.server is not None:
             self.server.shutdown()
-            self.server.server_close()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
 
