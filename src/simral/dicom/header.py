@@ -6,6 +6,7 @@ PS3.10 §7 (file format), PS3.5 §7.1 (data element encoding), PS3.18 §F.2 (DIC
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID
 
 BULK_DATA_THRESHOLD = 4096
@@ -100,6 +102,38 @@ def _check_lengths(dataset: Dataset, file_size: int) -> None:
             )
 
 
+def _check_structure(path: Path, transfer_syntax: UID, file_size: int) -> None:
+    """Walk the top-level elements after the header, values skipped, to refuse truncated files.
+
+    Defined lengths must end within the file; undefined lengths (encapsulated Pixel Data,
+    sequences) must reach their delimiter (PS3.5 §7.5, §A.4). Deflated data cannot be walked
+    without inflating it and is left to the decoder.
+    """
+    if transfer_syntax.is_deflated:
+        return
+    with open(path, "rb") as fp:
+        read_preamble(fp, force=False)
+        _read_file_meta_info(fp)
+        try:
+            for raw in data_element_generator(
+                fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, defer_size=1
+            ):
+                length = getattr(raw, "length", 0)
+                tell = getattr(raw, "value_tell", 0)
+                if length != 0xFFFFFFFF and tell + length > file_size:
+                    raise RejectedInstance(
+                        f"element ({raw.tag.group:04X},{raw.tag.elem:04X}) of {length} bytes is cut short: "
+                        f"the data ends at byte {file_size}",
+                        status=0xC000,
+                    )
+        except RejectedInstance:
+            raise
+        except EOFError as exc:
+            raise RejectedInstance(f"truncated data: {exc}", status=0xC000) from None
+        except (ValueError, KeyError, struct.error, OverflowError, NotImplementedError) as exc:
+            raise RejectedInstance(f"malformed data: {type(exc).__name__}: {exc}", status=0xC000) from None
+
+
 def _valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
 
@@ -134,6 +168,7 @@ def read_header(path: Path) -> Header:
             raise RejectedInstance(f"missing {keyword}", status=0xA900)
         if not _valid_uid(value):
             raise RejectedInstance(f"invalid {keyword} (PS3.5 §9.1)", status=0xA900)
+    _check_structure(path, UID(transfer_syntax), file_size)
     return Header(
         dataset=dataset,
         transfer_syntax_uid=str(UID(transfer_syntax)),
