@@ -230,3 +230,29 @@ def test_move_to_unknown_destination_fails(archive: Archive) -> None:
         "movescu", "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3"
     )
     assert "Move Destination Unknown" in result.stdout + result.stderr or result.returncode != 0
+
+
+def test_retrieve_needs_the_unique_key(archive: Archive) -> None:
+    """An empty StudyInstanceUID is refused, never taken as "move the whole archive"."""
+    archive.dest.clear()
+    result = archive.dcmtk(
+        "movescu", "-v", "-S", "-aem", DEST, "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID="
+    )
+    assert "DataSetDoesNotMatchSOPClass" in result.stdout + result.stderr
+    assert archive.dest.files() == []
+
+
+def test_get_needs_the_unique_key(archive: Archive, tmp_path: Path) -> None:
+    result = archive.dcmtk(
+        "getscu",
+        "-v",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=",
+        "-od",
+        str(tmp_path),
+    )
+    assert "DataSetDoesNotMatchSOPClass" in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.ae import ApplicationEntity
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -259,12 +260,22 @@ class DimseService:
         yield 0x0000, None
 
     def _retrieve_instances(self, event: evt.Event, model: str) -> list[archive.StoredInstance] | int:
+        """The instances a C-MOVE/C-GET identifier names, or a failure status.
+
+        The identifier must give the unique key of its level (PS3.4 C.4.2.2.1, C.4.3.2.1): an
+        empty StudyInstanceUID never means "the whole archive".
+        """
         try:
-            query_plan = qr.plan(event.identifier, model=model)  # type: ignore[arg-type]
+            identifier = event.identifier
+            query_plan = qr.plan(identifier, model=model)  # type: ignore[arg-type]
         except qr.QueryError as exc:
             return exc.status
         except Exception:
             return 0xC000
+        unique = qr.UNIQUE_KEY[query_plan.level]
+        if not str(identifier.get(unique, "") or "").strip().strip("*"):
+            log.info("retrieve refused: no %s in the identifier", unique)
+            return 0xA900
         principal = self.principal(event)
         with self.ctx.db.reading() as session:
             uids = [self._pk(result) for result in qr.run(session, query_plan, principal=principal)]
@@ -298,7 +309,11 @@ class DimseService:
             return
         instances = self._retrieve_instances(event, model)
         if isinstance(instances, int):
-            yield node.host, node.port
+            # pynetdicom answers Success to zero sub-operations and needs the destination
+            # association before any status: open it with Verification only, announce one
+            # sub-operation and fail it with the identifier's status.
+            yield node.host, node.port, {"contexts": [build_context(Verification)]}
+            yield 1
             yield instances, None
             return
         yield node.host, node.port, {"contexts": sending.contexts_for(instances) or None}
@@ -319,7 +334,7 @@ class DimseService:
         model = GET_MODELS.get(UID(event.request.AffectedSOPClassUID), "STUDY")
         instances = self._retrieve_instances(event, model)
         if isinstance(instances, int):
-            yield 0
+            yield 1  # see on_move: a failure needs a non-zero announced count
             yield instances, None
             return
         yield len(instances)
