@@ -34,3 +34,4 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom warns about non-conformant values while parsing; the ingest path reports what matters.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
