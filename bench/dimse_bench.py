@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def storescu_argv(ae: str, port: int, files: Sequence[Path]) -> list[str]:
 
 def store(ae: str, port: int, parts: Sequence[Sequence[Path]], timeout: float = 900) -> float:
     """Send each part over its own association, all at once; seconds until the last one ended."""
-    outputs = []
+    outputs: list[tuple[int, str]] = []
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -275,12 +276,12 @@ def store(ae: str, port: int, parts: Sequence[Sequence[Path]], timeout: float = 
         for part in parts
     ]
     for p in procs:
-        out, _ = p.communicate(timeout=timeout)
-        outputs.append((p.returncode, out.decode(errors="replace")))
+        raw, _ = p.communicate(timeout=timeout)
+        outputs.append((p.returncode, raw.decode(errors="replace")))
     elapsed = time.perf_counter() - t0
-    for rc, out in outputs:
+    for rc, text in outputs:
         if rc != 0:
-            raise RuntimeError(f"storescu to {ae} exited with {rc}:\n{out[-3000:]}")
+            raise RuntimeError(f"storescu to {ae} exited with {rc}:\n{text[-3000:]}")
     return elapsed
 
 
@@ -406,8 +407,6 @@ def sink_store(sink: StoreSCP, files: Sequence[Path], associations: int) -> dict
 def _nodelay(event: evt.Event) -> None:
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
-        import socket
-
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -446,6 +445,8 @@ def find_latency(target: Target, patient_ids: Sequence[str], repeats: int) -> di
         raise RuntimeError(f"{target.name}: C-FIND association refused")
     latencies: list[float] = []
     matches = 0
+    per_patient: dict[str, set[int]] = {}  # PatientID -> the numbers of matches seen
+    cpu0 = _cpu_seconds(target.pid)
     try:
         for i in range(repeats + 10):  # the first 10 warm the path up and are not counted
             query = _study_query(patient_ids[i % len(patient_ids)])
@@ -458,20 +459,27 @@ def find_latency(target: Target, patient_ids: Sequence[str], repeats: int) -> di
             if i >= 10:
                 latencies.append(elapsed * 1000)
                 matches += len(responses) - 1
+                per_patient.setdefault(query.PatientID, set()).add(len(responses) - 1)
     finally:
         assoc.release()
+    cpu = _cpu_seconds(target.pid) - cpu0
     latencies.sort()
     return {
         "queries": len(latencies),
         "matches": matches,
+        "matches_per_patient": {k: sorted(v) for k, v in sorted(per_patient.items())},
         "median_ms": round(statistics.median(latencies), 3),
         "p95_ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
         "mean_ms": round(statistics.fmean(latencies), 3),
+        "server_cpu_ms_per_query": round(1000 * cpu / (repeats + 10), 3),
     }
 
 
-def timed_move(target: Target, dest: StoreSCP, corpus: Corpus) -> float:
-    """One C-MOVE of the move series to ``dest`` with movescu; seconds from request to final response."""
+def timed_move(target: Target, dest: StoreSCP, corpus: Corpus) -> tuple[float, float]:
+    """One C-MOVE of the move series to ``dest`` with movescu.
+
+    Returns the seconds from request to final response and the server's CPU seconds meanwhile.
+    """
     dest.clear()
     argv = [
         str(DCMTK / "movescu"),
@@ -494,32 +502,35 @@ def timed_move(target: Target, dest: StoreSCP, corpus: Corpus) -> float:
         str(target.port),
     ]
     os.sync()
+    cpu0 = _cpu_seconds(target.pid)
     t0 = time.perf_counter()
     result = _run_tool(argv)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds(target.pid) - cpu0
     received = len(dest.files())
     if result.returncode != 0 or received != len(corpus.move):
         raise RuntimeError(
             f"{target.name}: C-MOVE rc={result.returncode}, {received} of {len(corpus.move)} received:\n"
             f"{(result.stdout + result.stderr)[-3000:]}"
         )
-    return seconds
+    return seconds, cpu
 
 
 def move_throughput(
     targets: Sequence[Target], dest: StoreSCP, corpus: Corpus, repeats: int
 ) -> dict[str, Any]:
-    runs: dict[str, list[float]] = {t.name: [] for t in targets}
+    runs: dict[str, list[tuple[float, float]]] = {t.name: [] for t in targets}
     for r in range(repeats):
         for target in targets if r % 2 == 0 else reversed(targets):  # alternate who goes first
             runs[target.name].append(timed_move(target, dest, corpus))
     out = {}
-    for name, seconds in runs.items():
-        median = statistics.median(seconds)
+    for name, measured in runs.items():
+        median = statistics.median(s for s, _ in measured)
         out[name] = {
-            "runs_s": [round(s, 3) for s in seconds],
+            "runs_s": [round(s, 3) for s, _ in measured],
             "seconds": round(median, 3),
             "instances_per_s": round(_rate(len(corpus.move), median), 2),
+            "server_cpu_s": [round(c, 2) for _, c in measured],
         }
     return out
 
@@ -542,16 +553,34 @@ class Row:
 
 
 def print_table(rows: Sequence[Row]) -> None:
-    header = f"{'measurement':<44} {'simral':>10} {'Orthanc':>10} {'simral/Orthanc':>15} {'sender max':>11}"
+    columns = ("simral", "Orthanc", "simral/Orthanc", "sender max")
+    header = (
+        f"{'measurement':<46} {'unit':<7} {columns[0]:>9} {columns[1]:>9} {columns[2]:>15} {columns[3]:>11}"
+    )
     print()
     print(header)
     print("-" * len(header))
     for r in rows:
-        sink = f"{r.sink:>11.1f}" if r.sink is not None else " " * 11
-        label = f"{r.metric} [{r.unit}, {r.better} is better]"
-        print(f"{label:<44} {r.simral:>10.1f} {r.orthanc:>10.1f} {r.ratio:>15.2f} {sink}")
+        sink = f"{r.sink:>11.1f}" if r.sink is not None else ""
+        print(
+            f"{r.metric:<46} {r.unit:<7} {r.simral:>9.1f} {r.orthanc:>9.1f} {r.ratio:>15.2f} {sink}".rstrip()
+        )
     print()
+    print("inst/s: higher is better; ms and MB: lower is better.")
     print("sender max: the same storescu runs against a dcmtk storescp that discards the data (--ignore).")
+
+
+def _busy_jiffies() -> int:
+    """CPU time (clock ticks) the whole machine spent busy since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for descendants (servers, dcmtk tools)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def store_phase(
@@ -585,8 +614,11 @@ def find_move_phase(
         log(f"  {find[t.name]}")
     report["find"] = find
     f_s, f_o = find["simral"], find["orthanc"]
-    if f_s["matches"] != f_o["matches"]:
-        log(f"warning: C-FIND matches differ: simral {f_s['matches']}, Orthanc {f_o['matches']}")
+    if f_s["matches_per_patient"] != f_o["matches_per_patient"]:
+        log(
+            "warning: C-FIND answers differ: "
+            f"simral {f_s['matches_per_patient']}, Orthanc {f_o['matches_per_patient']}"
+        )
     log(f"C-MOVE of {len(corpus.move)} instances x{sizes.move_repeats} per server")
     moves = move_throughput(targets, dest, corpus, sizes.move_repeats)
     report["move"] = {"instances": len(corpus.move), **moves}
@@ -609,6 +641,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus_dir = args.corpus_dir or work / "corpus"
     started = time.perf_counter()
     load_before = os.getloadavg()
+    busy0, own0 = _busy_jiffies(), _own_cpu_seconds()
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
@@ -670,17 +703,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"kept {work}")
-    load_after = os.getloadavg()
-    report["machine"]["loadavg_after"] = [round(x, 2) for x in load_after]
-    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    elapsed = time.perf_counter() - started
+    # CPU used on this machine by processes other than this benchmark and what it started.
+    foreign = max(0.0, (_busy_jiffies() - busy0) / _CLK_TCK - (_own_cpu_seconds() - own0)) / elapsed
+    report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["other_cpu_load"] = round(foreign, 2)
+    report["elapsed_s"] = round(elapsed, 1)
     report["table"] = [{**r.__dict__, "ratio": round(r.ratio, 3)} for r in rows]
     print_table(rows)
-    cpus = os.cpu_count() or 1
-    if max(load_before[0], load_after[0]) > 0.5 * cpus:
-        print(
-            f"note: load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {cpus} CPUs: "
-            "other work was running, figures may be noisy."
-        )
+    print(
+        f"run time {elapsed:.0f} s; CPU used by other processes meanwhile: "
+        f"{foreign:.2f} of {os.cpu_count()} CPUs"
+    )
+    if foreign > 0.25 or load_before[0] > 0.5:
+        print("note: other work was running on this machine: the figures may be noisy.")
     return report
 
 
