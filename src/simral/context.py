@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from simral.config import Settings
 from simral.db.engine import Database
@@ -16,3 +17,5 @@ class AppContext:
     settings: Settings
     db: Database
     store: BlobStore
+    #: Per-process caches of the services (e.g. the archive's hierarchy cache), by name.
+    caches: dict[str, Any] = field(default_factory=dict)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sqlalchemy import Select, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -107,13 +109,16 @@ def ingest_file(
         return IngestResult("rejected", 0xA700, header.sop_uid, header.study_uid, f"storage failure: {exc}")
     stored = StoredBlob(key=key, size=size, sha256=sha256)
 
+    cache = hierarchy_cache(ctx)
     try:
         with ctx.db.unit_of_work() as session:
-            replaced = _index(
+            placement, replaced = _index(
                 session,
                 header,
                 json_model,
                 stored,
+                cache=cache,
+                replacing=existing is not None,
                 store_name=ctx.store.name,
                 principal=principal,
                 source=source,
@@ -132,6 +137,7 @@ def ingest_file(
     except BaseException:
         staging.discard(key)
         raise
+    cache.remember(placement, header.sop_class_uid)
     try:
         staging.publish(key)
     except Exception as exc:
@@ -172,7 +178,8 @@ def _duplicate(
     )
 
 
-def _insert_ignore(session: Session, model: Any, values: dict[str, Any], conflict: Sequence[str]) -> None:
+def _insert_ignore(session: Session, model: Any, values: dict[str, Any], conflict: Sequence[str]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING; True when a row was inserted."""
     dialect = session.get_bind().dialect.name
     stmt: Any
     if dialect == "postgresql":
@@ -181,7 +188,7 @@ def _insert_ignore(session: Session, model: Any, values: dict[str, Any], conflic
         stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
     else:  # pragma: no cover - other databases are not supported
         stmt = insert(model).values(**values)
-    session.execute(stmt)
+    return bool(cast(Any, session.execute(stmt)).rowcount)
 
 
 def _patient_values(header: Header) -> dict[str, Any]:
@@ -196,23 +203,65 @@ def _patient_values(header: Header) -> dict[str, Any]:
     }
 
 
-def _index(
-    session: Session,
-    header: Header,
-    json_model: dict[str, Any],
-    stored: StoredBlob,
-    *,
-    store_name: str,
-    principal: Principal,
-    source: str,
-) -> str | None:
-    """Upsert the hierarchy and insert the instance; return the key of a replaced blob, if any."""
-    now = utcnow()
+@dataclass(frozen=True)
+class Placement:
+    """Where an indexed instance sits: its series, study and patient rows."""
+
+    series_uid: str
+    study_uid: str
+    series_pk: int
+    study_pk: int
+    patient_pk: int
+
+
+class HierarchyCache:
+    """Committed series → study → patient rows, so that the usual case (the next instance of a
+    series already indexed) costs no look-up. Filled only after a commit; rows are never renamed.
+    """
+
+    def __init__(self, capacity: int = 20000) -> None:
+        self.capacity = capacity
+        self._series: OrderedDict[str, Placement] = OrderedDict()
+        self._sop_classes: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, series_uid: str) -> Placement | None:
+        with self._lock:
+            placement = self._series.get(series_uid)
+            if placement is not None:
+                self._series.move_to_end(series_uid)
+            return placement
+
+    def knows_sop_class(self, study_pk: int, sop_class: str) -> bool:
+        with self._lock:
+            return sop_class in self._sop_classes.get(study_pk, ())
+
+    def remember(self, placement: Placement, sop_class: str) -> None:
+        with self._lock:
+            self._series[placement.series_uid] = placement
+            self._sop_classes.setdefault(placement.study_pk, set()).add(sop_class)
+            while len(self._series) > self.capacity:
+                _uid, dropped = self._series.popitem(last=False)
+                self._sop_classes.pop(dropped.study_pk, None)
+
+
+def hierarchy_cache(ctx: AppContext) -> HierarchyCache:
+    """The process's hierarchy cache for this database."""
+    cache = ctx.caches.get("hierarchy")
+    if cache is None:
+        cache = ctx.caches.setdefault("hierarchy", HierarchyCache())
+    return cast(HierarchyCache, cache)
+
+
+def _place(
+    session: Session, header: Header, json_model: dict[str, Any], *, principal: Principal, now: Any
+) -> tuple[Placement, bool, bool, bool]:
+    """Upsert patient, study and series; return the placement and which rows are new."""
     patient_values = _patient_values(header)
-    _insert_ignore(
+    new_patient = _insert_ignore(
         session,
         Patient,
-        {**patient_values, "meta": {}, "created_at": now, "updated_at": now},
+        {**patient_values, "meta": _patient_module(json_model), "created_at": now, "updated_at": now},
         ["patient_id", "issuer"],
     )
     patient_pk = session.scalar(
@@ -221,7 +270,7 @@ def _index(
         )
     )
     referring = header.text("ReferringPhysicianName")
-    _insert_ignore(
+    new_study = _insert_ignore(
         session,
         Study,
         {
@@ -254,7 +303,8 @@ def _index(
             study_uid=header.study_uid,
             detail={"sop_instance_uid": header.sop_uid},
         )
-    _insert_ignore(
+        patient_pk = study_patient_pk
+    new_series = _insert_ignore(
         session,
         Series,
         {
@@ -272,93 +322,125 @@ def _index(
         ["series_uid"],
     )
     series_pk = session.scalar(select(Series.id).where(Series.series_uid == header.series_uid))
+    assert series_pk is not None and patient_pk is not None
+    placement = Placement(header.series_uid, header.study_uid, series_pk, study_pk, patient_pk)
+    return placement, new_patient, new_study, new_series
 
-    replaced_key: str | None = None
-    old = session.execute(
-        select(Instance.id, Blob.key).join(Blob).where(Instance.sop_uid == header.sop_uid)
-    ).first()
-    if old is not None:
-        # Only reached under the 'replace' duplicate policy.
-        replaced_key = old[1]
-        session.execute(
-            update(Blob)
-            .where(Blob.instance_pk == old[0])
-            .values(
-                key=stored.key,
-                size=stored.size,
-                sha256=stored.sha256,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                created_at=now,
+
+def _index(
+    session: Session,
+    header: Header,
+    json_model: dict[str, Any],
+    stored: StoredBlob,
+    *,
+    cache: HierarchyCache,
+    replacing: bool,
+    store_name: str,
+    principal: Principal,
+    source: str,
+) -> tuple[Placement, str | None]:
+    """Index one instance; return its placement and the key of a replaced blob, if any.
+
+    The usual case, another instance of a series already indexed, is six statements: instance,
+    blob, three counter updates and the audit record.
+    """
+    now = utcnow()
+    placement = cache.get(header.series_uid)
+    new_patient = new_study = new_series = False
+    if placement is None or placement.study_uid != header.study_uid:
+        placement, new_patient, new_study, new_series = _place(
+            session, header, json_model, principal=principal, now=now
+        )
+
+    if replacing:
+        old = session.execute(
+            select(Instance.id, Blob.key).join(Blob).where(Instance.sop_uid == header.sop_uid)
+        ).first()
+        if old is not None:
+            session.execute(
+                update(Blob)
+                .where(Blob.instance_pk == old[0])
+                .values(
+                    key=stored.key,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                    created_at=now,
+                )
             )
-        )
-        session.execute(
-            update(Instance)
-            .where(Instance.id == old[0])
-            .values(meta=json_model, transfer_syntax_uid=header.transfer_syntax_uid, source=source)
-        )
-    else:
-        instance_pk = session.scalar(
-            insert(Instance)
-            .values(
-                series_pk=series_pk,
-                sop_uid=header.sop_uid,
-                sop_class_uid=header.sop_class_uid,
-                instance_number=header.integer("InstanceNumber"),
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                num_frames=header.integer("NumberOfFrames"),
-                rows=header.integer("Rows"),
-                columns=header.integer("Columns"),
-                meta=json_model,
-                source=source[:128],
-                created_at=now,
+            session.execute(
+                update(Instance)
+                .where(Instance.id == old[0])
+                .values(meta=json_model, transfer_syntax_uid=header.transfer_syntax_uid, source=source[:128])
             )
-            .returning(Instance.id)
+            _audit_store(session, header, principal=principal, source=source, replaced=True)
+            return placement, old[1]
+
+    instance_pk = session.scalar(
+        insert(Instance)
+        .values(
+            series_pk=placement.series_pk,
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            instance_number=header.integer("InstanceNumber"),
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            num_frames=header.integer("NumberOfFrames"),
+            rows=header.integer("Rows"),
+            columns=header.integer("Columns"),
+            meta=json_model,
+            source=source[:128],
+            created_at=now,
         )
-        session.execute(
-            insert(Blob).values(
-                instance_pk=instance_pk,
-                store=store_name,
-                key=stored.key,
-                size=stored.size,
-                sha256=stored.sha256,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                created_at=now,
-            )
-        )
-        _bump_counts(session, patient_pk=patient_pk, study_pk=study_pk, series_pk=series_pk, header=header)
-    session.execute(
-        update(Patient)
-        .where(Patient.id == patient_pk)
-        .values(meta=_patient_module(json_model), updated_at=now)
+        .returning(Instance.id)
     )
+    session.execute(
+        insert(Blob).values(
+            instance_pk=instance_pk,
+            store=store_name,
+            key=stored.key,
+            size=stored.size,
+            sha256=stored.sha256,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            created_at=now,
+        )
+    )
+    _bump_counts(
+        session,
+        placement,
+        header=header,
+        new_study=new_study,
+        new_series=new_series,
+        lists_changed=new_series or not cache.knows_sop_class(placement.study_pk, header.sop_class_uid),
+        now=now,
+    )
+    if not new_patient and new_study:
+        # The patient module of the latest study describes the patient best.
+        session.execute(
+            update(Patient)
+            .where(Patient.id == placement.patient_pk)
+            .values(meta=_patient_module(json_model), updated_at=now)
+        )
+    _audit_store(session, header, principal=principal, source=source, replaced=False)
+    return placement, None
+
+
+def _audit_store(
+    session: Session, header: Header, *, principal: Principal, source: str, replaced: bool
+) -> None:
     audit.record(
         session,
         action="instance.store",
         actor=principal.audit_name,
         outcome="success",
         study_uid=header.study_uid,
-        detail={"sop_instance_uid": header.sop_uid, "source": source, "replaced": replaced_key is not None},
+        detail={"sop_instance_uid": header.sop_uid, "source": source, "replaced": replaced},
     )
-    return replaced_key
 
 
 _PATIENT_TAGS = {
-    "00100010",
-    "00100020",
-    "00100021",
-    "00100024",
-    "00100030",
-    "00100032",
-    "00100040",
-    "00101000",
-    "00101001",
-    "00101002",
-    "00101010",
-    "00101020",
-    "00101030",
-    "00102160",
-    "00104000",
-}
+    "00100010", "00100020", "00100021", "00100024", "00100030", "00100032", "00100040",
+    "00101000", "00101001", "00101002", "00101010", "00101020", "00101030", "00102160", "00104000",
+}  # fmt: skip
 
 
 def _patient_module(json_model: dict[str, Any]) -> dict[str, Any]:
@@ -366,37 +448,38 @@ def _patient_module(json_model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bump_counts(
-    session: Session, *, patient_pk: int | None, study_pk: int, series_pk: int | None, header: Header
+    session: Session,
+    placement: Placement,
+    *,
+    header: Header,
+    new_study: bool,
+    new_series: bool,
+    lists_changed: bool,
+    now: Any,
 ) -> None:
-    """Maintain the denormalised counts and study-level modality / SOP class lists."""
-    new_series = session.scalar(select(Series.num_instances).where(Series.id == series_pk)) == 0
+    """Maintain the denormalised counts, and the study's modality / SOP class lists when they change."""
     session.execute(
-        update(Series).where(Series.id == series_pk).values(num_instances=Series.num_instances + 1)
+        update(Series).where(Series.id == placement.series_pk).values(num_instances=Series.num_instances + 1)
     )
-    study = session.execute(
-        select(Study.num_instances, Study.modalities, Study.sop_classes).where(Study.id == study_pk)
-    ).one()
-    new_study = study.num_instances == 0
-    modalities = set(filter(None, study.modalities.split("\\")))
-    modality = header.text("Modality")
-    if modality:
-        modalities.add(modality)
-    sop_classes = set(filter(None, study.sop_classes.split("\\")))
-    sop_classes.add(header.sop_class_uid)
-    session.execute(
-        update(Study)
-        .where(Study.id == study_pk)
-        .values(
-            num_instances=Study.num_instances + 1,
-            num_series=Study.num_series + (1 if new_series else 0),
-            modalities="\\".join(sorted(modalities))[:256],
-            sop_classes="\\".join(sorted(sop_classes))[:2048],
-            updated_at=utcnow(),
-        )
-    )
+    study_values: dict[str, Any] = {
+        "num_instances": Study.num_instances + 1,
+        "num_series": Study.num_series + (1 if new_series else 0),
+        "updated_at": now,
+    }
+    if lists_changed:
+        row = session.execute(
+            select(Study.modalities, Study.sop_classes).where(Study.id == placement.study_pk)
+        ).one()
+        modalities = set(filter(None, row.modalities.split("\\")))
+        if modality := header.text("Modality"):
+            modalities.add(modality)
+        sop_classes = set(filter(None, row.sop_classes.split("\\"))) | {header.sop_class_uid}
+        study_values["modalities"] = "\\".join(sorted(modalities))[:256]
+        study_values["sop_classes"] = "\\".join(sorted(sop_classes))[:2048]
+    session.execute(update(Study).where(Study.id == placement.study_pk).values(**study_values))
     session.execute(
         update(Patient)
-        .where(Patient.id == patient_pk)
+        .where(Patient.id == placement.patient_pk)
         .values(
             num_instances=Patient.num_instances + 1,
             num_series=Patient.num_series + (1 if new_series else 0),

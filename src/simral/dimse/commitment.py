@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import build_role
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from simral.access.policy import Principal
 from simral.archive import service as archive
 from simral.context import AppContext
+from simral.dimse.sending import set_nodelay
 from simral.nodes import service as nodes
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,14 @@ def deliver(ae: Any, ctx: AppContext, assoc: Any, calling_ae: str, report: Commi
     # The SCP of Storage Commitment sends the report as association requestor, in the SCP role.
     role = build_role(StorageCommitmentPushModel, scp_role=True)
     for attempt in range(5):
-        outgoing = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=[role])
+        outgoing = ae.associate(
+            node.host,
+            node.port,
+            ae_title=node.ae_title,
+            ext_neg=[role],
+            max_pdu=ctx.settings.max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )
         if outgoing.is_established:
             try:
                 outgoing.send_n_event_report(

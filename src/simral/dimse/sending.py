@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -62,6 +63,14 @@ def local_copy(ctx: AppContext, key: str) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
+
+
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket (small PDUs go out at once)."""
+    transport = event.assoc.dul.socket
+    sock = getattr(transport, "socket", None) if transport is not None else None
+    if sock is not None and sock.family in {socket.AF_INET, socket.AF_INET6}:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _accepted_syntaxes(assoc: Association, sop_class: str) -> list[str]:

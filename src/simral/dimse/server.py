@@ -189,7 +189,15 @@ class DimseService:
     # -- handlers ----------------------------------------------------------------------------------
 
     def on_connection_open(self, event: evt.Event) -> None:
-        _set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+        sending.set_nodelay(event)
+
+    @property
+    def outgoing(self) -> dict[str, Any]:
+        """Association options for associations simral opens (PDU size, TCP_NODELAY)."""
+        return {
+            "max_pdu": self.ctx.settings.max_pdu,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, sending.set_nodelay)],
+        }
 
     def on_established(self, event: evt.Event) -> None:
         """Refuse a registered AE title calling from another host when the node says so."""
@@ -312,11 +320,11 @@ class DimseService:
             # pynetdicom answers Success to zero sub-operations and needs the destination
             # association before any status: open it with Verification only, announce one
             # sub-operation and fail it with the identifier's status.
-            yield node.host, node.port, {"contexts": [build_context(Verification)]}
+            yield node.host, node.port, {**self.outgoing, "contexts": [build_context(Verification)]}
             yield 1
             yield instances, None
             return
-        yield node.host, node.port, {"contexts": sending.contexts_for(instances) or None}
+        yield node.host, node.port, {**self.outgoing, "contexts": sending.contexts_for(instances) or None}
         yield len(instances)
         for item in instances:
             if event.is_cancelled:

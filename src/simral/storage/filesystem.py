@@ -77,6 +77,17 @@ class FilesystemStore:
         with open(source, "rb") as fh:
             return self.put_stream(key, fh)
 
+    def adopt(self, key: str, staged: Path) -> None:
+        """Rename an already durable, hashed staged file into place.
+
+        No fsync of the target folder: the rename is atomic, and until it is durable the staged
+        name survives a power loss, where start-up recovery publishes it again
+        (:mod:`simral.storage.staging`).
+        """
+        target = self._path(key)
+        self._ensure_dir(target.parent)
+        os.replace(staged, target)
+
     def put_stream(self, key: str, stream: BinaryIO) -> StoredBlob:
         target = self._path(key)
         self._ensure_dir(target.parent)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from simral.storage.base import BlobStore, StoredBlob
+from simral.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,13 @@ class Staging:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.staged_path(key))
 
-    def publish(self, key: str) -> StoredBlob:
-        """Move the staged copy of ``key`` into the store."""
-        return self.store.put_file(key, self.staged_path(key), move=True)
+    def publish(self, key: str) -> None:
+        """Move the staged copy of ``key`` into the store (a rename on a filesystem store)."""
+        adopt = getattr(self.store, "adopt", None)
+        if adopt is not None:
+            adopt(key, self.staged_path(key))
+        else:
+            self.store.put_file(key, self.staged_path(key), move=True)
 
     def open_staged(self, key: str) -> BinaryIO | None:
         """The staged copy of ``key`` when it has not been published yet."""
