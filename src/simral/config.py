@@ -44,8 +44,6 @@ class Settings:
     max_pdu: int = 131072
     #: Seconds without traffic before an association is aborted (ARTIM / idle).
     network_timeout: float = 60.0
-    #: Number of processes accepting DICOM associations on the same port (SO_REUSEPORT).
-    dicom_workers: int = 1
     duplicate_policy: DuplicatePolicy = "keep-first"
     #: When a C-MOVE/C-GET peer did not accept the stored transfer syntax, transcode (True) or fail.
     transcode_on_retrieve: bool = True
@@ -117,12 +115,3 @@ def load_settings(
         if value is not None:
             values[name] = value
     return Settings(**{name: _coerce(name, value) for name, value in values.items()})
-
-
-def describe_settings() -> list[tuple[str, str, str]]:
-    """(name, default, comment) rows for the README configuration reference."""
-    rows = []
-    defaults = Settings()
-    for f in dataclasses.fields(Settings):
-        rows.append((f.name, repr(getattr(defaults, f.name)), ""))
-    return rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import Select, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -92,9 +92,7 @@ def ingest_file(
         return IngestResult("rejected", 0xC000, header.sop_uid, header.study_uid, reason[:200])
     sha256, size = sha256_of_file(path)
     with ctx.db.reading() as session:
-        existing = session.execute(
-            select(Blob.sha256, Blob.key).join(Instance).where(Instance.sop_uid == header.sop_uid)
-        ).first()
+        existing = existing_blob(session, header.sop_uid)
     if existing is not None:
         decided = _duplicate(ctx, header, existing_sha=existing[0], new_sha=sha256, principal=principal)
         if decided is not None:
@@ -127,9 +125,7 @@ def ingest_file(
         # Another association indexed the same SOP Instance UID first: decide as a duplicate.
         staging.discard(key)
         with ctx.db.reading() as session:
-            row = session.execute(
-                select(Blob.sha256).join(Instance).where(Instance.sop_uid == header.sop_uid)
-            ).first()
+            row = existing_blob(session, header.sop_uid)
         if row is None:
             raise
         decided = _duplicate(ctx, header, existing_sha=row[0], new_sha=sha256, principal=principal)
@@ -201,6 +197,56 @@ def _patient_values(header: Header) -> dict[str, Any]:
         "birth_date": header.text("PatientBirthDate")[:8],
         "sex": header.text("PatientSex")[:16],
     }
+
+
+_instance_t = cast(Table, Instance.__table__)
+_blob_t = cast(Table, Blob.__table__)
+_series_t = cast(Table, Series.__table__)
+_study_t = cast(Table, Study.__table__)
+_patient_t = cast(Table, Patient.__table__)
+# Statements of the ingest hot path, built once (Core, no ORM unit of work per instance).
+_INSERT_INSTANCE = insert(_instance_t).returning(_instance_t.c.id)
+_INSERT_BLOB = insert(_blob_t)
+_COUNT_SERIES = (
+    update(_series_t)
+    .where(_series_t.c.id == bindparam("pk"))
+    .values(num_instances=_series_t.c.num_instances + 1)
+)
+_COUNT_STUDY = (
+    update(_study_t)
+    .where(_study_t.c.id == bindparam("pk"))
+    .values(
+        num_instances=_study_t.c.num_instances + 1,
+        num_series=_study_t.c.num_series + bindparam("new_series"),
+        updated_at=bindparam("now"),
+    )
+)
+_STUDY_LISTS = select(_study_t.c.modalities, _study_t.c.sop_classes).where(_study_t.c.id == bindparam("pk"))
+_SET_STUDY_LISTS = (
+    update(_study_t)
+    .where(_study_t.c.id == bindparam("pk"))
+    .values(modalities=bindparam("new_modalities"), sop_classes=bindparam("new_sop_classes"))
+)
+_COUNT_PATIENT = (
+    update(_patient_t)
+    .where(_patient_t.c.id == bindparam("pk"))
+    .values(
+        num_instances=_patient_t.c.num_instances + 1,
+        num_series=_patient_t.c.num_series + bindparam("new_series"),
+        num_studies=_patient_t.c.num_studies + bindparam("new_study"),
+    )
+)
+_EXISTING = (
+    select(_blob_t.c.sha256, _blob_t.c.key)
+    .join(_instance_t, _instance_t.c.id == _blob_t.c.instance_pk)
+    .where(_instance_t.c.sop_uid == bindparam("sop_uid"))
+)
+
+
+def existing_blob(session: Session, sop_uid: str) -> tuple[str, str] | None:
+    """(SHA-256, key) of the instance already stored under ``sop_uid``, if any."""
+    row = session.connection().execute(_EXISTING, {"sop_uid": sop_uid}).first()
+    return (row[0], row[1]) if row else None
 
 
 @dataclass(frozen=True)
@@ -376,33 +422,35 @@ def _index(
             _audit_store(session, header, principal=principal, source=source, replaced=True)
             return placement, old[1]
 
-    instance_pk = session.scalar(
-        insert(Instance)
-        .values(
-            series_pk=placement.series_pk,
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            instance_number=header.integer("InstanceNumber"),
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            num_frames=header.integer("NumberOfFrames"),
-            rows=header.integer("Rows"),
-            columns=header.integer("Columns"),
-            meta=json_model,
-            source=source[:128],
-            created_at=now,
-        )
-        .returning(Instance.id)
-    )
-    session.execute(
-        insert(Blob).values(
-            instance_pk=instance_pk,
-            store=store_name,
-            key=stored.key,
-            size=stored.size,
-            sha256=stored.sha256,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            created_at=now,
-        )
+    conn = session.connection()
+    instance_pk = conn.execute(
+        _INSERT_INSTANCE,
+        {
+            "series_pk": placement.series_pk,
+            "sop_uid": header.sop_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "instance_number": header.integer("InstanceNumber"),
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "num_frames": header.integer("NumberOfFrames"),
+            "rows": header.integer("Rows"),
+            "columns": header.integer("Columns"),
+            "meta": json_model,
+            "source": source[:128],
+            "created_at": now,
+        },
+    ).scalar_one()
+    conn.execute(
+        _INSERT_BLOB,
+        {
+            "instance_pk": instance_pk,
+            "store": store_name,
+            "key": stored.key,
+            "size": stored.size,
+            "sha256": stored.sha256,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "tier": "hot",
+            "created_at": now,
+        },
     )
     _bump_counts(
         session,
@@ -458,33 +506,26 @@ def _bump_counts(
     now: Any,
 ) -> None:
     """Maintain the denormalised counts, and the study's modality / SOP class lists when they change."""
-    session.execute(
-        update(Series).where(Series.id == placement.series_pk).values(num_instances=Series.num_instances + 1)
-    )
-    study_values: dict[str, Any] = {
-        "num_instances": Study.num_instances + 1,
-        "num_series": Study.num_series + (1 if new_series else 0),
-        "updated_at": now,
-    }
+    conn = session.connection()
+    conn.execute(_COUNT_SERIES, {"pk": placement.series_pk})
+    conn.execute(_COUNT_STUDY, {"pk": placement.study_pk, "new_series": int(new_series), "now": now})
     if lists_changed:
-        row = session.execute(
-            select(Study.modalities, Study.sop_classes).where(Study.id == placement.study_pk)
-        ).one()
+        row = conn.execute(_STUDY_LISTS, {"pk": placement.study_pk}).one()
         modalities = set(filter(None, row.modalities.split("\\")))
         if modality := header.text("Modality"):
             modalities.add(modality)
         sop_classes = set(filter(None, row.sop_classes.split("\\"))) | {header.sop_class_uid}
-        study_values["modalities"] = "\\".join(sorted(modalities))[:256]
-        study_values["sop_classes"] = "\\".join(sorted(sop_classes))[:2048]
-    session.execute(update(Study).where(Study.id == placement.study_pk).values(**study_values))
-    session.execute(
-        update(Patient)
-        .where(Patient.id == placement.patient_pk)
-        .values(
-            num_instances=Patient.num_instances + 1,
-            num_series=Patient.num_series + (1 if new_series else 0),
-            num_studies=Patient.num_studies + (1 if new_study else 0),
+        conn.execute(
+            _SET_STUDY_LISTS,
+            {
+                "pk": placement.study_pk,
+                "new_modalities": "\\".join(sorted(modalities))[:256],
+                "new_sop_classes": "\\".join(sorted(sop_classes))[:2048],
+            },
         )
+    conn.execute(
+        _COUNT_PATIENT,
+        {"pk": placement.patient_pk, "new_series": int(new_series), "new_study": int(new_study)},
     )
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
 from simral.audit.models import AuditEvent
+from simral.db.base import utcnow
+
+_INSERT = insert(cast(Table, AuditEvent.__table__))
 
 
 def record(
@@ -18,15 +22,17 @@ def record(
     study_uid: str = "",
     patient_id: str = "",
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
+) -> None:
     """Add an audit row to the current transaction; it commits (or not) with the change it describes."""
-    event = AuditEvent(
-        action=action,
-        actor=actor,
-        outcome=outcome,
-        study_uid=study_uid,
-        patient_id=patient_id,
-        detail=detail or {},
+    session.connection().execute(
+        _INSERT,
+        {
+            "at": utcnow(),
+            "action": action,
+            "actor": actor,
+            "outcome": outcome,
+            "study_uid": study_uid,
+            "patient_id": patient_id,
+            "detail": detail or {},
+        },
     )
-    session.add(event)
-    return event
