@@ -114,6 +114,15 @@ def _check_structure(path: Path, transfer_syntax: UID, file_size: int) -> None:
     with open(path, "rb") as fp:
         read_preamble(fp, force=False)
         _read_file_meta_info(fp)
+        if not transfer_syntax.is_implicit_VR:
+            # pydicom silently reads an implicit VR data set under an explicit VR transfer syntax;
+            # such a data set would be stored and served under a syntax it is not encoded in.
+            first = fp.read(6)
+            fp.seek(-len(first), os.SEEK_CUR)
+            if len(first) == 6 and not (0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B):
+                raise RejectedInstance(
+                    f"data set not encoded in {transfer_syntax.name} (implicit VR found)", status=0xC000
+                )
         try:
             for raw in data_element_generator(
                 fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, defer_size=1

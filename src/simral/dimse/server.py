@@ -122,7 +122,41 @@ class ReusePortServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         request, address = super().get_request()
         _set_nodelay(request)
+        # accept() returns a blocking socket: without a timeout a peer that stops inside a PDU
+        # blocks pynetdicom's reader (and holds an association slot) for ever.
+        request.settimeout(self.ae.network_timeout)
         return request, address
+
+
+def _drop_spool_file(message: Any) -> None:
+    handle = getattr(message, "_data_set_file", None)
+    if handle is not None:
+        handle.close()
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def _install_spool_cleanup() -> None:
+    """Delete a C-STORE spool file when decoding the rest of its message fails.
+
+    pynetdicom opens the spool file before it looks the presentation context up; a P-DATA for a
+    context that was never negotiated raises KeyError there, kills the DUL reactor thread, and no
+    EVT_CONN_CLOSE follows.
+    """
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    if getattr(DIMSEMessage.decode_msg, "_simral", False):
+        return
+    original = DIMSEMessage.decode_msg
+
+    def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        try:
+            return bool(original(self, primitive, assoc))
+        except BaseException:
+            _drop_spool_file(self)
+            raise
+
+    decode_msg._simral = True  # type: ignore[attr-defined]
+    DIMSEMessage.decode_msg = decode_msg
 
 
 class SimralAE(ApplicationEntity):
@@ -157,6 +191,7 @@ class DimseService:
         _config.LOG_RESPONSE_IDENTIFIERS = False
         sending.install()
         _tighten_polling()
+        _install_spool_cleanup()
         # The network reader and the association thread hand data to each other many times per
         # instance; a shorter GIL switch interval than CPython's 5 ms cuts that latency.
         sys.setswitchinterval(0.0005)
@@ -185,6 +220,7 @@ class DimseService:
         self.server: ReusePortServer | None = None
         self.handlers = [
             (evt.EVT_CONN_OPEN, self.on_connection_open),
+            (evt.EVT_CONN_CLOSE, self.on_connection_close),
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -225,6 +261,10 @@ class DimseService:
     def on_connection_open(self, event: evt.Event) -> None:
         sending.set_nodelay(event)
         event.assoc.dul._run_loop_delay = POLL_INTERVAL
+
+    def on_connection_close(self, event: evt.Event) -> None:
+        """Remove the spool file of a C-STORE data set the peer never finished sending."""
+        _drop_spool_file(getattr(event.assoc.dimse, "message", None))
 
     @property
     def outgoing(self) -> dict[str, Any]:
