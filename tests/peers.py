@@ -44,7 +44,7 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 _issued_ports: set[int] = set()
 _port_lock = threading.Lock()
-_peer_dirs: list[Path] = []  # temp dirs created by this process, for leftover_processes()
+_peer_dirs: list[Path] = []  # temp dirs of peers this process closed, for leftover_processes()
 # Everything is on loopback: never let an *_proxy environment variable route requests elsewhere.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -153,7 +153,6 @@ class _Peer:
 
     def __init__(self, *, keep_dir: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"simral-{self.kind}-"))
-        _peer_dirs.append(self.dir)
         self.keep_dir = keep_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
@@ -200,6 +199,7 @@ class _Peer:
             self.stop()
         finally:
             self._closed = True
+            _peer_dirs.append(self.dir)
             if not self.keep_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -282,7 +282,10 @@ class _Peer:
 
 
 def leftover_processes() -> list[str]:
-    """Command lines of live processes that refer to a peer temp dir created by this process."""
+    """Command lines of live processes that refer to the temp dir of a peer this process closed.
+
+    Peers still open (the suite's session-wide PostgreSQL and S3 servers) are not leftovers.
+    """
     markers = [str(d) for d in _peer_dirs]
     found = []
     for proc in Path("/proc").iterdir():

@@ -175,16 +175,20 @@ def _duplicate(
 
 
 def _insert_ignore(session: Session, model: Any, values: dict[str, Any], conflict: Sequence[str]) -> bool:
-    """INSERT … ON CONFLICT DO NOTHING; True when a row was inserted."""
+    """INSERT … ON CONFLICT DO NOTHING RETURNING id; True when a row was inserted.
+
+    RETURNING, not the row count: drivers do not all report a count for this statement.
+    """
+    table = cast(Table, model.__table__)
     dialect = session.get_bind().dialect.name
     stmt: Any
     if dialect == "postgresql":
-        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
+        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
     elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
+        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
     else:  # pragma: no cover - other databases are not supported
-        stmt = insert(model).values(**values)
-    return bool(cast(Any, session.execute(stmt)).rowcount)
+        stmt = insert(table).values(**values)
+    return session.connection().execute(stmt.returning(table.c.id)).first() is not None
 
 
 def _patient_values(header: Header) -> dict[str, Any]:
