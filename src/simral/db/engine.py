@@ -56,10 +56,6 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
-
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
         """One transaction: commit on success, roll back on error (DESIGN.md §2)."""

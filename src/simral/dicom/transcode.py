@@ -15,21 +15,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
-NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
-
 
 class TranscodeError(RuntimeError):
     """The instance cannot be converted to any of the accepted transfer syntaxes."""
-
-
-def _is_native(uid: str) -> bool:
-    return uid in NATIVE
 
 
 def choose_target(stored: str, accepted: Sequence[str]) -> str | None:

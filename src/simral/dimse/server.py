@@ -73,11 +73,6 @@ ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRB
 ]
 
 
-def _set_nodelay(sock: socket.socket | None) -> None:
-    if sock is not None and sock.family in {socket.AF_INET, socket.AF_INET6}:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _tighten_polling() -> None:
     """Shorten pynetdicom's polling sleeps (PS3.8 latency, not protocol).
 
@@ -120,8 +115,9 @@ class ReusePortServer(ThreadedAssociationServer):
         self.server_close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        # TCP_NODELAY is set by the EVT_CONN_OPEN handler (sending.set_nodelay), as on
+        # associations simral opens.
         request, address = super().get_request()
-        _set_nodelay(request)
         # accept() returns a blocking socket: without a timeout a peer that stops inside a PDU
         # blocks pynetdicom's reader (and holds an association slot) for ever.
         request.settimeout(self.ae.network_timeout)
@@ -455,9 +451,3 @@ class DimseService:
         )
         thread.start()
         return 0x0000, None
-
-
-def wait_forever(stop: threading.Event) -> None:
-    """Block until ``stop`` is set."""
-    while not stop.is_set():
-        time.sleep(0.2)
