@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class Settings:
     dicom_port: int = 11112
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    #: The URL clients reach the HTTP service at (behind a reverse proxy); empty: taken from each
+    #: request's Host header. Retrieve URLs and bulk-data URIs are built on it.
+    public_url: str = ""
     #: Accept associations from AE titles not in the node registry (for a lab only).
     allow_unknown_ae: bool = False
     #: Maximum PDU length offered and accepted (PS3.8 §9.3.1).
@@ -48,6 +52,9 @@ class Settings:
     #: When a C-MOVE/C-GET peer did not accept the stored transfer syntax, transcode (True) or fail.
     transcode_on_retrieve: bool = True
     log_level: str = "INFO"
+    #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``
+    #: puts it in the virtualenv.
+    viewer_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "share/simral/ohif")
 
     @property
     def effective_database_url(self) -> str:

@@ -15,6 +15,7 @@ from simral.archive.service import recover_staged
 from simral.config import Settings
 from simral.dimse.server import DimseService
 from simral.web.app import create_web_app
+from simral.web.auth import check_http_exposure
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def _recovery_loop(ctx: object, stop: threading.Event) -> None:
 
 def run_server(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit status."""
+    check_http_exposure(settings.http_host)
     ctx = open_app(settings)
     published, deleted = recover_staged(ctx)
     if published or deleted:

@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 
 from sqlalchemy import Select
 
-PrincipalKind = Literal["system", "dicom-node", "user", "token"]
+PrincipalKind = Literal["system", "dicom-node", "http-client", "user", "token"]
 
 S = TypeVar("S", bound=Select)  # type: ignore[type-arg]
 
@@ -38,24 +38,29 @@ class AccessDenied(PermissionError):
     """The principal may not perform this action."""
 
 
+#: Principals that see and feed the whole archive: the platform itself, registered DICOM nodes and,
+#: until login exists, the loopback-only HTTP client (see :mod:`simral.web.auth`).
+ARCHIVE_WIDE = frozenset({"system", "dicom-node", "http-client"})
+
+
 def may_store(principal: Principal) -> bool:
     """Whether ``principal`` may add instances to the archive."""
-    return principal.kind in {"system", "dicom-node"}
+    return principal.kind in ARCHIVE_WIDE
 
 
 def may_query(principal: Principal) -> bool:
     """Whether ``principal`` may run queries (C-FIND, QIDO-RS)."""
-    return principal.kind in {"system", "dicom-node"}
+    return principal.kind in ARCHIVE_WIDE
 
 
 def visible_studies(principal: Principal, query: S) -> S:
     """Restrict ``query`` (which must involve the ``study`` table) to the studies ``principal`` may see.
 
-    Registered nodes and the platform see the whole archive; any other principal sees nothing
-    until the organisation rules apply to it.
+    Registered nodes, the platform and the local HTTP client see the whole archive; any other
+    principal sees nothing until the organisation rules apply to it.
     """
     from simral.archive.models import Study
 
-    if principal.kind in {"system", "dicom-node"}:
+    if principal.kind in ARCHIVE_WIDE:
         return query
     return query.where(Study.id.is_(None))

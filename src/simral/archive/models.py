@@ -141,3 +141,20 @@ class Blob(Base):
 
 Index("ix_study_patient_date", Study.patient_pk, Study.study_date)
 Index("ix_instance_series_number", Instance.series_pk, Instance.instance_number)
+
+
+class ChangeEvent(Base):
+    """The archive's change feed: one row per created, updated or deleted instance.
+
+    ``seq`` grows in commit order (on PostgreSQL the writer takes a transaction-level advisory lock
+    before inserting), so a follower that remembers the last ``seq`` it saw misses nothing.
+    """
+
+    __tablename__ = "change_event"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -94,6 +94,10 @@ COMPUTED: dict[str, Level] = {
     "SOPClassesInStudy": "STUDY",
     "NumberOfSeriesRelatedInstances": "SERIES",
 }
+COMPUTED_VR: dict[str, str] = {
+    keyword: ("CS" if keyword == "ModalitiesInStudy" else "UI" if keyword == "SOPClassesInStudy" else "IS")
+    for keyword in COMPUTED
+}
 #: Study-level keys matched against the study's series or instances.
 STUDY_MEMBERSHIP: dict[str, tuple[InstrumentedAttribute[Any], str]] = {
     "ModalitiesInStudy": (Series.modality, "CS"),
@@ -179,8 +183,19 @@ class Plan:
     return_tags: list[int]
 
 
-def plan(identifier: Dataset, *, model: Model = "STUDY") -> Plan:
-    """Parse a C-FIND identifier for the Patient Root or Study Root model."""
+def _fuzzy_name_clause(column: InstrumentedAttribute[Any], match: Match) -> ColumnElement[bool]:
+    """Fuzzy person-name matching (PS3.4 C.2.2.2.1.4, PS3.18 8.3.4.1): case-insensitive, and the
+    value may begin any name component or word (``dup`` finds ``DUPONT^JEAN`` and ``MARTIN^DUPUIS``)."""
+    like = wildcard_to_like(match.values[0].rstrip("*")) + "%"
+    return or_(*(column.like(prefix + like, escape="!") for prefix in ("", "%^", "% ", "%-", "%=")))
+
+
+def plan(identifier: Dataset, *, model: Model = "STUDY", fuzzy_names: bool = False) -> Plan:
+    """Parse a C-FIND identifier for the Patient Root or Study Root model.
+
+    ``fuzzy_names`` turns single-value and trailing-wildcard person-name keys into fuzzy matches
+    (QIDO-RS ``fuzzymatching=true``).
+    """
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS:
         raise QueryError(f"invalid Query/Retrieve Level {level!r}")
@@ -219,7 +234,15 @@ def plan(identifier: Dataset, *, model: Model = "STUDY") -> Plan:
         if keyword in indexed:
             key = indexed[keyword][1]
             match = parse_match(text, key.vr)
-            if match.kind != "universal":
+            fuzzy = (
+                fuzzy_names
+                and key.vr == "PN"
+                and match.kind in {"single", "wildcard"}
+                and not any(c in match.values[0].rstrip("*") for c in "*?")
+            )
+            if fuzzy:
+                conditions.append(_fuzzy_name_clause(key.column, match))
+            elif match.kind != "universal":
                 conditions.append(_column_clause(key.column, match, key.vr))
         else:
             try:
@@ -358,10 +381,12 @@ def _computed(result: Result, keyword: str) -> Any:
     return values[keyword]()
 
 
-def response_identifier(
-    result: Result, query_plan: Plan, *, retrieve_ae_title: str = "", model: Model = "STUDY"
-) -> Dataset:
-    """The C-FIND response identifier for ``result`` (requested keys + unique keys of the levels)."""
+def response_json(result: Result, query_plan: Plan, *, model: Model = "STUDY") -> dict[str, Any]:
+    """The requested keys plus the unique keys of the levels, as DICOM JSON (PS3.18 F.2).
+
+    Attributes computed by the archive (C.6.1.1.2-5) carry their value; keys of a lower level than
+    the match's are returned empty (C.4.1.1.3.2).
+    """
     depth = LEVELS.index(result.level)
     first_level = 0 if model == "PATIENT" else 1
     tags = list(
@@ -369,32 +394,37 @@ def response_identifier(
             [int(Tag(UNIQUE_KEY[lvl])) for lvl in LEVELS[first_level : depth + 1]] + query_plan.return_tags
         )
     )
-    json_subset: dict[str, Any] = {}
-    computed: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for tag in tags:
         hex_tag = f"{tag:08X}"
         keyword = keyword_for_tag(tag)
         if keyword in COMPUTED:
-            if LEVELS.index(COMPUTED[keyword]) <= depth:
-                computed[keyword] = _computed(result, keyword)
-            else:
-                computed[keyword] = None
+            value = _computed(result, keyword) if LEVELS.index(COMPUTED[keyword]) <= depth else None
+            element: dict[str, Any] = {"vr": COMPUTED_VR[keyword]}
+            if value not in (None, "", []):
+                element["Value"] = value if isinstance(value, list) else [value]
+            out[hex_tag] = element
             continue
-        element = _lookup(result, hex_tag)
-        if element is not None:
-            json_subset[hex_tag] = element
+        found = _lookup(result, hex_tag)
+        if found is not None:
+            out[hex_tag] = found
         else:
             try:
                 vr = dictionary_VR(tag)
             except KeyError:
                 vr = "UN"
-            json_subset[hex_tag] = {"vr": vr}
+            out[hex_tag] = {"vr": vr}
     charset = result.meta.get("00080005") or result.patient.meta.get("00080005")
     if charset:
-        json_subset["00080005"] = charset
-    dataset = Dataset.from_json(json_subset)
-    for keyword, value in computed.items():
-        setattr(dataset, keyword, value if value is not None else "")
+        out["00080005"] = charset
+    return out
+
+
+def response_identifier(
+    result: Result, query_plan: Plan, *, retrieve_ae_title: str = "", model: Model = "STUDY"
+) -> Dataset:
+    """The C-FIND response identifier for ``result`` (requested keys + unique keys of the levels)."""
+    dataset = Dataset.from_json(response_json(result, query_plan, model=model))
     dataset.QueryRetrieveLevel = result.level
     if retrieve_ae_title:
         dataset.RetrieveAETitle = retrieve_ae_title

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -22,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_store, visible_studies
-from simral.archive.models import Blob, Instance, Patient, Series, Study
+from simral.archive.models import Blob, ChangeEvent, Instance, Patient, Series, Study
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
@@ -45,6 +48,7 @@ class IngestResult:
     sop_uid: str = ""
     study_uid: str = ""
     reason: str = ""
+    sop_class_uid: str = ""
 
     @property
     def ok(self) -> bool:
@@ -64,12 +68,14 @@ def ingest_file(
     source: str = "",
     move: bool = False,
     expected_sop_uid: str = "",
+    expected_study_uid: str = "",
 ) -> IngestResult:
     """Archive one Part 10 file; return once it is durable and indexed (or refused).
 
     ``move`` lets the store take ``path`` (it must be on the store's scratch filesystem).
     ``expected_sop_uid`` is the Affected SOP Instance UID of a C-STORE request, which must equal
-    the dataset's SOP Instance UID (PS3.4 B.2.3, status A900 otherwise).
+    the dataset's SOP Instance UID (PS3.4 B.2.3, status A900 otherwise); ``expected_study_uid``
+    is the study of a STOW-RS ``/studies/{uid}`` request (PS3.18 10.5.1, same status).
     """
     if not may_store(principal):
         raise AccessDenied(f"{principal.audit_name} may not store instances")
@@ -81,7 +87,16 @@ def ingest_file(
     if expected_sop_uid and expected_sop_uid != header.sop_uid:
         reason = "SOP Instance UID of the data set differs from the request's"
         log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-        return IngestResult("rejected", 0xA900, header.sop_uid, header.study_uid, reason)
+        return IngestResult(
+            "rejected", 0xA900, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
+        )
+
+    if expected_study_uid and expected_study_uid != header.study_uid:
+        reason = "Study Instance UID of the data set differs from the request's"
+        log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
+        return IngestResult(
+            "rejected", 0xA900, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
+        )
 
     try:
         # Built now: deferred (large) elements are read from ``path`` before the file moves.
@@ -89,7 +104,14 @@ def ingest_file(
     except Exception as exc:
         reason = f"header cannot be converted to DICOM JSON: {type(exc).__name__}: {exc}"
         log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-        return IngestResult("rejected", 0xC000, header.sop_uid, header.study_uid, reason[:200])
+        return IngestResult(
+            "rejected",
+            0xC000,
+            header.sop_uid,
+            header.study_uid,
+            reason[:200],
+            sop_class_uid=header.sop_class_uid,
+        )
     sha256, size = sha256_of_file(path)
     with ctx.db.reading() as session:
         existing = existing_blob(session, header.sop_uid)
@@ -104,7 +126,14 @@ def ingest_file(
         staging.stage(path, key, move=move)
     except OSError as exc:
         log.error("staging failed for an instance from %s: %s", source or principal.audit_name, exc)
-        return IngestResult("rejected", 0xA700, header.sop_uid, header.study_uid, f"storage failure: {exc}")
+        return IngestResult(
+            "rejected",
+            0xA700,
+            header.sop_uid,
+            header.study_uid,
+            f"storage failure: {exc}",
+            sop_class_uid=header.sop_class_uid,
+        )
     stored = StoredBlob(key=key, size=size, sha256=sha256)
 
     cache = hierarchy_cache(ctx)
@@ -129,7 +158,9 @@ def ingest_file(
         if row is None:
             raise
         decided = _duplicate(ctx, header, existing_sha=row[0], new_sha=sha256, principal=principal)
-        return decided or IngestResult("duplicate", 0x0000, header.sop_uid, header.study_uid)
+        return decided or IngestResult(
+            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
+        )
     except BaseException:
         staging.discard(key)
         raise
@@ -143,8 +174,12 @@ def ingest_file(
     if replaced is not None:
         with contextlib.suppress(Exception):
             ctx.store.delete(replaced)
-        return IngestResult("replaced", 0x0000, header.sop_uid, header.study_uid)
-    return IngestResult("stored", 0x0000, header.sop_uid, header.study_uid)
+        return IngestResult(
+            "replaced", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
+        )
+    return IngestResult(
+        "stored", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
+    )
 
 
 def _duplicate(
@@ -152,7 +187,9 @@ def _duplicate(
 ) -> IngestResult | None:
     """Apply the duplicate policy; None means 'store it anyway' (the replace policy)."""
     if existing_sha == new_sha:
-        return IngestResult("duplicate", 0x0000, header.sop_uid, header.study_uid)
+        return IngestResult(
+            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
+        )
     policy = ctx.settings.duplicate_policy
     if policy == "replace":
         return None
@@ -167,10 +204,17 @@ def _duplicate(
         )
     reason = "SOP Instance UID already stored with different content"
     if policy == "reject":
-        return IngestResult("rejected", 0x0111, header.sop_uid, header.study_uid, reason)
+        return IngestResult(
+            "rejected", 0x0111, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
+        )
     # Warning "Elements Discarded" (PS3.4 B.2.3): the new content was not kept.
     return IngestResult(
-        "duplicate-conflict", 0xB006, header.sop_uid, header.study_uid, reason + "; first kept"
+        "duplicate-conflict",
+        0xB006,
+        header.sop_uid,
+        header.study_uid,
+        reason + "; first kept",
+        sop_class_uid=header.sop_class_uid,
     )
 
 
@@ -424,6 +468,7 @@ def _index(
                 .values(meta=json_model, transfer_syntax_uid=header.transfer_syntax_uid, source=source[:128])
             )
             _audit_store(session, header, principal=principal, source=source, replaced=True)
+            record_change(session, "updated", header.study_uid, header.series_uid, header.sop_uid, now=now)
             return placement, old[1]
 
     conn = session.connection()
@@ -473,7 +518,59 @@ def _index(
             .values(meta=_patient_module(json_model), updated_at=now)
         )
     _audit_store(session, header, principal=principal, source=source, replaced=False)
+    record_change(session, "created", header.study_uid, header.series_uid, header.sop_uid, now=now)
     return placement, None
+
+
+_INSERT_CHANGE = insert(cast(Table, ChangeEvent.__table__))
+#: Advisory lock key serialising change-feed writers on PostgreSQL (commit order = ``seq`` order).
+CHANGE_FEED_LOCK = 0x53494D52
+
+
+def record_change(
+    session: Session, kind: str, study_uid: str, series_uid: str, sop_uid: str, *, now: Any
+) -> None:
+    """Append to the change feed in the caller's transaction (last statement before commit).
+
+    On PostgreSQL the transaction-level advisory lock makes ``seq`` values become visible in order;
+    SQLite writers are already serialised by ``BEGIN IMMEDIATE``.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CHANGE_FEED_LOCK})")
+    conn.execute(
+        _INSERT_CHANGE,
+        {"kind": kind, "study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid, "at": now},
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change feed."""
+
+    seq: int
+    kind: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    at: str
+
+
+def changes_since(session: Session, *, principal: Principal, since: int, limit: int) -> list[Change]:
+    """Feed entries after ``since`` about studies visible to ``principal``, oldest first."""
+    query = visible_studies(
+        principal,
+        select(
+            ChangeEvent.seq,
+            ChangeEvent.kind,
+            ChangeEvent.study_uid,
+            ChangeEvent.series_uid,
+            ChangeEvent.sop_uid,
+            ChangeEvent.at,
+        ).join(Study, Study.study_uid == ChangeEvent.study_uid),
+    )
+    rows = session.execute(query.where(ChangeEvent.seq > since).order_by(ChangeEvent.seq).limit(limit))
+    return [Change(r[0], r[1], r[2], r[3], r[4], r[5].isoformat()) for r in rows]
 
 
 def _audit_store(
@@ -548,6 +645,16 @@ class StoredInstance:
     blob_key: str
     size: int
     sha256: str
+    series_uid: str = ""
+    rows: int | None = None
+    num_frames: int | None = None
+
+    @property
+    def frame_count(self) -> int:
+        """Frames of pixel data (0 for an instance without an image)."""
+        if not self.rows:
+            return 0
+        return self.num_frames or 1
 
 
 def instances_query(principal: Principal) -> Select:
@@ -561,6 +668,9 @@ def instances_query(principal: Principal) -> Select:
             Blob.key,
             Blob.size,
             Blob.sha256,
+            Series.series_uid,
+            Instance.rows,
+            Instance.num_frames,
         )
         .join(Blob, Blob.instance_pk == Instance.id)
         .join(Series, Series.id == Instance.series_pk)
@@ -591,6 +701,23 @@ def open_blob(ctx: AppContext, key: str) -> Any:
     return ctx.store.open(key)
 
 
+@contextlib.contextmanager
+def local_copy(ctx: AppContext, key: str) -> Iterator[Path]:
+    """A local, seekable path of a blob: the blob itself on a filesystem store, else a scratch copy."""
+    path = ctx.store.local_path(key)
+    if path is not None and path.exists():
+        yield path
+        return
+    fd, name = tempfile.mkstemp(prefix=".tmp-copy-", suffix=".dcm", dir=ctx.store.scratch_dir())
+    try:
+        with os.fdopen(fd, "wb") as out, open_blob(ctx, key) as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        yield Path(name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
 def recover_staged(ctx: AppContext, *, older_than: float = 0.0) -> tuple[int, int]:
     """Finish or undo ingests interrupted by a crash (see :mod:`simral.storage.staging`)."""
 
@@ -605,3 +732,55 @@ def get_instance(session: Session, *, principal: Principal, sop_uid: str) -> Sto
     """One stored instance by SOP Instance UID, if visible."""
     row = session.execute(instances_query(principal).where(Instance.sop_uid == sop_uid)).first()
     return StoredInstance(*row) if row else None
+
+
+def _scope(query: Select, study_uid: str, series_uid: str | None, sop_uid: str | None) -> Select:
+    query = query.where(Study.study_uid == study_uid)
+    if series_uid is not None:
+        query = query.where(Series.series_uid == series_uid)
+    if sop_uid is not None:
+        query = query.where(Instance.sop_uid == sop_uid)
+    return query
+
+
+def find_instances(
+    session: Session,
+    *,
+    principal: Principal,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[StoredInstance]:
+    """The visible instances of a study, series or single instance, in sending order."""
+    return list(iter_instances(session, _scope(instances_query(principal), study_uid, series_uid, sop_uid)))
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """An instance's place in the hierarchy and its stored header (DICOM JSON, no bulk data)."""
+
+    series_uid: str
+    sop_uid: str
+    transfer_syntax_uid: str
+    meta: dict[str, Any]
+
+
+def instances_metadata(
+    session: Session,
+    *,
+    principal: Principal,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> list[InstanceMetadata]:
+    """Headers of the visible instances of a study, series or instance (WADO-RS metadata)."""
+    query = visible_studies(
+        principal,
+        select(Series.series_uid, Instance.sop_uid, Instance.transfer_syntax_uid, Instance.meta)
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk),
+    )
+    query = _scope(query, study_uid, series_uid, sop_uid).order_by(
+        Series.series_number, Series.id, Instance.instance_number, Instance.id
+    )
+    return [InstanceMetadata(*row) for row in session.execute(query)]

@@ -71,8 +71,13 @@ def serve(
     )
     configure_logging(settings.log_level)
     from simral.server import run_server
+    from simral.web.auth import UnsafeExposure
 
-    sys.exit(run_server(settings))
+    try:
+        sys.exit(run_server(settings))
+    except UnsafeExposure as exc:
+        console.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @nodes_app.command("add")

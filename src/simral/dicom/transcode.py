@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -33,6 +34,32 @@ def choose_target(stored: str, accepted: Sequence[str]) -> str | None:
         if candidate in accepted:
             return candidate
     return None
+
+
+def can_transcode(stored: str, target: str) -> bool:
+    """Whether :func:`transcode_file` can turn ``stored`` into ``target`` on this installation.
+
+    Native little-endian targets need only a decoder for ``stored``; compressed targets need one of
+    pydicom's encoders with its plugin installed (RLE, JPEG-LS, JPEG 2000). Big-endian data is sent
+    as stored only.
+    """
+    source, wanted = UID(stored), UID(target)
+    if source == wanted:
+        return True
+    if ExplicitVRBigEndian in (source, wanted) or not wanted.is_transfer_syntax:
+        return False
+    if source.is_compressed:
+        try:
+            if not get_decoder(source).is_available:
+                return False
+        except NotImplementedError:
+            return False
+    if not wanted.is_compressed:
+        return True
+    try:
+        return bool(get_encoder(wanted).is_available)
+    except NotImplementedError:
+        return False
 
 
 def _decompress(dataset: Dataset) -> None:

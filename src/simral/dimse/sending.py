@@ -9,14 +9,9 @@ not accept the stored transfer syntax. Every other call behaves exactly as befor
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,7 +20,7 @@ from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from simral.archive.service import StoredInstance, open_blob
+from simral.archive.service import StoredInstance, local_copy
 from simral.context import AppContext
 from simral.dicom.transcode import TranscodeError, choose_target, transcode_file
 
@@ -46,23 +41,6 @@ class StoredInstanceDataset(Dataset):
         self._simral_instance = instance
         self._simral_ctx = ctx
         self._simral_allow_transcode = allow_transcode
-
-
-@contextlib.contextmanager
-def local_copy(ctx: AppContext, key: str) -> Iterator[Path]:
-    """A local path of a blob: the blob itself on a filesystem store, else a scratch copy."""
-    path = ctx.store.local_path(key)
-    if path is not None and path.exists():
-        yield path
-        return
-    fd, name = tempfile.mkstemp(prefix=".tmp-send-", suffix=".dcm", dir=ctx.settings.data_dir / "tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open_blob(ctx, key) as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
 
 
 def set_nodelay(event: Any) -> None:

@@ -8,8 +8,11 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from simral import __version__
+from simral.archive.api import mount_archive_api
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
+from simral.dicomweb.api import mount_dicomweb
+from simral.dicomweb.wado_uri import mount_wado_uri
 
 
 def create_web_app(ctx: AppContext) -> FastAPI:
@@ -38,4 +41,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
             }
         return {"version": __version__, "ae_title": ctx.settings.ae_title, **counts}
 
+    mount_archive_api(web, ctx)
+    mount_dicomweb(web, ctx)
+    mount_wado_uri(web, ctx)
     return web

@@ -1,0 +1,179 @@
+"""WADO-RS bodies (PS3.18 §10.4): instances as stored or transcoded, metadata, bulk data, frames.
+
+Every body is a generator: a study is sent one instance (or one chunk of an instance) at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+
+from simral.archive.service import InstanceMetadata, StoredInstance, local_copy, open_blob
+from simral.context import AppContext
+from simral.dicom.frames import decoded_frames, pixel_layout, stored_frames
+from simral.dicom.header import DEFER_SIZE
+from simral.dicom.render import RenderParams, render_frame
+from simral.dicom.transcode import transcode_file
+from simral.dicomweb.multipart import closing, part_head
+
+log = logging.getLogger(__name__)
+
+#: Read size when streaming stored files (a 512×512 CT slice is one read).
+READ_SIZE = 4 * 1024 * 1024
+
+
+def blob_chunks(ctx: AppContext, key: str) -> Iterator[bytes]:
+    """The stored bytes of a blob, read straight from the file when the store is a filesystem."""
+    path = ctx.store.local_path(key)
+    if path is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # being published: read the staged copy below
+        if fd >= 0:
+            try:
+                while chunk := os.read(fd, READ_SIZE):
+                    yield chunk
+            finally:
+                os.close(fd)
+            return
+    with open_blob(ctx, key) as stream:
+        while chunk := stream.read(READ_SIZE):
+            yield chunk
+
+
+def transcoded(ctx: AppContext, instance: StoredInstance, target: str) -> bytes:
+    with local_copy(ctx, instance.blob_key) as path:
+        dataset = transcode_file(path, target)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def instances_body(
+    ctx: AppContext, boundary: str, plan: Iterable[tuple[StoredInstance, str]]
+) -> Iterator[bytes]:
+    """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax."""
+    first = True
+    for instance, target in plan:
+        content_type = f"application/dicom; transfer-syntax={target}"
+        prefix = b"" if first else b"\r\n"
+        first = False
+        if target == instance.transfer_syntax_uid:
+            yield prefix + part_head(boundary, content_type, length=instance.size)
+            yield from blob_chunks(ctx, instance.blob_key)
+        else:
+            try:
+                data = transcoded(ctx, instance, target)
+            except Exception as exc:
+                # The status line is gone: end the body early so the client sees a broken stream.
+                log.error("transcoding %s to %s failed: %s", instance.sop_uid, target, exc)
+                return
+            yield prefix + part_head(boundary, content_type, length=len(data))
+            yield data
+    yield closing(boundary)
+
+
+def _absolute_bulk_uris(element: Any, instance_url: str) -> None:
+    if isinstance(element, dict):
+        uri = element.get("BulkDataURI")
+        if isinstance(uri, str) and uri.startswith("bulkdata/"):
+            element["BulkDataURI"] = f"{instance_url}/{uri}"
+        for value in element.get("Value") or ():
+            if isinstance(value, dict):
+                for child in value.values():
+                    _absolute_bulk_uris(child, instance_url)
+
+
+def metadata_json(item: InstanceMetadata, *, study_url: str) -> dict[str, Any]:
+    """The instance's header for ``/metadata``: absolute bulk-data URIs, pixel data by reference,
+    and the syntax the archive holds it in (Available Transfer Syntax UID, PS3.18 10.4.1.2)."""
+    instance_url = f"{study_url}/series/{item.series_uid}/instances/{item.sop_uid}"
+    out = dict(item.meta)
+    for tag, element in out.items():
+        if isinstance(element, dict) and ("BulkDataURI" in element or element.get("vr") == "SQ"):
+            element = out[tag] = copy.deepcopy(element)
+            _absolute_bulk_uris(element, instance_url)
+    if "00280010" in out:
+        bits = (out.get("00280100") or {}).get("Value") or [16]
+        out["7FE00010"] = {
+            "vr": "OW" if bits[0] > 8 else "OB",
+            "BulkDataURI": f"{instance_url}/bulkdata/7FE00010",
+        }
+    out["00083002"] = {"vr": "UI", "Value": [item.transfer_syntax_uid]}
+    return out
+
+
+def frames_body(
+    ctx: AppContext, key: str, boundary: str, numbers: list[int], *, as_stored: bool, content_type: str
+) -> Iterator[bytes]:
+    """multipart/related of the requested frames, stored bytes or decoded (PS3.18 8.7.3.3)."""
+    first = True
+    with local_copy(ctx, key) as path, open(path, "rb") as stream:
+        layout = pixel_layout(stream)
+        frames = (
+            stored_frames(stream, layout, numbers) if as_stored else decoded_frames(stream, layout, numbers)
+        )
+        for data in frames:
+            yield (b"" if first else b"\r\n") + part_head(boundary, content_type, length=len(data))
+            first = False
+            yield data
+    yield closing(boundary)
+
+
+def single_part(boundary: str, content_type: str, data: bytes) -> bytes:
+    """A whole multipart/related body of one part."""
+    return part_head(boundary, content_type, length=len(data)) + data + closing(boundary)
+
+
+_LONG_HEADER_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def _find_element(dataset: Dataset, tag: int) -> DataElement | None:
+    if tag in dataset:
+        return dataset[tag]
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                found = _find_element(item, tag)
+                if found is not None:
+                    return found
+    return None
+
+
+def bulk_value(ctx: AppContext, key: str, tag_text: str) -> bytes:
+    """The value of a bulk-data element as Explicit VR Little Endian bytes (PS3.18 8.7.3.3.1).
+
+    The URI names the element's tag; an element nested in a sequence is found depth-first.
+    """
+    try:
+        tag = int(tag_text, 16)
+    except ValueError:
+        raise KeyError(tag_text) from None
+    with local_copy(ctx, key) as path:
+        dataset = dcmread(path, defer_size=DEFER_SIZE, stop_before_pixels=True)
+        element = _find_element(dataset, tag)
+        if element is None:
+            raise KeyError(tag_text)
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = True
+        buffer.is_implicit_VR = False
+        write_data_element(buffer, element)
+    encoded = buffer.getvalue()
+    return encoded[12 if element.VR in _LONG_HEADER_VRS else 8 :]
+
+
+def render(ctx: AppContext, key: str, frame: int, params: RenderParams) -> bytes:
+    """A rendered frame (PS3.18 §8.3.5) of a stored instance."""
+    with local_copy(ctx, key) as path, open(path, "rb") as stream:
+        return render_frame(stream, frame, params)
