@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -63,6 +64,10 @@ def run_server(settings: Settings) -> int:
         web, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
     )
     http = _HttpServer(config)
+    # Start-up objects (dictionaries, compiled statements, the app) live for the whole run: keep
+    # them out of the garbage collector's scans, which otherwise cost milliseconds per request.
+    gc.collect()
+    gc.freeze()
     dicom_port = server.server_address[1]
     print(
         f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{dicom_port}, "

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +21,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def make_engine(url: str, *, for_writes: bool = True) -> Engine:
     """Create the engine for ``url`` with the settings simral relies on.
 
@@ -27,8 +32,10 @@ def make_engine(url: str, *, for_writes: bool = True) -> Engine:
     taken up front, so two writers never deadlock upgrading a shared lock); a reading engine uses
     plain deferred transactions, which WAL lets run beside a writer.
     """
+    # The stored DICOM JSON headers are decoded on every query answer: orjson is several times faster.
+    codecs = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **codecs)
         event.listen(engine, "connect", _sqlite_pragmas)
 
         @event.listens_for(engine, "connect")
@@ -43,7 +50,7 @@ def make_engine(url: str, *, for_writes: bool = True) -> Engine:
             conn.exec_driver_sql(begin)
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, **codecs)
 
 
 class Database:

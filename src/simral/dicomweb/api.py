@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -53,7 +53,7 @@ def public_root(request: Request, public_url: str) -> str:
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(body, separators=(",", ":")).encode(),
+        orjson.dumps(body),
         status_code=status,
         media_type=DICOM_JSON,
         headers=headers,

@@ -9,14 +9,16 @@ import copy
 import io
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from anyio import to_thread
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from starlette.concurrency import iterate_in_threadpool
 
 from simral.archive.service import InstanceMetadata, StoredInstance, local_copy, open_blob
 from simral.context import AppContext
@@ -60,10 +62,23 @@ def transcoded(ctx: AppContext, instance: StoredInstance, target: str) -> bytes:
     return buffer.getvalue()
 
 
-def instances_body(
+def read_whole(ctx: AppContext, key: str) -> bytes:
+    """A blob's bytes in one read (used for blobs up to :data:`WHOLE_READ`)."""
+    return b"".join(blob_chunks(ctx, key))
+
+
+#: Blobs up to this size are read in one worker-thread call; larger ones chunk by chunk.
+WHOLE_READ = 16 * 1024 * 1024
+
+
+async def instances_body(
     ctx: AppContext, boundary: str, plan: Iterable[tuple[StoredInstance, str]]
-) -> Iterator[bytes]:
-    """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax."""
+) -> AsyncIterator[bytes]:
+    """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax.
+
+    File reads and transcoding run in worker threads, one call per instance for ordinary sizes,
+    so the event loop only moves buffers to the socket.
+    """
     first = True
     for instance, target in plan:
         content_type = f"application/dicom; transfer-syntax={target}"
@@ -71,10 +86,14 @@ def instances_body(
         first = False
         if target == instance.transfer_syntax_uid:
             yield prefix + part_head(boundary, content_type, length=instance.size)
-            yield from blob_chunks(ctx, instance.blob_key)
+            if instance.size <= WHOLE_READ:
+                yield await to_thread.run_sync(read_whole, ctx, instance.blob_key)
+            else:
+                async for chunk in iterate_in_threadpool(blob_chunks(ctx, instance.blob_key)):
+                    yield chunk
         else:
             try:
-                data = transcoded(ctx, instance, target)
+                data = await to_thread.run_sync(transcoded, ctx, instance, target)
             except Exception as exc:
                 # The status line is gone: end the body early so the client sees a broken stream.
                 log.error("transcoding %s to %s failed: %s", instance.sop_uid, target, exc)
