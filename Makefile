@@ -7,12 +7,17 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= ./simral-data
 DICOM_PORT ?= 11112
 HTTP_PORT ?= 8080
-APT_TEST_PACKAGES := dcmtk orthanc orthanc-dicomweb postgresql
+APT_TEST_PACKAGES := dcmtk orthanc orthanc-dicomweb postgresql chromium
+# The prebuilt OHIF viewer (npm @ohif/app, only its dist/ folder), served by simral under /viewer.
+OHIF_VERSION := 3.13.2
+OHIF_INTEGRITY := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+OHIF_DIR := $(VENV)/share/simral/ohif
+OHIF_STAMP := $(VENV)/.ohif-$(OHIF_VERSION)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test test-deps lint typecheck bench clean lock
 
-install: $(STAMP)
+install: $(STAMP) $(OHIF_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,23 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --require-virtualenv -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Only the package tarball is fetched (no dependency tree); npm checks it against the registry's
+# integrity and we check it against the pinned one before extracting package/dist/.
+$(OHIF_STAMP): | $(STAMP)
+	@command -v npm >/dev/null || { echo "installing npm (Debian) to fetch the OHIF viewer"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+	rm -rf $(VENV)/ohif-download $(OHIF_DIR) && mkdir -p $(VENV)/ohif-download $(OHIF_DIR)
+	cd $(VENV)/ohif-download && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	$(BIN)/python -c 'import base64, hashlib, sys; \
+	  got = "sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode(); \
+	  sys.exit(0 if got == sys.argv[2] else f"OHIF tarball integrity mismatch: {got}")' \
+	  $(VENV)/ohif-download/ohif-app-$(OHIF_VERSION).tgz '$(OHIF_INTEGRITY)'
+	tar -xzf $(VENV)/ohif-download/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_DIR) --touch --strip-components=2 package/dist
+	test -s $(OHIF_DIR)/index.html
+	rm -rf $(VENV)/ohif-download $(VENV)/.ohif-*
+	touch $@
 
 run: install
 	$(BIN)/simral serve --data-dir $(DATA_DIR) --dicom-port $(DICOM_PORT) --http-port $(HTTP_PORT)
@@ -47,6 +69,8 @@ test: install test-deps
 
 bench: install test-deps
 	$(BIN)/python bench/dimse_bench.py
+	$(BIN)/python bench/dicomweb_bench.py
+	$(BIN)/python bench/viewer_bench.py
 
 # Regenerate the lock file from pyproject.toml (developers only; needs `uv`).
 lock:

@@ -13,6 +13,8 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.web.pages import mount_pages
+from simral.web.viewer import mount_viewer
 
 
 def create_web_app(ctx: AppContext) -> FastAPI:
@@ -44,4 +46,6 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_archive_api(web, ctx)
     mount_dicomweb(web, ctx)
     mount_wado_uri(web, ctx)
+    mount_pages(web, ctx)
+    mount_viewer(web, ctx)
     return web
