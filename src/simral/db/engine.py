@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -53,6 +58,45 @@ def make_engine(url: str, *, for_writes: bool = True) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, **codecs)
 
 
+def _sqlite_path(url: str) -> Path | None:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+class WriterLock:
+    """Queue SQLite writers of every thread and process on a lock that wakes them at once.
+
+    SQLite admits one writer; a waiting connection otherwise polls through its busy handler, which
+    sleeps with back-off up to 100 ms per retry. Threads queue on a lock, processes (``simral
+    serve`` beside ``simral import``) on ``flock`` of ``<database>.writer``.
+    """
+
+    def __init__(self, database: Path | None) -> None:
+        self._thread_lock = threading.RLock()
+        self._path = database.with_name(database.name + ".writer") if database else None
+        self._fd = -1
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        self._depth += 1
+        if self._depth == 1 and self._path is not None:
+            try:
+                if self._fd < 0:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._depth -= 1
+                self._thread_lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
 class Database:
     """An engine plus its session factory; one per process."""
 
@@ -61,12 +105,15 @@ class Database:
         self.engine = make_engine(url)
         self.read_engine = make_engine(url, for_writes=False) if url.startswith("sqlite") else self.engine
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            WriterLock(_sqlite_path(url)) if url.startswith("sqlite") else contextlib.nullcontext()
+        )
         self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
         """One transaction: commit on success, roll back on error (DESIGN.md §2)."""
-        with self.sessions() as session:
+        with self._write_lock, self.sessions() as session:
             try:
                 yield session
                 session.commit()
