@@ -18,7 +18,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID
 
-BULK_DATA_THRESHOLD = 4096
+from simral.dicom import json_model
+from simral.dicom.json_model import BULK_DATA_THRESHOLD as BULK_DATA_THRESHOLD
+
 #: Elements whose defined length exceeds this are not read while parsing the header.
 DEFER_SIZE = 64 * 1024
 
@@ -68,23 +70,13 @@ class Header:
         return dataset_to_json(self.dataset)
 
 
-def _bulk_data_uri(element: Any) -> str:
-    return f"bulkdata/{element.tag:08X}"
-
-
 def dataset_to_json(dataset: Dataset) -> dict[str, Any]:
-    """DICOM JSON of ``dataset`` without group 0002, pixel data or values above the threshold."""
-    body = Dataset()
-    for element in dataset:
-        if element.tag.group == 0x0002 or element.tag == 0x7FE00010:
-            continue
-        body.add(element)
-    body.set_original_encoding(dataset.is_implicit_VR, dataset.is_little_endian, dataset._character_set)
-    return body.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=_bulk_data_uri,
-        suppress_invalid_tags=True,
-    )
+    """DICOM JSON of ``dataset`` without group 0002, pixel data or values above the threshold.
+
+    Built from the raw element bytes by :mod:`simral.dicom.json_model`; same output as pydicom's
+    ``Dataset.to_json_dict`` (see :func:`simral.dicom.json_model.pydicom_dataset_to_json`).
+    """
+    return json_model.dataset_to_json(dataset)
 
 
 def _check_lengths(dataset: Dataset, file_size: int) -> None:
