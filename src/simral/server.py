@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -14,6 +16,7 @@ import uvicorn
 from simral.app import open_app
 from simral.archive.service import recover_staged
 from simral.config import Settings
+from simral.context import AppContext
 from simral.dimse.server import DimseService
 from simral.web.app import create_web_app
 from simral.web.auth import check_http_exposure
@@ -30,9 +33,12 @@ class _HttpServer(uvicorn.Server):
     before the DICOM service is stopped; simral handles the signal itself instead.
     """
 
+    #: A forked worker leaves SIGINT (Ctrl-C reaches the whole process group) to the parent.
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in self.stop_signals}
         try:
             yield
         finally:
@@ -48,37 +54,174 @@ def _recovery_loop(ctx: object, stop: threading.Event) -> None:
             log.error("staging recovery sweep failed: %s", exc)
 
 
+def _http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, shared by worker processes through SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+class PortInUse(RuntimeError):
+    """A port simral should listen on is already taken."""
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Fail early when another process (another simral included) already listens on our ports.
+
+    Workers bind with SO_REUSEPORT, which would otherwise let a second instance of the same user
+    silently share the ports; a plain bind here refuses any existing listener.
+    """
+    for host, port, what in (
+        (settings.dicom_host, settings.dicom_port, "DICOM"),
+        (settings.http_host, settings.http_port, "HTTP"),
+    ):
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise PortInUse(f"{what} port {host}:{port} is not available: {exc.strerror}") from None
+
+
+def effective_workers(settings: Settings) -> int:
+    """Worker processes to run: the setting, or one per CPU (at most 4) when it is 0.
+
+    Several workers need fixed ports (each binds its own SO_REUSEPORT listener).
+    """
+    if settings.dicom_port == 0 or settings.http_port == 0:
+        return 1
+    if settings.workers > 0:
+        return settings.workers
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def run_server(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM; return the exit status."""
+    """Run until SIGINT/SIGTERM; return the exit status.
+
+    The parent prepares the index (migrations) and finishes interrupted ingests, then serves itself
+    (one worker) or forks worker processes that each accept DICOM associations and HTTP requests
+    on the shared ports (SO_REUSEPORT), so ingest and retrieve use every CPU despite the GIL.
+    """
     check_http_exposure(settings.http_host)
+    check_ports_free(settings)
     ctx = open_app(settings)
     published, deleted = recover_staged(ctx)
     if published or deleted:
         log.warning("recovered interrupted ingests: %d published, %d discarded", published, deleted)
+    workers = effective_workers(settings)
+    if workers == 1:
+        return _serve(settings, ctx, banner=True)
+    ctx.db.dispose()
+    children: set[int] = set()
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker(settings, index))
+        children.add(pid)
+    print(
+        f"simral serving with {workers} worker processes: DICOM {settings.ae_title}@{settings.dicom_host}:"
+        f"{settings.dicom_port}, HTTP http://{settings.http_host}:{settings.http_port}/ "
+        f"(data in {settings.data_dir})",
+        flush=True,
+    )
+    return _supervise(children)
+
+
+class _EarlyStop:
+    """SIGTERM received by a worker before its HTTP server took the signal over."""
+
+    requested = False
+    http: _HttpServer | None = None
+
+    @classmethod
+    def handle(cls, signum: int, _frame: object) -> None:
+        cls.requested = True
+        if cls.http is not None:
+            cls.http.should_exit = True
+
+
+def _worker(settings: Settings, index: int) -> int:
+    """A forked worker's life; its exit status. A SIGTERM before serving starts ends it cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
+    signal.signal(signal.SIGTERM, _EarlyStop.handle)
+    try:
+        return _serve(settings, open_app(settings), banner=False, stop_signals=(signal.SIGTERM,))
+    except BaseException:
+        log.exception("worker %d failed", index)
+        return 1
+
+
+def _supervise(children: set[int]) -> int:
+    """Wait for the workers; SIGINT/SIGTERM stops them all, and so does a worker's death."""
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.set()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping.is_set():
+            log.error("worker %d exited with %d: stopping the others", pid, code)
+            status = 1
+            stop(signal.SIGTERM, None)
+        elif code != 0:
+            status = status or 1
+    log.info("simral stopped")
+    return status
+
+
+def _serve(
+    settings: Settings,
+    ctx: AppContext,
+    *,
+    banner: bool,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> int:
+    """One worker: the DICOM acceptor, the HTTP server and the staging sweep."""
     dimse = DimseService(ctx)
     server = dimse.start(settings.dicom_host, settings.dicom_port)
     stop = threading.Event()
     threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
     web = create_web_app(ctx)
-    config = uvicorn.Config(
-        web, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
-    )
+    config = uvicorn.Config(web, log_level="warning", access_log=False)
     http = _HttpServer(config)
+    http.stop_signals = stop_signals
+    _EarlyStop.http = http
+    http.should_exit = _EarlyStop.requested
+    sock = _http_socket(settings.http_host, settings.http_port)
     # Start-up objects (dictionaries, compiled statements, the app) live for the whole run: keep
     # them out of the garbage collector's scans, which otherwise cost milliseconds per request.
     gc.collect()
     gc.freeze()
-    dicom_port = server.server_address[1]
-    print(
-        f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{dicom_port}, "
-        f"HTTP http://{settings.http_host}:{settings.http_port}/ (data in {settings.data_dir})",
-        flush=True,
-    )
+    if banner:
+        print(
+            f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{server.server_address[1]}, "
+            f"HTTP http://{settings.http_host}:{sock.getsockname()[1]}/ (data in {settings.data_dir})",
+            flush=True,
+        )
     try:
-        http.run()  # handles SIGINT/SIGTERM and returns
+        http.run(sockets=[sock])  # handles SIGINT/SIGTERM and returns
     finally:
         stop.set()
         dimse.stop()
         ctx.db.dispose()
-        log.info("simral stopped")
+        log.info("simral worker stopped")
     return 0

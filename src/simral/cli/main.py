@@ -57,6 +57,9 @@ def serve(
     ae_title: Annotated[str | None, typer.Option(help="Our AE title (default SIMRAL).")] = None,
     dicom_host: Annotated[str | None, typer.Option(help="Address the DICOM port binds to.")] = None,
     http_host: Annotated[str | None, typer.Option(help="Address the HTTP port binds to.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes sharing the ports (default: one per CPU, at most 4).")
+    ] = None,
     config: ConfigFile = None,
 ) -> None:
     """Run the platform in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
@@ -68,14 +71,15 @@ def serve(
         ae_title=ae_title,
         dicom_host=dicom_host,
         http_host=http_host,
+        workers=workers,
     )
     configure_logging(settings.log_level)
-    from simral.server import run_server
+    from simral.server import PortInUse, run_server
     from simral.web.auth import UnsafeExposure
 
     try:
         sys.exit(run_server(settings))
-    except UnsafeExposure as exc:
+    except (UnsafeExposure, PortInUse) as exc:
         console.print(f"[red]refusing to start:[/red] {exc}")
         raise typer.Exit(2) from None
 

@@ -1,0 +1,108 @@
+"""``simral serve`` worker processes: shared ports, clean stop, refusal of taken ports and exposure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from tests.corpus import ct_series
+from tests.simral_proc import SIMRAL, SimralProcess
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _multipart(paths: list[Path], boundary: str = "wk") -> bytes:
+    body = b""
+    for path in paths:
+        body += (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+        )
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def test_workers_share_the_ports_and_stop_cleanly(tmp_path: Path) -> None:
+    paths = ct_series(tmp_path / "ct", slices=40, rows=64, cols=64, patient_id="WORKERS")
+    simral = SimralProcess(tmp_path / "data", extra_env={"SIMRAL_WORKERS": "2"})
+    simral.start()
+    try:
+        assert simral.proc is not None
+        parent = simral.proc.pid
+        deadline = time.monotonic() + 20
+        while len(_children(parent)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(parent)
+        assert len(workers) == 2, simral.log_tail()
+
+        def stow(chunk: list[Path]) -> int:
+            response = httpx.post(
+                simral.dicomweb_url + "/studies",
+                content=_multipart(chunk),
+                headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=wk'},
+                timeout=120,
+            )
+            return response.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(stow, [paths[i : i + 5] for i in range(0, 40, 5)]))
+        assert statuses == [200] * 8
+        found = httpx.get(
+            simral.dicomweb_url + "/instances", params={"PatientID": "WORKERS"}, timeout=60
+        ).json()
+        assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths
+        )
+        # Each worker answers on the shared ports: many short connections reach both of them.
+        statuses = [httpx.get(simral.http_url + "/healthz", timeout=10).status_code for _ in range(40)]
+        assert statuses == [200] * 40
+        assert simral.cli("check").returncode == 0
+    finally:
+        code = simral.stop()
+    assert code == 0, simral.log_tail()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_dead_worker_stops_the_service(tmp_path: Path) -> None:
+    simral = SimralProcess(tmp_path / "data", extra_env={"SIMRAL_WORKERS": "2"})
+    simral.start()
+    assert simral.proc is not None
+    deadline = time.monotonic() + 20
+    while len(_children(simral.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(_children(simral.proc.pid)[0], signal.SIGKILL)
+    assert simral.proc.wait(30) == 1
+    assert _children(simral.proc.pid) == []
+    simral.proc = None
+
+
+def test_taken_ports_and_open_http_are_refused(tmp_path: Path) -> None:
+    first = SimralProcess(tmp_path / "one")
+    with first:
+        second = SimralProcess(tmp_path / "two")
+        second.dicom_port, second.http_port = first.dicom_port, first.http_port
+        argv = [SIMRAL, "serve", "--data-dir", str(second.data_dir), "--dicom-host", "127.0.0.1"]
+        argv += ["--dicom-port", str(second.dicom_port), "--http-port", str(second.http_port)]
+        result = subprocess.run(argv, env=second.env, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2
+        assert "not available" in result.stdout + result.stderr
+        # The first instance still answers alone.
+        assert httpx.get(first.http_url + "/healthz", timeout=10).status_code == 200
+    exposed = subprocess.run(
+        [SIMRAL, "serve", "--data-dir", str(tmp_path / "three"), "--http-host", "0.0.0.0"],
+        env=first.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert exposed.returncode == 2
+    assert "no login yet" in exposed.stdout + exposed.stderr
