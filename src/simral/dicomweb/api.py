@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+from collections import deque
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from simral.access.policy import AccessDenied
 from simral.archive.query import Level, QueryError
-from simral.archive.service import StoredInstance, find_instances, instances_metadata
+from simral.archive.service import IngestResult, StoredInstance, find_instances, instances_metadata
 from simral.context import AppContext
 from simral.dicom.frames import FrameError, media_type_of
 from simral.dicom.render import NotAcceptable as RenderNotAcceptable
@@ -21,6 +24,7 @@ from simral.dicomweb.media import NotAcceptable, choose_frames, choose_syntax, i
 from simral.dicomweb.multipart import (
     MultipartError,
     PartSpooler,
+    ReceivedPart,
     content_type_header,
     new_boundary,
     request_boundary,
@@ -29,6 +33,8 @@ from simral.web.auth import request_principal
 
 DICOM_JSON = "application/dicom+json"
 PREFIX = "/dicom-web"
+#: Parts of one STOW-RS request ingested at the same time.
+STOW_CONCURRENCY = 2
 
 
 class DicomwebError(Exception):
@@ -294,31 +300,45 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
         outcome = stow.StowOutcome(dicomweb_root(request))
         spooler = PartSpooler(boundary, ctx.store.scratch_dir())
         source = f"stow:{request.client.host if request.client else ''}"
+        # Up to STOW_CONCURRENCY parts are ingested while the next ones arrive: one instance's
+        # fsyncs overlap another's parsing. Results are recorded in part order.
+        in_flight: deque[asyncio.Future[IngestResult]] = deque()
+        loop = asyncio.get_running_loop()
+
+        async def collect(keep: int) -> None:
+            while len(in_flight) > keep:
+                outcome.add(await in_flight.popleft())
+
+        def launch(parts: list[ReceivedPart]) -> None:
+            for part in parts:
+                in_flight.append(
+                    loop.run_in_executor(
+                        None,
+                        functools.partial(
+                            stow.store_part, ctx, part, principal=principal, study_uid=study, source=source
+                        ),
+                    )
+                )
+
         try:
             async for chunk in request.stream():
                 spooler.feed(chunk)
-                for part in spooler.completed():
-                    await run_in_threadpool(
-                        stow.store_part,
-                        ctx,
-                        part,
-                        outcome,
-                        principal=principal,
-                        study_uid=study,
-                        source=source,
-                    )
+                launch(spooler.completed())
+                await collect(STOW_CONCURRENCY - 1)
             spooler.finish()
-            for part in spooler.completed():
-                await run_in_threadpool(
-                    stow.store_part, ctx, part, outcome, principal=principal, study_uid=study, source=source
-                )
+            launch(spooler.completed())
+            await collect(0)
         except MultipartError as exc:
             spooler.discard()
+            await collect(0)
             if not outcome.referenced and not outcome.failed:
                 raise DicomwebError(400, str(exc)) from None
             outcome.fail(stow.PROCESSING_FAILURE)
         except BaseException:
             spooler.discard()
+            for future in in_flight:
+                with contextlib.suppress(BaseException):
+                    await future
             raise
         if not outcome.referenced and not outcome.failed:
             raise DicomwebError(400, "the request body holds no part")

@@ -51,6 +51,7 @@ class StowOutcome:
         self.referenced.append(item)
 
     def fail(self, status: int) -> None:
+        """A failure that names no instance (e.g. the body broke off)."""
         self.failed.append({"00081197": {"vr": "US", "Value": [status]}})
 
     @property
@@ -75,23 +76,15 @@ class StowOutcome:
 
 
 def store_part(
-    ctx: AppContext,
-    part: ReceivedPart,
-    outcome: StowOutcome,
-    *,
-    principal: Principal,
-    study_uid: str | None,
-    source: str,
-) -> None:
+    ctx: AppContext, part: ReceivedPart, *, principal: Principal, study_uid: str | None, source: str
+) -> IngestResult:
     """Ingest one received part (its file is moved into the store, or removed)."""
     try:
         media_type = part.content_type.split(";")[0].strip().lower()
         if media_type not in {"application/dicom", ""}:
-            outcome.fail(MEDIA_TYPE_REFUSED)
-            return
-        result = ingest_file(
+            return IngestResult("rejected", MEDIA_TYPE_REFUSED, reason=f"part of type {media_type}")
+        return ingest_file(
             ctx, part.path, principal=principal, source=source, move=True, expected_study_uid=study_uid or ""
         )
-        outcome.add(result)
     finally:
         part.path.unlink(missing_ok=True)

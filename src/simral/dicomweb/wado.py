@@ -5,14 +5,14 @@ Every body is a generator: a study is sent one instance (or one chunk of an inst
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from anyio import to_thread
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -71,36 +71,57 @@ def read_whole(ctx: AppContext, key: str) -> bytes:
 WHOLE_READ = 16 * 1024 * 1024
 
 
+def _load_part(ctx: AppContext, instance: StoredInstance, target: str) -> bytes | None:
+    """An instance's bytes in ``target`` (None: too large to hold, stream it in chunks)."""
+    if target != instance.transfer_syntax_uid:
+        return transcoded(ctx, instance, target)
+    if instance.size > WHOLE_READ:
+        return None
+    return read_whole(ctx, instance.blob_key)
+
+
 async def instances_body(
-    ctx: AppContext, boundary: str, plan: Iterable[tuple[StoredInstance, str]]
+    ctx: AppContext, boundary: str, plan: Sequence[tuple[StoredInstance, str]]
 ) -> AsyncIterator[bytes]:
     """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax.
 
-    File reads and transcoding run in worker threads, one call per instance for ordinary sizes,
-    so the event loop only moves buffers to the socket.
+    Reads (and transcodings) run in worker threads, the next instance's while the current one is
+    being sent, so disk and network overlap; at most two instances are held in memory.
     """
-    first = True
-    for instance, target in plan:
-        content_type = f"application/dicom; transfer-syntax={target}"
-        prefix = b"" if first else b"\r\n"
-        first = False
-        if target == instance.transfer_syntax_uid:
-            yield prefix + part_head(boundary, content_type, length=instance.size)
-            if instance.size <= WHOLE_READ:
-                yield await to_thread.run_sync(read_whole, ctx, instance.blob_key)
+    loop = asyncio.get_running_loop()
+
+    def start(index: int) -> asyncio.Future[bytes | None] | None:
+        if index >= len(plan):
+            return None
+        instance, target = plan[index]
+        return loop.run_in_executor(None, _load_part, ctx, instance, target)
+
+    pending = start(0)
+    try:
+        for index, (instance, target) in enumerate(plan):
+            assert pending is not None
+            try:
+                data = await pending
+            except Exception as exc:
+                # The status line is gone: end the body early so the client sees a broken stream.
+                log.error("reading %s as %s failed: %s", instance.sop_uid, target, exc)
+                return
+            pending = start(index + 1)
+            head = part_head(
+                boundary,
+                f"application/dicom; transfer-syntax={target}",
+                length=instance.size if data is None else len(data),
+            )
+            yield (b"\r\n" if index else b"") + head
+            if data is not None:
+                yield data
             else:
                 async for chunk in iterate_in_threadpool(blob_chunks(ctx, instance.blob_key)):
                     yield chunk
-        else:
-            try:
-                data = await to_thread.run_sync(transcoded, ctx, instance, target)
-            except Exception as exc:
-                # The status line is gone: end the body early so the client sees a broken stream.
-                log.error("transcoding %s to %s failed: %s", instance.sop_uid, target, exc)
-                return
-            yield prefix + part_head(boundary, content_type, length=len(data))
-            yield data
-    yield closing(boundary)
+        yield closing(boundary)
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 def _absolute_bulk_uris(element: Any, instance_url: str) -> None:
