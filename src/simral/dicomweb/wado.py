@@ -10,6 +10,7 @@ import copy
 import io
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -67,6 +68,8 @@ def read_whole(ctx: AppContext, key: str) -> bytes:
     return b"".join(blob_chunks(ctx, key))
 
 
+#: Instances read ahead of the one being sent by a retrieve.
+READ_AHEAD = 4
 #: Blobs up to this size are read in one worker-thread call; larger ones chunk by chunk.
 WHOLE_READ = 16 * 1024 * 1024
 
@@ -85,28 +88,30 @@ async def instances_body(
 ) -> AsyncIterator[bytes]:
     """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax.
 
-    Reads (and transcodings) run in worker threads, the next instance's while the current one is
-    being sent, so disk and network overlap; at most two instances are held in memory.
+    Reads (and transcodings) run in worker threads, up to :data:`READ_AHEAD` instances ahead of
+    the one being sent, so disk and network overlap and a cold disk sees several reads at once.
     """
     loop = asyncio.get_running_loop()
+    pending: deque[asyncio.Future[bytes | None]] = deque()
+    queued = 0
 
-    def start(index: int) -> asyncio.Future[bytes | None] | None:
-        if index >= len(plan):
-            return None
-        instance, target = plan[index]
-        return loop.run_in_executor(None, _load_part, ctx, instance, target)
+    def top_up() -> None:
+        nonlocal queued
+        while queued < len(plan) and len(pending) < READ_AHEAD:
+            instance, target = plan[queued]
+            pending.append(loop.run_in_executor(None, _load_part, ctx, instance, target))
+            queued += 1
 
-    pending = start(0)
     try:
         for index, (instance, target) in enumerate(plan):
-            assert pending is not None
+            top_up()
             try:
-                data = await pending
+                data = await pending.popleft()
             except Exception as exc:
                 # The status line is gone: end the body early so the client sees a broken stream.
                 log.error("reading %s as %s failed: %s", instance.sop_uid, target, exc)
                 return
-            pending = start(index + 1)
+            top_up()
             head = part_head(
                 boundary,
                 f"application/dicom; transfer-syntax={target}",
@@ -120,8 +125,8 @@ async def instances_body(
                     yield chunk
         yield closing(boundary)
     finally:
-        if pending is not None:
-            pending.cancel()
+        for future in pending:
+            future.cancel()
 
 
 def _absolute_bulk_uris(element: Any, instance_url: str) -> None:
