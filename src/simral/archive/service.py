@@ -69,6 +69,7 @@ def ingest_file(
     move: bool = False,
     expected_sop_uid: str = "",
     expected_study_uid: str = "",
+    known_digest: tuple[str, int] | None = None,
 ) -> IngestResult:
     """Archive one Part 10 file; return once it is durable and indexed (or refused).
 
@@ -76,6 +77,7 @@ def ingest_file(
     ``expected_sop_uid`` is the Affected SOP Instance UID of a C-STORE request, which must equal
     the dataset's SOP Instance UID (PS3.4 B.2.3, status A900 otherwise); ``expected_study_uid``
     is the study of a STOW-RS ``/studies/{uid}`` request (PS3.18 10.5.1, same status).
+    ``known_digest`` is ``(sha256, size)`` of ``path`` when the receiver computed it on the way in.
     """
     if not may_store(principal):
         raise AccessDenied(f"{principal.audit_name} may not store instances")
@@ -112,7 +114,7 @@ def ingest_file(
             reason[:200],
             sop_class_uid=header.sop_class_uid,
         )
-    sha256, size = sha256_of_file(path)
+    sha256, size = known_digest or sha256_of_file(path)
     with ctx.db.reading() as session:
         existing = existing_blob(session, header.sop_uid)
     if existing is not None:

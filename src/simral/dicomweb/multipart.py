@@ -7,6 +7,7 @@ that writes every part straight to a file, so neither direction holds a study in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import tempfile
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 from python_multipart.multipart import MultipartParser
 
@@ -76,6 +78,8 @@ class ReceivedPart:
     path: Path
     content_type: str
     size: int = 0
+    #: SHA-256 of the bytes, computed while they arrived (spares ingest a second read).
+    digest: Any = field(default_factory=hashlib.sha256)
 
 
 @dataclass
@@ -139,6 +143,7 @@ class PartSpooler:
             written = os.write(self._fd, view)
             view = view[written:]
         self._current.size += end - start
+        self._current.digest.update(data[start:end])
 
     def _part_end(self) -> None:
         assert self._fd is not None and self._current is not None

@@ -84,7 +84,13 @@ def store_part(
         if media_type not in {"application/dicom", ""}:
             return IngestResult("rejected", MEDIA_TYPE_REFUSED, reason=f"part of type {media_type}")
         return ingest_file(
-            ctx, part.path, principal=principal, source=source, move=True, expected_study_uid=study_uid or ""
+            ctx,
+            part.path,
+            principal=principal,
+            source=source,
+            move=True,
+            expected_study_uid=study_uid or "",
+            known_digest=(part.digest.hexdigest(), part.size),
         )
     finally:
         part.path.unlink(missing_ok=True)
