@@ -19,7 +19,6 @@ import datetime as dt
 import email.message
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import pydicom  # noqa: E402
 import requests  # noqa: E402
+from bench.common import log, machine_info, reuse_generated, write_results  # noqa: E402
 from bench.dimse_bench import (  # noqa: E402
     _busy_jiffies,
     _cpu_seconds,
@@ -55,7 +55,6 @@ from tests.simral_proc import SIMRAL, SimralProcess  # noqa: E402
 
 DCMTK = Path("/usr/bin")  # absolute: the venv's bin/ holds pynetdicom scripts with the same names
 SCU_AE = "BENCHSCU"  # only used to load the big study over DIMSE
-RESULTS_DIR = ROOT / "bench" / "results"
 # What Orthanc's own DICOMweb client asks for: the stored transfer syntax, no transcoding.
 DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 DICOM_JSON = "application/dicom+json"
@@ -86,10 +85,6 @@ QUICK = Sizes(
     series=100, qido_studies=50, qidos=50, qido_all=20, warm_runs=2, big_series=2, big_per_series=200
 )
 STOW_ROWS = ((10, 1), (10, 4), (1, 1), (1, 4))  # (instances per request, concurrent clients)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _rate(n: float, seconds: float) -> float:
@@ -123,15 +118,6 @@ class Corpus:
         return {"series": size(self.series), "qido": size(self.qido), "big": size(self.big)}
 
 
-def _generated(out_dir: Path, count: int, make: Callable[[Path], list[Path]]) -> list[Path]:
-    """Reuse ``out_dir`` if it holds exactly ``count`` files (the generators are deterministic)."""
-    existing = sorted(out_dir.glob("*.dcm")) if out_dir.is_dir() else []
-    if len(existing) == count:
-        return existing
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return make(out_dir)
-
-
 def _big_study(out_dir: Path, sizes: Sizes) -> list[Path]:
     # Same seed and patient: one study (UID derived from them), one series per series number.
     paths: list[Path] = []
@@ -149,18 +135,18 @@ def _big_study(out_dir: Path, sizes: Sizes) -> list[Path]:
 
 def build_corpus(base: Path, sizes: Sizes) -> Corpus:
     t0 = time.perf_counter()
-    series = _generated(
+    series = reuse_generated(
         base / f"web-ct{sizes.series}",
         sizes.series,
         lambda d: ct_series(d, slices=sizes.series, patient_id="BENCHWEB", patient_name="BENCH^WEB", seed=3),
     )
     n_qido = 2 * sizes.qido_studies
-    qido = _generated(
+    qido = reuse_generated(
         base / f"qido{sizes.qido_studies}",
         n_qido,
         lambda d: small_instances(d, count=n_qido, per_series=2, studies=sizes.qido_studies, seed=5),
     )
-    warmup = _generated(
+    warmup = reuse_generated(
         base / "web-warmup",
         6,
         lambda d: (
@@ -168,7 +154,7 @@ def build_corpus(base: Path, sizes: Sizes) -> Corpus:
             + small_instances(d, count=4, seed=9)
         ),
     )
-    big = _generated(
+    big = reuse_generated(
         base / f"big{sizes.big_series}x{sizes.big_per_series}", sizes.big, lambda d: _big_study(d, sizes)
     )
     corpus = Corpus(series=series, qido=qido, warmup=warmup, big=big)
@@ -854,12 +840,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-        },
+        "machine": machine_info(load_before),
         "versions": {
             "simral_commit": git_commit(),
             "orthanc": orthanc_version(),
@@ -942,10 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (DCMTK / "storescu").exists():
         parser.error(f"{DCMTK / 'storescu'} not found: install dcmtk (make test-deps)")
     report = run(args)
-    out = args.output or RESULTS_DIR / f"dicomweb-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {out}")
+    write_results(report, args.output, "dicomweb")
     return 0
 
 

@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 import pydicom  # noqa: E402
 import pynetdicom  # noqa: E402
+from bench.common import log, machine_info, reuse_generated, write_results  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
@@ -50,7 +50,6 @@ SCU_AE = "BENCHSCU"
 DEST_AE = "BENCHDEST"
 SINK_AE = "BENCHSINK"
 MAX_PDU = 131072
-RESULTS_DIR = ROOT / "bench" / "results"
 TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
 # The HTTP look-ups (instance counts) stay on loopback whatever *_proxy says.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -67,10 +66,6 @@ class Sizes:
 
 FULL = Sizes(ct=600, small=2000, move=300, finds=200, move_repeats=3)
 QUICK = Sizes(ct=100, small=200, move=50, finds=50, move_repeats=2)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- /proc
@@ -330,33 +325,24 @@ class Corpus:
         return {"ct": size(self.ct), "small": size(self.small), "move": size(self.move)}
 
 
-def _generated(out_dir: Path, count: int, make: Callable[[Path], list[Path]]) -> list[Path]:
-    """Reuse ``out_dir`` if it holds exactly ``count`` files (the generators are deterministic)."""
-    existing = sorted(out_dir.glob("*.dcm")) if out_dir.is_dir() else []
-    if len(existing) == count:
-        return existing
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return make(out_dir)
-
-
 def build_corpus(base: Path, sizes: Sizes) -> Corpus:
     t0 = time.perf_counter()
-    ct = _generated(base / f"ct{sizes.ct}", sizes.ct, lambda d: ct_series(d, slices=sizes.ct))
-    move = _generated(
+    ct = reuse_generated(base / f"ct{sizes.ct}", sizes.ct, lambda d: ct_series(d, slices=sizes.ct))
+    move = reuse_generated(
         base / f"move{sizes.move}",
         sizes.move,
         lambda d: ct_series(d, slices=sizes.move, patient_id="BENCHMOVE", patient_name="BENCH^MOVE", seed=1),
     )
-    small = _generated(
+    small = reuse_generated(
         base / f"small{sizes.small}", sizes.small, lambda d: small_instances(d, count=sizes.small)
     )
     # Warm-up instances of their own patients: one association, both kinds of instance.
-    warmup = _generated(
+    warmup = reuse_generated(
         base / "warmup-ct",
         4,
         lambda d: ct_series(d, slices=4, patient_id="WARMUP", patient_name="WARM^UP", seed=9),
     )
-    warmup += _generated(base / "warmup-small", 4, lambda d: small_instances(d, count=4, seed=9))
+    warmup += reuse_generated(base / "warmup-small", 4, lambda d: small_instances(d, count=4, seed=9))
     corpus = Corpus(ct=ct, small=small, move=move, warmup=warmup)
     head = pydicom.dcmread(move[0], stop_before_pixels=True)
     corpus.move_study_uid, corpus.move_series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
@@ -645,12 +631,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-        },
+        "machine": machine_info(load_before),
         "versions": {
             "simral_commit": git_commit(),
             "orthanc": orthanc_version(),
@@ -740,10 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{DCMTK / tool} not found: install dcmtk (make test-deps)")
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
     report = run(args)
-    out = args.output or RESULTS_DIR / f"dimse-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {out}")
+    write_results(report, args.output, "dimse")
     return 0
 
 

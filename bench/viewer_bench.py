@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import log, machine_info, write_results  # noqa: E402
 from playwright.sync_api import BrowserContext, Playwright, sync_playwright  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from tests.corpus import ct_series  # noqa: E402
@@ -46,7 +44,6 @@ from tests.peers import free_port  # noqa: E402
 from tests.simral_proc import SIMRAL, SimralProcess  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-RESULTS_DIR = ROOT / "bench" / "results"
 TARGET_S = 1.5
 #: Grey-level standard deviation above which the viewport shows an image (a blank canvas gives 0).
 MIN_SPREAD = 20
@@ -94,10 +91,6 @@ BREAKDOWN = """() => {
     bytes_transferred: entries.reduce((s, e) => s + (e.transferSize || 0), 0),
   };
 }"""
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def git_commit() -> str:
@@ -170,11 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-        },
+        "machine": machine_info(load_before),
         "versions": {"simral_commit": git_commit(), "chromium": chromium_version()},
         "series": {"slices": slices, "rows": 512, "columns": 512},
         "runs_per_mode": runs,
@@ -265,10 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(CHROMIUM).exists():
         parser.error(f"{CHROMIUM} not found: install chromium (make test-deps)")
     report = run(args)
-    out = args.output or RESULTS_DIR / f"viewer-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {out}")
+    write_results(report, args.output, "viewer")
     return 0
 
 

@@ -165,7 +165,7 @@ def is_valid_uid(value: object) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's warnings and log records (the corpus has many deliberately odd files)."""
     logger = logging.getLogger("pydicom")
     disabled = logger.disabled
@@ -256,7 +256,7 @@ def corpus_report() -> tuple[tuple[CorpusFile, ...], tuple[ExcludedFile, ...]]:
     excluded: list[ExcludedFile] = []
     first: dict[str, tuple[CorpusFile, bytes]] = {}
     paths = sorted({Path(p) for p in pydicom.data.get_testdata_files()})
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for path in paths:
             if not path.is_file():
                 continue
@@ -772,7 +772,7 @@ def _raw_top_level_elements(path: Path) -> dict[int, RawDataElement]:
 @functools.cache
 def _charset_sources() -> tuple[Path, ...]:
     found = []
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for name in sorted(pydicom.data.get_charset_files("*.dcm")):
             path = Path(name)
             try:
@@ -807,7 +807,7 @@ def charset_instances(out_dir: Path, *, seed: int = 0) -> list[CharsetInstance]:
         raw = _raw_top_level_elements(source)
         charset_raw, name_raw = raw[_SPECIFIC_CHARACTER_SET], raw[_PATIENT_NAME]
         charset_bytes, name_bytes = bytes(charset_raw.value or b""), bytes(name_raw.value or b"")
-        with _quiet_pydicom():
+        with quiet_pydicom():
             decoded = str(pydicom.dcmread(source).PatientName)
         patient_id = f"CHARSET-{source.stem}"
         study_uid = _uid("charset-study", seed, source.name)
@@ -1020,3 +1020,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def data_file(name: str) -> Path:
+    """A file shipped with pydicom / pydicom-data, by name."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} missing"
+    return Path(str(path))
+
+
+def part10(dataset: Dataset) -> io.BytesIO:
+    """``dataset`` written as a Part 10 file in memory."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer

@@ -10,12 +10,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
+from tests.corpus import data_file, part10
 
 from simral.dicom.frames import (
     UNDEFINED_LENGTH,
@@ -29,20 +29,6 @@ from simral.dicom.frames import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def data_file(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, f"pydicom test file {name} missing"
-    return Path(str(path))
-
-
-def part10(dataset: Dataset) -> io.BytesIO:
-    """``dataset`` written as a Part 10 file in memory."""
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return buffer
 
 
 class CountingReader(io.RawIOBase):

@@ -12,9 +12,7 @@ import contextlib
 import importlib.util
 import io
 import json
-import logging
 import struct
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from tests.corpus import (
     charset_instances,
     ct_series,
     multi_series_study,
+    quiet_pydicom,
     small_instances,
     storable_test_files,
 )
@@ -75,17 +74,10 @@ def reference_dataset_to_json(dataset: Dataset) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_pydicom() -> Iterator[None]:
+def _quiet() -> Iterator[None]:
     """The corpus has many deliberately odd files; pydicom warns about each."""
-    logger = logging.getLogger("pydicom")
-    disabled = logger.disabled
-    logger.disabled = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.disabled = disabled
+    with quiet_pydicom():
+        yield
 
 
 def _convert(function: Any, path: Path) -> tuple[str | None, type[BaseException] | None]:

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
+from tests.corpus import data_file, part10
 
 from simral.dicom.frames import FrameError
 from simral.dicom.render import NotAcceptable, RenderError, RenderParams, render_frame
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def data_file(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, f"pydicom test file {name} missing"
-    return Path(str(path))
-
-
-def part10(dataset: Dataset) -> io.BytesIO:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return buffer
 
 
 def params(
