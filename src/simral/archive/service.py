@@ -60,6 +60,154 @@ def blob_key(header: Header, sha256: str) -> str:
     return f"{header.study_uid}/{header.series_uid}/{header.sop_uid}.{sha256[:16]}.dcm"
 
 
+@dataclass
+class _Candidate:
+    """An instance that passed the checks and is to be staged and indexed."""
+
+    header: Header
+    json_model: dict[str, Any]
+    stored: StoredBlob
+    replacing: bool
+    path: Path
+
+
+def _rejected(header: Header, status: int, reason: str, *, principal: Principal, source: str) -> IngestResult:
+    log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
+    return IngestResult(
+        "rejected", status, header.sop_uid, header.study_uid, reason[:200], sop_class_uid=header.sop_class_uid
+    )
+
+
+def _prepare(
+    ctx: AppContext,
+    path: Path,
+    *,
+    principal: Principal,
+    source: str,
+    expected_sop_uid: str,
+    expected_study_uid: str,
+    known_digest: tuple[str, int] | None,
+) -> _Candidate | IngestResult:
+    """Parse and check one file and apply the duplicate policy (DESIGN.md §3 step 1)."""
+    try:
+        header = read_header(path)
+    except RejectedInstance as exc:
+        log.warning("instance rejected from %s: %s", source or principal.audit_name, exc.reason)
+        return IngestResult("rejected", exc.status, reason=exc.reason)
+    if expected_sop_uid and expected_sop_uid != header.sop_uid:
+        reason = "SOP Instance UID of the data set differs from the request's"
+        return _rejected(header, 0xA900, reason, principal=principal, source=source)
+    if expected_study_uid and expected_study_uid != header.study_uid:
+        reason = "Study Instance UID of the data set differs from the request's"
+        return _rejected(header, 0xA900, reason, principal=principal, source=source)
+    try:
+        # Built now: deferred (large) elements are read from ``path`` before the file moves.
+        json_model = header.json_model()
+    except Exception as exc:
+        reason = f"header cannot be converted to DICOM JSON: {type(exc).__name__}: {exc}"
+        return _rejected(header, 0xC000, reason, principal=principal, source=source)
+    sha256, size = known_digest or sha256_of_file(path)
+    with ctx.db.reading() as session:
+        existing = existing_blob(session, header.sop_uid)
+    if existing is not None:
+        decided = _duplicate(ctx, header, existing_sha=existing[0], new_sha=sha256, principal=principal)
+        if decided is not None:
+            return decided
+    stored = StoredBlob(key=blob_key(header, sha256), size=size, sha256=sha256)
+    return _Candidate(header, json_model, stored, existing is not None, path)
+
+
+def _stage(
+    candidate: _Candidate,
+    staging: Staging,
+    *,
+    move: bool,
+    sync_folder: bool,
+    principal: Principal,
+    source: str,
+) -> IngestResult | None:
+    """Make the candidate's bytes durable in the staging area (step 3); a failure result or None."""
+    try:
+        staging.stage(candidate.path, candidate.stored.key, move=move, sync_folder=sync_folder)
+    except OSError as exc:
+        log.error("staging failed for an instance from %s: %s", source or principal.audit_name, exc)
+        header = candidate.header
+        return IngestResult(
+            "rejected",
+            0xA700,
+            header.sop_uid,
+            header.study_uid,
+            f"storage failure: {exc}",
+            sop_class_uid=header.sop_class_uid,
+        )
+    return None
+
+
+def _index_candidate(
+    session: Session, ctx: AppContext, candidate: _Candidate, *, principal: Principal, source: str
+) -> tuple[Placement, str | None]:
+    return _index(
+        session,
+        candidate.header,
+        candidate.json_model,
+        candidate.stored,
+        cache=hierarchy_cache(ctx),
+        replacing=candidate.replacing,
+        store_name=ctx.store.name,
+        principal=principal,
+        source=source,
+    )
+
+
+def _finish(
+    ctx: AppContext, candidate: _Candidate, staging: Staging, placement: Placement, replaced: str | None
+) -> IngestResult:
+    """After the commit: remember the placement, publish the blob (step 5), drop a replaced one."""
+    header = candidate.header
+    hierarchy_cache(ctx).remember(placement, header.sop_class_uid)
+    try:
+        staging.publish(candidate.stored.key)
+    except Exception as exc:
+        # The instance is durable in the staging area and indexed; reads use the staged copy and
+        # the recovery sweep publishes it when the store is back.
+        log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
+    outcome: Outcome = "stored"
+    if replaced is not None:
+        with contextlib.suppress(Exception):
+            ctx.store.delete(replaced)
+        outcome = "replaced"
+    return IngestResult(outcome, 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid)
+
+
+def _index_one(
+    ctx: AppContext, candidate: _Candidate, staging: Staging, *, principal: Principal, source: str
+) -> IngestResult:
+    """Index one staged candidate in its own transaction (step 4) and finish it."""
+    header = candidate.header
+    try:
+        with ctx.db.unit_of_work() as session:
+            placement, replaced = _index_candidate(
+                session, ctx, candidate, principal=principal, source=source
+            )
+    except IntegrityError:
+        # Another association indexed the same SOP Instance UID first: decide as a duplicate.
+        staging.discard(candidate.stored.key)
+        with ctx.db.reading() as session:
+            row = existing_blob(session, header.sop_uid)
+        if row is None:
+            raise
+        decided = _duplicate(
+            ctx, header, existing_sha=row[0], new_sha=candidate.stored.sha256, principal=principal
+        )
+        return decided or IngestResult(
+            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
+        )
+    except BaseException:
+        staging.discard(candidate.stored.key)
+        raise
+    return _finish(ctx, candidate, staging, placement, replaced)
+
+
 def ingest_file(
     ctx: AppContext,
     path: Path,
@@ -81,107 +229,101 @@ def ingest_file(
     """
     if not may_store(principal):
         raise AccessDenied(f"{principal.audit_name} may not store instances")
-    try:
-        header = read_header(path)
-    except RejectedInstance as exc:
-        log.warning("instance rejected from %s: %s", source or principal.audit_name, exc.reason)
-        return IngestResult("rejected", exc.status, reason=exc.reason)
-    if expected_sop_uid and expected_sop_uid != header.sop_uid:
-        reason = "SOP Instance UID of the data set differs from the request's"
-        log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-        return IngestResult(
-            "rejected", 0xA900, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
-        )
+    prepared = _prepare(
+        ctx,
+        path,
+        principal=principal,
+        source=source,
+        expected_sop_uid=expected_sop_uid,
+        expected_study_uid=expected_study_uid,
+        known_digest=known_digest,
+    )
+    if isinstance(prepared, IngestResult):
+        return prepared
+    staging = Staging(ctx.store)
+    failed = _stage(prepared, staging, move=move, sync_folder=True, principal=principal, source=source)
+    if failed is not None:
+        return failed
+    return _index_one(ctx, prepared, staging, principal=principal, source=source)
 
-    if expected_study_uid and expected_study_uid != header.study_uid:
-        reason = "Study Instance UID of the data set differs from the request's"
-        log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-        return IngestResult(
-            "rejected", 0xA900, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
-        )
 
-    try:
-        # Built now: deferred (large) elements are read from ``path`` before the file moves.
-        json_model = header.json_model()
-    except Exception as exc:
-        reason = f"header cannot be converted to DICOM JSON: {type(exc).__name__}: {exc}"
-        log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-        return IngestResult(
-            "rejected",
-            0xC000,
-            header.sop_uid,
-            header.study_uid,
-            reason[:200],
-            sop_class_uid=header.sop_class_uid,
-        )
-    sha256, size = known_digest or sha256_of_file(path)
-    with ctx.db.reading() as session:
-        existing = existing_blob(session, header.sop_uid)
-    if existing is not None:
-        decided = _duplicate(ctx, header, existing_sha=existing[0], new_sha=sha256, principal=principal)
-        if decided is not None:
-            return decided
+@dataclass(frozen=True)
+class IngestItem:
+    """One file of a batch: its path and what the request says it must be."""
 
-    key = blob_key(header, sha256)
+    path: Path
+    expected_study_uid: str = ""
+    known_digest: tuple[str, int] | None = None
+
+
+def ingest_files(
+    ctx: AppContext,
+    items: Sequence[IngestItem],
+    *,
+    principal: Principal,
+    source: str = "",
+    move: bool = False,
+) -> list[IngestResult]:
+    """Archive several files acknowledged together (a STOW-RS request): same checks and steps as
+    :func:`ingest_file`, but one staging-folder fsync and one index transaction for the batch (a
+    group commit). Should the batch transaction fail on a uniqueness race, each instance is indexed
+    on its own, exactly as :func:`ingest_file` would.
+    """
+    if not may_store(principal):
+        raise AccessDenied(f"{principal.audit_name} may not store instances")
+    results: list[IngestResult | None] = [None] * len(items)
+    staged: list[tuple[int, _Candidate]] = []
     staging = Staging(ctx.store)
     try:
-        staging.stage(path, key, move=move)
-    except OSError as exc:
-        log.error("staging failed for an instance from %s: %s", source or principal.audit_name, exc)
-        return IngestResult(
-            "rejected",
-            0xA700,
-            header.sop_uid,
-            header.study_uid,
-            f"storage failure: {exc}",
-            sop_class_uid=header.sop_class_uid,
-        )
-    stored = StoredBlob(key=key, size=size, sha256=sha256)
-
-    cache = hierarchy_cache(ctx)
-    try:
-        with ctx.db.unit_of_work() as session:
-            placement, replaced = _index(
-                session,
-                header,
-                json_model,
-                stored,
-                cache=cache,
-                replacing=existing is not None,
-                store_name=ctx.store.name,
+        for index, item in enumerate(items):
+            prepared = _prepare(
+                ctx,
+                item.path,
                 principal=principal,
                 source=source,
+                expected_sop_uid="",
+                expected_study_uid=item.expected_study_uid,
+                known_digest=item.known_digest,
             )
-    except IntegrityError:
-        # Another association indexed the same SOP Instance UID first: decide as a duplicate.
-        staging.discard(key)
-        with ctx.db.reading() as session:
-            row = existing_blob(session, header.sop_uid)
-        if row is None:
-            raise
-        decided = _duplicate(ctx, header, existing_sha=row[0], new_sha=sha256, principal=principal)
-        return decided or IngestResult(
-            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
-        )
+            if isinstance(prepared, IngestResult):
+                results[index] = prepared
+                continue
+            failed = _stage(
+                prepared, staging, move=move, sync_folder=False, principal=principal, source=source
+            )
+            if failed is not None:
+                results[index] = failed
+                continue
+            staged.append((index, prepared))
+        if staged:
+            staging.sync_folder()
     except BaseException:
-        staging.discard(key)
+        for _, candidate in staged:
+            staging.discard(candidate.stored.key)
         raise
-    cache.remember(placement, header.sop_class_uid)
-    try:
-        staging.publish(key)
-    except Exception as exc:
-        # The instance is durable in the staging area and indexed; reads use the staged copy and
-        # the recovery sweep publishes it when the store is back.
-        log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
-    if replaced is not None:
-        with contextlib.suppress(Exception):
-            ctx.store.delete(replaced)
-        return IngestResult(
-            "replaced", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
-        )
-    return IngestResult(
-        "stored", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
-    )
+    keys = [c.stored.key for _, c in staged]
+    sops = [c.header.sop_uid for _, c in staged]
+    if len(set(keys)) == len(keys) and len(set(sops)) == len(sops):
+        try:
+            with ctx.db.unit_of_work() as session:
+                indexed = [
+                    _index_candidate(session, ctx, candidate, principal=principal, source=source)
+                    for _, candidate in staged
+                ]
+        except IntegrityError:
+            pass  # a concurrent store of one of them: fall back to one transaction each
+        except BaseException:
+            for key in keys:
+                staging.discard(key)
+            raise
+        else:
+            for (index, candidate), (placement, replaced) in zip(staged, indexed, strict=True):
+                results[index] = _finish(ctx, candidate, staging, placement, replaced)
+            staged = []
+    for index, candidate in staged:
+        if results[index] is None:
+            results[index] = _index_one(ctx, candidate, staging, principal=principal, source=source)
+    return [r for r in results if r is not None]
 
 
 def _duplicate(

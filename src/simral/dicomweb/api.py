@@ -33,8 +33,10 @@ from simral.web.auth import request_principal
 
 DICOM_JSON = "application/dicom+json"
 PREFIX = "/dicom-web"
-#: Parts of one STOW-RS request ingested at the same time.
+#: Batches of one STOW-RS request ingested at the same time.
 STOW_CONCURRENCY = 2
+#: Parts indexed in one transaction (STOW-RS acknowledges the whole request at its end).
+STOW_BATCH = 8
 
 
 class DicomwebError(Exception):
@@ -300,22 +302,27 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
         outcome = stow.StowOutcome(dicomweb_root(request))
         spooler = PartSpooler(boundary, ctx.store.scratch_dir())
         source = f"stow:{request.client.host if request.client else ''}"
-        # Up to STOW_CONCURRENCY parts are ingested while the next ones arrive: one instance's
-        # fsyncs overlap another's parsing. Results are recorded in part order.
-        in_flight: deque[asyncio.Future[IngestResult]] = deque()
+        # Parts are ingested in batches of STOW_BATCH (one group commit each), up to
+        # STOW_CONCURRENCY batches at a time while the next parts arrive; results keep part order.
+        in_flight: deque[asyncio.Future[list[IngestResult]]] = deque()
+        waiting: list[ReceivedPart] = []
         loop = asyncio.get_running_loop()
 
         async def collect(keep: int) -> None:
             while len(in_flight) > keep:
-                outcome.add(await in_flight.popleft())
+                for result in await in_flight.popleft():
+                    outcome.add(result)
 
-        def launch(parts: list[ReceivedPart]) -> None:
-            for part in parts:
+        def launch(parts: list[ReceivedPart], *, at_least: int) -> None:
+            waiting.extend(parts)
+            while waiting and len(waiting) >= at_least:
+                batch = waiting[:STOW_BATCH]
+                del waiting[:STOW_BATCH]
                 in_flight.append(
                     loop.run_in_executor(
                         None,
                         functools.partial(
-                            stow.store_part, ctx, part, principal=principal, study_uid=study, source=source
+                            stow.store_parts, ctx, batch, principal=principal, study_uid=study, source=source
                         ),
                     )
                 )
@@ -323,19 +330,22 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
         try:
             async for chunk in request.stream():
                 spooler.feed(chunk)
-                launch(spooler.completed())
+                launch(spooler.completed(), at_least=STOW_BATCH)
                 await collect(STOW_CONCURRENCY - 1)
             spooler.finish()
-            launch(spooler.completed())
+            launch(spooler.completed(), at_least=1)
             await collect(0)
         except MultipartError as exc:
             spooler.discard()
+            launch([], at_least=1)
             await collect(0)
             if not outcome.referenced and not outcome.failed:
                 raise DicomwebError(400, str(exc)) from None
             outcome.fail(stow.PROCESSING_FAILURE)
         except BaseException:
             spooler.discard()
+            for part in waiting:
+                part.path.unlink(missing_ok=True)
             for future in in_flight:
                 with contextlib.suppress(BaseException):
                     await future

@@ -52,8 +52,12 @@ class Staging:
     def key_of(path: Path) -> str:
         return path.name[: -len(PENDING_SUFFIX)].replace("+", "/")
 
-    def stage(self, source: Path, key: str, *, move: bool) -> Path:
-        """Make ``source`` durable as the staged copy of ``key``."""
+    def stage(self, source: Path, key: str, *, move: bool, sync_folder: bool = True) -> Path:
+        """Make ``source`` durable as the staged copy of ``key``.
+
+        ``sync_folder=False`` leaves the folder's fsync to :meth:`sync_folder`, called once for a
+        batch before anything staged is indexed.
+        """
         target = self.staged_path(key)
         if move and source.parent.resolve() == self.folder.resolve():
             _fsync_path(source)
@@ -65,8 +69,13 @@ class Staging:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
-        _fsync_path(self.folder, directory=True)
+        if sync_folder:
+            self.sync_folder()
         return target
+
+    def sync_folder(self) -> None:
+        """Make the staging folder's entries (renames) durable."""
+        _fsync_path(self.folder, directory=True)
 
     def discard(self, key: str) -> None:
         """Drop a staged copy whose index transaction did not commit."""
