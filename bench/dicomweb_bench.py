@@ -210,7 +210,7 @@ def wait_dicomweb(root: str, timeout: float = 60) -> None:
 @contextlib.contextmanager
 def simral_server(base: Path, tag: str) -> Iterator[Server]:
     """A fresh ``simral serve`` on its embedded defaults (SQLite + filesystem) in ``base/tag``."""
-    proc = SimralProcess(base / f"simral-{tag}")
+    proc = SimralProcess(base / f"simral-{tag}", extra_env={"SIMRAL_WORKERS": "0"})
     proc.add_node("bench", SCU_AE, 104)
     root = f"http://{HOST}:{proc.http_port}/dicom-web"
     status = f"http://{HOST}:{proc.http_port}/api/status"

@@ -188,7 +188,7 @@ def _http_json(url: str) -> Any:
 @contextlib.contextmanager
 def simral_server(base: Path, tag: str, dest_port: int, sampler: RssSampler) -> Iterator[Target]:
     """A fresh ``simral serve`` on its embedded defaults (SQLite + filesystem) in ``base/tag``."""
-    proc = SimralProcess(base / f"simral-{tag}")
+    proc = SimralProcess(base / f"simral-{tag}", extra_env={"SIMRAL_WORKERS": "0"})
     proc.add_node("bench", SCU_AE, 104)
     proc.add_node("dest", DEST_AE, dest_port)
     proc.start()

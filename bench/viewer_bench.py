@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"generating a {slices}-slice 512x512 CT series and importing it")
         files = ct_series(work / "ct", slices=slices)
         study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        simral = SimralProcess(work / "data")
+        simral = SimralProcess(work / "data", extra_env={"SIMRAL_WORKERS": "0"})
         simral.cli("import", str(work / "ct"))
         with simral:
             url = f"{simral.http_url}/viewer/viewer?StudyInstanceUIDs={study_uid}"

@@ -16,6 +16,21 @@ from tests.peers import free_port, wait_port
 SIMRAL = str(Path(sys.executable).parent / "simral")
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
 class SimralProcess:
     """A ``simral serve`` process with its own data folder, ports and environment."""
 
@@ -125,6 +140,11 @@ class SimralProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # Worker processes die with the group but may outlive the parent by a moment: a restart
+        # must not meet their listening sockets.
+        deadline = time.monotonic() + 10
+        while _group_members(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.proc = None
 
     def log_tail(self, lines: int = 60) -> str:

@@ -53,7 +53,7 @@ class Settings:
     transcode_on_retrieve: bool = True
     log_level: str = "INFO"
     #: Worker processes of ``simral serve`` sharing the DICOM and HTTP ports; 0 = one per CPU (≤ 4).
-    workers: int = 0
+    workers: int = 1
     #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``
     #: puts it in the virtualenv.
     viewer_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "share/simral/ohif")

@@ -117,6 +117,9 @@ def run_server(settings: Settings) -> int:
         log.warning("recovered interrupted ingests: %d published, %d discarded", published, deleted)
     workers = effective_workers(settings)
     if workers == 1:
+        # A stop requested while starting up (before uvicorn takes the signals) ends cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _EarlyStop.handle)
         return _serve(settings, ctx, banner=True)
     ctx.db.dispose()
     children: set[int] = set()
@@ -135,7 +138,7 @@ def run_server(settings: Settings) -> int:
 
 
 class _EarlyStop:
-    """SIGTERM received by a worker before its HTTP server took the signal over."""
+    """A stop signal received before the HTTP server took the signals over."""
 
     requested = False
     http: _HttpServer | None = None

@@ -58,7 +58,8 @@ def serve(
     dicom_host: Annotated[str | None, typer.Option(help="Address the DICOM port binds to.")] = None,
     http_host: Annotated[str | None, typer.Option(help="Address the HTTP port binds to.")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes sharing the ports (default: one per CPU, at most 4).")
+        int | None,
+        typer.Option(help="Worker processes sharing the ports (default 1; 0: one per CPU, up to 4)."),
     ] = None,
     config: ConfigFile = None,
 ) -> None:
