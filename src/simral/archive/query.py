@@ -313,17 +313,20 @@ def run(
     principal: Principal,
     limit: int | None = None,
     offset: int = 0,
-    extra: Callable[[Select], Select] | None = None,
+    newest_first: bool = False,
 ) -> Iterator[Result]:
-    """Execute a plan, yielding matches visible to ``principal`` (post-filters applied lazily)."""
+    """Execute a plan, yielding matches visible to ``principal`` (post-filters applied lazily).
+
+    ``newest_first`` orders studies by StudyDate and StudyTime descending (worklists, study lists).
+    """
     if not may_query(principal):
         raise AccessDenied(f"{principal.audit_name} may not query")
     level = query_plan.level
     query = visible_studies(principal, _base_query(level))
     for condition in query_plan.conditions:
         query = query.where(condition)
-    if extra is not None:
-        query = extra(query)
+    if newest_first and level != "PATIENT":
+        query = query.order_by(Study.study_date.desc(), Study.study_time.desc())
     query = query.order_by(*_order(level))
     sql_paging = not query_plan.post_filters
     if sql_paging:

@@ -54,6 +54,11 @@ class IngestResult:
     def ok(self) -> bool:
         return self.outcome != "rejected"
 
+    @classmethod
+    def of(cls, header: Header, outcome: Outcome, status: int, reason: str = "") -> IngestResult:
+        """The result for an instance whose header was read."""
+        return cls(outcome, status, header.sop_uid, header.study_uid, reason, header.sop_class_uid)
+
 
 def blob_key(header: Header, sha256: str) -> str:
     """Where an instance's bytes go: by study and series, named by SOP Instance UID and content."""
@@ -73,9 +78,7 @@ class _Candidate:
 
 def _rejected(header: Header, status: int, reason: str, *, principal: Principal, source: str) -> IngestResult:
     log.warning("instance rejected from %s: %s", source or principal.audit_name, reason)
-    return IngestResult(
-        "rejected", status, header.sop_uid, header.study_uid, reason[:200], sop_class_uid=header.sop_class_uid
-    )
+    return IngestResult.of(header, "rejected", status, reason[:200])
 
 
 def _prepare(
@@ -122,24 +125,15 @@ def _stage(
     staging: Staging,
     *,
     move: bool,
-    sync_folder: bool,
     principal: Principal,
     source: str,
 ) -> IngestResult | None:
-    """Make the candidate's bytes durable in the staging area (step 3); a failure result or None."""
+    """Stage the candidate's bytes (step 3; the caller fsyncs the folder once for the batch)."""
     try:
-        staging.stage(candidate.path, candidate.stored.key, move=move, sync_folder=sync_folder)
+        staging.stage(candidate.path, candidate.stored.key, move=move, sync_folder=False)
     except OSError as exc:
         log.error("staging failed for an instance from %s: %s", source or principal.audit_name, exc)
-        header = candidate.header
-        return IngestResult(
-            "rejected",
-            0xA700,
-            header.sop_uid,
-            header.study_uid,
-            f"storage failure: {exc}",
-            sop_class_uid=header.sop_class_uid,
-        )
+        return IngestResult.of(candidate.header, "rejected", 0xA700, f"storage failure: {exc}")
     return None
 
 
@@ -176,7 +170,7 @@ def _finish(
         with contextlib.suppress(Exception):
             ctx.store.delete(replaced)
         outcome = "replaced"
-    return IngestResult(outcome, 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid)
+    return IngestResult.of(header, outcome, 0x0000)
 
 
 def _index_one(
@@ -199,13 +193,27 @@ def _index_one(
         decided = _duplicate(
             ctx, header, existing_sha=row[0], new_sha=candidate.stored.sha256, principal=principal
         )
-        return decided or IngestResult(
-            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
-        )
+        return decided or IngestResult.of(header, "duplicate", 0x0000)
     except BaseException:
         staging.discard(candidate.stored.key)
         raise
     return _finish(ctx, candidate, staging, placement, replaced)
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One file to archive and what its request says it must be.
+
+    ``expected_sop_uid`` is the Affected SOP Instance UID of a C-STORE request, which must equal
+    the dataset's SOP Instance UID (PS3.4 B.2.3, status A900 otherwise); ``expected_study_uid``
+    is the study of a STOW-RS ``/studies/{uid}`` request (PS3.18 10.5.1, same status).
+    ``known_digest`` is ``(sha256, size)`` of the file when the receiver computed it on the way in.
+    """
+
+    path: Path
+    expected_study_uid: str = ""
+    known_digest: tuple[str, int] | None = None
+    expected_sop_uid: str = ""
 
 
 def ingest_file(
@@ -221,39 +229,11 @@ def ingest_file(
 ) -> IngestResult:
     """Archive one Part 10 file; return once it is durable and indexed (or refused).
 
-    ``move`` lets the store take ``path`` (it must be on the store's scratch filesystem).
-    ``expected_sop_uid`` is the Affected SOP Instance UID of a C-STORE request, which must equal
-    the dataset's SOP Instance UID (PS3.4 B.2.3, status A900 otherwise); ``expected_study_uid``
-    is the study of a STOW-RS ``/studies/{uid}`` request (PS3.18 10.5.1, same status).
-    ``known_digest`` is ``(sha256, size)`` of ``path`` when the receiver computed it on the way in.
+    ``move`` lets the store take ``path`` (it must be on the store's scratch filesystem); the
+    other arguments are those of :class:`IngestItem`.
     """
-    if not may_store(principal):
-        raise AccessDenied(f"{principal.audit_name} may not store instances")
-    prepared = _prepare(
-        ctx,
-        path,
-        principal=principal,
-        source=source,
-        expected_sop_uid=expected_sop_uid,
-        expected_study_uid=expected_study_uid,
-        known_digest=known_digest,
-    )
-    if isinstance(prepared, IngestResult):
-        return prepared
-    staging = Staging(ctx.store)
-    failed = _stage(prepared, staging, move=move, sync_folder=True, principal=principal, source=source)
-    if failed is not None:
-        return failed
-    return _index_one(ctx, prepared, staging, principal=principal, source=source)
-
-
-@dataclass(frozen=True)
-class IngestItem:
-    """One file of a batch: its path and what the request says it must be."""
-
-    path: Path
-    expected_study_uid: str = ""
-    known_digest: tuple[str, int] | None = None
+    item = IngestItem(path, expected_study_uid, known_digest, expected_sop_uid)
+    return ingest_files(ctx, [item], principal=principal, source=source, move=move)[0]
 
 
 def ingest_files(
@@ -264,10 +244,10 @@ def ingest_files(
     source: str = "",
     move: bool = False,
 ) -> list[IngestResult]:
-    """Archive several files acknowledged together (a STOW-RS request): same checks and steps as
-    :func:`ingest_file`, but one staging-folder fsync and one index transaction for the batch (a
-    group commit). Should the batch transaction fail on a uniqueness race, each instance is indexed
-    on its own, exactly as :func:`ingest_file` would.
+    """Archive files acknowledged together (DESIGN.md §3; one file for C-STORE and import, the
+    parts of a request for STOW-RS): check each, stage them with one folder fsync, index them in
+    one transaction (a group commit), then publish. Should that transaction fail on a uniqueness
+    race, each instance is indexed in a transaction of its own and decided as a duplicate.
     """
     if not may_store(principal):
         raise AccessDenied(f"{principal.audit_name} may not store instances")
@@ -281,16 +261,14 @@ def ingest_files(
                 item.path,
                 principal=principal,
                 source=source,
-                expected_sop_uid="",
+                expected_sop_uid=item.expected_sop_uid,
                 expected_study_uid=item.expected_study_uid,
                 known_digest=item.known_digest,
             )
             if isinstance(prepared, IngestResult):
                 results[index] = prepared
                 continue
-            failed = _stage(
-                prepared, staging, move=move, sync_folder=False, principal=principal, source=source
-            )
+            failed = _stage(prepared, staging, move=move, principal=principal, source=source)
             if failed is not None:
                 results[index] = failed
                 continue
@@ -331,9 +309,7 @@ def _duplicate(
 ) -> IngestResult | None:
     """Apply the duplicate policy; None means 'store it anyway' (the replace policy)."""
     if existing_sha == new_sha:
-        return IngestResult(
-            "duplicate", 0x0000, header.sop_uid, header.study_uid, sop_class_uid=header.sop_class_uid
-        )
+        return IngestResult.of(header, "duplicate", 0x0000)
     policy = ctx.settings.duplicate_policy
     if policy == "replace":
         return None
@@ -348,18 +324,9 @@ def _duplicate(
         )
     reason = "SOP Instance UID already stored with different content"
     if policy == "reject":
-        return IngestResult(
-            "rejected", 0x0111, header.sop_uid, header.study_uid, reason, sop_class_uid=header.sop_class_uid
-        )
+        return IngestResult.of(header, "rejected", 0x0111, reason)
     # Warning "Elements Discarded" (PS3.4 B.2.3): the new content was not kept.
-    return IngestResult(
-        "duplicate-conflict",
-        0xB006,
-        header.sop_uid,
-        header.study_uid,
-        reason + "; first kept",
-        sop_class_uid=header.sop_class_uid,
-    )
+    return IngestResult.of(header, "duplicate-conflict", 0xB006, reason + "; first kept")
 
 
 def _insert_ignore(session: Session, model: Any, values: dict[str, Any], conflict: Sequence[str]) -> bool:

@@ -9,7 +9,6 @@ import asyncio
 import copy
 import io
 import logging
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -36,20 +35,7 @@ READ_SIZE = 4 * 1024 * 1024
 
 
 def blob_chunks(ctx: AppContext, key: str) -> Iterator[bytes]:
-    """The stored bytes of a blob, read straight from the file when the store is a filesystem."""
-    path = ctx.store.local_path(key)
-    if path is not None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = -1  # being published: read the staged copy below
-        if fd >= 0:
-            try:
-                while chunk := os.read(fd, READ_SIZE):
-                    yield chunk
-            finally:
-                os.close(fd)
-            return
+    """The stored bytes of a blob (its staged copy while it is being published)."""
     with open_blob(ctx, key) as stream:
         while chunk := stream.read(READ_SIZE):
             yield chunk

@@ -17,11 +17,9 @@ from urllib.parse import urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from pydicom.dataset import Dataset
-from sqlalchemy import Select
 
 from simral.access.policy import AccessDenied
 from simral.archive import query
-from simral.archive.models import Study
 from simral.context import AppContext
 from simral.web.auth import request_principal
 
@@ -150,11 +148,6 @@ def _dicom_date(value: str) -> str:
     return dt.date.fromisoformat(value).strftime("%Y%m%d")
 
 
-def _newest_first(select: Select) -> Select:
-    """Order the study query newest first (StudyDate, StudyTime), ahead of the service's own order."""
-    return select.order_by(Study.study_date.desc(), Study.study_time.desc())
-
-
 def study_identifier(
     *, name: str = "", patient_id: str = "", date_from: str = "", date_to: str = ""
 ) -> Dataset:
@@ -221,7 +214,7 @@ def mount_pages(web: FastAPI, ctx: AppContext) -> None:
                             query.plan(identifier),
                             principal=request_principal(request),
                             limit=STUDY_LIST_LIMIT + 1,
-                            extra=_newest_first,
+                            newest_first=True,
                         )
                     )
             except query.QueryError:
