@@ -15,6 +15,14 @@ from tests.peers import free_port, wait_port
 
 SIMRAL = str(Path(sys.executable).parent / "simral")
 
+#: The organisation, technologist account and password every test instance gets on first use:
+#: nodes added by tests belong to it, imports are assigned to it, and its token reads everything
+#: the tests store (the access policy in action, not bypassed).
+TEST_ORGANISATION = "TESTORG"
+TEST_USER = "tester"
+TEST_PASSWORD = "Essai-Radio-2026!x"
+_DATA_DIR_COMMANDS = {"nodes", "import", "check", "organisations", "users", "tokens", "audit"}
+
 
 def _group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group ``pgid``."""
@@ -49,6 +57,8 @@ class SimralProcess:
         self.env = {**os.environ, "TCP_NODELAY": "1", **(env or {}), **(extra_env or {})}
         self.env.pop("SIMRAL_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._directory_ready = False
+        self._token = ""
         self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
 
     @property
@@ -61,11 +71,19 @@ class SimralProcess:
 
     # -- CLI --------------------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run a ``simral`` subcommand against this instance's data folder and settings."""
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 600, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a ``simral`` subcommand against this instance's data folder and settings.
+
+        ``import`` is assigned to the test organisation unless the arguments name one.
+        """
         argv = [SIMRAL, *args]
-        if (args and args[0] == "nodes") or (args and args[0] in {"import", "check"}):
+        if args and args[0] in _DATA_DIR_COMMANDS:
             argv += ["--data-dir", str(self.data_dir)]
+        if args and args[0] == "import" and "--organisation" not in args:
+            self.ensure_directory()
+            argv += ["--organisation", TEST_ORGANISATION]
         result = subprocess.run(
             argv,
             env=self.env,
@@ -73,6 +91,7 @@ class SimralProcess:
             text=True,
             timeout=timeout,
             check=False,
+            input=input,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -80,8 +99,52 @@ class SimralProcess:
             )
         return result
 
-    def add_node(self, name: str, ae: str, port: int, host: str = "127.0.0.1") -> None:
-        self.cli("nodes", "add", name, "--ae", ae, "--host", host, "--port", str(port))
+    def ensure_directory(self) -> None:
+        """Create the test organisation and its technologist account (once)."""
+        if self._directory_ready:
+            return
+        self._directory_ready = True
+        self.cli(
+            "organisations", "add", TEST_ORGANISATION, "--name", "Test organisation", "--finess", "990000001"
+        )
+        self.cli(
+            "users",
+            "add",
+            TEST_USER,
+            "--organisation",
+            TEST_ORGANISATION,
+            "--role",
+            "technologist",
+            "--password-stdin",
+            input=TEST_PASSWORD + "\n",
+        )
+
+    def add_node(
+        self, name: str, ae: str, port: int, host: str = "127.0.0.1", *, organisation: str | None = None
+    ) -> None:
+        """Register a node of ``organisation`` (default: the test organisation); ``""``: archive-wide."""
+        if organisation is None:
+            self.ensure_directory()
+            organisation = TEST_ORGANISATION
+        scope = ["--organisation", organisation] if organisation else ["--archive-wide"]
+        self.cli("nodes", "add", name, "--ae", ae, "--host", host, "--port", str(port), *scope)
+
+    def token_for(self, login: str, expires: str = "12h") -> str:
+        """A bearer token of ``login``."""
+        return self.cli("tokens", "create", login, "--expires", expires).stdout.strip()
+
+    @property
+    def token(self) -> str:
+        """The test technologist's bearer token (created on first use)."""
+        if not self._token:
+            self.ensure_directory()
+            self._token = self.token_for(TEST_USER)
+        return self._token
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """``Authorization: Bearer`` for the test technologist."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     # -- process ----------------------------------------------------------------------------------
 

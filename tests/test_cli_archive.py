@@ -112,13 +112,23 @@ def test_nodes_cli(tmp_path: Path) -> None:
             env={**os.environ, "COLUMNS": "200"},
         )
 
-    assert run("add", "pacs", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "104").returncode == 0
-    duplicate = run("add", "other", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "105")
+    # A node belongs to one organisation or is explicitly archive-wide, never silently either.
+    unscoped = run("add", "pacs", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "104")
+    assert unscoped.returncode == 1 and "--archive-wide" in unscoped.stderr
+    unknown_org = run(
+        "add", "pacs", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "104", "--organisation", "NOPE"
+    )
+    assert unknown_org.returncode == 1 and "no organisation" in unknown_org.stderr
+    added = run("add", "pacs", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "104", "--archive-wide")
+    assert added.returncode == 0, added.stderr
+    duplicate = run("add", "other", "--ae", "PACS1", "--host", "127.0.0.1", "--port", "105", "--archive-wide")
     assert duplicate.returncode == 1 and "already registered" in duplicate.stdout + duplicate.stderr
-    invalid = run("add", "bad", "--ae", "WAY_TOO_LONG_AE_TITLE", "--host", "h", "--port", "1")
+    invalid = run(
+        "add", "bad", "--ae", "WAY_TOO_LONG_AE_TITLE", "--host", "h", "--port", "1", "--archive-wide"
+    )
     assert invalid.returncode == 1
     listing = run("list")
-    assert "PACS1" in listing.stdout and "pacs" in listing.stdout
+    assert "PACS1" in listing.stdout and "pacs" in listing.stdout and "(archive-wide)" in listing.stdout
     assert run("remove", "pacs").returncode == 0
     assert "PACS1" not in run("list").stdout
     assert run("remove", "pacs").returncode == 1

@@ -92,8 +92,9 @@ class Web:
     samples: dict[str, Sample]
     ct: list[Dataset]
 
-    def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.simral.http_url + path, timeout=60, **kwargs)  # type: ignore[arg-type]
+    def get(self, path: str, headers: dict[str, str] | None = None, **kwargs: object) -> httpx.Response:
+        headers = {**self.simral.auth_headers, **(headers or {})}
+        return httpx.get(self.simral.http_url + path, timeout=60, headers=headers, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -110,7 +111,7 @@ def web(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     )
     simral = SimralProcess(base / "data", env=backend_env(request.param, request))
     with simral:
-        client = DICOMwebClient(url=simral.dicomweb_url)
+        client = DICOMwebClient(url=simral.dicomweb_url, headers=simral.auth_headers)
         # STOW-RS of everything, in two requests (one of them to /studies/{uid}).
         response = client.store_instances([s.dataset for s in samples.values()])
         assert len(response.ReferencedSOPSequence) == len(samples)
@@ -464,7 +465,9 @@ def test_stow_bad_bodies(web: Web) -> None:
     garbage = (
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\nnot a dicom file\r\n--{boundary}--\r\n"
     ).encode()
-    response = httpx.post(url, content=garbage, headers={"Content-Type": ctype}, timeout=60)
+    response = httpx.post(
+        url, content=garbage, headers={**web.simral.auth_headers, "Content-Type": ctype}, timeout=60
+    )
     assert response.status_code == 409
     failed = Dataset.from_json(response.json()).FailedSOPSequence
     assert failed[0].FailureReason in (0xC000, 0xA900, 0x0110)
@@ -474,15 +477,33 @@ def test_stow_bad_bodies(web: Web) -> None:
         del broken.SOPInstanceUID
         web.client.store_instances([broken])
     truncated = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\npartial".encode()
-    assert httpx.post(url, content=truncated, headers={"Content-Type": ctype}, timeout=60).status_code == 400
-    no_boundary = httpx.post(url, content=b"x", headers={"Content-Type": "multipart/related"}, timeout=60)
+    assert (
+        httpx.post(
+            url, content=truncated, headers={**web.simral.auth_headers, "Content-Type": ctype}, timeout=60
+        ).status_code
+        == 400
+    )
+    no_boundary = httpx.post(
+        url,
+        content=b"x",
+        headers={**web.simral.auth_headers, "Content-Type": "multipart/related"},
+        timeout=60,
+    )
     assert no_boundary.status_code == 415
     assert (
-        httpx.post(url, content=b"x", headers={"Content-Type": "application/json"}, timeout=60).status_code
+        httpx.post(
+            url,
+            content=b"x",
+            headers={**web.simral.auth_headers, "Content-Type": "application/json"},
+            timeout=60,
+        ).status_code
         == 415
     )
     empty = httpx.post(
-        url, content=f"--{boundary}--\r\n".encode(), headers={"Content-Type": ctype}, timeout=60
+        url,
+        content=f"--{boundary}--\r\n".encode(),
+        headers={**web.simral.auth_headers, "Content-Type": ctype},
+        timeout=60,
     )
     assert empty.status_code == 400
 

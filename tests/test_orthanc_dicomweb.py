@@ -125,18 +125,23 @@ def peers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     stowed = [Study.synthetic(base / "stowed", SEED_STOWED), Study.from_corpus(COMPRESSED_STOWED)]
     simral = SimralProcess(base / "data", env=backend_env(request.param, request))
     root = f"http://{HOST}:{simral.http_port}/dicom-web"
-    # Orthanc's plugin talks to simral; Orthanc's own DICOMweb server is enabled too (its defaults).
+    # Orthanc's plugin talks to simral with the test technologist's bearer token; Orthanc's own
+    # DICOMweb server is enabled too (its defaults).
+    server = {"Url": root + "/", "HttpHeaders": simral.auth_headers}
     orthanc = OrthancServer(
         aet=ORTHANC_AET,
         plugins=[DICOMWEB_PLUGIN],
-        extra_config={"DicomWeb": {"Enable": True, "Servers": {"simral": [root + "/"]}}},
+        extra_config={"DicomWeb": {"Enable": True, "Servers": {"simral": server}}},
     )
     with orthanc:
         # Imported as files (not dcmsent: a Storage SCU may re-encode the data set), so that simral holds
         # the original bytes and what Orthanc retrieves can be compared with the files bit for bit.
         files = [path for study in retrieved for path in study.files.values()]
         imported = simral.cli("import", *map(str, files))
-        with simral, httpx.Client(base_url=root, timeout=120, trust_env=False) as web:
+        with (
+            simral,
+            httpx.Client(base_url=root, timeout=120, trust_env=False, headers=simral.auth_headers) as web,
+        ):
             p = Peers(simral, orthanc, web, retrieved, stowed, base)
             for study in retrieved:
                 assert len(qido(p, f"/studies/{study.uid}/instances")) == len(study.files), imported.stdout

@@ -32,6 +32,7 @@ def _multipart(paths: list[Path], boundary: str = "wk") -> bytes:
 def test_workers_share_the_ports_and_stop_cleanly(tmp_path: Path) -> None:
     paths = ct_series(tmp_path / "ct", slices=40, rows=64, cols=64, patient_id="WORKERS")
     simral = SimralProcess(tmp_path / "data", extra_env={"SIMRAL_WORKERS": "2"})
+    assert simral.token  # created before the workers start and the STOW threads use it
     simral.start()
     try:
         assert simral.proc is not None
@@ -46,7 +47,10 @@ def test_workers_share_the_ports_and_stop_cleanly(tmp_path: Path) -> None:
             response = httpx.post(
                 simral.dicomweb_url + "/studies",
                 content=_multipart(chunk),
-                headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=wk'},
+                headers={
+                    **simral.auth_headers,
+                    "Content-Type": 'multipart/related; type="application/dicom"; boundary=wk',
+                },
                 timeout=120,
             )
             return response.status_code
@@ -55,7 +59,10 @@ def test_workers_share_the_ports_and_stop_cleanly(tmp_path: Path) -> None:
             statuses = list(pool.map(stow, [paths[i : i + 5] for i in range(0, 40, 5)]))
         assert statuses == [200] * 8
         found = httpx.get(
-            simral.dicomweb_url + "/instances", params={"PatientID": "WORKERS"}, timeout=60
+            simral.dicomweb_url + "/instances",
+            params={"PatientID": "WORKERS"},
+            headers=simral.auth_headers,
+            timeout=60,
         ).json()
         assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(
             str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths
@@ -105,4 +112,5 @@ def test_taken_ports_and_open_http_are_refused(tmp_path: Path) -> None:
         check=False,
     )
     assert exposed.returncode == 2
-    assert "no login yet" in exposed.stdout + exposed.stderr
+    refusal = exposed.stdout + exposed.stderr
+    assert "not a loopback address" in refusal and "https" in refusal

@@ -22,7 +22,8 @@ from PIL import Image, ImageStat
 from playwright.sync_api import Browser, Page, Request, Response, Route, sync_playwright
 from pydicom import dcmread
 from tests.corpus import ct_series
-from tests.simral_proc import SimralProcess
+from tests.portal_login import TotpDevice, browser_login
+from tests.simral_proc import TEST_PASSWORD, TEST_USER, SimralProcess
 
 from simral.config import load_settings
 from simral.web.viewer import app_config, data_source
@@ -68,7 +69,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     simral = SimralProcess(base / "data")
     simral.cli("import", str(base / "ct"), str(base / "hostile"))
     ct, injected = (dcmread(paths[0], stop_before_pixels=True) for paths in (files, hostile))
-    with simral, httpx.Client(base_url=simral.http_url, trust_env=False, timeout=60) as http:
+    with (
+        simral,
+        httpx.Client(
+            base_url=simral.http_url, trust_env=False, timeout=60, headers=simral.auth_headers
+        ) as http,
+    ):
         yield Served(
             simral=simral,
             study_uid=str(ct.StudyInstanceUID),
@@ -98,9 +104,22 @@ class Traffic:
         return [p for p in self.failed + self.errors if "/dicom-web" in p or "/wado" in p]
 
 
+_logged_in: dict[str, Any] = {}
+
+
+def logged_in_state(browser: Browser, served: Served) -> Any:
+    """The test technologist's session, logged in once through the portal (password + TOTP)."""
+    key = served.simral.http_url
+    if key not in _logged_in:
+        _logged_in[key] = browser_login(browser, key, TEST_USER, TEST_PASSWORD, TotpDevice())
+    return _logged_in[key]
+
+
 def open_page(browser: Browser, served: Served, *, locale: str = "fr-FR") -> tuple[Page, Traffic]:
-    """A fresh browser context whose page may only reach ``served``'s own origin."""
-    context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
+    """A fresh, logged-in browser context whose page may only reach ``served``'s own origin."""
+    context = browser.new_context(
+        locale=locale, viewport={"width": 1280, "height": 900}, storage_state=logged_in_state(browser, served)
+    )
     page = context.new_page()
     traffic = Traffic()
 
@@ -260,7 +279,7 @@ def test_viewer_files_and_cache_headers(served: Served) -> None:
 
 def test_viewer_not_installed_answers_503(tmp_path: Path) -> None:
     simral = SimralProcess(tmp_path / "data", extra_env={"SIMRAL_VIEWER_DIR": str(tmp_path / "no-ohif")})
-    with simral, httpx.Client(base_url=simral.http_url, trust_env=False) as http:
+    with simral, httpx.Client(base_url=simral.http_url, trust_env=False, headers=simral.auth_headers) as http:
         response = http.get("/viewer/viewer", headers={"Accept": "text/html"})
         assert response.status_code == 503
         assert "make install" in response.text
@@ -284,7 +303,7 @@ def test_study_list_opens_viewer(browser: Browser, served: Served) -> None:
         assert cells[3] == "CT"
         assert cells[4] == "CT THORAX ABDOMEN (synthetic)"
         assert cells[6:] == ["1", "24"]
-        link = row.locator("a")
+        link = row.locator("td").first.locator("a")
         assert link.get_attribute("href") == f"/viewer/viewer?StudyInstanceUIDs={served.study_uid}"
         link.click()
         page.wait_for_url(f"**/viewer/viewer?StudyInstanceUIDs={served.study_uid}")

@@ -54,6 +54,8 @@ class Settings:
     log_level: str = "INFO"
     #: Worker processes of ``simral serve`` sharing the DICOM and HTTP ports; 0 = one per CPU (≤ 4).
     workers: int = 1
+    #: A TLS-terminating reverse proxy is in front: plain HTTP may bind a non-loopback address.
+    behind_tls_proxy: bool = False
     #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``
     #: puts it in the virtualenv.
     viewer_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "share/simral/ohif")

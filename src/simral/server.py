@@ -109,7 +109,11 @@ def run_server(settings: Settings) -> int:
     (one worker) or forks worker processes that each accept DICOM associations and HTTP requests
     on the shared ports (SO_REUSEPORT), so ingest and retrieve use every CPU despite the GIL.
     """
-    check_http_exposure(settings.http_host)
+    check_http_exposure(
+        settings.http_host,
+        https=getattr(settings, "https", False),
+        behind_tls_proxy=settings.behind_tls_proxy,
+    )
     check_ports_free(settings)
     ctx = open_app(settings)
     published, deleted = recover_staged(ctx)

@@ -1,66 +1,170 @@
-"""The single access policy: who may do what on which study (DESIGN.md §2).
+"""The single access policy: who may do what on which study (DESIGN.md §2, §9).
 
-Every adapter builds a :class:`Principal` and every service query goes through
-:func:`visible_studies`. The archive core knows two kinds of principal: the platform itself
-(CLI, local administrator) and a registered DICOM node. Organisation-scoped rules for
-professionals come with the organisations and roles.
+Every adapter builds a :class:`Principal` (a professional through a session or a bearer token, a
+registered DICOM node, the platform itself) and every service asks this module. The rules:
+
+- an organisation's clinical members (technologist, radiologist, referring physician) and its
+  nodes see the studies the organisation produced or received (``study_organisation``);
+- a professional also sees a study for which they opened a break-glass grant (stated reason,
+  time limit, alert to the organisation's administrators, audit record);
+- site and regional administrators manage configuration and see no images without break-glass;
+- auditors read the audit trail (all of it for the regional operator's auditors, their own
+  organisation's otherwise) and see no images;
+- archive-wide nodes (registered explicitly) and the platform itself see and feed everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from sqlalchemy import Select
+from sqlalchemy import Select, false, or_, select
 
-PrincipalKind = Literal["system", "dicom-node", "http-client", "user", "token"]
+PrincipalKind = Literal["system", "dicom-node", "user"]
 
 S = TypeVar("S", bound=Select)  # type: ignore[type-arg]
+
+#: Roles whose holders see and work on their organisation's studies.
+CLINICAL_ROLES = frozenset({"technologist", "radiologist", "referring-physician"})
+#: Roles that may add images (C-STORE from a workstation, STOW-RS, upload).
+STORING_ROLES = frozenset({"technologist", "radiologist"})
+ADMIN_ROLES = frozenset({"site-admin", "regional-admin"})
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is asking: kind, a display name for the audit trail, and an organisation."""
+    """Who is asking, for the policy and the audit trail.
+
+    ``organisation`` is the organisation the principal acts for (a node's organisation, the one a
+    professional chose at login or the token was issued for); ``memberships`` lists every
+    (organisation code, role) a professional holds; ``break_glass`` the study UIDs of their active
+    emergency grants.
+    """
 
     kind: PrincipalKind
     name: str
     organisation: str = ""
+    national_id: str = ""
+    display_name: str = ""
+    user_id: int | None = None
+    memberships: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    break_glass: frozenset[str] = field(default_factory=frozenset)
+    archive_wide: bool = False
+    #: A member of the regional operator (an organisation of kind ``regional-operator``).
+    regional: bool = False
+    #: Network address the request or association came from (for the audit trail).
+    address: str = ""
+    #: How the principal was authenticated (session, token, ae-title, tls-certificate, cli).
+    via: str = ""
 
     @property
     def audit_name(self) -> str:
         return f"{self.kind}:{self.name}"
 
+    def roles(self, organisation: str | None = None) -> frozenset[str]:
+        """The roles held in ``organisation`` (default: the one acted for)."""
+        code = self.organisation if organisation is None else organisation
+        return frozenset(role for org, role in self.memberships if org == code)
 
-SYSTEM = Principal(kind="system", name="simral")
+    def has_role(self, role: str) -> bool:
+        """Whether any membership carries ``role``."""
+        return any(r == role for _, r in self.memberships)
+
+
+SYSTEM = Principal(kind="system", name="simral", archive_wide=True, via="cli")
 
 
 class AccessDenied(PermissionError):
     """The principal may not perform this action."""
 
 
-#: Principals that see and feed the whole archive: the platform itself, registered DICOM nodes and,
-#: until login exists, the loopback-only HTTP client (see :mod:`simral.web.auth`).
-ARCHIVE_WIDE = frozenset({"system", "dicom-node", "http-client"})
+def _sees_everything(principal: Principal) -> bool:
+    return principal.kind == "system" or (principal.kind == "dicom-node" and principal.archive_wide)
+
+
+def clinical_organisations(principal: Principal) -> frozenset[str]:
+    """The organisations whose studies ``principal`` sees through its normal rights."""
+    if principal.kind == "dicom-node":
+        return frozenset({principal.organisation}) if principal.organisation else frozenset()
+    if principal.kind == "user":
+        return frozenset(org for org, role in principal.memberships if role in CLINICAL_ROLES)
+    return frozenset()
 
 
 def may_store(principal: Principal) -> bool:
-    """Whether ``principal`` may add instances to the archive."""
-    return principal.kind in ARCHIVE_WIDE
+    """Whether ``principal`` may add instances (C-STORE, STOW-RS, import)."""
+    if _sees_everything(principal):
+        return True
+    if principal.kind == "dicom-node":
+        return bool(principal.organisation)
+    return principal.kind == "user" and bool(principal.roles() & STORING_ROLES)
 
 
 def may_query(principal: Principal) -> bool:
-    """Whether ``principal`` may run queries (C-FIND, QIDO-RS)."""
-    return principal.kind in ARCHIVE_WIDE
+    """Whether ``principal`` may run queries (C-FIND, QIDO-RS, the study list).
+
+    Every authenticated principal may ask; :func:`visible_studies` decides what matches, so an
+    administrator or an auditor simply finds nothing without break-glass.
+    """
+    return principal.kind in ("system", "dicom-node", "user")
+
+
+def storing_organisation(principal: Principal) -> str:
+    """The organisation a stored study is attached to ("produced" relation); empty for archive-wide
+    nodes, or an import the operator did not assign to an organisation."""
+    return principal.organisation
 
 
 def visible_studies(principal: Principal, query: S) -> S:
-    """Restrict ``query`` (which must involve the ``study`` table) to the studies ``principal`` may see.
+    """Restrict ``query`` (which must involve the ``study`` table) to the studies ``principal`` may see."""
+    from simral.archive.models import Study, StudyOrganisation
 
-    Registered nodes, the platform and the local HTTP client see the whole archive; any other
-    principal sees nothing until the organisation rules apply to it.
-    """
-    from simral.archive.models import Study
-
-    if principal.kind in ARCHIVE_WIDE:
+    if _sees_everything(principal):
         return query
-    return query.where(Study.id.is_(None))
+    organisations = clinical_organisations(principal)
+    conditions = []
+    if organisations:
+        conditions.append(
+            Study.id.in_(
+                select(StudyOrganisation.study_pk).where(
+                    StudyOrganisation.organisation_code.in_(sorted(organisations))
+                )
+            )
+        )
+    if principal.break_glass:
+        conditions.append(Study.study_uid.in_(sorted(principal.break_glass)))
+    if not conditions:
+        return query.where(false())
+    return query.where(or_(*conditions))
+
+
+def may_manage(principal: Principal, organisation: str | None = None) -> bool:
+    """Whether ``principal`` may change configuration: of ``organisation``, or platform-wide (None)."""
+    if principal.kind == "system":
+        return True
+    if principal.kind != "user":
+        return False
+    if principal.has_role("regional-admin"):
+        return True
+    return organisation is not None and "site-admin" in principal.roles(organisation)
+
+
+def may_read_audit(principal: Principal) -> bool:
+    """Whether ``principal`` may search the audit trail."""
+    return principal.kind == "system" or (principal.kind == "user" and principal.has_role("auditor"))
+
+
+def audit_scope(principal: Principal) -> frozenset[str] | None:
+    """Organisations whose audit records ``principal`` sees; None means the whole trail."""
+    if principal.kind == "system":
+        return None
+    if principal.regional:
+        return None
+    return frozenset(org for org, role in principal.memberships if role == "auditor")
+
+
+def may_break_glass(principal: Principal) -> bool:
+    """Whether ``principal`` may open an emergency access: professionals with a clinical role."""
+    return principal.kind == "user" and any(
+        role in CLINICAL_ROLES | ADMIN_ROLES for _, role in principal.memberships
+    )

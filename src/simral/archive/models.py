@@ -158,3 +158,17 @@ class ChangeEvent(Base):
     series_uid: Mapped[str] = mapped_column(String(64))
     sop_uid: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StudyOrganisation(Base):
+    """An organisation that produced or received a study; its members see the study (access policy)."""
+
+    __tablename__ = "study_organisation"
+    __table_args__ = (UniqueConstraint("study_pk", "organisation_code", name="uq_study_organisation"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    organisation_code: Mapped[str] = mapped_column(String(32), index=True)
+    #: "produced" (stored by the organisation's node or user) or "received" (sent to it).
+    relation: Mapped[str] = mapped_column(String(16), default="produced")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

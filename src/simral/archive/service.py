@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -24,8 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_store, visible_studies
-from simral.archive.models import Blob, ChangeEvent, Instance, Patient, Series, Study
+from simral.access.policy import AccessDenied, Principal, may_store, storing_organisation, visible_studies
+from simral.archive.models import Blob, ChangeEvent, Instance, Patient, Series, Study, StudyOrganisation
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
@@ -154,11 +154,17 @@ def _index_candidate(
 
 
 def _finish(
-    ctx: AppContext, candidate: _Candidate, staging: Staging, placement: Placement, replaced: str | None
+    ctx: AppContext,
+    candidate: _Candidate,
+    staging: Staging,
+    placement: Placement,
+    replaced: str | None,
+    *,
+    principal: Principal,
 ) -> IngestResult:
     """After the commit: remember the placement, publish the blob (step 5), drop a replaced one."""
     header = candidate.header
-    hierarchy_cache(ctx).remember(placement, header.sop_class_uid)
+    hierarchy_cache(ctx).remember(placement, header.sop_class_uid, storing_organisation(principal))
     try:
         staging.publish(candidate.stored.key)
     except Exception as exc:
@@ -197,7 +203,7 @@ def _index_one(
     except BaseException:
         staging.discard(candidate.stored.key)
         raise
-    return _finish(ctx, candidate, staging, placement, replaced)
+    return _finish(ctx, candidate, staging, placement, replaced, principal=principal)
 
 
 @dataclass(frozen=True)
@@ -296,7 +302,7 @@ def ingest_files(
             raise
         else:
             for (index, candidate), (placement, replaced) in zip(staged, indexed, strict=True):
-                results[index] = _finish(ctx, candidate, staging, placement, replaced)
+                results[index] = _finish(ctx, candidate, staging, placement, replaced, principal=principal)
             staged = []
     for index, candidate in staged:
         if results[index] is None:
@@ -317,7 +323,7 @@ def _duplicate(
         audit.record(
             session,
             action="instance.duplicate-conflict",
-            actor=principal.audit_name,
+            principal=principal,
             outcome="warning" if policy == "keep-first" else "failure",
             study_uid=header.study_uid,
             detail={"sop_instance_uid": header.sop_uid, "policy": policy},
@@ -428,6 +434,8 @@ class HierarchyCache:
         self.capacity = capacity
         self._series: OrderedDict[str, Placement] = OrderedDict()
         self._sop_classes: dict[int, set[str]] = {}
+        #: (study pk, organisation code) pairs known to be in ``study_organisation``.
+        self._links: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
 
     def get(self, series_uid: str) -> Placement | None:
@@ -441,13 +449,20 @@ class HierarchyCache:
         with self._lock:
             return sop_class in self._sop_classes.get(study_pk, ())
 
-    def remember(self, placement: Placement, sop_class: str) -> None:
+    def linked(self, study_pk: int, organisation: str) -> bool:
+        with self._lock:
+            return (study_pk, organisation) in self._links
+
+    def remember(self, placement: Placement, sop_class: str, organisation: str = "") -> None:
         with self._lock:
             self._series[placement.series_uid] = placement
             self._sop_classes.setdefault(placement.study_pk, set()).add(sop_class)
+            if organisation:
+                self._links.add((placement.study_pk, organisation))
             while len(self._series) > self.capacity:
                 _uid, dropped = self._series.popitem(last=False)
                 self._sop_classes.pop(dropped.study_pk, None)
+                self._links = {link for link in self._links if link[0] != dropped.study_pk}
 
 
 def hierarchy_cache(ctx: AppContext) -> HierarchyCache:
@@ -503,7 +518,7 @@ def _place(
         audit.record(
             session,
             action="study.patient-mismatch",
-            actor=principal.audit_name,
+            principal=principal,
             outcome="warning",
             study_uid=header.study_uid,
             detail={"sop_instance_uid": header.sop_uid},
@@ -555,6 +570,20 @@ def _index(
     if placement is None or placement.study_uid != header.study_uid:
         placement, new_patient, new_study, new_series = _place(
             session, header, json_model, principal=principal, now=now
+        )
+
+    organisation = storing_organisation(principal)
+    if organisation and (new_study or not cache.linked(placement.study_pk, organisation)):
+        _insert_ignore(
+            session,
+            StudyOrganisation,
+            {
+                "study_pk": placement.study_pk,
+                "organisation_code": organisation,
+                "relation": "produced",
+                "created_at": now,
+            },
+            ["study_pk", "organisation_code"],
         )
 
     if replacing:
@@ -690,9 +719,10 @@ def _audit_store(
     audit.record(
         session,
         action="instance.store",
-        actor=principal.audit_name,
-        outcome="success",
+        principal=principal,
         study_uid=header.study_uid,
+        patient_id=header.text("PatientID")[:64],
+        patient_issuer=header.text("IssuerOfPatientID")[:64],
         detail={"sop_instance_uid": header.sop_uid, "source": source, "replaced": replaced},
     )
 
@@ -895,3 +925,95 @@ def instances_metadata(
         Series.series_number, Series.id, Instance.instance_number, Instance.id
     )
     return [InstanceMetadata(*row) for row in session.execute(query)]
+
+
+def audit_reads(
+    ctx: AppContext,
+    principal: Principal,
+    study_uids: Iterable[str],
+    *,
+    action: str = "study.read",
+    outcome: str = "success",
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Audit that ``principal`` read these studies (PS3.15 A.5.3.2 "DICOM Instances Accessed"),
+    with each study's patient identifiers; repeated reads within the audit window count once."""
+    due = audit.due_reads(ctx, principal, study_uids, action=f"{action}/{outcome}")
+    if not due:
+        return
+    with ctx.db.unit_of_work() as session:
+        patients = {
+            uid: (pid, issuer)
+            for uid, pid, issuer in session.execute(
+                select(Study.study_uid, Patient.patient_id, Patient.issuer)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .where(Study.study_uid.in_(due))
+            )
+        }
+        for uid in due:
+            pid, issuer = patients.get(uid, ("", ""))
+            audit.record(
+                session,
+                action=action,
+                principal=principal,
+                outcome=outcome,
+                study_uid=uid,
+                patient_id=pid,
+                patient_issuer=issuer,
+                detail=detail,
+            )
+
+
+def audit_query(
+    ctx: AppContext, principal: Principal, *, protocol: str, level: str, keys: dict[str, str], matches: int
+) -> None:
+    """Audit a query (PS3.15 A.5.3.10 "Query"): who asked what, over which protocol, how many matches."""
+    with ctx.db.unit_of_work() as session:
+        audit.record(
+            session,
+            action="query",
+            principal=principal,
+            patient_id=keys.get("PatientID", "")[:64],
+            study_uid=keys.get("StudyInstanceUID", "")[:64],
+            detail={"protocol": protocol, "level": level, "keys": keys, "matches": matches},
+        )
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A study, its patient and its series, for the portal's study page."""
+
+    study: Study
+    patient: Patient
+    series: list[Series]
+
+
+def get_study(session: Session, *, principal: Principal, study_uid: str) -> StudySummary | None:
+    """One study with its patient and series, if ``principal`` may see it."""
+    row = session.execute(
+        visible_studies(
+            principal, select(Study, Patient).join(Patient, Patient.id == Study.patient_pk)
+        ).where(Study.study_uid == study_uid)
+    ).first()
+    if row is None:
+        return None
+    series = session.scalars(
+        select(Series).where(Series.study_pk == row[0].id).order_by(Series.series_number, Series.id)
+    )
+    return StudySummary(row[0], row[1], list(series))
+
+
+def study_holders(session: Session, study_uid: str) -> tuple[str, list[str]] | None:
+    """For a study, whoever may see it or not: its patient ID and the organisations holding it
+    (break-glass alerts go to their administrators); None if there is no such study."""
+    found = session.execute(
+        select(Study.id, Patient.patient_id)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(Study.study_uid == study_uid)
+    ).first()
+    if found is None:
+        return None
+    codes = session.scalars(
+        select(StudyOrganisation.organisation_code).where(StudyOrganisation.study_pk == found[0])
+    )
+    return found[1], sorted(codes)

@@ -1,4 +1,4 @@
-"""The ``simral`` command line: serve, nodes, import, check."""
+"""The ``simral`` command line: serve, nodes, import, check (directory and audit in :mod:`.directory`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from simral.access.policy import SYSTEM
+from simral.access.policy import Principal
 from simral.app import configure_logging, open_app
 from simral.config import Settings, load_settings
 from simral.context import AppContext
@@ -41,6 +41,19 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     except (ValueError, OSError) as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def cli_principal(organisation: str = "") -> Principal:
+    """The operator running the command (audited as ``system:cli:<OS user>``)."""
+    import getpass
+
+    return Principal(
+        kind="system",
+        name=f"cli:{getpass.getuser()}",
+        archive_wide=True,
+        via="cli",
+        organisation=organisation,
+    )
 
 
 def _open(config: Path | None, data_dir: Path | None) -> AppContext:
@@ -92,11 +105,23 @@ def nodes_add(
     host: Annotated[str, typer.Option("--host", help="Host name or address.")],
     port: Annotated[int, typer.Option("--port", help="DICOM port.")],
     check_host: Annotated[bool, typer.Option(help="Accept this AE only from this host.")] = False,
-    organisation: Annotated[str, typer.Option(help="Organisation code.")] = "",
+    organisation: Annotated[
+        str,
+        typer.Option(
+            help="Code of the organisation the node belongs to (it sees that organisation's studies)."
+        ),
+    ] = "",
+    archive_wide: Annotated[
+        bool,
+        typer.Option("--archive-wide", help="A platform node that sees the whole archive (regional PACS)."),
+    ] = False,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Open associations to this node over DICOM TLS.")
+    ] = False,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """Register a remote DICOM node."""
+    """Register a remote DICOM node (of one organisation, or archive-wide)."""
     from simral.nodes import service as nodes
 
     ctx = _open(config, data_dir)
@@ -110,6 +135,9 @@ def nodes_add(
                 port=port,
                 check_host=check_host,
                 organisation=organisation,
+                archive_wide=archive_wide,
+                tls=tls,
+                principal=cli_principal(),
             )
     except nodes.NodeError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -125,7 +153,7 @@ def nodes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
         rows = nodes.list_all(session)
-    table = Table("name", "AE title", "host", "port", "host checked", "organisation")
+    table = Table("name", "AE title", "host", "port", "host checked", "TLS", "organisation")
     for node in rows:
         table.add_row(
             node.name,
@@ -133,7 +161,8 @@ def nodes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
             node.host,
             str(node.port),
             "yes" if node.check_host else "no",
-            node.organisation,
+            "yes" if node.tls else "no",
+            node.organisation or ("(archive-wide)" if node.archive_wide else ""),
         )
     out.print(table)
 
@@ -146,7 +175,7 @@ def nodes_remove(name: str, data_dir: DataDir = None, config: ConfigFile = None)
     ctx = _open(config, data_dir)
     try:
         with ctx.db.unit_of_work() as session:
-            nodes.delete(session, name=name)
+            nodes.delete(session, name=name, principal=cli_principal())
     except nodes.NodeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -158,13 +187,22 @@ def import_(
     paths: Annotated[
         list[Path], typer.Argument(help="Files, folders, DICOMDIRs or ZIP archives.", exists=True)
     ],
+    organisation: Annotated[
+        str, typer.Option(help="Organisation the imported studies belong to (its members see them).")
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Import DICOM files through the same ingest path as C-STORE and STOW-RS."""
     from simral.archive.importing import import_paths
+    from simral.identity.service import get_organisation
 
     ctx = _open(config, data_dir)
+    if organisation:
+        with ctx.db.reading() as session:
+            if get_organisation(session, organisation) is None:
+                console.print(f"[red]error:[/red] no organisation with code {organisation!r}")
+                raise typer.Exit(1)
     with Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -174,7 +212,9 @@ def import_(
         transient=False,
     ) as progress:
         task = progress.add_task("import", total=None)
-        summary = import_paths(ctx, paths, principal=SYSTEM, progress=lambda _name: progress.advance(task))
+        summary = import_paths(
+            ctx, paths, principal=cli_principal(organisation), progress=lambda _name: progress.advance(task)
+        )
     table = Table("outcome", "count")
     labels = {
         "stored": "stored",
@@ -225,3 +265,7 @@ def check(
             f"{len(report.orphans)} orphans, {len(report.temporaries)} temporaries"
         )
         raise typer.Exit(1)
+
+
+# The directory and audit commands register themselves on ``app``.
+from simral.cli import directory as _directory  # noqa: E402, F401

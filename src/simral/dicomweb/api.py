@@ -12,9 +12,16 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from simral.access.policy import AccessDenied
+from simral.access.policy import AccessDenied, may_store
 from simral.archive.query import Level, QueryError
-from simral.archive.service import IngestResult, StoredInstance, find_instances, instances_metadata
+from simral.archive.service import (
+    IngestResult,
+    StoredInstance,
+    audit_query,
+    audit_reads,
+    find_instances,
+    instances_metadata,
+)
 from simral.context import AppContext
 from simral.dicom.frames import FrameError, media_type_of
 from simral.dicom.render import NotAcceptable as RenderNotAcceptable
@@ -92,17 +99,20 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
     # -- QIDO-RS (PS3.18 10.6) -----------------------------------------------------------------
     def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
         _wants_json(request)
+        principal = request_principal(request)
         try:
             parsed = qido.parse(level, list(request.query_params.multi_items()), fixed)
             with ctx.db.reading() as session:
                 matches, more = qido.search(
                     session,
                     parsed,
-                    principal=request_principal(request),
+                    principal=principal,
                     dicomweb_root=dicomweb_root(request),
                 )
         except QueryError as exc:
             raise DicomwebError(400, str(exc)) from None
+        keys = {**{k: v[:200] for k, v in request.query_params.items()}, **fixed}
+        audit_query(ctx, principal, protocol="QIDO-RS", level=level, keys=keys, matches=len(matches))
         headers = {}
         if more:
             headers["Warning"] = '299 simral: "There are additional results that can be requested"'
@@ -134,10 +144,18 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
 
     # -- WADO-RS instances (PS3.18 10.4.1.1.1) ---------------------------------------------------
     def _instances(request: Request, study: str, series: str | None, sop: str | None) -> list[StoredInstance]:
+        principal = request_principal(request)
         with ctx.db.reading() as session:
             found = find_instances(
-                session, principal=request_principal(request), study_uid=study, series_uid=series, sop_uid=sop
+                session, principal=principal, study_uid=study, series_uid=series, sop_uid=sop
             )
+        audit_reads(
+            ctx,
+            principal,
+            [study[:64]],
+            outcome="success" if found else "failure",
+            detail={"protocol": "WADO-RS"},
+        )
         if not found:
             raise DicomwebError(404, "no such resource")
         return found
@@ -181,10 +199,18 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
         request: Request, study: str, series: str | None = None, sop: str | None = None
     ) -> Response:
         _wants_json(request)
+        principal = request_principal(request)
         with ctx.db.reading() as session:
             items = instances_metadata(
-                session, principal=request_principal(request), study_uid=study, series_uid=series, sop_uid=sop
+                session, principal=principal, study_uid=study, series_uid=series, sop_uid=sop
             )
+        audit_reads(
+            ctx,
+            principal,
+            [study[:64]],
+            outcome="success" if items else "failure",
+            detail={"protocol": "WADO-RS"},
+        )
         if not items:
             raise DicomwebError(404, "no such resource")
         study_url = f"{dicomweb_root(request)}/studies/{study}"
@@ -290,6 +316,9 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
 
     # -- STOW-RS (PS3.18 10.5) ----------------------------------------------------------------------
     async def _store(request: Request, study: str | None) -> Response:
+        principal = request_principal(request)
+        if not may_store(principal):
+            raise AccessDenied(f"{principal.audit_name} may not store instances")
         try:
             part_type, boundary = request_boundary(request.headers.get("content-type", ""))
         except MultipartError as exc:
@@ -298,7 +327,6 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
             ) from None
         if part_type not in {"application/dicom", ""}:
             raise DicomwebError(415, f"parts of type {part_type} are not supported; send application/dicom")
-        principal = request_principal(request)
         outcome = stow.StowOutcome(dicomweb_root(request))
         spooler = PartSpooler(boundary, ctx.store.scratch_dir())
         source = f"stow:{request.client.host if request.client else ''}"

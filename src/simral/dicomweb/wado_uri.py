@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from simral.archive.service import find_instances
+from simral.archive.service import audit_reads, find_instances
 from simral.context import AppContext
 from simral.dicom.frames import FrameError
 from simral.dicom.render import NotAcceptable as RenderNotAcceptable
@@ -27,6 +27,7 @@ def mount_wado_uri(web: FastAPI, ctx: AppContext) -> None:
 
     @web.get("/wado")
     def wado_uri(request: Request) -> Response:
+        principal = request_principal(request)
         q = request.query_params
         if q.get("requestType") != "WADO":
             return _error(400, "requestType must be WADO")
@@ -37,8 +38,15 @@ def mount_wado_uri(web: FastAPI, ctx: AppContext) -> None:
             return _error(400, "anonymize is not supported")
         with ctx.db.reading() as session:
             found = find_instances(
-                session, principal=request_principal(request), study_uid=study, series_uid=series, sop_uid=sop
+                session, principal=principal, study_uid=study, series_uid=series, sop_uid=sop
             )
+        audit_reads(
+            ctx,
+            principal,
+            [study[:64]],
+            outcome="success" if found else "failure",
+            detail={"protocol": "WADO-URI"},
+        )
         if not found:
             return _error(404, "no such object")
         instance = found[0]

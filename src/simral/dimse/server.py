@@ -247,10 +247,29 @@ class DimseService:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def principal(event: evt.Event) -> Principal:
-        calling = event.assoc.requestor.ae_title.strip()
-        return Principal(kind="dicom-node", name=calling)
+    def principal(self, event: evt.Event) -> Principal:
+        """The calling node as the access policy sees it: its organisation, or archive-wide.
+
+        Looked up once per association. An AE title absent from the registry (accepted only when
+        ``allow_unknown_ae`` is set, for a lab) acts archive-wide.
+        """
+        assoc = event.assoc
+        cached: Principal | None = getattr(assoc, "_simral_principal", None)
+        if cached is not None:
+            return cached
+        calling = assoc.requestor.ae_title.strip()
+        with self.ctx.db.reading() as session:
+            node = nodes.get_by_ae(session, ae_title=calling)
+        principal = Principal(
+            kind="dicom-node",
+            name=calling,
+            organisation=node.organisation if node is not None else "",
+            archive_wide=node.archive_wide if node is not None else self.ctx.settings.allow_unknown_ae,
+            address=str(assoc.requestor.address),
+            via="ae-title",
+        )
+        assoc._simral_principal = principal  # type: ignore[attr-defined]
+        return principal
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -322,11 +341,14 @@ class DimseService:
             log.info("C-FIND identifier not understood: %s", type(exc).__name__)
             yield 0xC000, None
             return
+        principal = self.principal(event)
+        matches = 0
         with self.ctx.db.reading() as session:
-            for result in qr.run(session, query_plan, principal=self.principal(event)):
+            for result in qr.run(session, query_plan, principal=principal):
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return
+                matches += 1
                 yield (
                     0xFF00,
                     qr.response_identifier(
@@ -336,6 +358,14 @@ class DimseService:
                         model=model,  # type: ignore[arg-type]
                     ),
                 )
+        keys = {
+            elem.keyword: str(elem.value)[:200]
+            for elem in identifier
+            if elem.keyword and elem.value not in (None, "")
+        }
+        archive.audit_query(
+            self.ctx, principal, protocol="DIMSE C-FIND", level=query_plan.level, keys=keys, matches=matches
+        )
         yield 0x0000, None
 
     def _retrieve_instances(self, event: evt.Event, model: str) -> list[archive.StoredInstance] | int:
@@ -369,7 +399,18 @@ class DimseService:
             for start in range(0, len(uids), 500):
                 chunk = uids[start : start + 500]
                 found.extend(archive.iter_instances(session, base.where(column.in_(chunk))))
-            return found
+        try:
+            destination = str(event.move_destination or "").strip()
+        except AttributeError:
+            destination = ""
+        archive.audit_reads(
+            self.ctx,
+            principal,
+            [item.study_uid for item in found],
+            action="study.retrieve",
+            detail={"protocol": "DIMSE C-MOVE" if destination else "DIMSE C-GET", "destination": destination},
+        )
+        return found
 
     @staticmethod
     def _pk(result: qr.Result) -> int:

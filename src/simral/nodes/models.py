@@ -23,5 +23,10 @@ class RemoteNode(Base):
     #: When set, associations from this AE are accepted only from this host address.
     check_host: Mapped[bool] = mapped_column(Boolean, default=False)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Code of the organisation the node belongs to; what it stores is that organisation's and it
+    #: sees that organisation's studies.
     organisation: Mapped[str] = mapped_column(String(64), default="")
+    #: A platform-level node (a regional PACS, a migration source) that sees the whole archive; set
+    #: only explicitly (``simral nodes add --archive-wide``).
+    archive_wide: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from simral.access.policy import Principal
 from simral.audit import service as audit
 from simral.nodes.models import RemoteNode
 
@@ -30,10 +31,22 @@ def create(
     port: int,
     check_host: bool = False,
     organisation: str = "",
-    actor: str = "cli",
+    archive_wide: bool = False,
+    tls: bool = False,
+    principal: Principal,
 ) -> RemoteNode:
-    """Register a node; names and AE titles are unique."""
+    """Register a node; names and AE titles are unique.
+
+    A node belongs to exactly one organisation (it stores that organisation's studies and sees
+    them), or is explicitly archive-wide (a regional PACS, a migration source).
+    """
+    from simral.identity.service import get_organisation
+
     ae_title = _check_ae_title(ae_title)
+    if bool(organisation) == archive_wide:
+        raise NodeError("a node belongs to one organisation (--organisation CODE) or is --archive-wide")
+    if organisation and get_organisation(session, organisation) is None:
+        raise NodeError(f"no organisation with code {organisation!r}")
     if not 0 < port < 65536:
         raise NodeError(f"invalid port {port}")
     if session.scalar(select(RemoteNode).where(RemoteNode.name == name)) is not None:
@@ -41,10 +54,30 @@ def create(
     if get_by_ae(session, ae_title=ae_title) is not None:
         raise NodeError(f"AE title {ae_title!r} is already registered")
     node = RemoteNode(
-        name=name, ae_title=ae_title, host=host, port=port, check_host=check_host, organisation=organisation
+        name=name,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        check_host=check_host,
+        organisation=organisation,
+        archive_wide=archive_wide,
+        tls=tls,
     )
     session.add(node)
-    audit.record(session, action="node.create", actor=actor, outcome="success", detail={"name": name})
+    audit.record(
+        session,
+        action="node.create",
+        principal=principal,
+        detail={
+            "name": name,
+            "ae_title": ae_title,
+            "host": host,
+            "port": port,
+            "organisation": organisation,
+            "archive_wide": archive_wide,
+            "tls": tls,
+        },
+    )
     return node
 
 
@@ -58,10 +91,10 @@ def get_by_ae(session: Session, *, ae_title: str) -> RemoteNode | None:
     return session.scalar(select(RemoteNode).where(RemoteNode.ae_title == ae_title.strip()))
 
 
-def delete(session: Session, *, name: str, actor: str = "cli") -> None:
+def delete(session: Session, *, name: str, principal: Principal) -> None:
     """Remove a node from the registry."""
     node = session.scalar(select(RemoteNode).where(RemoteNode.name == name))
     if node is None:
         raise NodeError(f"no node named {name!r}")
     session.delete(node)
-    audit.record(session, action="node.delete", actor=actor, outcome="success", detail={"name": name})
+    audit.record(session, action="node.delete", principal=principal, detail={"name": name})

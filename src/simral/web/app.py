@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from sqlalchemy import func, select
 
 from simral import __version__
@@ -13,13 +13,16 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.pages import mount_pages
+from simral.web.portal import mount_portal
 from simral.web.viewer import mount_viewer
 
 
 def create_web_app(ctx: AppContext) -> FastAPI:
     """Build the ASGI application bound to ``ctx``."""
     web = FastAPI(title="simral", version=__version__)
+    install_auth_handlers(web, ctx)
 
     @web.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -29,8 +32,9 @@ def create_web_app(ctx: AppContext) -> FastAPI:
         return {"status": "ok"}
 
     @web.get("/api/status")
-    def status() -> dict[str, Any]:
-        """Counts of the archive's content."""
+    def status(request: Request) -> dict[str, Any]:
+        """Counts of the archive's content (for logged-in users and token holders)."""
+        request_principal(request)
         with ctx.db.reading() as session:
             counts = {
                 name: session.scalar(select(func.count()).select_from(model))
@@ -47,5 +51,6 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_dicomweb(web, ctx)
     mount_wado_uri(web, ctx)
     mount_pages(web, ctx)
+    mount_portal(web, ctx)
     mount_viewer(web, ctx)
     return web

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from html import escape
-from typing import Literal
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
@@ -22,41 +21,10 @@ from simral.access.policy import AccessDenied
 from simral.archive import query
 from simral.context import AppContext
 from simral.web.auth import request_principal
+from simral.web.layout import Language, explicit_language, page, request_language
 
-Language = Literal["fr", "en"]
-LANGUAGES: tuple[Language, ...] = ("fr", "en")
 #: Rows shown on the study list; a narrower search finds the others.
 STUDY_LIST_LIMIT = 200
-
-
-def explicit_language(request: Request) -> Language | None:
-    """The language asked for with ``?lang=fr|en``, if any."""
-    value = request.query_params.get("lang", "").strip().lower()[:2]
-    return value if value in LANGUAGES else None  # type: ignore[return-value]
-
-
-def request_language(request: Request) -> Language:
-    """``?lang=``, else the preferred of French/English in Accept-Language (RFC 9110 §12.5.4), else French."""
-    explicit = explicit_language(request)
-    if explicit is not None:
-        return explicit
-    best: tuple[float, Language] = (0.0, "fr")
-    for item in request.headers.get("accept-language", "").split(","):
-        tag, _, params = item.strip().partition(";")
-        primary = tag.strip().lower().split("-")[0]
-        if primary not in LANGUAGES:
-            continue
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if quality > best[0]:
-            best = (quality, primary)  # type: ignore[assignment]
-    return best[1]
 
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
@@ -105,21 +73,6 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "bad_query": "Invalid search.",
     },
 }
-
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1a1a1a}
-h1{font-size:1.5rem;margin:0 0 1rem}
-header{display:flex;justify-content:space-between;align-items:baseline}
-form{display:flex;gap:.75rem;flex-wrap:wrap;align-items:end;margin-bottom:1rem}
-label{display:flex;flex-direction:column;font-size:.85rem;gap:.2rem}
-input{padding:.3rem .4rem;font-size:1rem}
-table{border-collapse:collapse;width:100%}
-th,td{border-bottom:1px solid #ddd;padding:.4rem .5rem;text-align:left;vertical-align:top}
-th{background:#f3f4f6;font-size:.85rem}
-td.num{text-align:right}
-tbody tr:hover{background:#f8fafc}
-.message{padding:.5rem .75rem;background:#fff7e6;border:1px solid #f0c36d}
-"""
 
 
 def _person_name(value: str) -> str:
@@ -199,6 +152,7 @@ def mount_pages(web: FastAPI, ctx: AppContext) -> None:
         message = ""
         status = 200
         rows: list[query.Result] = []
+        principal = request_principal(request)
         bad_date = next((d for d in (date_from, date_to) if not _valid_date(d)), None)
         if bad_date is not None:
             message, status = text["bad_date"].format(value=bad_date), 400
@@ -212,7 +166,7 @@ def mount_pages(web: FastAPI, ctx: AppContext) -> None:
                         query.run(
                             session,
                             query.plan(identifier),
-                            principal=request_principal(request),
+                            principal=principal,
                             limit=STUDY_LIST_LIMIT + 1,
                             newest_first=True,
                         )
@@ -233,11 +187,9 @@ def mount_pages(web: FastAPI, ctx: AppContext) -> None:
             message,
             {"name": name, "patient_id": patient_id, "date_from": date_from, "date_to": date_to},
         )
-        return HTMLResponse(
-            body,
-            status_code=status,
-            headers={"Cache-Control": "no-store", "Content-Language": language, "Vary": "Accept-Language"},
-        )
+        response = page(request, text["title"], body, principal=principal, status=status)
+        response.headers["Vary"] = "Accept-Language"
+        return response
 
 
 def _valid_date(value: str) -> bool:
@@ -258,8 +210,6 @@ def _render(
     form: Mapping[str, str],
 ) -> str:
     text = TEXT[language]
-    other: Language = "en" if language == "fr" else "fr"
-    switch = "?" + urlencode({**{k: v for k, v in form.items() if v}, "lang": other})
     hidden_lang = f'<input type="hidden" name="lang" value="{escape(explicit)}">' if explicit else ""
 
     def field(key: str, kind: str = "text") -> str:
@@ -278,7 +228,7 @@ def _render(
             escape(patient.patient_id),
             escape(when),
             escape(study.modalities.replace("\\", ", ")),
-            escape(study.description),
+            f'<a href="/studies/{escape(study.study_uid)}">{escape(study.description) or "…"}</a>',
             escape(study.accession_number),
         ]
         counts = [str(study.num_series), str(study.num_instances)]
@@ -291,11 +241,6 @@ def _render(
     headings = ["name", "patient_id", "date", "modalities", "description", "accession", "series", "instances"]
     notice = f'<p class="message" role="status">{escape(message)}</p>' if message else ""
     return (
-        f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{escape(text['title'])} — simral</title><style>{_STYLE}</style></head><body>"
-        f'<header><h1>{escape(text["title"])}</h1><a href="{escape(switch)}" hreflang="{other}">'
-        f"{escape(text['other_language'])}</a></header>"
         f'<form method="get" action="/" role="search">{field("name")}{field("patient_id")}'
         f"{field('date_from', 'date')}{field('date_to', 'date')}{hidden_lang}"
         f'<button type="submit">{escape(text["search"])}</button>'
@@ -304,5 +249,5 @@ def _render(
         + "".join(f'<th scope="col">{escape(text[h])}</th>' for h in headings)
         + "</tr></thead><tbody>"
         + "".join(body_rows)
-        + "</tbody></table></body></html>"
+        + "</tbody></table>"
     )

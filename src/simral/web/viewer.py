@@ -33,7 +33,8 @@ from starlette.staticfiles import NotModifiedResponse, StaticFiles
 from starlette.types import Scope
 
 from simral.context import AppContext
-from simral.web.pages import Language, explicit_language, request_language
+from simral.web.auth import request_principal
+from simral.web.layout import Language, explicit_language, request_language
 
 VIEWER_PATH = "/viewer"
 DICOMWEB_ROOT = "/dicom-web"
@@ -219,7 +220,12 @@ class _ViewerFiles(StaticFiles):
         return response
 
     async def _index(self, index: Path, scope: Scope) -> Response:
-        """``index.html`` rebased, in the request's language (never cached: it depends on the request)."""
+        """``index.html`` rebased, in the request's language (never cached: it depends on the request).
+
+        The page needs a logged-in session (the login page comes back here); the static build
+        holds no patient data and is served to anyone.
+        """
+        request_principal(Request(scope))
         language, explicit = self.page_language(Request(scope))
         html = rebase("index.html", await anyio.Path(index).read_bytes(), self.base).decode()
         html = html.replace('<html lang="en">', f'<html lang="{language}">', 1)

@@ -1,0 +1,670 @@
+"""Organisations, professionals and their credentials: passwords, TOTP, sessions, tokens, break-glass.
+
+- Passwords: argon2id (RFC 9106) with the rules of our reading of the PGSSI-S "Référentiel
+  d'authentification des acteurs de santé" (long passwords, several character classes, no login
+  inside, lockout with backoff after repeated failures).
+- Second factor: TOTP (RFC 6238, 30 s, 6 digits), enrolment mandatory for professionals, a code is
+  accepted once (the last accepted time step is kept).
+- Bearer tokens: JWT (RFC 7519) signed ES256 with our own keys (JWK, RFC 7517, ``kid`` header);
+  keys rotate; each token's ``jti`` is kept so it can be revoked.
+- Sessions: server-side rows; the browser holds a random secret whose SHA-256 is the row id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from simral.access.policy import Principal, may_break_glass
+from simral.audit import service as audit
+from simral.db.base import utcnow
+from simral.identity.models import (
+    ORGANISATION_KINDS,
+    ROLES,
+    AdminAlert,
+    ApiToken,
+    BreakGlass,
+    Membership,
+    Organisation,
+    Professional,
+    SigningKey,
+    WebSession,
+)
+
+
+class IdentityError(ValueError):
+    """An identity operation that cannot be done (duplicate, unknown, invalid)."""
+
+
+class AuthenticationFailed(PermissionError):
+    """Credentials were not accepted; ``reason`` goes to the audit trail, never to the user."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- organisations
+
+_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+def _check_oid(value: str, what: str) -> str:
+    if value and (len(value) > 64 or not _OID.match(value)):
+        raise IdentityError(f"{what}: {value!r} is not an OID (PS3.5 §9.1)")
+    return value
+
+
+def create_organisation(
+    session: Session,
+    *,
+    code: str,
+    name: str,
+    kind: str = "hospital",
+    finess: str = "",
+    siret: str = "",
+    patient_id_oid: str = "",
+    accession_oid: str = "",
+    principal: Principal,
+) -> Organisation:
+    """Register an organisation with its national ids and the OIDs of its ID authorities."""
+    if not _CODE.match(code):
+        raise IdentityError(f"invalid organisation code {code!r} (letters, digits, . _ -; up to 32)")
+    if kind not in ORGANISATION_KINDS:
+        raise IdentityError(f"unknown organisation kind {kind!r} (one of {', '.join(ORGANISATION_KINDS)})")
+    if finess and not re.fullmatch(r"[0-9][0-9AB][0-9]{7}", finess):
+        raise IdentityError(f"FINESS {finess!r} is not 9 characters (2A/2B allowed for Corsica)")
+    if siret and not re.fullmatch(r"[0-9]{14}", siret):
+        raise IdentityError(f"SIRET {siret!r} is not 14 digits")
+    _check_oid(patient_id_oid, "patient ID authority")
+    _check_oid(accession_oid, "accession number authority")
+    if get_organisation(session, code) is not None:
+        raise IdentityError(f"an organisation with code {code!r} already exists")
+    organisation = Organisation(
+        code=code,
+        name=name,
+        kind=kind,
+        finess=finess,
+        siret=siret,
+        patient_id_oid=patient_id_oid,
+        accession_oid=accession_oid,
+    )
+    session.add(organisation)
+    audit.record(
+        session,
+        action="organisation.create",
+        principal=principal,
+        detail={"code": code, "name": name, "kind": kind, "finess": finess},
+    )
+    return organisation
+
+
+def get_organisation(session: Session, code: str) -> Organisation | None:
+    """The organisation with this code."""
+    return session.scalar(select(Organisation).where(Organisation.code == code))
+
+
+def list_organisations(session: Session) -> list[Organisation]:
+    """Every organisation, by code."""
+    return list(session.scalars(select(Organisation).order_by(Organisation.code)))
+
+
+# ----------------------------------------------------------------------------- passwords
+
+_HASHER = PasswordHasher()  # argon2id, RFC 9106 "second recommended option" parameters
+MIN_PASSWORD_LENGTH = 12
+_COMMON = {"password", "motdepasse", "azerty", "qwerty", "123456", "simral", "admin", "bonjour", "soleil"}
+
+
+def check_password_rules(password: str, *, login: str) -> None:
+    """Reject weak passwords: ≥ 12 characters, ≥ 3 of 4 character classes, no login, not common."""
+    problems = []
+    if len(password) < MIN_PASSWORD_LENGTH:
+        problems.append(f"at least {MIN_PASSWORD_LENGTH} characters")
+    classes = sum(
+        bool(re.search(pattern, password)) for pattern in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[^A-Za-z0-9]")
+    )
+    if classes < 3:
+        problems.append("three of: lower case, upper case, digits, symbols")
+    lowered = password.lower()
+    if login and login.lower() in lowered:
+        problems.append("must not contain the login")
+    if any(word in lowered for word in _COMMON):
+        problems.append("must not contain a common word")
+    if problems:
+        raise IdentityError("password rejected: " + "; ".join(problems))
+
+
+def hash_password(password: str) -> str:
+    """argon2id PHC string."""
+    return _HASHER.hash(password)
+
+
+# ----------------------------------------------------------------------------- professionals
+
+
+def get_professional(session: Session, login: str) -> Professional | None:
+    """The professional with this login."""
+    return session.scalar(select(Professional).where(Professional.login == login))
+
+
+def create_professional(
+    session: Session,
+    *,
+    login: str,
+    organisation: str,
+    role: str,
+    password: str = "",
+    display_name: str = "",
+    national_id: str = "",
+    profession: str = "",
+    principal: Principal,
+) -> Professional:
+    """Create an account with its first role; a password is optional (OpenID Connect only)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", login):
+        raise IdentityError(f"invalid login {login!r}")
+    if national_id and not re.fullmatch(r"[0-9]{1,2}[0-9A-Za-z]{8,30}", national_id):
+        raise IdentityError(
+            f"national id {national_id!r} is not an RPPS-based id (8 + RPPS) or an ADELI-based one"
+        )
+    if get_professional(session, login) is not None:
+        raise IdentityError(f"a user with login {login!r} already exists")
+    professional = Professional(
+        login=login, display_name=display_name or login, national_id=national_id, profession=profession
+    )
+    if password:
+        check_password_rules(password, login=login)
+        professional.password_hash = hash_password(password)
+        professional.password_changed_at = utcnow()
+    session.add(professional)
+    session.flush()
+    add_role(session, professional=professional, organisation=organisation, role=role, principal=principal)
+    audit.record(
+        session,
+        action="user.create",
+        principal=principal,
+        detail={"login": login, "national_id": national_id, "organisation": organisation, "role": role},
+    )
+    return professional
+
+
+def add_role(
+    session: Session, *, professional: Professional, organisation: str, role: str, principal: Principal
+) -> Membership:
+    """Give ``professional`` ``role`` in ``organisation``."""
+    if role not in ROLES:
+        raise IdentityError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+    org = get_organisation(session, organisation)
+    if org is None:
+        raise IdentityError(f"no organisation with code {organisation!r}")
+    if role == "regional-admin" and org.kind != "regional-operator":
+        raise IdentityError("the regional-admin role belongs to the regional operator's organisation")
+    membership = Membership(professional_id=professional.id, organisation_id=org.id, role=role)
+    session.add(membership)
+    session.flush()
+    if membership not in professional.memberships:
+        professional.memberships.append(membership)
+    audit.record(
+        session,
+        action="user.role-add",
+        principal=principal,
+        detail={"login": professional.login, "organisation": organisation, "role": role},
+    )
+    return membership
+
+
+def set_password(
+    session: Session, *, professional: Professional, password: str, principal: Principal
+) -> None:
+    """Replace a password (rules checked) and clear any lockout."""
+    check_password_rules(password, login=professional.login)
+    professional.password_hash = hash_password(password)
+    professional.password_changed_at = utcnow()
+    professional.failed_logins = 0
+    professional.locked_until = None
+    audit.record(
+        session, action="user.password-set", principal=principal, detail={"login": professional.login}
+    )
+
+
+def list_professionals(session: Session, *, organisation: str | None = None) -> list[Professional]:
+    """Accounts, by login; only the members of ``organisation`` when given."""
+    query = select(Professional).order_by(Professional.login)
+    if organisation is not None:
+        query = query.where(
+            Professional.id.in_(
+                select(Membership.professional_id)
+                .join(Organisation, Organisation.id == Membership.organisation_id)
+                .where(Organisation.code == organisation)
+            )
+        )
+    return list(session.scalars(query))
+
+
+#: Failures before the account locks; each further failure doubles the lock (1 min … 1 h).
+LOCKOUT_THRESHOLD = 5
+LOCKOUT_BASE = timedelta(minutes=1)
+LOCKOUT_MAX = timedelta(hours=1)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        from datetime import UTC
+
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def check_password(session: Session, *, login: str, password: str) -> Professional:
+    """First factor: the password, with lockout and backoff. Raises :class:`AuthenticationFailed`."""
+    professional = get_professional(session, login)
+    if professional is None:
+        _HASHER.hash(password)  # same work as for a real account: no user enumeration by timing
+        raise AuthenticationFailed("unknown login")
+    now = utcnow()
+    locked_until = _aware(professional.locked_until)
+    if locked_until is not None and locked_until > now:
+        raise AuthenticationFailed("account locked")
+    if not professional.active:
+        raise AuthenticationFailed("account disabled")
+    try:
+        if not professional.password_hash:
+            raise VerificationError("no password")
+        _HASHER.verify(professional.password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        professional.failed_logins += 1
+        if professional.failed_logins >= LOCKOUT_THRESHOLD:
+            extra = professional.failed_logins - LOCKOUT_THRESHOLD
+            professional.locked_until = now + min(LOCKOUT_BASE * (2**extra), LOCKOUT_MAX)
+        raise AuthenticationFailed("wrong password") from None
+    if _HASHER.check_needs_rehash(professional.password_hash):
+        professional.password_hash = hash_password(password)
+    professional.failed_logins = 0
+    professional.locked_until = None
+    return professional
+
+
+# ----------------------------------------------------------------------------- TOTP (RFC 6238)
+
+TOTP_ISSUER = "simral"
+
+
+def start_totp_enrolment(professional: Professional) -> str:
+    """Give the account a new secret (not yet active) and return its ``otpauth://`` URI."""
+    professional.totp_secret = pyotp.random_base32()
+    professional.totp_enrolled_at = None
+    return pyotp.TOTP(professional.totp_secret).provisioning_uri(
+        name=professional.login, issuer_name=TOTP_ISSUER
+    )
+
+
+def totp_uri(professional: Professional) -> str:
+    """The ``otpauth://`` URI of the account's (pending or active) secret, for the enrolment QR code."""
+    return pyotp.TOTP(professional.totp_secret).provisioning_uri(
+        name=professional.login, issuer_name=TOTP_ISSUER
+    )
+
+
+def check_totp(professional: Professional, code: str) -> bool:
+    """Accept a 6-digit code of the current step ±1, once (RFC 6238 §5.2)."""
+    code = code.strip().replace(" ", "")
+    if not professional.totp_secret or not re.fullmatch(r"[0-9]{6}", code):
+        return False
+    totp = pyotp.TOTP(professional.totp_secret)
+    step_now = int(time.time()) // totp.interval
+    for step in (step_now, step_now - 1, step_now + 1):
+        if step <= professional.totp_last_step:
+            continue
+        if secrets.compare_digest(totp.at(step * totp.interval), code):
+            professional.totp_last_step = step
+            return True
+    return False
+
+
+def confirm_totp_enrolment(professional: Professional, code: str) -> bool:
+    """Activate the pending secret once the user proved they hold it."""
+    if check_totp(professional, code):
+        professional.totp_enrolled_at = utcnow()
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- principals
+
+
+def principal_for(
+    session: Session,
+    professional: Professional,
+    *,
+    organisation: str = "",
+    address: str = "",
+    via: str = "",
+) -> Principal:
+    """The policy's view of a professional acting for ``organisation`` (default: their first one)."""
+    memberships = frozenset((m.organisation.code, m.role) for m in professional.memberships)
+    codes = sorted({code for code, _ in memberships})
+    if organisation and organisation not in codes:
+        raise IdentityError(f"{professional.login} is not a member of {organisation!r}")
+    regional = any(m.organisation.kind == "regional-operator" for m in professional.memberships)
+    now = utcnow()
+    grants = session.scalars(
+        select(BreakGlass.study_uid).where(
+            BreakGlass.professional_id == professional.id, BreakGlass.expires_at > now
+        )
+    )
+    return Principal(
+        kind="user",
+        name=professional.login,
+        organisation=organisation or (codes[0] if codes else ""),
+        national_id=professional.national_id,
+        display_name=professional.display_name,
+        user_id=professional.id,
+        memberships=memberships,
+        break_glass=frozenset(grants),
+        regional=regional,
+        address=address,
+        via=via,
+    )
+
+
+# ----------------------------------------------------------------------------- sessions
+
+SESSION_IDLE = timedelta(minutes=30)
+SESSION_MAX = timedelta(hours=12)
+#: A login between the password and the second factor must finish quickly.
+SESSION_PENDING = timedelta(minutes=5)
+
+
+def _session_id(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def open_session(
+    session: Session,
+    *,
+    professional: Professional | None,
+    stage: str,
+    address: str,
+    pending: dict[str, Any] | None = None,
+) -> tuple[str, WebSession]:
+    """Create a session row; return the cookie secret (never stored) and the row."""
+    secret = secrets.token_urlsafe(32)
+    now = utcnow()
+    row = WebSession(
+        id=_session_id(secret),
+        professional_id=professional.id if professional is not None else None,
+        csrf_token=secrets.token_urlsafe(32),
+        stage=stage,
+        pending=pending or {},
+        source_address=address[:64],
+        created_at=now,
+        last_seen_at=now,
+        expires_at=now + (SESSION_MAX if stage in ("mfa", "oidc") else SESSION_PENDING),
+    )
+    session.add(row)
+    return secret, row
+
+
+def find_session(session: Session, secret: str) -> WebSession | None:
+    """The live session for a cookie secret (idle and absolute timeouts applied), or None."""
+    if not secret or len(secret) > 128:
+        return None
+    row = session.get(WebSession, _session_id(secret))
+    if row is None or row.revoked_at is not None:
+        return None
+    now = utcnow()
+    expires_at = _aware(row.expires_at)
+    last_seen = _aware(row.last_seen_at)
+    assert expires_at is not None and last_seen is not None
+    if expires_at <= now or now - last_seen > SESSION_IDLE:
+        return None
+    return row
+
+
+def touch_session(session: Session, row: WebSession) -> None:
+    """Record activity (at most once a minute, to spare writes)."""
+    now = utcnow()
+    last_seen = _aware(row.last_seen_at)
+    if last_seen is None or now - last_seen > timedelta(minutes=1):
+        session.execute(update(WebSession).where(WebSession.id == row.id).values(last_seen_at=now))
+
+
+def promote_session(row: WebSession, *, stage: str, organisation: str = "") -> None:
+    """After the second factor (or an eidas1 OIDC login): full session lifetime."""
+    now = utcnow()
+    row.stage = stage
+    row.organisation_code = organisation
+    row.pending = {}
+    row.expires_at = now + SESSION_MAX
+    row.last_seen_at = now
+
+
+def close_session(row: WebSession) -> None:
+    """Log out."""
+    row.revoked_at = utcnow()
+
+
+# ----------------------------------------------------------------------------- bearer tokens (JWT)
+
+TOKEN_ISSUER = "simral"
+MAX_TOKEN_LIFETIME = timedelta(days=90)
+
+
+def _active_key(session: Session) -> tuple[str, ECKey]:
+    row = session.scalar(
+        select(SigningKey)
+        .where(SigningKey.retired_at.is_(None))
+        .order_by(SigningKey.created_at.desc())
+        .limit(1)
+    )
+    if row is None:
+        return rotate_signing_key(session)
+    return row.kid, cast(ECKey, ECKey.import_key(row.private_jwk))
+
+
+def rotate_signing_key(session: Session) -> tuple[str, ECKey]:
+    """Create a new P-256 signing key and retire the previous ones (they keep verifying)."""
+    now = utcnow()
+    session.execute(update(SigningKey).where(SigningKey.retired_at.is_(None)).values(retired_at=now))
+    key = ECKey.generate_key("P-256", private=True)
+    kid = secrets.token_hex(8)
+    session.add(SigningKey(kid=kid, private_jwk=key.as_dict(private=True), created_at=now))
+    session.flush()
+    return kid, key
+
+
+def issue_token(
+    session: Session,
+    *,
+    professional: Professional,
+    organisation: str = "",
+    lifetime: timedelta,
+    label: str = "",
+    principal: Principal,
+) -> str:
+    """A signed bearer token for the DICOMweb and REST APIs (RFC 6750), recorded for revocation."""
+    if lifetime <= timedelta(0) or lifetime > MAX_TOKEN_LIFETIME:
+        raise IdentityError(f"token lifetime must be between 1 s and {MAX_TOKEN_LIFETIME.days} days")
+    acting = principal_for(session, professional, organisation=organisation)
+    kid, key = _active_key(session)
+    now = utcnow()
+    jti = secrets.token_hex(16)
+    claims = {
+        "iss": TOKEN_ISSUER,
+        "sub": professional.login,
+        "org": acting.organisation,
+        "jti": jti,
+        "iat": int(now.timestamp()),
+        "exp": int((now + lifetime).timestamp()),
+    }
+    token = jwt.encode({"alg": "ES256", "kid": kid, "typ": "JWT"}, claims, key)
+    session.add(
+        ApiToken(
+            jti=jti,
+            professional_id=professional.id,
+            organisation_code=acting.organisation,
+            label=label,
+            created_at=now,
+            expires_at=now + lifetime,
+        )
+    )
+    audit.record(
+        session,
+        action="token.create",
+        principal=principal,
+        detail={
+            "login": professional.login,
+            "jti": jti,
+            "expires": claims["exp"],
+            "organisation": acting.organisation,
+        },
+    )
+    return token
+
+
+@dataclass
+class _KeyCache:
+    keys: KeySet | None = None
+    loaded_at: float = 0.0
+
+
+_key_cache = _KeyCache()
+_key_lock = threading.Lock()
+KEY_CACHE_SECONDS = 60.0
+
+
+def _verification_keys(session: Session, kid: str) -> KeySet:
+    with _key_lock:
+        cached = _key_cache.keys
+        fresh = time.monotonic() - _key_cache.loaded_at < KEY_CACHE_SECONDS
+        if cached is not None and fresh and any(k.kid == kid for k in cached.keys):
+            return cached
+        keys = [
+            ECKey.import_key({**ECKey.import_key(row.private_jwk).as_dict(private=False), "kid": row.kid})
+            for row in session.scalars(select(SigningKey))
+        ]
+        _key_cache.keys = KeySet(keys)  # type: ignore[arg-type]
+        _key_cache.loaded_at = time.monotonic()
+        return _key_cache.keys
+
+
+def verify_token(session: Session, token: str) -> tuple[Professional, str]:
+    """Check a bearer token's signature, issuer, expiry and revocation; return its holder and
+    organisation. Raises :class:`AuthenticationFailed`."""
+    try:
+        kid = str(jws.extract_compact(token.encode()).headers().get("kid", ""))
+        claims = jwt.decode(token, _verification_keys(session, kid), algorithms=["ES256"]).claims
+        jwt.JWTClaimsRegistry(
+            iss={"essential": True, "value": TOKEN_ISSUER}, exp={"essential": True}
+        ).validate(claims)
+    except (JoseError, ValueError) as exc:
+        raise AuthenticationFailed(f"invalid token: {type(exc).__name__}") from None
+    row = session.get(ApiToken, str(claims.get("jti", "")))
+    if row is None or row.revoked_at is not None:
+        raise AuthenticationFailed("token revoked or unknown")
+    professional = session.get(Professional, row.professional_id)
+    if professional is None or not professional.active or professional.login != claims.get("sub"):
+        raise AuthenticationFailed("token holder unknown or disabled")
+    return professional, row.organisation_code
+
+
+def revoke_token(session: Session, *, jti: str, principal: Principal) -> None:
+    """Revoke a token by its id."""
+    row = session.get(ApiToken, jti)
+    if row is None:
+        raise IdentityError(f"no token {jti!r}")
+    row.revoked_at = utcnow()
+    audit.record(session, action="token.revoke", principal=principal, detail={"jti": jti})
+
+
+# ----------------------------------------------------------------------------- break-glass
+
+MAX_BREAK_GLASS = timedelta(hours=4)
+
+
+def open_break_glass(
+    session: Session,
+    *,
+    principal: Principal,
+    study_uid: str,
+    reason: str,
+    duration: timedelta = timedelta(hours=1),
+    holders: list[str],
+    patient_id: str = "",
+) -> BreakGlass:
+    """Grant ``principal`` emergency access to one study: stated reason, time limit, alert, audit.
+
+    ``holders`` are the codes of the organisations holding the study; each gets an alert for its
+    administrators.
+    """
+    if not may_break_glass(principal) or principal.user_id is None:
+        raise IdentityError("break-glass is for professionals with a clinical or administrative role")
+    reason = reason.strip()
+    if len(reason) < 10:
+        raise IdentityError("state the reason for the emergency access (at least 10 characters)")
+    if duration <= timedelta(0) or duration > MAX_BREAK_GLASS:
+        raise IdentityError(f"break-glass lasts at most {int(MAX_BREAK_GLASS.total_seconds() // 3600)} h")
+    now = utcnow()
+    grant = BreakGlass(
+        professional_id=principal.user_id,
+        study_uid=study_uid,
+        reason=reason[:2000],
+        started_at=now,
+        expires_at=now + duration,
+    )
+    session.add(grant)
+    for code in holders:
+        session.add(
+            AdminAlert(
+                organisation_code=code,
+                kind="break-glass",
+                message=f"{principal.display_name or principal.name} "
+                f"({principal.national_id or 'no national id'}, "
+                f"{principal.organisation}) opened emergency access: {reason[:500]}",
+                study_uid=study_uid,
+                created_at=now,
+            )
+        )
+    audit.record(
+        session,
+        action="break-glass.open",
+        principal=principal,
+        outcome="warning",
+        study_uid=study_uid,
+        patient_id=patient_id,
+        detail={"reason": reason[:2000], "until": grant.expires_at.isoformat(), "alerted": holders},
+    )
+    return grant
+
+
+def alerts_for(session: Session, organisations: frozenset[str] | None) -> list[AdminAlert]:
+    """Unacknowledged alerts of these organisations (None: all), newest first."""
+    query = select(AdminAlert).where(AdminAlert.acknowledged_at.is_(None))
+    if organisations is not None:
+        query = query.where(AdminAlert.organisation_code.in_(sorted(organisations)))
+    return list(session.scalars(query.order_by(AdminAlert.id.desc()).limit(200)))
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``1h``, ``7d`` → timedelta."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([smhd])\s*", text)
+    if not match:
+        raise IdentityError(f"not a duration: {text!r} (e.g. 30m, 1h, 7d)")
+    value, unit = int(match.group(1)), match.group(2)
+    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: value})

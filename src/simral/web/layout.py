@@ -1,0 +1,136 @@
+"""Page layout shared by the portal's pages: language choice, header, navigation, stylesheet.
+
+French first; English with ``?lang=en`` or a browser preferring English (RFC 9110 §12.5.4). Styles
+live in ``/static/simral.css`` (no inline styles: the Content-Security-Policy forbids them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from html import escape
+from typing import Literal
+from urllib.parse import urlencode
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+
+from simral.access.policy import Principal, may_manage, may_read_audit
+
+Language = Literal["fr", "en"]
+LANGUAGES: tuple[Language, ...] = ("fr", "en")
+
+
+def explicit_language(request: Request) -> Language | None:
+    """The language asked for with ``?lang=fr|en``, if any."""
+    value = request.query_params.get("lang", "").strip().lower()[:2]
+    return value if value in LANGUAGES else None  # type: ignore[return-value]
+
+
+def request_language(request: Request) -> Language:
+    """``?lang=``, else the preferred of French/English in Accept-Language (RFC 9110 §12.5.4), else French."""
+    explicit = explicit_language(request)
+    if explicit is not None:
+        return explicit
+    best: tuple[float, Language] = (0.0, "fr")
+    for item in request.headers.get("accept-language", "").split(","):
+        tag, _, params = item.strip().partition(";")
+        primary = tag.strip().lower().split("-")[0]
+        if primary not in LANGUAGES:
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > best[0]:
+            best = (quality, primary)  # type: ignore[assignment]
+    return best[1]
+
+
+NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
+    "fr": {
+        "studies": "Examens",
+        "audit": "Traçabilité",
+        "admin": "Administration",
+        "logout": "Se déconnecter",
+        "other_language": "English",
+    },
+    "en": {
+        "studies": "Studies",
+        "audit": "Audit trail",
+        "admin": "Administration",
+        "logout": "Log out",
+        "other_language": "Français",
+    },
+}
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1a1a1a}
+h1{font-size:1.5rem;margin:0 0 1rem}h2{font-size:1.15rem}
+header{display:flex;justify-content:space-between;align-items:baseline;gap:1rem;flex-wrap:wrap}
+nav{display:flex;gap:1rem;align-items:baseline}
+form{display:flex;gap:.75rem;flex-wrap:wrap;align-items:end;margin-bottom:1rem}
+form.stack{flex-direction:column;align-items:flex-start;max-width:28rem}
+label{display:flex;flex-direction:column;font-size:.85rem;gap:.2rem}
+input,textarea,select{padding:.3rem .4rem;font-size:1rem}
+textarea{width:26rem;min-height:5rem}
+table{border-collapse:collapse;width:100%}
+th,td{border-bottom:1px solid #ddd;padding:.4rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f4f6;font-size:.85rem}
+td.num{text-align:right}
+tbody tr:hover{background:#f8fafc}
+.message{padding:.5rem .75rem;background:#fff7e6;border:1px solid #f0c36d}
+.error{padding:.5rem .75rem;background:#fdecea;border:1px solid #e0a19b}
+.thumbs{display:flex;gap:.5rem;flex-wrap:wrap}.thumbs img{width:96px;height:96px;background:#000}
+button.link{background:none;border:none;color:#0645ad;text-decoration:underline;cursor:pointer;font-size:1rem}
+"""
+
+
+def lang_param(request: Request) -> str:
+    """The explicit ``lang`` query parameter, to carry over to a redirect."""
+    value = request.query_params.get("lang", "")
+    return value if value in ("fr", "en") else ""
+
+
+def page(
+    request: Request,
+    title: str,
+    body: str,
+    *,
+    principal: Principal | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    """One portal page: header with navigation for ``principal``, then ``body``."""
+    language = request_language(request)
+    text = NAV_TEXT[language]
+    other = "en" if language == "fr" else "fr"
+    switch = request.url.path + "?" + urlencode({**dict(request.query_params), "lang": other})
+    nav = ""
+    if principal is not None:
+        links = [f'<a href="/">{escape(text["studies"])}</a>']
+        if may_read_audit(principal):
+            links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
+        if may_manage(principal) or any(r == "site-admin" for _, r in principal.memberships):
+            links.append(f'<a href="/admin">{escape(text["admin"])}</a>')
+        csrf = escape(getattr(request.state, "csrf_token", ""))
+        who = escape(f"{principal.display_name or principal.name} — {principal.organisation}")
+        links.append(
+            f'<span>{who}</span><form method="post" action="/logout" style="margin:0">'
+            f'<input type="hidden" name="csrf_token" value="{csrf}">'
+            f'<button class="link" type="submit">{escape(text["logout"])}</button></form>'
+        )
+        nav = "<nav>" + "".join(links) + "</nav>"
+    html = (
+        f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{escape(title)} — simral</title>"
+        '<link rel="stylesheet" href="/static/simral.css"></head><body>'
+        f'<header><h1>{escape(title)}</h1>{nav}<a href="{escape(switch)}" hreflang="{other}">'
+        f"{escape(text['other_language'])}</a></header><main>{body}</main></body></html>"
+    )
+    return HTMLResponse(
+        html, status_code=status, headers={"Cache-Control": "no-store", "Content-Language": language}
+    )
