@@ -43,6 +43,12 @@ $(OHIF_STAMP): | $(STAMP)
 	rm -rf $(VENV)/ohif-download $(VENV)/.ohif-*
 	touch $@
 
+# The OpenID provider the login tests run (npm oidc-provider, pinned by its package-lock.json).
+OIDC_PEER := tests/oidc_provider/node_modules/.package-lock.json
+$(OIDC_PEER): tests/oidc_provider/package-lock.json | $(OHIF_STAMP)
+	npm ci --prefix tests/oidc_provider --no-audit --no-fund --prefer-offline --silent
+	touch $@
+
 run: install
 	$(BIN)/simral serve --data-dir $(DATA_DIR) --dicom-port $(DICOM_PORT) --http-port $(HTTP_PORT)
 
@@ -62,7 +68,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install test-deps
+test: install test-deps $(OIDC_PEER)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -54,6 +54,24 @@ class Settings:
     log_level: str = "INFO"
     #: Worker processes of ``simral serve`` sharing the DICOM and HTTP ports; 0 = one per CPU (≤ 4).
     workers: int = 1
+    # --- OpenID Connect login (Pro Santé Connect or another provider) ---
+    #: Issuer URL; empty = no OpenID Connect login (local accounts only).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    #: ``psc`` (Pro Santé Connect: scope ``openid scope_all``, acr ``eidas1``, ``SubjectNameID``) or
+    #: ``generic``.
+    oidc_preset: str = "psc"
+    #: Where the provider sends the browser back; empty = ``public_url`` (or the request's origin)
+    #: + ``/login/oidc/callback``.
+    oidc_redirect_uri: str = ""
+    #: Override the preset's discovery path (PSC: ``/.well-known/wallet-openid-configuration``).
+    oidc_discovery_path: str = ""
+    #: Override the preset's required acr values (space-separated).
+    oidc_acr_values: str = ""
+    #: Claim holding the national id for the generic preset.
+    oidc_national_id_claim: str = "preferred_username"
+    # --- exposure ---
     #: A TLS-terminating reverse proxy is in front: plain HTTP may bind a non-loopback address.
     behind_tls_proxy: bool = False
     #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``

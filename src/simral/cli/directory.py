@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Annotated
@@ -353,6 +354,7 @@ def audit_search(
                 r.source_address,
                 r.patient_id,
                 r.study_uid,
+                json.dumps(r.detail, ensure_ascii=False)[:160],
             )
     # Audit lines are long: never truncate them when the output is not a terminal.
     (out if out.is_terminal else Console(width=240)).print(table)

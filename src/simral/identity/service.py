@@ -668,3 +668,31 @@ def parse_duration(text: str) -> timedelta:
         raise IdentityError(f"not a duration: {text!r} (e.g. 30m, 1h, 7d)")
     value, unit = int(match.group(1)), match.group(2)
     return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: value})
+
+
+# ----------------------------------------------------------------------------- OpenID Connect
+
+
+def professional_for_login(
+    session: Session, *, national_id: str, organisation_ids: list[tuple[str, str]]
+) -> tuple[Professional, str]:
+    """The account behind a verified OpenID Connect login, and the organisation it acts for.
+
+    Accounts are provisioned by administrators (no account is created on the fly): the national id
+    (PSC ``SubjectNameID``) must be a known, active professional's. The acting organisation is the
+    first of the login's places of practice (``("finess", N)`` or ``("siret", N)``) the professional
+    is a member of, else their first membership.
+    """
+    professional = session.scalar(
+        select(Professional).where(Professional.national_id == national_id, Professional.active.is_(True))
+    )
+    if professional is None:
+        raise AuthenticationFailed("no account with this national id")
+    members = {m.organisation.code: m.organisation for m in professional.memberships}
+    for kind, value in organisation_ids:
+        for code, org in members.items():
+            if (kind == "finess" and org.finess == value) or (kind == "siret" and org.siret == value):
+                return professional, code
+    if not members:
+        raise AuthenticationFailed("account has no role in any organisation")
+    return professional, sorted(members)[0]

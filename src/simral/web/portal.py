@@ -45,6 +45,8 @@ LOGIN_CSRF_COOKIE = "simral_login_csrf"
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
         "login": "Connexion",
+        "psc": "Se connecter avec Pro Santé Connect (e-CPS ou carte CPS)",
+        "oidc": "Se connecter avec le fournisseur d'identité",
         "user": "Identifiant",
         "password": "Mot de passe",
         "submit": "Se connecter",
@@ -92,6 +94,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
     },
     "en": {
         "login": "Log in",
+        "psc": "Log in with Pro Santé Connect (e-CPS or CPS card)",
+        "oidc": "Log in with the identity provider",
         "user": "Login",
         "password": "Password",
         "submit": "Log in",
@@ -177,6 +181,10 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             f'autocomplete="current-password" required></label>'
             f'<button type="submit">{escape(text["submit"])}</button></form>'
         )
+        if ctx.settings.oidc_issuer:
+            label = text["psc"] if ctx.settings.oidc_preset == "psc" else text["oidc"]
+            start = "/login/oidc?next=" + quote(_safe_next(request.query_params.get("next", "/")), safe="")
+            body += f'<p><a id="oidc-login" href="{escape(start)}">{escape(label)}</a></p>'
         response = page(request, text["login"], body, status=status)
         response.set_cookie(
             LOGIN_CSRF_COOKIE,
