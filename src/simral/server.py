@@ -116,6 +116,7 @@ def run_server(settings: Settings) -> int:
     )
     check_ports_free(settings)
     ctx = open_app(settings)
+    _first_start(settings, ctx)
     published, deleted = recover_staged(ctx)
     if published or deleted:
         log.warning("recovered interrupted ingests: %d published, %d discarded", published, deleted)
@@ -139,6 +140,24 @@ def run_server(settings: Settings) -> int:
         flush=True,
     )
     return _supervise(children)
+
+
+def _first_start(settings: Settings, ctx: AppContext) -> None:
+    """Create the first regional administrator on an empty platform and say how to log in."""
+    from simral.identity.service import BOOTSTRAP_LOGIN, ensure_first_administrator
+
+    password_file = settings.data_dir / "initial-admin-password"
+    with ctx.db.unit_of_work() as session:
+        created = ensure_first_administrator(session, password_file=password_file)
+    if created:
+        scheme = "https" if getattr(settings, "https", False) else "http"
+        host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+        print(
+            f"first start: log in at {scheme}://{host}:{settings.http_port}/login as {BOOTSTRAP_LOGIN!r}; "
+            f"its one-time password is in {password_file.resolve()} (readable by you only). "
+            "You will enrol a TOTP authenticator at first login.",
+            flush=True,
+        )
 
 
 class _EarlyStop:

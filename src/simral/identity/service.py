@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pyotp
@@ -696,3 +698,43 @@ def professional_for_login(
     if not members:
         raise AuthenticationFailed("account has no role in any organisation")
     return professional, sorted(members)[0]
+
+
+# ----------------------------------------------------------------------------- first start
+
+BOOTSTRAP_ORGANISATION = "REGION"
+BOOTSTRAP_LOGIN = "admin"
+
+
+def ensure_first_administrator(session: Session, *, password_file: Path) -> bool:
+    """On a platform without any account: create the regional operator and its administrator.
+
+    The one-time password goes to ``password_file`` (mode 0600, never to a log); the administrator
+    enrols a TOTP device at first login and should then change it. Returns True if created.
+    """
+    if session.scalar(select(Professional.id).limit(1)) is not None:
+        return False
+    system = Principal(kind="system", name="first-start", archive_wide=True, via="serve")
+    if get_organisation(session, BOOTSTRAP_ORGANISATION) is None:
+        create_organisation(
+            session,
+            code=BOOTSTRAP_ORGANISATION,
+            name="Opérateur régional",
+            kind="regional-operator",
+            principal=system,
+        )
+    password = "-".join(secrets.token_urlsafe(6) for _ in range(3)) + "-A1"
+    create_professional(
+        session,
+        login=BOOTSTRAP_LOGIN,
+        organisation=BOOTSTRAP_ORGANISATION,
+        role="regional-admin",
+        password=password,
+        display_name="Administrateur régional",
+        principal=system,
+    )
+    password_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    return True

@@ -145,6 +145,47 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
 }
 
 
+#: How the audit page names the recorded actions (the code stays visible in the title attribute).
+ACTION_LABELS: Mapping[Language, Mapping[str, str]] = {
+    "fr": {
+        "login": "Connexion",
+        "logout": "Déconnexion",
+        "study.read": "Consultation d'examen",
+        "study.retrieve": "Récupération DICOM (C-MOVE/C-GET)",
+        "query": "Recherche",
+        "instance.store": "Réception d'image",
+        "break-glass.open": "Accès d'urgence (bris de glace)",
+        "audit.search": "Consultation de la traçabilité",
+        "node.create": "Ajout d'une modalité ou d'un PACS",
+        "node.delete": "Retrait d'une modalité ou d'un PACS",
+        "organisation.create": "Création d'une structure",
+        "user.create": "Création d'un compte",
+        "user.role-add": "Attribution d'un rôle",
+        "user.password-set": "Changement de mot de passe",
+        "token.create": "Émission d'un jeton d'accès",
+        "token.revoke": "Révocation d'un jeton d'accès",
+    },
+    "en": {
+        "login": "Login",
+        "logout": "Logout",
+        "study.read": "Study viewed",
+        "study.retrieve": "DICOM retrieve (C-MOVE/C-GET)",
+        "query": "Query",
+        "instance.store": "Image received",
+        "break-glass.open": "Emergency access (break-glass)",
+        "audit.search": "Audit trail searched",
+        "node.create": "Node added",
+        "node.delete": "Node removed",
+        "organisation.create": "Organisation created",
+        "user.create": "Account created",
+        "user.role-add": "Role granted",
+        "user.password-set": "Password changed",
+        "token.create": "Access token issued",
+        "token.revoke": "Access token revoked",
+    },
+}
+
+
 def _safe_next(value: str) -> str:
     """Only same-site paths (no open redirect, CWE-601)."""
     if not value.startswith("/") or value.startswith("//") or "\\" in value:
@@ -478,13 +519,14 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
                 patient_id=patient_id.strip()[:64],
                 detail={"actor": actor, "study": study, "results": len(rows)},
             )
+        labels = ACTION_LABELS[request_language(request)]
         table_rows = "".join(
             "<tr>"
+            + f"<td>{escape(r.at.strftime('%Y-%m-%d %H:%M:%S'))}</td>"
+            + f'<td title="{escape(r.action)}">{escape(labels.get(r.action, r.action))}</td>'
             + "".join(
                 f"<td>{escape(str(v))}</td>"
                 for v in (
-                    r.at.strftime("%Y-%m-%d %H:%M:%S"),
-                    r.action,
                     r.actor + (f" ({r.actor_national_id})" if r.actor_national_id else ""),
                     r.actor_organisation,
                     r.outcome,
