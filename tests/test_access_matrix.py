@@ -387,3 +387,48 @@ def test_every_read_is_audited_with_who_and_which_patient(world: World) -> None:
     assert "study.read" in page.text and "PAT-A" in page.text and "CHA" in page.text
     out = world.simral.cli("audit", "search", "--patient-id", "PAT-B", "--limit", "200").stdout
     assert "instance.store" in out and "dicom-node:MOD_B" in out
+
+
+def test_administration_forms_follow_the_policy(world: World) -> None:
+    def post(actor: str, path: str, **form: str) -> httpx.Response:
+        with world.http(actor) as http:
+            return http.post(path, data=form)
+
+    created = post("siteadm_a", "/admin/users", login="new_tech_a", organisation="CHA", role="technologist")
+    assert created.status_code == 200 and 'id="one-time-password"' in created.text
+    # A site administrator manages their own organisation only, and cannot mint regional administrators.
+    assert (
+        post("siteadm_a", "/admin/users", login="x1", organisation="CLINB", role="technologist").status_code
+        == 403
+    )
+    assert (
+        post("siteadm_a", "/admin/users", login="x2", organisation="CHA", role="regional-admin").status_code
+        == 403
+    )
+    assert (
+        post("siteadm_a", "/admin/organisations", code="NEWORG", name="N", kind="hospital").status_code == 403
+    )
+    assert post("regadm", "/admin/organisations", code="NEWORG", name="N", kind="hospital").status_code == 200
+    node = {"name": "us_a", "ae": "US_A", "host": "127.0.0.1", "port": "104"}
+    assert post("siteadm_a", "/admin/nodes", organisation="CLINB", **node).status_code == 403
+    assert post("siteadm_a", "/admin/nodes", organisation="CHA", **node).status_code == 200
+    for login in ("tech_a", "auditor", "ref_b"):
+        assert (
+            post(login, "/admin/users", login="x3", organisation="CHA", role="technologist").status_code
+            == 403
+        )
+    listed = world.simral.cli("users", "list").stdout
+    assert "new_tech_a" in listed and "x1" not in listed and "x2" not in listed and "x3" not in listed
+
+
+def test_users_issue_their_own_tokens(world: World) -> None:
+    with world.http("rad_a") as http:
+        page = http.post("/account/tokens", data={"lifetime": "1h", "label": "station de lecture"})
+    assert page.status_code == 200
+    token = page.text.split('<code id="token">', 1)[1].split("<", 1)[0]
+    own = httpx.get(
+        f"{world.simral.http_url}/dicom-web/studies/{world.studies['A']}/metadata",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert own.status_code == 200

@@ -113,6 +113,15 @@ def test_technologist_break_glass_and_audit(browser: Browser, portal: Portal, ar
     assert page.locator("tbody").inner_text().count("PAT-A") == 1
     assert "PAT-B" not in page.locator("tbody").inner_text()
     page.screenshot(path=str(artifacts_dir / "portal-study-list.png"))
+    # The session cookie alone does not authorise a state change: the CSRF token must come with it.
+    forged = page.request.post(portal.url + "/account/tokens", form={"lifetime": "1h"})
+    assert forged.status == 403
+    stow = page.request.post(
+        portal.url + "/dicom-web/studies",
+        data=b"--b--\r\n",
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+    )
+    assert stow.status == 403
 
     # CLINB's study by URL: refused as if it did not exist, with the break-glass form.
     page.goto(f"{portal.url}/studies/{portal.study_b}")

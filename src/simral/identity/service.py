@@ -32,7 +32,7 @@ from joserfc.jwk import ECKey, KeySet
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from simral.access.policy import Principal, may_break_glass
+from simral.access.policy import AccessDenied, Principal, may_break_glass, may_manage
 from simral.audit import service as audit
 from simral.db.base import utcnow
 from simral.identity.models import (
@@ -85,7 +85,10 @@ def create_organisation(
     accession_oid: str = "",
     principal: Principal,
 ) -> Organisation:
-    """Register an organisation with its national ids and the OIDs of its ID authorities."""
+    """Register an organisation with its national ids and the OIDs of its ID authorities (regional
+    administrators and the platform operator only)."""
+    if not may_manage(principal):
+        raise AccessDenied(f"{principal.audit_name} may not create organisations")
     if not _CODE.match(code):
         raise IdentityError(f"invalid organisation code {code!r} (letters, digits, . _ -; up to 32)")
     if kind not in ORGANISATION_KINDS:
@@ -179,6 +182,8 @@ def create_professional(
     principal: Principal,
 ) -> Professional:
     """Create an account with its first role; a password is optional (OpenID Connect only)."""
+    if not may_manage(principal, organisation):
+        raise AccessDenied(f"{principal.audit_name} may not create accounts in {organisation}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", login):
         raise IdentityError(f"invalid login {login!r}")
     if national_id and not re.fullmatch(r"[0-9]{1,2}[0-9A-Za-z]{8,30}", national_id):
@@ -209,7 +214,9 @@ def create_professional(
 def add_role(
     session: Session, *, professional: Professional, organisation: str, role: str, principal: Principal
 ) -> Membership:
-    """Give ``professional`` ``role`` in ``organisation``."""
+    """Give ``professional`` ``role`` in ``organisation`` (its site administrators, regional ones)."""
+    if not may_manage(principal, organisation) or (role == "regional-admin" and not may_manage(principal)):
+        raise AccessDenied(f"{principal.audit_name} may not grant roles in {organisation}")
     if role not in ROLES:
         raise IdentityError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     org = get_organisation(session, organisation)
@@ -500,7 +507,12 @@ def issue_token(
     label: str = "",
     principal: Principal,
 ) -> str:
-    """A signed bearer token for the DICOMweb and REST APIs (RFC 6750), recorded for revocation."""
+    """A signed bearer token for the DICOMweb and REST APIs (RFC 6750), recorded for revocation.
+
+    Professionals issue tokens for themselves; only the platform operator (CLI) issues them for others.
+    """
+    if principal.kind != "system" and principal.user_id != professional.id:
+        raise AccessDenied(f"{principal.audit_name} may not issue tokens for {professional.login}")
     if lifetime <= timedelta(0) or lifetime > MAX_TOKEN_LIFETIME:
         raise IdentityError(f"token lifetime must be between 1 s and {MAX_TOKEN_LIFETIME.days} days")
     acting = principal_for(session, professional, organisation=organisation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from simral.access.policy import Principal
+from simral.access.policy import AccessDenied, Principal, may_manage
 from simral.audit import service as audit
 from simral.nodes.models import RemoteNode
 
@@ -42,6 +42,10 @@ def create(
     """
     from simral.identity.service import get_organisation
 
+    if not may_manage(principal, organisation or None):
+        raise AccessDenied(
+            f"{principal.audit_name} may not register nodes for {organisation or 'the platform'}"
+        )
     ae_title = _check_ae_title(ae_title)
     if bool(organisation) == archive_wide:
         raise NodeError("a node belongs to one organisation (--organisation CODE) or is --archive-wide")
@@ -96,5 +100,7 @@ def delete(session: Session, *, name: str, principal: Principal) -> None:
     node = session.scalar(select(RemoteNode).where(RemoteNode.name == name))
     if node is None:
         raise NodeError(f"no node named {name!r}")
+    if not may_manage(principal, node.organisation or None):
+        raise AccessDenied(f"{principal.audit_name} may not remove node {name}")
     session.delete(node)
     audit.record(session, action="node.delete", principal=principal, detail={"name": name})

@@ -13,6 +13,7 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
@@ -53,6 +54,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_wado_uri(web, ctx)
     mount_pages(web, ctx)
     mount_portal(web, ctx)
+    mount_admin(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     return web

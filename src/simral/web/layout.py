@@ -55,6 +55,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Examens",
         "audit": "Traçabilité",
         "admin": "Administration",
+        "account": "Mon compte",
         "logout": "Se déconnecter",
         "other_language": "English",
     },
@@ -62,6 +63,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Studies",
         "audit": "Audit trail",
         "admin": "Administration",
+        "account": "My account",
         "logout": "Log out",
         "other_language": "Français",
     },
@@ -85,6 +87,7 @@ tbody tr:hover{background:#f8fafc}
 .message{padding:.5rem .75rem;background:#fff7e6;border:1px solid #f0c36d}
 .error{padding:.5rem .75rem;background:#fdecea;border:1px solid #e0a19b}
 .thumbs{display:flex;gap:.5rem;flex-wrap:wrap}.thumbs img{width:96px;height:96px;background:#000}
+form.inline{margin:0}
 button.link{background:none;border:none;color:#0645ad;text-decoration:underline;cursor:pointer;font-size:1rem}
 """
 
@@ -118,7 +121,8 @@ def page(
         csrf = escape(getattr(request.state, "csrf_token", ""))
         who = escape(f"{principal.display_name or principal.name} — {principal.organisation}")
         links.append(
-            f'<span>{who}</span><form method="post" action="/logout" style="margin:0">'
+            f'<a href="/account" title="{escape(text["account"])}">{who}</a>'
+            '<form class="inline" method="post" action="/logout">'
             f'<input type="hidden" name="csrf_token" value="{csrf}">'
             f'<button class="link" type="submit">{escape(text["logout"])}</button></form>'
         )

@@ -22,7 +22,6 @@ from simral.access.policy import (
     Principal,
     audit_scope,
     may_break_glass,
-    may_manage,
     may_read_audit,
 )
 from simral.archive import service as archive
@@ -562,56 +561,3 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             + f"</tr></thead><tbody>{table_rows}</tbody></table>"
         )
         return page(request, text["audit"], body, principal=principal)
-
-    # ------------------------------------------------------------------ administration
-
-    @web.get("/admin", response_class=HTMLResponse)
-    def admin_page(request: Request) -> HTMLResponse:
-        principal = request_principal(request)
-        text = TEXT[request_language(request)]
-        managed = (
-            None
-            if may_manage(principal)
-            else frozenset(org for org, role in principal.memberships if role == "site-admin")
-        )
-        if managed is not None and not managed:
-            return page(
-                request,
-                text["admin"],
-                f'<p class="error">{escape(text["denied"])}</p>',
-                principal=principal,
-                status=403,
-            )
-        with ctx.db.reading() as session:
-            alerts = identity.alerts_for(session, managed)
-            users = [
-                p
-                for p in identity.list_professionals(session)
-                if managed is None or any(m.organisation.code in managed for m in p.memberships)
-            ]
-            organisations = [
-                o for o in identity.list_organisations(session) if managed is None or o.code in managed
-            ]
-            user_rows = "".join(
-                f"<tr><td>{escape(p.login)}</td><td>{escape(p.display_name)}</td><td>{escape(p.national_id)}</td>"
-                f"<td>{escape(', '.join(sorted(f'{m.role}@{m.organisation.code}' for m in p.memberships)))}"
-                "</td></tr>"
-                for p in users
-            )
-        alert_rows = "".join(
-            f"<tr><td>{escape(a.created_at.strftime('%Y-%m-%d %H:%M'))}</td>"
-            f"<td>{escape(a.organisation_code)}</td>"
-            f"<td>{escape(a.kind)}</td><td>{escape(a.message)}</td><td>{escape(a.study_uid)}</td></tr>"
-            for a in alerts
-        )
-        org_rows = "".join(
-            f"<tr><td>{escape(o.code)}</td><td>{escape(o.name)}</td><td>{escape(o.kind)}</td>"
-            f"<td>{escape(o.finess)}</td><td>{escape(o.patient_id_oid)}</td></tr>"
-            for o in organisations
-        )
-        body = (
-            f"<h2>{escape(text['alerts'])}</h2><table><tbody>{alert_rows}</tbody></table>"
-            f"<h2>{escape(text['organisations'])}</h2><table><tbody>{org_rows}</tbody></table>"
-            f"<h2>{escape(text['users'])}</h2><table><tbody>{user_rows}</tbody></table>"
-        )
-        return page(request, text["admin"], body, principal=principal)
