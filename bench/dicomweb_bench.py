@@ -186,8 +186,13 @@ class Server:
     log_tail: Callable[[], str]
 
 
+#: The bearer token of simral's bench user (Orthanc, without authentication, ignores the header).
+AUTH_HEADERS: dict[str, str] = {}
+
+
 def _http() -> httpx.Client:
-    return httpx.Client(timeout=600, trust_env=False)  # loopback only, whatever *_proxy says
+    # loopback only, whatever *_proxy says
+    return httpx.Client(timeout=600, trust_env=False, headers=AUTH_HEADERS)
 
 
 def wait_dicomweb(root: str, timeout: float = 60) -> None:
@@ -212,6 +217,7 @@ def simral_server(base: Path, tag: str) -> Iterator[Server]:
     """A fresh ``simral serve`` on its embedded defaults (SQLite + filesystem) in ``base/tag``."""
     proc = SimralProcess(base / f"simral-{tag}", extra_env={"SIMRAL_WORKERS": "0"})
     proc.add_node("bench", SCU_AE, 104)
+    AUTH_HEADERS.update(proc.auth_headers)  # DICOMweb needs a token (or a session)
     root = f"http://{HOST}:{proc.http_port}/dicom-web"
     status = f"http://{HOST}:{proc.http_port}/api/status"
 
@@ -459,6 +465,7 @@ def _session() -> requests.Session:
     # requests (urllib3) reads a streamed body about 3x faster than httpx here: see bench/README.md.
     session = requests.Session()
     session.trust_env = False
+    session.headers.update(AUTH_HEADERS)
     return session
 
 

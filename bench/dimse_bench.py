@@ -180,8 +180,8 @@ class Target:
     count: Callable[[], int]  # instances stored
 
 
-def _http_json(url: str) -> Any:
-    with _HTTP.open(url, timeout=30) as resp:
+def _http_json(url: str, headers: dict[str, str]) -> Any:
+    with _HTTP.open(urllib.request.Request(url, headers=headers), timeout=30) as resp:
         return json.load(resp)
 
 
@@ -196,8 +196,13 @@ def simral_server(base: Path, tag: str, dest_port: int, sampler: RssSampler) -> 
         assert proc.proc is not None
         sampler.watch("simral", proc.proc.pid)
         url = f"http://{HOST}:{proc.http_port}/api/status"
+        headers = proc.auth_headers
         yield Target(
-            "simral", proc.ae_title, proc.dicom_port, proc.proc.pid, lambda: _http_json(url)["instances"]
+            "simral",
+            proc.ae_title,
+            proc.dicom_port,
+            proc.proc.pid,
+            lambda: _http_json(url, headers)["instances"],
         )
     except BaseException:
         log(f"simral log tail:\n{proc.log_tail()}")

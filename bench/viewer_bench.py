@@ -41,7 +41,8 @@ from playwright.sync_api import BrowserContext, Playwright, sync_playwright  # n
 from pydicom import dcmread  # noqa: E402
 from tests.corpus import ct_series  # noqa: E402
 from tests.peers import free_port  # noqa: E402
-from tests.simral_proc import SIMRAL, SimralProcess  # noqa: E402
+from tests.portal_login import TotpDevice, browser_login  # noqa: E402
+from tests.simral_proc import SIMRAL, TEST_PASSWORD, TEST_USER, SimralProcess  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 TARGET_S = 1.5
@@ -178,13 +179,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             url = f"{simral.http_url}/viewer/viewer?StudyInstanceUIDs={study_uid}"
             # The server rebases OHIF's bundles on their first request: do that before timing.
             for path in ("/viewer/", "/viewer/app.bundle.css"):
-                _HTTP.open(simral.http_url + path, timeout=60).read()
+                request = urllib.request.Request(simral.http_url + path, headers=simral.auth_headers)
+                _HTTP.open(request, timeout=60).read()
             dead_proxy = free_port()
             with sync_playwright() as playwright:
+                # Log in once (password + TOTP, as a user does); every timed profile gets the session.
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+                session = browser_login(browser, simral.http_url, TEST_USER, TEST_PASSWORD, TotpDevice())
+                browser.close()
+                cookies = session["cookies"]
                 cold = []
                 for i in range(runs):
                     with_profile = work / f"cold-profile-{i}"
                     context = launch(playwright, with_profile, dead_proxy)
+                    context.add_cookies(cookies)
                     try:
                         cold.append(open_viewer(context, url, args.timeout))
                     finally:
@@ -192,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         shutil.rmtree(with_profile, ignore_errors=True)
                     log(f"cold run {i + 1}: first image at {cold[-1]['first_image_ms']} ms")
                 context = launch(playwright, work / "warm-profile", dead_proxy)
+                context.add_cookies(cookies)
                 try:
                     for _ in range(2):
                         open_viewer(context, url, args.timeout)
