@@ -286,9 +286,7 @@ def check_password(session: Session, *, login: str, password: str) -> Profession
     if professional is None:
         _HASHER.hash(password)  # same work as for a real account: no user enumeration by timing
         raise AuthenticationFailed("unknown login")
-    now = utcnow()
-    locked_until = _aware(professional.locked_until)
-    if locked_until is not None and locked_until > now:
+    if is_locked(professional):
         raise AuthenticationFailed("account locked")
     if not professional.active:
         raise AuthenticationFailed("account disabled")
@@ -297,16 +295,33 @@ def check_password(session: Session, *, login: str, password: str) -> Profession
             raise VerificationError("no password")
         _HASHER.verify(professional.password_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
-        professional.failed_logins += 1
-        if professional.failed_logins >= LOCKOUT_THRESHOLD:
-            extra = professional.failed_logins - LOCKOUT_THRESHOLD
-            professional.locked_until = now + min(LOCKOUT_BASE * (2**extra), LOCKOUT_MAX)
+        record_failure(professional)
         raise AuthenticationFailed("wrong password") from None
     if _HASHER.check_needs_rehash(professional.password_hash):
         professional.password_hash = hash_password(password)
+    # The failure count is cleared only once the second factor passed too (see record_success):
+    # otherwise a stolen password would give unlimited TOTP guesses, a few per login.
+    return professional
+
+
+def is_locked(professional: Professional) -> bool:
+    """Whether the account is in a lockout period."""
+    locked_until = _aware(professional.locked_until)
+    return locked_until is not None and locked_until > utcnow()
+
+
+def record_failure(professional: Professional) -> None:
+    """Count a failed factor (password or TOTP); from the fifth, lock for 1 min, 2, 4 … up to 1 h."""
+    professional.failed_logins += 1
+    if professional.failed_logins >= LOCKOUT_THRESHOLD:
+        extra = professional.failed_logins - LOCKOUT_THRESHOLD
+        professional.locked_until = utcnow() + min(LOCKOUT_BASE * (2**extra), LOCKOUT_MAX)
+
+
+def record_success(professional: Professional) -> None:
+    """A complete login (both factors, or an eidas1 OpenID Connect login): clear the failures."""
     professional.failed_logins = 0
     professional.locked_until = None
-    return professional
 
 
 # ----------------------------------------------------------------------------- TOTP (RFC 6238)

@@ -186,6 +186,7 @@ def mount_oidc_login(web: FastAPI, ctx: AppContext) -> None:
                     session, professional=professional, stage="oidc", address=address
                 )
                 identity.promote_session(new_row, stage="oidc", organisation=organisation)
+                identity.record_success(professional)
                 acting = identity.principal_for(
                     session, professional, organisation=organisation, address=address, via="oidc"
                 )

@@ -334,7 +334,7 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             live = session.get(identity.WebSession, row.id)
             professional = session.get(identity.Professional, row.professional_id)
             assert live is not None and professional is not None
-            accepted = (
+            accepted = not identity.is_locked(professional) and (
                 identity.confirm_totp_enrolment(professional, code)
                 if stage == "enrol"
                 else identity.check_totp(professional, code)
@@ -344,8 +344,8 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
                 identity.promote_session(live, stage="mfa", organisation=acting.organisation)
                 next_path = _safe_next(str(row.pending.get("next", "/")))
             else:
-                professional.failed_logins += 1
-                if professional.failed_logins >= identity.LOCKOUT_THRESHOLD:
+                identity.record_failure(professional)
+                if identity.is_locked(professional):
                     identity.close_session(live)
             audit.record(
                 session,
@@ -362,7 +362,7 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
                 detail={"step": "totp-enrolment" if stage == "enrol" else "totp"},
             )
             if accepted:
-                professional.failed_logins = 0
+                identity.record_success(professional)
         if not accepted:
             fresh = pending_session(request, stage)
             if fresh is None:
