@@ -77,6 +77,22 @@ class Settings:
     #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``
     #: puts it in the virtualenv.
     viewer_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "share/simral/ohif")
+    # --- TLS (PS3.15 B.1, RFC 8446) ---
+    #: PEM certificate (with its chain) and private key of this platform: the DICOM TLS listener,
+    #: HTTPS, and the client certificate on associations to TLS nodes. "" = unset.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: PEM CA bundle verifying DICOM TLS client certificates and remote TLS nodes ("" = system CAs
+    #: for remote nodes, no client certificate asked for).
+    tls_ca_file: str = ""
+    #: DICOM TLS listener port (IANA: 2762); 0 = no TLS listener.
+    dicom_tls_port: int = 0
+    #: Refuse TLS associations whose requestor presents no certificate signed by ``tls_ca_file``.
+    dicom_tls_require_client_cert: bool = False
+    #: Serve HTTP over TLS with ``tls_cert_file`` / ``tls_key_file``.
+    https: bool = False
+    #: ``Strict-Transport-Security`` max-age in seconds, sent when ``https`` is on (RFC 6797).
+    hsts_max_age: int = 31536000
 
     @property
     def effective_database_url(self) -> str:

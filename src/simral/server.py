@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -17,6 +19,7 @@ from simral.app import open_app
 from simral.archive.service import recover_staged
 from simral.config import Settings
 from simral.context import AppContext
+from simral.dimse import tls
 from simral.dimse.server import DimseService
 from simral.web.app import create_web_app
 from simral.web.auth import check_http_exposure
@@ -77,6 +80,7 @@ def check_ports_free(settings: Settings) -> None:
     """
     for host, port, what in (
         (settings.dicom_host, settings.dicom_port, "DICOM"),
+        (settings.dicom_host, settings.dicom_tls_port, "DICOM TLS"),
         (settings.http_host, settings.http_port, "HTTP"),
     ):
         if port == 0:
@@ -111,9 +115,14 @@ def run_server(settings: Settings) -> int:
     """
     check_http_exposure(
         settings.http_host,
-        https=getattr(settings, "https", False),
+        https=settings.https,
         behind_tls_proxy=settings.behind_tls_proxy,
     )
+    try:
+        tls.check(settings)
+    except tls.TlsConfigError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr, flush=True)
+        return 2
     check_ports_free(settings)
     ctx = open_app(settings)
     _first_start(settings, ctx)
@@ -135,8 +144,8 @@ def run_server(settings: Settings) -> int:
         children.add(pid)
     print(
         f"simral serving with {workers} worker processes: DICOM {settings.ae_title}@{settings.dicom_host}:"
-        f"{settings.dicom_port}, HTTP http://{settings.http_host}:{settings.http_port}/ "
-        f"(data in {settings.data_dir})",
+        f"{settings.dicom_port}{_tls_banner(settings, settings.dicom_tls_port)}, HTTP "
+        f"{_scheme(settings)}://{settings.http_host}:{settings.http_port}/ (data in {settings.data_dir})",
         flush=True,
     )
     return _supervise(children)
@@ -150,7 +159,7 @@ def _first_start(settings: Settings, ctx: AppContext) -> None:
     with ctx.db.unit_of_work() as session:
         created = ensure_first_administrator(session, password_file=password_file)
     if created:
-        scheme = "https" if getattr(settings, "https", False) else "http"
+        scheme = "https" if settings.https else "http"
         host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
         print(
             f"first start: log in at {scheme}://{host}:{settings.http_port}/login as {BOOTSTRAP_LOGIN!r}; "
@@ -214,6 +223,14 @@ def _supervise(children: set[int]) -> int:
     return status
 
 
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.https else "http"
+
+
+def _tls_banner(settings: Settings, port: int) -> str:
+    return f" (DICOM TLS on port {port})" if settings.dicom_tls_port else ""
+
+
 def _serve(
     settings: Settings,
     ctx: AppContext,
@@ -224,10 +241,20 @@ def _serve(
     """One worker: the DICOM acceptor, the HTTP server and the staging sweep."""
     dimse = DimseService(ctx)
     server = dimse.start(settings.dicom_host, settings.dicom_port)
+    tls_port = 0
+    if settings.dicom_tls_port:
+        tls_server = dimse.start(
+            settings.dicom_host, settings.dicom_tls_port, ssl_context=tls.server_context(settings)
+        )
+        tls_port = tls_server.server_address[1]
     stop = threading.Event()
     threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
     web = create_web_app(ctx)
-    config = uvicorn.Config(web, log_level="warning", access_log=False)
+    https: dict[str, Any] = {}
+    if settings.https:
+        # uvicorn wraps the sockets handed to ``run(sockets=...)`` with this context (TLS 1.2+).
+        https = {"ssl_context_factory": lambda _config, _default: tls.https_context(settings)}
+    config = uvicorn.Config(web, log_level="warning", access_log=False, **https)
     http = _HttpServer(config)
     http.stop_signals = stop_signals
     _EarlyStop.http = http
@@ -239,8 +266,9 @@ def _serve(
     gc.freeze()
     if banner:
         print(
-            f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{server.server_address[1]}, "
-            f"HTTP http://{settings.http_host}:{sock.getsockname()[1]}/ (data in {settings.data_dir})",
+            f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{server.server_address[1]}"
+            f"{_tls_banner(settings, tls_port)}, HTTP {_scheme(settings)}://{settings.http_host}:"
+            f"{sock.getsockname()[1]}/ (data in {settings.data_dir})",
             flush=True,
         )
     try:

@@ -19,6 +19,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from simral.access.policy import Principal
 from simral.archive import service as archive
 from simral.context import AppContext
+from simral.dimse import tls
 from simral.dimse.sending import set_nodelay
 from simral.nodes import service as nodes
 
@@ -114,6 +115,7 @@ def deliver(ae: Any, ctx: AppContext, assoc: Any, calling_ae: str, report: Commi
             ext_neg=[role],
             max_pdu=ctx.settings.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            tls_args=tls.tls_args(ctx.settings, tls=node.tls, host=node.host),
         )
         if outgoing.is_established:
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import sys
 import tempfile
 import threading
@@ -46,8 +47,9 @@ from simral.archive import query as qr
 from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
-from simral.dimse import commitment, sending
+from simral.dimse import commitment, sending, tls
 from simral.nodes import service as nodes
+from simral.nodes.models import RemoteNode
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,25 @@ class ReusePortServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         # TCP_NODELAY is set by the EVT_CONN_OPEN handler (sending.set_nodelay), as on
         # associations simral opens.
-        request, address = super().get_request()
+        request, address = self.socket.accept()
         # accept() returns a blocking socket: without a timeout a peer that stops inside a PDU
         # blocks pynetdicom's reader (and holds an association slot) for ever.
         request.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            # The TLS handshake (PS3.15 B.1) runs in the association's thread (finish_request),
+            # not here: a silent or slow peer must not hold up the acceptor.
+            request = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         return request, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("DICOM TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().finish_request(request, client_address)
 
 
 def _drop_spool_file(message: Any) -> None:
@@ -214,6 +230,7 @@ class DimseService:
         ae.add_requested_context(StorageCommitmentPushModel)
         self.ae = ae
         self.server: ReusePortServer | None = None
+        self.servers: list[ReusePortServer] = []
         self.handlers = [
             (evt.EVT_CONN_OPEN, self.on_connection_open),
             (evt.EVT_CONN_CLOSE, self.on_connection_close),
@@ -228,20 +245,25 @@ class DimseService:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, host: str, port: int) -> ReusePortServer:
-        """Start accepting associations in background threads."""
-        self.server = self.ae.make_server(
-            (host, port), evt_handlers=self.handlers, server_class=ReusePortServer
+    def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> ReusePortServer:
+        """Start accepting associations in background threads; over TLS with ``ssl_context``
+        (PS3.15 B.1), with the same handlers and AE settings. May be called once per port."""
+        server = self.ae.make_server(
+            (host, port), ssl_context=ssl_context, evt_handlers=self.handlers, server_class=ReusePortServer
         )
-        thread = threading.Thread(target=self.server.serve_forever, name="dimse-acceptor", daemon=True)
+        if self.server is None:
+            self.server = server
+        self.servers.append(server)
+        kind = "DICOM TLS" if ssl_context is not None else "DICOM"
+        thread = threading.Thread(target=server.serve_forever, name=f"{kind.lower()}-acceptor", daemon=True)
         thread.start()
-        log.info("DICOM service %s listening on %s:%d", self.ae.ae_title, host, self.server.server_address[1])
-        return self.server
+        log.info("%s service %s listening on %s:%d", kind, self.ae.ae_title, host, server.server_address[1])
+        return server
 
     def stop(self) -> None:
         """Stop accepting and end the open associations."""
-        if self.server is not None:
-            self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
 
@@ -273,9 +295,18 @@ class DimseService:
 
     # -- handlers ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def tls_subject_cn(event: evt.Event) -> str | None:
+        """Subject CN of the verified client certificate of a DICOM TLS association (PS3.15 B.1),
+        ``None`` on plain TCP or without one; recorded when the connection opened."""
+        return getattr(event.assoc, "_simral_tls_subject_cn", None)
+
     def on_connection_open(self, event: evt.Event) -> None:
         sending.set_nodelay(event)
         event.assoc.dul._run_loop_delay = POLL_INTERVAL
+        transport = event.assoc.dul.socket
+        subject = tls.peer_common_name(transport.socket if transport is not None else None)
+        event.assoc._simral_tls_subject_cn = subject  # type: ignore[attr-defined]
 
     def on_connection_close(self, event: evt.Event) -> None:
         """Remove the spool file of a C-STORE data set the peer never finished sending."""
@@ -289,11 +320,18 @@ class DimseService:
             "evt_handlers": [(evt.EVT_CONN_OPEN, sending.set_nodelay)],
         }
 
+    def outgoing_to(self, node: RemoteNode) -> dict[str, Any]:
+        """:attr:`outgoing` for ``node``, over DICOM TLS when the node is registered with ``tls``."""
+        return {**self.outgoing, "tls_args": tls.tls_args(self.ctx.settings, tls=node.tls, host=node.host)}
+
     def on_established(self, event: evt.Event) -> None:
         """Refuse a registered AE title calling from another host when the node says so."""
+        calling = event.assoc.requestor.ae_title.strip()
+        subject = self.tls_subject_cn(event)
+        if subject is not None:
+            log.info("DICOM TLS association from AE %s, client certificate CN=%s", calling, subject)
         if self.ctx.settings.allow_unknown_ae:
             return
-        calling = event.assoc.requestor.ae_title.strip()
         with self.ctx.db.reading() as session:
             node = nodes.get_by_ae(session, ae_title=calling)
         address = event.assoc.requestor.address
@@ -432,11 +470,12 @@ class DimseService:
             # pynetdicom answers Success to zero sub-operations and needs the destination
             # association before any status: open it with Verification only, announce one
             # sub-operation and fail it with the identifier's status.
-            yield node.host, node.port, {**self.outgoing, "contexts": [build_context(Verification)]}
+            yield node.host, node.port, {**self.outgoing_to(node), "contexts": [build_context(Verification)]}
             yield 1
             yield instances, None
             return
-        yield node.host, node.port, {**self.outgoing, "contexts": sending.contexts_for(instances) or None}
+        contexts = sending.contexts_for(instances) or None
+        yield node.host, node.port, {**self.outgoing_to(node), "contexts": contexts}
         yield len(instances)
         for item in instances:
             if event.is_cancelled:

@@ -18,6 +18,7 @@ from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
+from simral.web.security_headers import SecurityHeaders
 from simral.web.viewer import mount_viewer
 
 
@@ -25,6 +26,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     """Build the ASGI application bound to ``ctx``."""
     web = FastAPI(title="simral", version=__version__)
     install_auth_handlers(web, ctx)
+    web.add_middleware(SecurityHeaders, https=ctx.settings.https, hsts_max_age=ctx.settings.hsts_max_age)
 
     @web.get("/healthz")
     def healthz() -> dict[str, str]:
