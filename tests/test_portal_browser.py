@@ -59,6 +59,23 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
             "--password-stdin",
             input=PASSWORD + "\n",
         )
+    # A technologist working at both sites: acts for one at a time.
+    simral.cli(
+        "users",
+        "add",
+        "tech_ab",
+        "--organisation",
+        "CHA",
+        "--role",
+        "technologist",
+        "--rpps",
+        "10003000003",
+        "--name",
+        "Tech Ab",
+        "--password-stdin",
+        input=PASSWORD + "\n",
+    )
+    simral.cli("users", "grant", "tech_ab", "--organisation", "CLINB", "--role", "technologist")
     a = ct_series(
         base / "a", slices=2, rows=64, cols=64, patient_id="PAT-A", patient_name="ALPHA^ANNE", seed=51
     )
@@ -72,7 +89,9 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
         for key, paths in (("a", a), ("b", b))
     }
     with simral:
-        yield Portal(simral, uid["a"], uid["b"], {"tech_a": TotpDevice(), "auditrice": TotpDevice()})
+        yield Portal(
+            simral, uid["a"], uid["b"], {name: TotpDevice() for name in ("tech_a", "tech_ab", "auditrice")}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +189,42 @@ def test_technologist_break_glass_and_audit(browser: Browser, portal: Portal, ar
     auditor.goto(f"{portal.url}/studies/{portal.study_a}")
     assert auditor.locator("[role=alert]").count() == 1
     auditor.context.close()
+
+
+def test_professional_of_two_organisations_acts_for_one_at_a_time(
+    browser: Browser, portal: Portal, artifacts_dir: Path
+) -> None:
+    page = _page(browser)
+    login_page(page, portal.url, "tech_ab", PASSWORD, portal.devices["tech_ab"])
+    page.goto(portal.url + "/")
+    # Acting for CHA (the first organisation): CHA's study only.
+    assert page.locator("select[name=organisation]").input_value() == "CHA"
+    listing = page.locator("tbody").inner_text()
+    assert "PAT-A" in listing and "PAT-B" not in listing
+    page.select_option("select[name=organisation]", "CLINB")
+    page.click("form[action='/session/organisation'] button")
+    page.wait_for_load_state("domcontentloaded")
+    assert page.locator("select[name=organisation]").input_value() == "CLINB"
+    listing = page.locator("tbody").inner_text()
+    assert "PAT-B" in listing and "PAT-A" not in listing
+    page.screenshot(path=str(artifacts_dir / "portal-switch-organisation.png"))
+    # CHA's study is now behind the wall, like any other organisation's.
+    page.goto(f"{portal.url}/studies/{portal.study_a}")
+    assert page.locator("[role=alert]").count() == 1
+    # A forged switch to an organisation the user does not belong to is refused; so is one
+    # without the CSRF token.
+    token = page.locator("form[action='/session/organisation'] input[name=csrf_token]").first
+    page.goto(portal.url + "/")
+    csrf = token.input_value()
+    refused = page.request.post(
+        portal.url + "/session/organisation", form={"organisation": "REGION", "csrf_token": csrf}
+    )
+    assert refused.status == 403
+    forged = page.request.post(portal.url + "/session/organisation", form={"organisation": "CHA"})
+    assert forged.status == 403
+    page.goto(portal.url + "/")
+    assert page.locator("select[name=organisation]").input_value() == "CLINB"
+    page.context.close()
 
 
 def test_first_start_creates_the_regional_administrator(browser: Browser, tmp_path: Path) -> None:

@@ -83,11 +83,16 @@ def _sees_everything(principal: Principal) -> bool:
 
 
 def clinical_organisations(principal: Principal) -> frozenset[str]:
-    """The organisations whose studies ``principal`` sees through its normal rights."""
+    """The organisations whose studies ``principal`` sees through its normal rights.
+
+    A professional acts for one organisation at a time (the one chosen at login, by the portal's
+    organisation switch, or the one a token was issued for) and sees that organisation's studies
+    if they hold a clinical role there: membership of a second site does not widen every session.
+    """
     if principal.kind == "dicom-node":
         return frozenset({principal.organisation}) if principal.organisation else frozenset()
-    if principal.kind == "user":
-        return frozenset(org for org, role in principal.memberships if role in CLINICAL_ROLES)
+    if principal.kind == "user" and principal.roles() & CLINICAL_ROLES:
+        return frozenset({principal.organisation})
     return frozenset()
 
 

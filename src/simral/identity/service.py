@@ -479,6 +479,28 @@ def promote_session(row: WebSession, *, stage: str, organisation: str = "") -> N
     row.last_seen_at = now
 
 
+def switch_session_organisation(
+    session: Session, row: WebSession, professional: Professional, *, organisation: str, principal: Principal
+) -> Principal:
+    """Act for another of the professional's organisations for the rest of the session.
+
+    The access policy then grants what that organisation's roles allow (DESIGN.md §2); the change
+    is audited (who, from which organisation to which).
+    """
+    acting = principal_for(
+        session, professional, organisation=organisation, address=principal.address, via=principal.via
+    )
+    previous = row.organisation_code
+    row.organisation_code = organisation
+    audit.record(
+        session,
+        action="session.switch-organisation",
+        principal=acting,
+        detail={"from": previous, "to": organisation},
+    )
+    return acting
+
+
 def close_session(row: WebSession) -> None:
     """Log out."""
     row.revoked_at = utcnow()

@@ -58,6 +58,8 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "account": "Mon compte",
         "logout": "Se déconnecter",
         "other_language": "English",
+        "act_for": "Agir pour",
+        "switch": "Changer",
     },
     "en": {
         "studies": "Studies",
@@ -66,6 +68,8 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "account": "My account",
         "logout": "Log out",
         "other_language": "Français",
+        "act_for": "Acting for",
+        "switch": "Switch",
     },
 }
 
@@ -88,6 +92,7 @@ tbody tr:hover{background:#f8fafc}
 .error{padding:.5rem .75rem;background:#fdecea;border:1px solid #e0a19b}
 .thumbs{display:flex;gap:.5rem;flex-wrap:wrap}.thumbs img{width:96px;height:96px;background:#000}
 form.inline{margin:0}
+nav label{flex-direction:row;align-items:baseline;gap:.4rem}
 button.link{background:none;border:none;color:#0645ad;text-decoration:underline;cursor:pointer;font-size:1rem}
 """
 
@@ -126,6 +131,19 @@ def page(
             f'<input type="hidden" name="csrf_token" value="{csrf}">'
             f'<button class="link" type="submit">{escape(text["logout"])}</button></form>'
         )
+        organisations = sorted({code for code, _ in principal.memberships})
+        if len(organisations) > 1:
+            options = "".join(
+                f'<option value="{escape(code)}"{" selected" if code == principal.organisation else ""}>'
+                f"{escape(code)}</option>"
+                for code in organisations
+            )
+            links.append(
+                '<form class="inline" method="post" action="/session/organisation">'
+                f'<input type="hidden" name="csrf_token" value="{csrf}">'
+                f'<label>{escape(text["act_for"])} <select name="organisation">{options}</select></label>'
+                f'<button type="submit">{escape(text["switch"])}</button></form>'
+            )
         nav = "<nav>" + "".join(links) + "</nav>"
     html = (
         f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import segno
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from simral.access.policy import (
@@ -193,7 +193,7 @@ def _safe_next(value: str) -> str:
 
 
 def _secure(ctx: AppContext, request: Request) -> bool:
-    return request.url.scheme == "https" or bool(getattr(ctx.settings, "https", False))
+    return request.url.scheme == "https" or ctx.settings.https
 
 
 def mount_portal(web: FastAPI, ctx: AppContext) -> None:
@@ -402,6 +402,27 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
+
+    @web.post("/session/organisation")
+    async def switch_organisation(request: Request) -> Response:
+        """Act for another organisation the professional belongs to (session logins only)."""
+        principal = request_principal(request)
+        form = await request.form()
+        check_form_csrf(request, str(form.get("csrf_token", "")))
+        organisation = str(form.get("organisation", ""))
+        with ctx.db.unit_of_work() as session:
+            row = identity.find_session(session, request.cookies.get(SESSION_COOKIE, ""))
+            professional = identity.get_professional(session, principal.name) if row is not None else None
+            if row is None or professional is None or principal.via == "token":
+                raise HTTPException(400, "only a portal session can change organisation")
+            try:
+                identity.switch_session_organisation(
+                    session, row, professional, organisation=organisation, principal=principal
+                )
+            except identity.IdentityError:
+                raise HTTPException(403, "not a member of this organisation") from None
+        forget_cached_principals(ctx)
+        return RedirectResponse("/", status_code=303)
 
     # ------------------------------------------------------------------ study page + break-glass
 
