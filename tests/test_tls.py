@@ -130,13 +130,14 @@ class TlsArchive:
         files: list[Path] | None = None,
         tls: tuple[str | Path, ...] | None = None,
         plain: bool = False,
+        aet: str = SCU,
     ) -> subprocess.CompletedProcess[str]:
         """Run a dcmtk tool against the TLS port with ``tls`` options (``plain``: the plain port)."""
         port = self.simral.dicom_port if plain else self.tls_port
         tls_options = () if plain else (tls if tls is not None else self.client_tls)
         return subprocess.run(
             [
-                f"/usr/bin/{tool}", "-aet", SCU, "-aec", self.simral.ae_title, *map(str, tls_options),
+                f"/usr/bin/{tool}", "-aet", aet, "-aec", self.simral.ae_title, *map(str, tls_options),
                 *args, "127.0.0.1", str(port), *map(str, files or ()),
             ],
             capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
@@ -256,6 +257,36 @@ def test_optional_client_certificate_allows_anonymous_tls(lenient: TlsArchive, t
     # A presented certificate is still verified: a foreign CA's is refused.
     rogue = ("+tls", lenient.pki.rogue_key, lenient.pki.rogue_cert, "+cf", lenient.pki.ca)
     assert lenient.dcmtk("echoscu", tls=rogue).returncode != 0
+
+
+def test_node_bound_to_its_certificate(lenient: TlsArchive, tmp_path: Path) -> None:
+    """A node registered with --tls-subject is accepted only over TLS with that verified certificate:
+    its AE title alone (plain port, or anonymous TLS) is refused and the refusal is audited."""
+    simral = lenient.simral
+    simral.cli(
+        "nodes", "add", "bound", "--ae", "BOUNDSCU", "--host", "127.0.0.1", "--port", "104",
+        "--organisation", TEST_ORGANISATION, "--tls-subject", CLIENT_CN,
+    )  # fmt: skip
+    assert CLIENT_CN in simral.cli("nodes", "list").stdout
+    files = ct_series(tmp_path, slices=1, rows=32, cols=32, patient_id="TLS005", seed=5)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    plain = lenient.dcmtk("storescu", files=files, plain=True, aet="BOUNDSCU")
+    anonymous = lenient.dcmtk("storescu", files=files, tls=("+tla", "+cf", lenient.pki.ca), aet="BOUNDSCU")
+    assert plain.returncode != 0 and anonymous.returncode != 0
+    assert lenient.stored_uids(study_uid) == []
+    refusals = simral.cli(
+        "audit", "search", "--action", "association.refused", "--actor", "dicom-node:BOUNDSCU"
+    ).stdout
+    assert refusals.count("failure") == 2, refusals
+    assert "client certificate" in simral.log_tail(200)
+    # With the certificate: stored, and the node's principal says how it was identified.
+    good = lenient.dcmtk("storescu", files=files, aet="BOUNDSCU")
+    assert good.returncode == 0, good.stdout + good.stderr + simral.log_tail()
+    assert set(lenient.stored_uids(study_uid)) == _uids(files)
+    assert (
+        "association.refused"
+        not in simral.cli("audit", "search", "--actor", "dicom-node:BOUNDSCU", "--limit", "1").stdout
+    )
 
 
 # --------------------------------------------------------------------------- DICOM TLS as SCU

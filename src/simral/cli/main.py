@@ -25,7 +25,8 @@ app = typer.Typer(
 nodes_app = typer.Typer(help="Registry of remote DICOM nodes.", no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
 console = Console(stderr=True)
-out = Console()
+#: Tables printed to a pipe or a file keep every column whole (a terminal gets its own width).
+out = Console() if sys.stdout.isatty() else Console(width=240)
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Data folder (index + blobs). Default ./simral-data.")
@@ -118,6 +119,13 @@ def nodes_add(
     tls: Annotated[
         bool, typer.Option("--tls", help="Open associations to this node over DICOM TLS.")
     ] = False,
+    tls_subject: Annotated[
+        str,
+        typer.Option(
+            "--tls-subject",
+            help="Accept this AE only over DICOM TLS with a verified client certificate of this subject CN.",
+        ),
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -137,6 +145,7 @@ def nodes_add(
                 organisation=organisation,
                 archive_wide=archive_wide,
                 tls=tls,
+                tls_subject=tls_subject,
                 principal=cli_principal(),
             )
     except nodes.NodeError as exc:
@@ -153,7 +162,7 @@ def nodes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
         rows = nodes.list_all(session)
-    table = Table("name", "AE title", "host", "port", "host checked", "TLS", "organisation")
+    table = Table("name", "AE title", "host", "port", "host checked", "TLS", "certificate CN", "organisation")
     for node in rows:
         table.add_row(
             node.name,
@@ -162,6 +171,7 @@ def nodes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
             str(node.port),
             "yes" if node.check_host else "no",
             "yes" if node.tls else "no",
+            node.tls_subject,
             node.organisation or ("(archive-wide)" if node.archive_wide else ""),
         )
     out.print(table)

@@ -46,6 +46,7 @@ from simral.access.policy import Principal
 from simral.archive import query as qr
 from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
+from simral.audit import service as audit
 from simral.context import AppContext
 from simral.dimse import commitment, sending, tls
 from simral.nodes import service as nodes
@@ -288,7 +289,7 @@ class DimseService:
             organisation=node.organisation if node is not None else "",
             archive_wide=node.archive_wide if node is not None else self.ctx.settings.allow_unknown_ae,
             address=str(assoc.requestor.address),
-            via="ae-title",
+            via="tls-certificate" if node is not None and node.tls_subject else "ae-title",
         )
         assoc._simral_principal = principal  # type: ignore[attr-defined]
         return principal
@@ -325,21 +326,41 @@ class DimseService:
         return {**self.outgoing, "tls_args": tls.tls_args(self.ctx.settings, tls=node.tls, host=node.host)}
 
     def on_established(self, event: evt.Event) -> None:
-        """Refuse a registered AE title calling from another host when the node says so."""
+        """Refuse a registered AE title that calls from another host than its registered one (when
+        the node says so) or without the client certificate it is bound to (PS3.15 B.1); such a
+        refusal is a security alert in the audit trail. Unknown AE titles are refused at the
+        association (PS3.8 rejection reason 3), unless ``allow_unknown_ae`` is set."""
         calling = event.assoc.requestor.ae_title.strip()
         subject = self.tls_subject_cn(event)
         if subject is not None:
             log.info("DICOM TLS association from AE %s, client certificate CN=%s", calling, subject)
-        if self.ctx.settings.allow_unknown_ae:
-            return
         with self.ctx.db.reading() as session:
             node = nodes.get_by_ae(session, ae_title=calling)
-        address = event.assoc.requestor.address
-        if node is not None and node.check_host and node.host != address:
-            log.warning(
-                "association from AE %s refused: address %s is not the registered host", calling, address
+        if node is None:
+            return
+        address = str(event.assoc.requestor.address)
+        reason = ""
+        if node.check_host and node.host != address:
+            reason = "address is not the registered host"
+        elif node.tls_subject and subject != node.tls_subject:
+            reason = (
+                "no verified client certificate"
+                if subject is None
+                else "client certificate of another subject"
             )
-            event.assoc.abort()
+        if not reason:
+            return
+        log.warning("association from AE %s refused: %s", calling, reason)
+        audit.record_now(
+            self.ctx,
+            action="association.refused",
+            principal=Principal(
+                kind="dicom-node", name=calling, organisation=node.organisation, address=address
+            ),
+            outcome="failure",
+            detail={"reason": reason, "certificate_cn": subject or ""},
+        )
+        event.assoc.abort()
 
     def on_echo(self, event: evt.Event) -> int:
         return 0x0000

@@ -23,6 +23,10 @@ class RemoteNode(Base):
     #: When set, associations from this AE are accepted only from this host address.
     check_host: Mapped[bool] = mapped_column(Boolean, default=False)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Subject CN of the node's client certificate. When set, associations from this AE title are
+    #: accepted only over DICOM TLS with a certificate verified against ``tls_ca_file`` and bearing
+    #: this CN (PS3.15 B.1 peer authentication): a copied AE title alone no longer gets in.
+    tls_subject: Mapped[str] = mapped_column(String(255), default="")
     #: Code of the organisation the node belongs to; what it stores is that organisation's and it
     #: sees that organisation's studies.
     organisation: Mapped[str] = mapped_column(String(64), default="")

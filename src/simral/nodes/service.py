@@ -33,6 +33,7 @@ def create(
     organisation: str = "",
     archive_wide: bool = False,
     tls: bool = False,
+    tls_subject: str = "",
     principal: Principal,
 ) -> RemoteNode:
     """Register a node; names and AE titles are unique.
@@ -66,6 +67,7 @@ def create(
         organisation=organisation,
         archive_wide=archive_wide,
         tls=tls,
+        tls_subject=tls_subject.strip(),
     )
     session.add(node)
     audit.record(
@@ -80,6 +82,7 @@ def create(
             "organisation": organisation,
             "archive_wide": archive_wide,
             "tls": tls,
+            "tls_subject": tls_subject.strip(),
         },
     )
     return node

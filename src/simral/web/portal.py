@@ -163,6 +163,8 @@ ACTION_LABELS: Mapping[Language, Mapping[str, str]] = {
         "user.password-set": "Changement de mot de passe",
         "token.create": "Émission d'un jeton d'accès",
         "token.revoke": "Révocation d'un jeton d'accès",
+        "session.switch-organisation": "Changement de structure d'exercice",
+        "association.refused": "Association DICOM refusée",
     },
     "en": {
         "login": "Login",
@@ -181,6 +183,8 @@ ACTION_LABELS: Mapping[Language, Mapping[str, str]] = {
         "user.password-set": "Password changed",
         "token.create": "Access token issued",
         "token.revoke": "Access token revoked",
+        "session.switch-organisation": "Acting organisation changed",
+        "association.refused": "DICOM association refused",
     },
 }
 
