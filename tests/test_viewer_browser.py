@@ -99,6 +99,8 @@ class Traffic:
     blocked: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: (URL, content type) of every successful response.
+    served: list[tuple[str, str]] = field(default_factory=list)
 
     def dicomweb_problems(self) -> list[str]:
         return [p for p in self.failed + self.errors if "/dicom-web" in p or "/wado" in p]
@@ -136,6 +138,8 @@ def open_page(browser: Browser, served: Served, *, locale: str = "fr-FR") -> tup
     def on_response(response: Response) -> None:
         if response.status >= 400:
             traffic.errors.append(f"{response.request.method} {response.url}: {response.status}")
+        else:
+            traffic.served.append((response.url, response.headers.get("content-type", "")))
 
     page.route("**/*", route)
     page.on("requestfailed", on_failed)
@@ -192,6 +196,9 @@ def test_viewer_renders_ct_study(browser: Browser, served: Served, artifacts_dir
     assert not traffic.blocked, f"requests leaving 127.0.0.1: {traffic.blocked}"
     assert not traffic.dicomweb_problems(), traffic.dicomweb_problems()
     assert not traffic.errors, f"error responses: {traffic.errors}"
+    # The series thumbnail is a small JPEG rendered by the server (PS3.18 thumbnail resource).
+    thumbnails = [(url, kind) for url, kind in traffic.served if "/thumbnail" in url]
+    assert thumbnails and all(kind == "image/jpeg" for _, kind in thumbnails), thumbnails
 
 
 def test_viewer_english_on_request(browser: Browser, served: Served) -> None:
@@ -220,7 +227,8 @@ def test_app_config_points_at_same_origin_dicomweb(served: Served) -> None:
     assert settings["qidoRoot"] == settings["wadoRoot"] == "/dicom-web"
     assert settings["wadoUriRoot"] == "/wado"
     assert settings["qidoSupportsIncludeField"] is True
-    assert settings["imageRendering"] == settings["thumbnailRendering"] == "wadors"
+    assert settings["imageRendering"] == "wadors"
+    assert settings["thumbnailRendering"] == "thumbnail" and settings["thumbnailRequestStrategy"] == "fetch"
     assert settings["enableStudyLazyLoad"] is True
     assert settings["supportsFuzzyMatching"] is True
     assert settings["bulkDataURI"]["enabled"] is True

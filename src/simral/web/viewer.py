@@ -62,7 +62,10 @@ def data_source(*, authorization: str | None = None) -> dict[str, Any]:
         "wadoUriRoot": WADO_URI_ROOT,
         "qidoSupportsIncludeField": True,
         "imageRendering": "wadors",
-        "thumbnailRendering": "wadors",
+        # Series thumbnails are small JPEGs rendered by /thumbnail (PS3.18 §9.7), fetched with the
+        # Authorization header, instead of a full frame decoded in the browser for each series.
+        "thumbnailRendering": "thumbnail",
+        "thumbnailRequestStrategy": "fetch",
         "enableStudyLazyLoad": True,
         "supportsFuzzyMatching": True,
         "supportsWildcard": True,
@@ -115,6 +118,8 @@ def app_config(*, authorization: str | None = None) -> str:
         "groupEnabledModesFirst": True,
         "maxNumRequests": {"interaction": 100, "thumbnail": 75, "prefetch": 25},
         "showErrorDetails": "always",
+        # OHIF's "investigational use" notice: confirmed once, then hidden for 30 days per browser.
+        "investigationalUseDialog": {"option": "configure", "days": 30},
         "defaultDataSourceName": "simral",
         "dataSources": [data_source(authorization=authorization)],
     }
