@@ -49,6 +49,12 @@ $(OIDC_PEER): tests/oidc_provider/package-lock.json | $(OHIF_STAMP)
 	npm ci --prefix tests/oidc_provider --no-audit --no-fund --prefer-offline --silent
 	touch $@
 
+# axe-core, which the accessibility tests inject into the portal's pages (pinned by its package-lock.json).
+AXE_PEER := tests/axe/node_modules/.package-lock.json
+$(AXE_PEER): tests/axe/package-lock.json | $(OHIF_STAMP)
+	npm ci --prefix tests/axe --no-audit --no-fund --prefer-offline --silent
+	touch $@
+
 run: install
 	$(BIN)/simral serve --data-dir $(DATA_DIR) --dicom-port $(DICOM_PORT) --http-port $(HTTP_PORT)
 
@@ -68,7 +74,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install test-deps $(OIDC_PEER)
+test: install test-deps $(OIDC_PEER) $(AXE_PEER)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
