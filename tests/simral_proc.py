@@ -21,7 +21,18 @@ SIMRAL = str(Path(sys.executable).parent / "simral")
 TEST_ORGANISATION = "TESTORG"
 TEST_USER = "tester"
 TEST_PASSWORD = "Essai-Radio-2026!x"
-_DATA_DIR_COMMANDS = {"nodes", "import", "check", "organisations", "users", "tokens", "audit"}
+_DATA_DIR_COMMANDS = {
+    "nodes",
+    "import",
+    "check",
+    "organisations",
+    "users",
+    "tokens",
+    "audit",
+    "routes",
+    "dicomweb-peers",
+    "jobs",
+}
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -21,6 +21,7 @@ from simral.config import Settings
 from simral.context import AppContext
 from simral.dimse import tls
 from simral.dimse.server import DimseService
+from simral.exchange import start_exchange
 from simral.web.app import create_web_app
 from simral.web.auth import check_http_exposure
 
@@ -249,6 +250,7 @@ def _serve(
         tls_port = tls_server.server_address[1]
     stop = threading.Event()
     threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
+    runner = start_exchange(ctx, stop)
     web = create_web_app(ctx)
     https: dict[str, Any] = {}
     if settings.https:
@@ -275,6 +277,7 @@ def _serve(
         http.run(sockets=[sock])  # handles SIGINT/SIGTERM and returns
     finally:
         stop.set()
+        runner.stop()
         dimse.stop()
         ctx.db.dispose()
         log.info("simral worker stopped")

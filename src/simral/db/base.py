@@ -25,3 +25,10 @@ class Base(DeclarativeBase):
 def utcnow() -> datetime:
     """Timezone-aware current time (stored as UTC)."""
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """``value`` as an aware UTC datetime (SQLite returns stored datetimes naive)."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value

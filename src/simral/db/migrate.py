@@ -24,7 +24,8 @@ def upgrade(engine: Engine) -> None:
     config = alembic_config(engine)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        # "heads": every branch (work merged from parallel lines of development) is applied.
+        command.upgrade(config, "heads")
 
 
 def revision(engine: Engine, message: str) -> None:

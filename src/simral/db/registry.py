@@ -4,6 +4,16 @@ from simral.archive import models as archive_models
 from simral.audit import models as audit_models
 from simral.db.base import Base
 from simral.identity import models as identity_models
+from simral.jobs import models as jobs_models
 from simral.nodes import models as nodes_models
+from simral.sharing import models as sharing_models
 
-__all__ = ["Base", "archive_models", "audit_models", "identity_models", "nodes_models"]
+__all__ = [
+    "Base",
+    "archive_models",
+    "audit_models",
+    "identity_models",
+    "jobs_models",
+    "nodes_models",
+    "sharing_models",
+]

@@ -34,3 +34,18 @@ class RemoteNode(Base):
     #: only explicitly (``simral nodes add --archive-wide``).
     archive_wide: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DicomWebPeer(Base):
+    """A DICOMweb server simral sends to with STOW-RS (PS3.18 §10.5): a PACS, another platform."""
+
+    __tablename__ = "dicomweb_peer"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The service root, e.g. ``https://pacs.example/dicom-web`` (``/studies`` is appended).
+    url: Mapped[str] = mapped_column(String(1024))
+    #: Sent as ``Authorization: Bearer …`` when set (a token the peer issued to simral).
+    bearer_token: Mapped[str] = mapped_column(String(4096), default="")
+    organisation: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

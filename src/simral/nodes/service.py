@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_manage
 from simral.audit import service as audit
-from simral.nodes.models import RemoteNode
+from simral.nodes.models import DicomWebPeer, RemoteNode
 
 
 class NodeError(ValueError):
@@ -107,3 +107,46 @@ def delete(session: Session, *, name: str, principal: Principal) -> None:
         raise AccessDenied(f"{principal.audit_name} may not remove node {name}")
     session.delete(node)
     audit.record(session, action="node.delete", principal=principal, detail={"name": name})
+
+
+def create_dicomweb_peer(
+    session: Session,
+    *,
+    name: str,
+    url: str,
+    bearer_token: str = "",
+    organisation: str = "",
+    principal: Principal,
+) -> DicomWebPeer:
+    """Register a DICOMweb server to send to with STOW-RS (PS3.18 §10.5); audited without the token."""
+    if not may_manage(principal, organisation or None):
+        raise AccessDenied(f"{principal.audit_name} may not register DICOMweb peers")
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise NodeError(f"invalid DICOMweb URL {url!r} (http:// or https://)")
+    if session.scalar(select(DicomWebPeer).where(DicomWebPeer.name == name)) is not None:
+        raise NodeError(f"a DICOMweb peer named {name!r} already exists")
+    peer = DicomWebPeer(name=name, url=url, bearer_token=bearer_token, organisation=organisation)
+    session.add(peer)
+    audit.record(
+        session,
+        action="dicomweb-peer.create",
+        principal=principal,
+        detail={"name": name, "url": url, "organisation": organisation, "authenticated": bool(bearer_token)},
+    )
+    return peer
+
+
+def list_dicomweb_peers(session: Session) -> list[DicomWebPeer]:
+    """Every registered DICOMweb peer, by name."""
+    return list(session.scalars(select(DicomWebPeer).order_by(DicomWebPeer.name)))
+
+
+def get_dicomweb_peer(session: Session, name: str) -> DicomWebPeer | None:
+    """The DICOMweb peer registered under ``name``."""
+    return session.scalar(select(DicomWebPeer).where(DicomWebPeer.name == name))
+
+
+def get_by_name(session: Session, name: str) -> RemoteNode | None:
+    """The DICOM node registered under ``name``."""
+    return session.scalar(select(RemoteNode).where(RemoteNode.name == name))
