@@ -102,3 +102,59 @@ def test_forwarding_survives_peers_restarting(tmp_path: Path) -> None:
                 uid = str(dcmread(received, stop_before_pixels=True).SOPInstanceUID)
                 assert uid in by_uid
                 assert same_instance(by_uid[uid], received) is None, f"{peer.aet}: {uid} differs"
+
+
+def test_jobs_page_retry_and_cancel(tmp_path: Path, artifacts_dir: Path) -> None:
+    """A destination that refuses (HTTP 404) dead-letters the jobs at once; a regional administrator
+    sees them in the portal, cancels one and retries the other; a technologist may not."""
+    from playwright.sync_api import sync_playwright
+    from tests.portal_login import TotpDevice, login_page
+    from tests.simral_proc import TEST_PASSWORD, TEST_USER
+    from tests.test_portal_accessibility import assert_accessible
+    from tests.test_viewer_browser import CHROMIUM, CHROMIUM_ARGS
+
+    files = ct_series(tmp_path / "ct", slices=2, rows=32, cols=32, patient_id="ROUTE002", seed=22)
+    simral = SimralProcess(tmp_path / "data")
+    simral.add_node("ct1", SENDER, 104)
+    simral.cli("organisations", "add", "REGION", "--name", "GRADeS", "--kind", "regional-operator")
+    simral.cli(
+        "users", "add", "admin_r", "--organisation", "REGION", "--role", "regional-admin",
+        "--rpps", "10003000010", "--name", "Admin R", "--password-stdin", input=TEST_PASSWORD + "\n",
+    )  # fmt: skip
+    with simral:
+        simral.cli("dicomweb-peers", "add", "broken", "--url", f"{simral.http_url}/nowhere")
+        simral.cli("routes", "add", "to-broken", "--to-dicomweb", "broken", "--from-ae", SENDER)
+        _storescu(simral, files)
+        _wait(lambda: "dead: 2" in simral.cli("jobs", "list", "--limit", "1").stdout, 60, "two dead jobs")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            context = browser.new_context(
+                locale="fr-FR", viewport={"width": 1400, "height": 900}, bypass_csp=True
+            )
+            page = context.new_page()
+            login_page(page, simral.http_url, "admin_r", TEST_PASSWORD, TotpDevice())
+            page.goto(simral.http_url + "/admin")
+            page.click("a[href='/admin/jobs']")
+            page.wait_for_load_state("domcontentloaded")
+            rows = page.locator("tbody tr[data-job]")
+            assert rows.count() == 2
+            assert "HTTP 404" in rows.first.inner_text() and "en échec définitif" in rows.first.inner_text()
+            assert "to-broken" in page.locator("main").inner_text()
+            first, second = (rows.nth(i).get_attribute("data-job") for i in range(2))
+            page.screenshot(path=str(artifacts_dir / "admin-jobs.png"), full_page=True)
+            assert_accessible(page, "exchange page")
+            page.click(f"tr[data-job='{first}'] form[action$='/cancel'] button")
+            page.wait_for_load_state("domcontentloaded")
+            assert "annulé" in page.locator(f"tr[data-job='{first}']").inner_text()
+            page.click(f"tr[data-job='{second}'] form[action$='/retry'] button")
+            page.wait_for_load_state("domcontentloaded")
+            # Without the CSRF token the same request is refused.
+            assert page.request.post(f"{simral.http_url}/admin/jobs/{first}/retry").status == 403
+            technologist = browser.new_context(locale="fr-FR").new_page()
+            login_page(technologist, simral.http_url, TEST_USER, TEST_PASSWORD, TotpDevice())
+            assert technologist.goto(simral.http_url + "/admin/jobs").status == 403  # type: ignore[union-attr]
+            browser.close()
+        trail = simral.cli("audit", "search", "--actor", "admin_r", "--limit", "20").stdout
+        assert "job.cancel" in trail and "job.retry" in trail
+        listing = simral.cli("jobs", "list", "--state", "cancelled").stdout
+        assert f"\n{first} " in listing or f"│ {first} " in listing

@@ -52,6 +52,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "denied": "Accès refusé.",
         "roles": "Rôles",
         "national_id": "Identifiant national",
+        "exchange": "Échanges : règles de routage et file des transferts",
     },
     "en": {
         "admin": "Administration",
@@ -81,6 +82,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "denied": "Access denied.",
         "roles": "Roles",
         "national_id": "National id",
+        "exchange": "Exchange: routing rules and the transfer queue",
     },
 }
 
@@ -161,6 +163,8 @@ def mount_admin(web: FastAPI, ctx: AppContext) -> None:
         codes = [o.code for o in organisations]
         roles = [r for r in ROLES if managed is None or r != "regional-admin"]
         body = notice
+        if managed is None:
+            body += f'<p><a href="/admin/jobs">{escape(text["exchange"])}</a></p>'
         body += f"<h2>{escape(text['alerts'])}</h2>" + _table(
             ["", text["organisation"], "", "", ""],
             [

@@ -15,6 +15,7 @@ from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
+from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
@@ -57,6 +58,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_pages(web, ctx)
     mount_portal(web, ctx)
     mount_admin(web, ctx)
+    mount_jobs_admin(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     return web
