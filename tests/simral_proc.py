@@ -32,6 +32,7 @@ _DATA_DIR_COMMANDS = {
     "routes",
     "dicomweb-peers",
     "jobs",
+    "export",
 }
 
 

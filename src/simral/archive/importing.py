@@ -76,11 +76,45 @@ def _dicomdir_files(dicomdir: Path) -> list[Path]:
     return files
 
 
+def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch: Path) -> set[str] | None:
+    """Upper-cased names of the members the ZIP's DICOMDIRs reference; None without a DICOMDIR.
+
+    A ZIP of media (IHE PDI: DICOMDIR at the root, README.TXT, INDEX.HTM, a viewer...) is imported
+    through its DICOMDIR, like the media folder itself: the companion files are not candidates.
+    """
+    referenced: set[str] | None = None
+    for member in members:
+        name = member.filename
+        if name.upper().rsplit("/", 1)[-1] != "DICOMDIR" or member.file_size > MAX_ZIP_MEMBER:
+            continue
+        fd, temp = tempfile.mkstemp(prefix=".tmp-dicomdir-", dir=scratch)
+        try:
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(src, out)
+            ds = dcmread(temp)
+        except Exception:
+            continue
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        prefix = name[: -len("DICOMDIR")]
+        referenced = referenced or set()
+        for record in ds.get("DirectoryRecordSequence", []):
+            ref = record.get("ReferencedFileID")
+            if ref:
+                parts = [ref] if isinstance(ref, str) else list(ref)
+                referenced.add((prefix + "/".join(parts)).upper())
+    return referenced
+
+
 def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
+    referenced = _zip_dicomdir_members(archive, members, scratch)
     for member in members:
         if member.file_size > MAX_ZIP_MEMBER or member.filename.upper().endswith("DICOMDIR"):
+            continue
+        if referenced is not None and member.filename.upper() not in referenced:
             continue
 
         @contextlib.contextmanager

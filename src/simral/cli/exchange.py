@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -208,3 +209,24 @@ def _act(job_ids: list[int], verb: str, data_dir: DataDir, config: ConfigFile) -
             failed = True
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export(
+    study_uids: list[str],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ZIP file to write (IHE PDI layout).")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Export studies as a ZIP with a DICOMDIR (IHE PDI), as the CLI operator (audited)."""
+    from simral.sharing import media
+
+    ctx = _open(config, data_dir)
+    try:
+        result = media.export_pdi(ctx, cli_principal(), study_uids, output)
+    except media.ExportError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"{output}: {result.instances} instances of {len(result.studies)} studies")
+    for uid, reason in result.skipped:
+        console.print(f"[yellow]not exported:[/yellow] {uid}: {reason}")

@@ -13,6 +13,7 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.jobs_admin import mount_jobs_admin
@@ -59,6 +60,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_portal(web, ctx)
     mount_admin(web, ctx)
     mount_jobs_admin(web, ctx)
+    mount_sharing_api(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     return web

@@ -67,6 +67,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "description": "Description",
         "images": "Images",
         "open": "Ouvrir dans le visualiseur",
+        "download": "Télécharger (ZIP DICOM avec DICOMDIR)",
         "not_found": "Cet examen n'existe pas ou vous n'y avez pas accès.",
         "break_glass": "Accès d'urgence (bris de glace)",
         "break_glass_help": "Motivez l'accès. Il est limité dans le temps, tracé, et les administrateurs "
@@ -116,6 +117,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "description": "Description",
         "images": "Images",
         "open": "Open in the viewer",
+        "download": "Download (DICOM ZIP with DICOMDIR)",
         "not_found": "This study does not exist or you have no access to it.",
         "break_glass": "Emergency access (break-glass)",
         "break_glass_help": "State the reason. Access is time-limited, audited, "
@@ -468,7 +470,9 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             f"({escape(patient.patient_id)})</p>"
             f"<p>{escape(study.description)} — {escape(study.study_date)} — "
             f"{escape(study.accession_number)}</p>"
-            f'<p><a href="{escape(viewer_url(study.study_uid))}">{escape(text["open"])}</a></p>'
+            f'<p><a href="{escape(viewer_url(study.study_uid))}">{escape(text["open"])}</a> · '
+            f'<a href="/studies/{escape(study.study_uid)}/export.zip" download>'
+            f'{escape(text["download"])}</a></p>'
             f'<h2>{escape(text["series"])}</h2><div class="thumbs">{thumbs}</div>'
         )
         return page(request, text["study"], body, principal=principal)
