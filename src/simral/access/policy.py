@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 
 from sqlalchemy import Select, false, or_, select
 
-PrincipalKind = Literal["system", "dicom-node", "user"]
+PrincipalKind = Literal["system", "dicom-node", "user", "share-link"]
 
 S = TypeVar("S", bound=Select)  # type: ignore[type-arg]
 
@@ -38,7 +38,8 @@ class Principal:
     ``organisation`` is the organisation the principal acts for (a node's organisation, the one a
     professional chose at login or the token was issued for); ``memberships`` lists every
     (organisation code, role) a professional holds; ``break_glass`` the study UIDs of their active
-    emergency grants.
+    emergency grants; ``shared`` those shared with them. A ``share-link`` principal is a visitor
+    holding a capability link: it reads the link's studies and nothing else.
     """
 
     kind: PrincipalKind
@@ -49,6 +50,9 @@ class Principal:
     user_id: int | None = None
     memberships: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     break_glass: frozenset[str] = field(default_factory=frozenset)
+    #: Study UIDs shared with the principal (with the professional, their acting organisation, the
+    #: node's organisation) or opened by the capability link the principal holds.
+    shared: frozenset[str] = field(default_factory=frozenset)
     archive_wide: bool = False
     #: A member of the regional operator (an organisation of kind ``regional-operator``).
     regional: bool = False
@@ -111,7 +115,7 @@ def may_query(principal: Principal) -> bool:
     Every authenticated principal may ask; :func:`visible_studies` decides what matches, so an
     administrator or an auditor simply finds nothing without break-glass.
     """
-    return principal.kind in ("system", "dicom-node", "user")
+    return principal.kind in ("system", "dicom-node", "user", "share-link")
 
 
 def storing_organisation(principal: Principal) -> str:
@@ -136,8 +140,9 @@ def visible_studies(principal: Principal, query: S) -> S:
                 )
             )
         )
-    if principal.break_glass:
-        conditions.append(Study.study_uid.in_(sorted(principal.break_glass)))
+    granted = principal.break_glass | principal.shared
+    if granted:
+        conditions.append(Study.study_uid.in_(sorted(granted)))
     if not conditions:
         return query.where(false())
     return query.where(or_(*conditions))

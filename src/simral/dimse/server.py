@@ -51,6 +51,7 @@ from simral.context import AppContext
 from simral.dimse import commitment, sending, tls
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
+from simral.sharing import service as sharing
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +284,14 @@ class DimseService:
         calling = assoc.requestor.ae_title.strip()
         with self.ctx.db.reading() as session:
             node = nodes.get_by_ae(session, ae_title=calling)
+            shared = (
+                sharing.shared_study_uids(session, organisation=node.organisation)
+                if node is not None and node.organisation
+                else frozenset()
+            )
         principal = Principal(
             kind="dicom-node",
+            shared=shared,
             name=calling,
             organisation=node.organisation if node is not None else "",
             archive_wide=node.archive_wide if node is not None else self.ctx.settings.allow_unknown_ae,

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_break_glass, may_manage
 from simral.audit import service as audit
-from simral.db.base import utcnow
+from simral.db.base import as_utc, utcnow
 from simral.identity.models import (
     ORGANISATION_KINDS,
     ROLES,
@@ -47,6 +47,7 @@ from simral.identity.models import (
     SigningKey,
     WebSession,
 )
+from simral.sharing import service as sharing
 
 
 class IdentityError(ValueError):
@@ -272,12 +273,7 @@ LOCKOUT_BASE = timedelta(minutes=1)
 LOCKOUT_MAX = timedelta(hours=1)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        from datetime import UTC
-
-        return value.replace(tzinfo=UTC)
-    return value
+_aware = as_utc
 
 
 def check_password(session: Session, *, login: str, password: str) -> Professional:
@@ -392,15 +388,17 @@ def principal_for(
             BreakGlass.professional_id == professional.id, BreakGlass.expires_at > now
         )
     )
+    acting = organisation or (codes[0] if codes else "")
     return Principal(
         kind="user",
         name=professional.login,
-        organisation=organisation or (codes[0] if codes else ""),
+        organisation=acting,
         national_id=professional.national_id,
         display_name=professional.display_name,
         user_id=professional.id,
         memberships=memberships,
         break_glass=frozenset(grants),
+        shared=sharing.shared_study_uids(session, login=professional.login, organisation=acting),
         regional=regional,
         address=address,
         via=via,

@@ -40,3 +40,50 @@ class FeedCursor(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Share(Base):
+    """A study (or every study of a patient) shared by a professional with a professional or an
+    organisation, for a purpose, until an expiry, revocable. The access policy lets the grantee see
+    it (DESIGN.md §2); the grantee's queries and retrieves on every protocol then include it."""
+
+    __tablename__ = "share"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: A study share names the study; a patient share names the patient (``patient_pk``).
+    study_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_pk: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    #: ``user`` (a login) or ``organisation`` (a code).
+    grantee_kind: Mapped[str] = mapped_column(String(16))
+    grantee: Mapped[str] = mapped_column(String(64), index=True)
+    purpose: Mapped[str] = mapped_column(String(500), default="")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_by_organisation: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String(64), default="")
+
+
+class ShareLink(Base):
+    """A viewer-only capability link for someone outside the platform: a random token (only its
+    SHA-256 is kept), bound to the listed studies, expiring, revocable, optionally asking for the
+    patient's birth date as a second factor."""
+
+    __tablename__ = "share_link"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Space-separated Study Instance UIDs the link opens.
+    study_uids: Mapped[str] = mapped_column(String(2048))
+    purpose: Mapped[str] = mapped_column(String(500), default="")
+    #: The patient's birth date (YYYYMMDD) the visitor must give, or "" for none.
+    birth_date_check: Mapped[str] = mapped_column(String(8), default="")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_by_organisation: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    #: Server-side key sealing a visitor's cookie once the birth date was given (HMAC-SHA-256).
+    seal_key: Mapped[str] = mapped_column(String(64), default="")

@@ -11,10 +11,14 @@ one STOW-RS request; their ``dedupe_key`` keeps one active job per instance and 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_manage
@@ -23,7 +27,7 @@ from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
 from simral.jobs import service as jobs
 from simral.nodes.models import DicomWebPeer, RemoteNode
-from simral.sharing.models import FeedCursor, RoutingRule
+from simral.sharing.models import FeedCursor, RoutingRule, Share, ShareLink
 
 ROUTER_CURSOR = "router"
 #: Job kinds the forwarding handlers run.
@@ -234,3 +238,286 @@ def route_changes(session: Session, *, limit: int = 500) -> int:
     cursor.last_seq = end
     cursor.updated_at = utcnow()
     return enqueued
+
+
+# ------------------------------------------------------------------------------------------ shares
+
+#: Longest a share or a capability link may last.
+MAX_SHARE = timedelta(days=365)
+MAX_LINK = timedelta(days=30)
+#: Wrong birth dates accepted on a link before it locks (revocation by brute force protection).
+MAX_LINK_FAILURES = 5
+
+
+class ShareError(ValueError):
+    """A share or link that cannot be made or used."""
+
+
+def _visible_study(session: Session, principal: Principal, study_uid: str) -> Study | None:
+    from simral.access.policy import visible_studies
+
+    return session.scalar(visible_studies(principal, select(Study)).where(Study.study_uid == study_uid))
+
+
+def create_share(
+    session: Session,
+    *,
+    principal: Principal,
+    study_uid: str,
+    grantee_kind: str,
+    grantee: str,
+    purpose: str,
+    lifetime: timedelta,
+    whole_patient: bool = False,
+) -> Share:
+    """Share a study the principal sees (or all studies of its patient) with a professional or an
+    organisation until ``lifetime`` from now (audited; the grantee must exist)."""
+    from simral.identity import service as identity
+
+    if principal.kind != "user":
+        raise AccessDenied("only professionals share studies")
+    if grantee_kind not in ("user", "organisation"):
+        raise ShareError("share with a professional (user) or an organisation")
+    if not purpose.strip():
+        raise ShareError("a share states its purpose")
+    if not timedelta(0) < lifetime <= MAX_SHARE:
+        raise ShareError(f"a share lasts at most {MAX_SHARE.days} days")
+    study = _visible_study(session, principal, study_uid)
+    if study is None:
+        raise ShareError("no such study, or no access")
+    if grantee_kind == "user" and identity.get_professional(session, grantee) is None:
+        raise ShareError(f"no professional {grantee!r}")
+    if grantee_kind == "organisation" and identity.get_organisation(session, grantee) is None:
+        raise ShareError(f"no organisation {grantee!r}")
+    now = utcnow()
+    share = Share(
+        study_uid="" if whole_patient else study.study_uid,
+        patient_pk=study.patient_pk if whole_patient else None,
+        grantee_kind=grantee_kind,
+        grantee=grantee,
+        purpose=purpose.strip()[:500],
+        created_by=principal.name,
+        created_by_organisation=principal.organisation,
+        created_at=now,
+        expires_at=now + lifetime,
+        revoked_by="",
+    )
+    session.add(share)
+    session.flush()
+    audit.record(
+        session,
+        action="share.create",
+        principal=principal,
+        study_uid=study.study_uid,
+        detail={
+            "share": share.id,
+            "to": f"{grantee_kind}:{grantee}",
+            "purpose": share.purpose,
+            "expires": share.expires_at.isoformat(),
+            "whole_patient": whole_patient,
+        },
+    )
+    return share
+
+
+def _active(model: type[Share] | type[ShareLink], now: datetime) -> Any:
+    return and_(model.revoked_at.is_(None), model.expires_at > now)
+
+
+def shared_study_uids(session: Session, *, login: str = "", organisation: str = "") -> frozenset[str]:
+    """Study UIDs actively shared with the professional ``login`` or the ``organisation``."""
+    now = utcnow()
+    grantees = []
+    if login:
+        grantees.append(and_(Share.grantee_kind == "user", Share.grantee == login))
+    if organisation:
+        grantees.append(and_(Share.grantee_kind == "organisation", Share.grantee == organisation))
+    if not grantees:
+        return frozenset()
+    shares = session.execute(
+        select(Share.study_uid, Share.patient_pk).where(_active(Share, now), or_(*grantees))
+    )
+    uids: set[str] = set()
+    patients: set[int] = set()
+    for study_uid, patient_pk in shares:
+        if study_uid:
+            uids.add(study_uid)
+        elif patient_pk is not None:
+            patients.add(patient_pk)
+    if patients:
+        uids.update(session.scalars(select(Study.study_uid).where(Study.patient_pk.in_(patients))))
+    return frozenset(uids)
+
+
+def shares_for(session: Session, principal: Principal) -> tuple[list[Share], list[Share]]:
+    """(active shares the principal made, active shares made to them or their acting organisation)."""
+    now = utcnow()
+    made = session.scalars(
+        select(Share).where(_active(Share, now), Share.created_by == principal.name).order_by(Share.id.desc())
+    )
+    received = session.scalars(
+        select(Share)
+        .where(
+            _active(Share, now),
+            or_(
+                and_(Share.grantee_kind == "user", Share.grantee == principal.name),
+                and_(Share.grantee_kind == "organisation", Share.grantee == principal.organisation),
+            ),
+        )
+        .order_by(Share.id.desc())
+    )
+    return list(made), list(received)
+
+
+def revoke_share(session: Session, *, principal: Principal, share_id: int) -> None:
+    """End a share now: its author, or an administrator of the author's organisation (audited)."""
+    share = session.get(Share, share_id)
+    if share is None or share.revoked_at is not None:
+        raise ShareError("no such active share")
+    if share.created_by != principal.name and not may_manage(
+        principal, share.created_by_organisation or None
+    ):
+        raise AccessDenied("only the author or an administrator revokes a share")
+    share.revoked_at = utcnow()
+    share.revoked_by = principal.name
+    audit.record(session, action="share.revoke", principal=principal, study_uid=share.study_uid,
+                 detail={"share": share.id})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NewLink:
+    """A capability link just made: the token is shown once and never stored."""
+
+    id: int
+    token: str
+    expires_at: datetime
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_link(
+    session: Session,
+    *,
+    principal: Principal,
+    study_uids: list[str],
+    purpose: str,
+    lifetime: timedelta,
+    ask_birth_date: bool,
+) -> NewLink:
+    """A viewer-only link to studies the principal sees (256-bit random token; audited)."""
+    if principal.kind != "user":
+        raise AccessDenied("only professionals make links")
+    if not timedelta(0) < lifetime <= MAX_LINK:
+        raise ShareError(f"a link lasts at most {MAX_LINK.days} days")
+    studies = [_visible_study(session, principal, uid) for uid in dict.fromkeys(study_uids)]
+    if not studies or any(study is None for study in studies):
+        raise ShareError("no such study, or no access")
+    birth_date = ""
+    if ask_birth_date:
+        from simral.archive.models import Patient
+
+        dates = {
+            session.scalar(select(Patient.birth_date).where(Patient.id == s.patient_pk)) for s in studies if s
+        }
+        if len(dates) != 1 or not next(iter(dates)):
+            raise ShareError("the birth-date check needs studies of one patient with a known birth date")
+        birth_date = str(next(iter(dates)))
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    link = ShareLink(
+        token_sha256=_token_hash(token),
+        study_uids=" ".join(s.study_uid for s in studies if s),
+        purpose=purpose.strip()[:500],
+        birth_date_check=birth_date,
+        created_by=principal.name,
+        created_by_organisation=principal.organisation,
+        created_at=now,
+        expires_at=now + lifetime,
+        failed_checks=0,
+        seal_key=secrets.token_hex(32),
+    )
+    session.add(link)
+    session.flush()
+    for study in studies:
+        audit.record(
+            session,
+            action="share-link.create",
+            principal=principal,
+            study_uid=study.study_uid if study else "",
+            detail={
+                "link": link.id,
+                "expires": link.expires_at.isoformat(),
+                "birth_date_check": ask_birth_date,
+            },
+        )
+    return NewLink(link.id, token, link.expires_at)
+
+
+def find_link(session: Session, token: str) -> ShareLink | None:
+    """The active link of ``token`` (not expired, not revoked, not locked by failed checks)."""
+    link = session.scalar(select(ShareLink).where(ShareLink.token_sha256 == _token_hash(token)))
+    if link is None or link.revoked_at is not None or link.failed_checks >= MAX_LINK_FAILURES:
+        return None
+    expires = as_utc(link.expires_at)
+    return link if expires is not None and expires > utcnow() else None
+
+
+def check_link_birth_date(session: Session, link: ShareLink, birth_date: str) -> bool:
+    """Whether ``birth_date`` (YYYYMMDD or YYYY-MM-DD) is the patient's; failures count and lock."""
+    given = birth_date.replace("-", "").strip()
+    if not link.birth_date_check or secrets.compare_digest(given, link.birth_date_check):
+        return True
+    link.failed_checks += 1
+    return False
+
+
+def visitor_cookie(link: ShareLink, token: str) -> str:
+    """The cookie value of a visitor who opened ``link`` (and passed its birth-date check): the
+    token and an HMAC seal under the link's server-side key, so the check cannot be skipped."""
+    return f"{token}:{hmac.new(bytes.fromhex(link.seal_key), token.encode(), 'sha256').hexdigest()}"
+
+
+def link_from_cookie(session: Session, cookie: str) -> ShareLink | None:
+    """The active link a visitor cookie names, if its seal is right."""
+    token, _, seal = cookie.partition(":")
+    link = find_link(session, token) if token and seal else None
+    if link is None or not hmac.compare_digest(visitor_cookie(link, token), cookie):
+        return None
+    return link
+
+
+def link_principal(link: ShareLink, *, address: str = "") -> Principal:
+    """The read-only principal of a visitor holding ``link``."""
+    return Principal(
+        kind="share-link",
+        name=f"link:{link.id}",
+        organisation=link.created_by_organisation,
+        shared=frozenset(link.study_uids.split()),
+        address=address,
+        via="share-link",
+    )
+
+
+def revoke_link(session: Session, *, principal: Principal, link_id: int) -> None:
+    """End a link now: its author or an administrator of the author's organisation (audited)."""
+    link = session.get(ShareLink, link_id)
+    if link is None or link.revoked_at is not None:
+        raise ShareError("no such active link")
+    if link.created_by != principal.name and not may_manage(principal, link.created_by_organisation or None):
+        raise AccessDenied("only the author or an administrator revokes a link")
+    link.revoked_at = utcnow()
+    audit.record(session, action="share-link.revoke", principal=principal, detail={"link": link.id})
+
+
+def links_made_by(session: Session, principal: Principal) -> list[ShareLink]:
+    """The principal's active links."""
+    now = utcnow()
+    return list(
+        session.scalars(
+            select(ShareLink)
+            .where(_active(ShareLink, now), ShareLink.created_by == principal.name)
+            .order_by(ShareLink.id.desc())
+        )
+    )

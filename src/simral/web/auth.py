@@ -26,6 +26,9 @@ from simral.context import AppContext
 from simral.identity import service as identity
 
 SESSION_COOKIE = "simral_session"
+#: A capability-link visitor's cookie (read-only: the viewer and its DICOMweb/WADO requests only).
+SHARE_COOKIE = "simral_link"
+SHARE_LINK_PREFIXES = ("/viewer", "/dicom-web", "/wado")
 PRINCIPAL_CACHE_SECONDS = 15.0
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Paths answered with 401 rather than a redirect to the login page.
@@ -125,6 +128,23 @@ def session_principal(ctx: AppContext, secret: str, address: str) -> tuple[Princ
     return _with_address(principal, address), csrf
 
 
+def share_link_principal(ctx: AppContext, cookie: str, address: str) -> Principal | None:
+    """The read-only visitor principal of a capability-link cookie (link active, seal right)."""
+    from simral.sharing import service as sharing
+
+    key = "l:" + hashlib.sha256(cookie.encode()).hexdigest()
+    cached = _cache(ctx).get(key)
+    if cached is not None:
+        return _with_address(cached[0], address)
+    with ctx.db.reading() as session:
+        link = sharing.link_from_cookie(session, cookie)
+        if link is None:
+            return None
+        principal = sharing.link_principal(link)
+    _cache(ctx).put(key, principal, "")
+    return _with_address(principal, address)
+
+
 def forget_cached_principals(ctx: AppContext) -> None:
     """Drop this process's cached principals (after logout or a break-glass grant changed rights)."""
     _cache(ctx).clear()
@@ -147,6 +167,12 @@ def request_principal(request: Request) -> Principal:
         secret = request.cookies.get(SESSION_COOKIE, "")
         found = session_principal(ctx, secret, address) if secret else None
         if found is None:
+            link = request.cookies.get(SHARE_COOKIE, "")
+            if link and request.url.path.startswith(SHARE_LINK_PREFIXES) and request.method in SAFE_METHODS:
+                visitor = share_link_principal(ctx, link, address)
+                if visitor is not None:
+                    request.state.principal = visitor
+                    return visitor
             raise LoginRequired("no session")
         principal, csrf = found
         request.state.csrf_token = csrf

@@ -53,6 +53,7 @@ def request_language(request: Request) -> Language:
 NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
         "studies": "Examens",
+        "shares": "Partages",
         "audit": "Traçabilité",
         "admin": "Administration",
         "account": "Mon compte",
@@ -63,6 +64,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     },
     "en": {
         "studies": "Studies",
+        "shares": "Shares",
         "audit": "Audit trail",
         "admin": "Administration",
         "account": "My account",
@@ -119,6 +121,8 @@ def page(
     nav = ""
     if principal is not None:
         links = [f'<a href="/">{escape(text["studies"])}</a>']
+        if principal.kind == "user":
+            links.append(f'<a href="/shares">{escape(text["shares"])}</a>')
         if may_read_audit(principal):
             links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
         if may_manage(principal) or any(r == "site-admin" for _, r in principal.memberships):

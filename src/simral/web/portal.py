@@ -38,6 +38,7 @@ from simral.web.auth import (
 )
 from simral.web.layout import STYLE, Language, lang_param, page, request_language
 from simral.web.pages import viewer_url
+from simral.web.shares import share_forms
 
 LOGIN_CSRF_COOKIE = "simral_login_csrf"
 
@@ -472,8 +473,9 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             f"{escape(study.accession_number)}</p>"
             f'<p><a href="{escape(viewer_url(study.study_uid))}">{escape(text["open"])}</a> · '
             f'<a href="/studies/{escape(study.study_uid)}/export.zip" download>'
-            f'{escape(text["download"])}</a></p>'
+            f"{escape(text['download'])}</a></p>"
             f'<h2>{escape(text["series"])}</h2><div class="thumbs">{thumbs}</div>'
+            + share_forms(request, principal, study.study_uid)
         )
         return page(request, text["study"], body, principal=principal)
 
