@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -48,6 +49,13 @@ class Region:
     b: str
     birth_date_a: str
     tokens: dict[str, str]
+    #: Each user's authenticator, shared by the browser tests (TOTP is enrolled once).
+    devices: dict[str, Any] = field(default_factory=dict)
+
+    def device(self, login: str) -> Any:
+        from tests.portal_login import TotpDevice
+
+        return self.devices.setdefault(login, TotpDevice())
 
     @property
     def url(self) -> str:
@@ -287,13 +295,13 @@ def test_link_locks_after_wrong_birth_dates(region: Region) -> None:
 
 def test_share_and_link_in_the_browser(region: Region, artifacts_dir: Path) -> None:
     from playwright.sync_api import sync_playwright
-    from tests.portal_login import TotpDevice, login_page
+    from tests.portal_login import login_page
     from tests.test_viewer_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_image
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         tech = browser.new_context(locale="fr-FR", viewport={"width": 1280, "height": 1000}).new_page()
-        login_page(tech, region.url, "tech_a", PASSWORD, TotpDevice())
+        login_page(tech, region.url, "tech_a", PASSWORD, region.device("tech_a"))
         tech.goto(f"{region.url}/studies/{region.a2}")
         form = tech.locator(f"form[action='/studies/{region.a2}/shares']")
         form.locator("input[name=grantee]").fill("radio_b")
@@ -304,7 +312,7 @@ def test_share_and_link_in_the_browser(region: Region, artifacts_dir: Path) -> N
         assert tech.url.endswith("/shares") and region.a2 in tech.locator("main").inner_text()
 
         radio = browser.new_context(locale="fr-FR", viewport={"width": 1280, "height": 900}).new_page()
-        login_page(radio, region.url, "radio_b", PASSWORD, TotpDevice())
+        login_page(radio, region.url, "radio_b", PASSWORD, region.device("radio_b"))
         radio.click("a[href='/shares']")
         radio.wait_for_load_state("domcontentloaded")
         assert "Partagés avec moi" in radio.content() and "Relecture" in radio.content()
@@ -320,7 +328,7 @@ def test_share_and_link_in_the_browser(region: Region, artifacts_dir: Path) -> N
 
         # The viewer-only link, without the birth-date check, opened by someone outside.
         tech.goto(f"{region.url}/studies/{region.a1}")
-        links = tech.locator(f"form[action='/studies/{region.a1}/links']")
+        links = tech.locator("form#link-form")
         links.locator("input[name=purpose]").fill("Avis externe")
         links.locator("input[name=ask_birth_date]").uncheck()
         links.locator("button[type=submit]").click()
@@ -331,4 +339,55 @@ def test_share_and_link_in_the_browser(region: Region, artifacts_dir: Path) -> N
         png = wait_for_image(outsider)
         (artifacts_dir / "share-link-viewer.png").write_bytes(png)
         assert "StudyInstanceUIDs=" in outsider.url
+        browser.close()
+
+
+def test_patient_access(region: Region, tmp_path: Path, artifacts_dir: Path) -> None:
+    """The patient's link: birth date, their study, the media download, and who accessed the images."""
+    from playwright.sync_api import sync_playwright
+    from tests.portal_login import login_page
+    from tests.test_portal_accessibility import assert_accessible
+    from tests.test_viewer_browser import CHROMIUM, CHROMIUM_ARGS
+
+    # A professional read the study: the patient will see it.
+    assert (
+        httpx.get(
+            f"{region.url}/dicom-web/studies/{region.a1}/metadata", headers=region.as_("tech_a")
+        ).status_code
+        == 200
+    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        tech = browser.new_context(locale="fr-FR").new_page()
+        login_page(tech, region.url, "tech_a", PASSWORD, region.device("tech_a"))
+        tech.goto(f"{region.url}/studies/{region.a1}")
+        tech.click("form#patient-link-form button[type=submit]")
+        tech.wait_for_load_state("domcontentloaded")
+        url = tech.locator("#share-link").input_value()
+
+        patient = browser.new_context(locale="fr-FR", accept_downloads=True, bypass_csp=True).new_page()
+        patient.goto(url)
+        assert patient.locator("input[name=birth_date]").count() == 1
+        day = region.birth_date_a
+        patient.fill("input[name=birth_date]", f"{day[:4]}-{day[4:6]}-{day[6:]}")
+        patient.click("button[type=submit]")
+        patient.wait_for_load_state("domcontentloaded")
+        assert patient.url.endswith("/patient")
+        assert patient.locator("h1").inner_text() == "Mes examens d'imagerie"
+        accesses = patient.locator("main table").nth(1).inner_text()
+        assert "Tech A" in accesses and "CHA" in accesses and "Consultation d'examen" in accesses
+        patient.screenshot(path=str(artifacts_dir / "patient-page.png"), full_page=True)
+        assert_accessible(patient, "patient page")
+        with patient.expect_download() as download_info:
+            patient.click(f"a[href='/patient/studies/{region.a1}/export.zip']")
+        saved = tmp_path / "patient.zip"
+        download_info.value.save_as(saved)
+        import zipfile
+
+        with zipfile.ZipFile(saved) as archive:
+            assert archive.namelist()[0] == "DICOMDIR"
+        # The patient's link opens nothing else: another study, the portal, a colleague's pages.
+        other = patient.request.get(f"{region.url}/patient/studies/{region.b}/export.zip")
+        assert other.status == 404
+        assert patient.request.get(f"{region.url}/shares", max_redirects=0).status == 303
         browser.close()

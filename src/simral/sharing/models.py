@@ -85,5 +85,8 @@ class ShareLink(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``colleague`` (opens the viewer) or ``patient`` (the patient's page: images, download of the
+    #: media, and who accessed the images).
+    audience: Mapped[str] = mapped_column(String(16), default="colleague")
     #: Server-side key sealing a visitor's cookie once the birth date was given (HMAC-SHA-256).
     seal_key: Mapped[str] = mapped_column(String(64), default="")

@@ -405,8 +405,11 @@ def create_link(
     purpose: str,
     lifetime: timedelta,
     ask_birth_date: bool,
+    audience: str = "colleague",
 ) -> NewLink:
-    """A viewer-only link to studies the principal sees (256-bit random token; audited)."""
+    """A viewer-only link to studies the principal sees (256-bit random token; audited).
+
+    A ``patient`` link always asks the patient's birth date and opens the patient's page."""
     if principal.kind != "user":
         raise AccessDenied("only professionals make links")
     if not timedelta(0) < lifetime <= MAX_LINK:
@@ -414,6 +417,9 @@ def create_link(
     studies = [_visible_study(session, principal, uid) for uid in dict.fromkeys(study_uids)]
     if not studies or any(study is None for study in studies):
         raise ShareError("no such study, or no access")
+    if audience not in ("colleague", "patient"):
+        raise ShareError("a link is for a colleague or for the patient")
+    ask_birth_date = ask_birth_date or audience == "patient"
     birth_date = ""
     if ask_birth_date:
         from simral.archive.models import Patient
@@ -437,6 +443,7 @@ def create_link(
         expires_at=now + lifetime,
         failed_checks=0,
         seal_key=secrets.token_hex(32),
+        audience=audience,
     )
     session.add(link)
     session.flush()
@@ -496,7 +503,7 @@ def link_principal(link: ShareLink, *, address: str = "") -> Principal:
         organisation=link.created_by_organisation,
         shared=frozenset(link.study_uids.split()),
         address=address,
-        via="share-link",
+        via="patient-link" if link.audience == "patient" else "share-link",
     )
 
 
@@ -509,6 +516,21 @@ def revoke_link(session: Session, *, principal: Principal, link_id: int) -> None
         raise AccessDenied("only the author or an administrator revokes a link")
     link.revoked_at = utcnow()
     audit.record(session, action="share-link.revoke", principal=principal, detail={"link": link.id})
+
+
+def accesses_to(session: Session, study_uids: list[str], *, limit: int = 200) -> list[Any]:
+    """Audit records about these studies, newest first: what a patient may see of who accessed
+    their images (the professional, their organisation, when, what)."""
+    from simral.audit.models import AuditEvent
+
+    return list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.study_uid.in_(study_uids))
+            .order_by(AuditEvent.id.desc())
+            .limit(limit)
+        )
+    )
 
 
 def links_made_by(session: Session, principal: Principal) -> list[ShareLink]:

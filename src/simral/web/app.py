@@ -21,7 +21,7 @@ from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
 from simral.web.security_headers import SecurityHeaders
-from simral.web.shares import mount_shares
+from simral.web.shares import mount_patient_pages, mount_shares
 from simral.web.viewer import mount_viewer
 
 
@@ -63,6 +63,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_jobs_admin(web, ctx)
     mount_sharing_api(web, ctx)
     mount_shares(web, ctx)
+    mount_patient_pages(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     return web

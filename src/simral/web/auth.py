@@ -28,7 +28,7 @@ from simral.identity import service as identity
 SESSION_COOKIE = "simral_session"
 #: A capability-link visitor's cookie (read-only: the viewer and its DICOMweb/WADO requests only).
 SHARE_COOKIE = "simral_link"
-SHARE_LINK_PREFIXES = ("/viewer", "/dicom-web", "/wado")
+SHARE_LINK_PREFIXES = ("/viewer", "/dicom-web", "/wado", "/patient")
 PRINCIPAL_CACHE_SECONDS = 15.0
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Paths answered with 401 rather than a redirect to the login page.

@@ -66,6 +66,17 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "continue": "Voir les images",
         "wrong_birth_date": "Date de naissance incorrecte.",
         "link_title": "Images partagées",
+        "patient_link": "Accès du patient à ses images",
+        "do_patient_link": "Créer l'accès patient",
+        "patient_title": "Mes examens d'imagerie",
+        "view": "Voir les images",
+        "download": "Télécharger (CD virtuel : ZIP DICOM avec DICOMDIR)",
+        "accesses": "Qui a consulté mes images",
+        "when": "Date (UTC)",
+        "who": "Qui",
+        "what": "Action",
+        "date": "Date",
+        "description": "Examen",
         "1d": "1 jour",
         "7d": "7 jours",
         "30d": "30 jours",
@@ -101,6 +112,17 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "continue": "See the images",
         "wrong_birth_date": "Wrong birth date.",
         "link_title": "Shared images",
+        "patient_link": "Patient access to their images",
+        "do_patient_link": "Make the patient access",
+        "patient_title": "My imaging studies",
+        "view": "See the images",
+        "download": "Download (virtual CD: DICOM ZIP with DICOMDIR)",
+        "accesses": "Who accessed my images",
+        "when": "Date (UTC)",
+        "who": "Who",
+        "what": "Action",
+        "date": "Date",
+        "description": "Study",
         "1d": "1 day",
         "7d": "7 days",
         "30d": "30 days",
@@ -138,12 +160,29 @@ def share_forms(request: Request, principal: Principal, study_uid: str) -> str:
         f"{escape(text['whole_patient'])}</span></label>"
         f'<button type="submit">{escape(text["do_share"])}</button></form>'
         f"<h2>{escape(text['link'])}</h2>"
-        f'<form method="post" action="/studies/{uid}/links">{_csrf(request)}'
+        f'<form id="link-form" method="post" action="/studies/{uid}/links">{_csrf(request)}'
         f'<label>{escape(text["purpose"])}<input name="purpose" required></label>'
         + _durations(text, ("7d", "1d", "30d"))
         + f'<label><span><input type="checkbox" name="ask_birth_date" value="1" checked> '
         f"{escape(text['ask_birth_date'])}</span></label>"
         f'<button type="submit">{escape(text["do_link"])}</button></form>'
+        f"<h2>{escape(text['patient_link'])}</h2>"
+        f'<form id="patient-link-form" method="post" action="/studies/{uid}/links">{_csrf(request)}'
+        '<input type="hidden" name="audience" value="patient">'
+        f'<input type="hidden" name="purpose" value="{escape(text["patient_link"])}">'
+        + _durations(text, ("30d", "7d"))
+        + f'<button type="submit">{escape(text["do_patient_link"])}</button></form>'
+    )
+
+
+def _date(value: str, language: Language) -> str:
+    """A DICOM DA (YYYYMMDD) as the reader expects it."""
+    if len(value) != 8 or not value.isdigit():
+        return value
+    return (
+        f"{value[6:]}/{value[4:6]}/{value[:4]}"
+        if language == "fr"
+        else f"{value[:4]}-{value[4:6]}-{value[6:]}"
     )
 
 
@@ -208,6 +247,7 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
                     purpose=form.get("purpose", ""),
                     lifetime=DURATIONS.get(form.get("duration", ""), timedelta(0)),
                     ask_birth_date=form.get("ask_birth_date") == "1",
+                    audience=form.get("audience", "colleague"),
                 )
         except sharing.ShareError as exc:
             return _error(request, principal, str(exc), 400)
@@ -315,7 +355,7 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
 
     def _open(request: Request, link: sharing.ShareLink, token: str) -> Response:
         viewer = f"{VIEWER_PATH}/viewer?StudyInstanceUIDs={quote(','.join(link.study_uids.split()))}"
-        response = RedirectResponse(viewer, status_code=303)
+        response = RedirectResponse("/patient" if link.audience == "patient" else viewer, status_code=303)
         response.set_cookie(
             SHARE_COOKIE,
             sharing.visitor_cookie(link, token),
@@ -364,3 +404,83 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
             return _birth_date_form(request, token, TEXT[request_language(request)]["wrong_birth_date"])
         _audit_open(request, link, "success")
         return _open(request, link, token)
+
+
+def mount_patient_pages(web: FastAPI, ctx: AppContext) -> None:
+    """The patient's page behind a patient link: studies, viewer, media download, and who accessed
+    the images (from the audit trail)."""
+    from simral.archive import service as archive
+    from simral.identity import service as identity
+    from simral.sharing.api import export_response
+    from simral.web.portal import ACTION_LABELS
+
+    def _patient(request: Request) -> Principal:
+        principal = request_principal(request)
+        if principal.via != "patient-link":
+            raise HTTPException(403, "for the patient's own link only")
+        return principal
+
+    @web.get("/patient", response_class=HTMLResponse)
+    def patient_page(request: Request) -> HTMLResponse:
+        principal = _patient(request)
+        language = request_language(request)
+        text = TEXT[language]
+        labels = ACTION_LABELS[language]
+        uids = sorted(principal.shared)
+        with ctx.db.reading() as session:
+            studies = [archive.get_study(session, principal=principal, study_uid=uid) for uid in uids]
+            accesses = sharing.accesses_to(session, uids)
+            names: dict[str, str] = {}
+            for record in accesses:
+                kind, _, login = record.actor.partition(":")
+                if kind == "user" and login not in names:
+                    professional = identity.get_professional(session, login)
+                    names[login] = professional.display_name if professional is not None else login
+        rows = []
+        for summary in studies:
+            if summary is None:
+                continue
+            study = summary.study
+            uid = escape(study.study_uid)
+            rows.append(
+                f"<tr><td>{escape(_date(study.study_date, language))}</td>"
+                f"<td>{escape(study.description)}</td>"
+                f"<td>{escape(study.modalities)}</td>"
+                f'<td><a href="{VIEWER_PATH}/viewer?StudyInstanceUIDs={uid}">{escape(text["view"])}</a></td>'
+                f'<td><a href="/patient/studies/{uid}/export.zip" download>'
+                f"{escape(text['download'])}</a></td></tr>"
+            )
+        body = _table([text["date"], text["description"], "", "", ""], rows)
+        access_rows = []
+        for record in accesses:
+            kind, _, who = record.actor.partition(":")
+            person = (
+                names.get(who, who)
+                if kind == "user"
+                else {"dicom-node": "Système DICOM", "system": "simral"}.get(
+                    kind, "Lien de partage" if language == "fr" else "Sharing link"
+                )
+            )
+            if kind == "dicom-node":
+                person = f"{person} {who}"
+            access_rows.append(
+                f"<tr><td>{record.at:%Y-%m-%d %H:%M}</td><td>{escape(person)}</td>"
+                f"<td>{escape(record.actor_organisation)}</td>"
+                f"<td>{escape(labels.get(record.action, record.action))}</td></tr>"
+            )
+        body += f"<h2>{escape(text['accesses'])}</h2>" + _table(
+            [text["when"], text["who"], "", text["what"]], access_rows
+        )
+        for uid in uids:
+            audit.record_now(
+                ctx,
+                action="audit.search",
+                principal=principal,
+                study_uid=uid,
+                detail={"by": "patient", "records": len(accesses)},
+            )
+        return page(request, text["patient_title"], body)
+
+    @web.get("/patient/studies/{study_uid}/export.zip", include_in_schema=False)
+    def patient_download(request: Request, study_uid: str) -> Response:
+        return export_response(ctx, _patient(request), study_uid)

@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("failed_checks", sa.Integer(), nullable=False),
+        sa.Column("audience", sa.String(length=16), nullable=False),
         sa.Column("seal_key", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_share_link")),
         sa.UniqueConstraint("token_sha256", name=op.f("uq_share_link_token_sha256")),
