@@ -74,6 +74,17 @@ class Settings:
     # --- exposure ---
     #: A TLS-terminating reverse proxy is in front: plain HTTP may bind a non-loopback address.
     behind_tls_proxy: bool = False
+    # --- audit export (IHE ATNA: PS3.15 A.5 messages over RFC 5424 syslog on TLS, RFC 5425) ---
+    #: The syslog collector (host name checked against its certificate); "" = no export.
+    audit_syslog_host: str = ""
+    audit_syslog_port: int = 6514
+    #: PEM CA bundle verifying the collector ("" = the system CAs).
+    audit_syslog_ca_file: str = ""
+    #: Client certificate and key presented to the collector ("" = none).
+    audit_syslog_cert_file: str = ""
+    audit_syslog_key_file: str = ""
+    #: Seconds between two looks for records to send.
+    audit_syslog_interval: float = 2.0
     #: The prebuilt OHIF viewer (``dist/`` of npm ``@ohif/app``) served under ``/viewer``; ``make install``
     #: puts it in the virtualenv.
     viewer_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "share/simral/ohif")

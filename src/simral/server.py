@@ -17,6 +17,7 @@ import uvicorn
 
 from simral.app import open_app
 from simral.archive.service import recover_staged
+from simral.audit.export import start_exporter
 from simral.config import Settings
 from simral.context import AppContext
 from simral.dimse import tls
@@ -188,7 +189,9 @@ def _worker(settings: Settings, index: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
     signal.signal(signal.SIGTERM, _EarlyStop.handle)
     try:
-        return _serve(settings, open_app(settings), banner=False, stop_signals=(signal.SIGTERM,))
+        return _serve(
+            settings, open_app(settings), banner=False, stop_signals=(signal.SIGTERM,), singletons=index == 0
+        )
     except BaseException:
         log.exception("worker %d failed", index)
         return 1
@@ -238,8 +241,11 @@ def _serve(
     *,
     banner: bool,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+    singletons: bool = True,
 ) -> int:
-    """One worker: the DICOM acceptor, the HTTP server and the staging sweep."""
+    """One worker: the DICOM acceptor, the HTTP server and the staging sweep; with ``singletons``
+    (the only worker, or the first of several) also the audit export, which must run once so the
+    collector receives the trail in order."""
     dimse = DimseService(ctx)
     server = dimse.start(settings.dicom_host, settings.dicom_port)
     tls_port = 0
@@ -251,6 +257,8 @@ def _serve(
     stop = threading.Event()
     threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
     runner = start_exchange(ctx, stop)
+    if singletons:
+        start_exporter(ctx, stop)
     web = create_web_app(ctx)
     https: dict[str, Any] = {}
     if settings.https:

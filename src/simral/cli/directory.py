@@ -316,6 +316,30 @@ def audit_verify(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     out.print(f"[green]audit trail intact:[/green] {report.records} records{legacy}")
 
 
+@audit_app.command("export")
+def audit_export(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Send the records the syslog collector has not received yet, now (audit_syslog_* settings)."""
+    import ssl
+
+    from simral.audit.export import SyslogExporter
+
+    ctx = _open(config, data_dir)
+    if not ctx.settings.audit_syslog_host:
+        raise _fail("no collector configured (audit_syslog_host)")
+    exporter = SyslogExporter(ctx)
+    try:
+        sent = exporter.push()
+    except (OSError, ssl.SSLError) as exc:
+        raise _fail(
+            f"collector {ctx.settings.audit_syslog_host}:{ctx.settings.audit_syslog_port}: {exc}"
+        ) from None
+    finally:
+        exporter.close()
+    out.print(
+        f"{sent} audit records sent to {ctx.settings.audit_syslog_host}:{ctx.settings.audit_syslog_port}"
+    )
+
+
 @audit_app.command("search")
 def audit_search(
     patient_id: Annotated[str, typer.Option(help="Patient ID.")] = "",
