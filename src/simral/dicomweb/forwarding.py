@@ -14,15 +14,14 @@ from typing import Any
 
 import httpx
 
-from simral.access.policy import SYSTEM
 from simral.archive import service as archive
 from simral.archive.service import StoredInstance
-from simral.audit import service as audit
 from simral.context import AppContext
 from simral.dicomweb.multipart import content_type_header, iter_parts, new_boundary
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.nodes import service as nodes
+from simral.sharing import service as sharing
 
 CHUNK = 1024 * 1024
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -56,16 +55,7 @@ def forward_stow(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
         if peer is None:
             raise PermanentFailure(f"no DICOMweb peer named {destination!r} any more")
         url, token = peer.url, peer.bearer_token
-        found = {
-            job.id: archive.get_instance(session, principal=SYSTEM, sop_uid=job.payload["sop_uid"])
-            for job in batch
-        }
-    outcomes: dict[int, str | PermanentFailure | None] = {
-        job_id: PermanentFailure("the instance is no longer in the archive")
-        for job_id, instance in found.items()
-        if instance is None
-    }
-    instances = {job_id: instance for job_id, instance in found.items() if instance is not None}
+        instances, outcomes = sharing.forwarded_instances(session, batch)
     if not instances:
         return outcomes
     boundary = new_boundary()
@@ -98,12 +88,5 @@ def forward_stow(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
             outcomes[job_id] = f"STOW-RS failure reason {failed[instance.sop_uid] or 'unknown'}"
         else:
             outcomes[job_id] = f"not in the STOW-RS answer (HTTP {response.status_code})"
-    for study_uid, count in sent.items():
-        audit.record_now(
-            ctx,
-            action="study.forward",
-            principal=SYSTEM,
-            study_uid=study_uid,
-            detail={"to": destination, "protocol": "STOW-RS", "instances": count},
-        )
+    sharing.audit_forwarded(ctx, destination=destination, protocol="STOW-RS", studies=sent)
     return outcomes

@@ -13,14 +13,12 @@ import logging
 
 from pynetdicom import AE, evt
 
-from simral.access.policy import SYSTEM
-from simral.archive import service as archive
-from simral.audit import service as audit
 from simral.context import AppContext
 from simral.dimse import sending, tls
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.nodes import service as nodes
+from simral.sharing import service as sharing
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +33,8 @@ def forward_dimse(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
         node = nodes.get_by_name(session, destination)
         if node is None:
             raise PermanentFailure(f"no DICOM node named {destination!r} any more")
-        found = {
-            job.id: archive.get_instance(session, principal=SYSTEM, sop_uid=job.payload["sop_uid"])
-            for job in batch
-        }
         host, port, called, use_tls = node.host, node.port, node.ae_title, node.tls
-    outcomes: dict[int, str | PermanentFailure | None] = {
-        job_id: PermanentFailure("the instance is no longer in the archive")
-        for job_id, instance in found.items()
-        if instance is None
-    }
-    instances = {job_id: instance for job_id, instance in found.items() if instance is not None}
+        instances, outcomes = sharing.forwarded_instances(session, batch)
     if not instances:
         return outcomes
     sending.install()
@@ -84,12 +73,5 @@ def forward_dimse(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
     finally:
         if assoc.is_established:
             assoc.release()
-        for study_uid, count in sent.items():
-            audit.record_now(
-                ctx,
-                action="study.forward",
-                principal=SYSTEM,
-                study_uid=study_uid,
-                detail={"to": destination, "protocol": "DIMSE C-STORE", "instances": count},
-            )
+        sharing.audit_forwarded(ctx, destination=destination, protocol="DIMSE C-STORE", studies=sent)
     return outcomes

@@ -21,11 +21,16 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_manage
+from simral.access.policy import SYSTEM, AccessDenied, Principal, may_manage
+from simral.archive import service as archive
 from simral.archive.models import ChangeEvent, Instance, Series, Study, StudyOrganisation
+from simral.archive.service import StoredInstance
 from simral.audit import service as audit
+from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
 from simral.jobs import service as jobs
+from simral.jobs.runner import PermanentFailure
+from simral.jobs.service import ClaimedJob
 from simral.nodes.models import DicomWebPeer, RemoteNode
 from simral.sharing.models import FeedCursor, RoutingRule, Share, ShareLink
 
@@ -180,6 +185,36 @@ def _last_seq(session: Session, after: int, limit: int) -> int:
         )
     )
     return seqs[-1] if seqs else after
+
+
+def forwarded_instances(
+    session: Session, batch: list[ClaimedJob]
+) -> tuple[dict[int, StoredInstance], dict[int, str | PermanentFailure | None]]:
+    """The stored instances a batch of forwarding jobs names (job id → instance), and the outcomes
+    already known: an instance deleted since the job was queued dead-letters its job."""
+    found = {
+        job.id: archive.get_instance(session, principal=SYSTEM, sop_uid=job.payload["sop_uid"])
+        for job in batch
+    }
+    instances = {job_id: instance for job_id, instance in found.items() if instance is not None}
+    gone: dict[int, str | PermanentFailure | None] = {
+        job_id: PermanentFailure("the instance is no longer in the archive")
+        for job_id, instance in found.items()
+        if instance is None
+    }
+    return instances, gone
+
+
+def audit_forwarded(ctx: AppContext, *, destination: str, protocol: str, studies: dict[str, int]) -> None:
+    """One audit record per study forwarded (PS3.15 A.5.3.4 "DICOM Instances Transferred")."""
+    for study_uid, count in studies.items():
+        audit.record_now(
+            ctx,
+            action="study.forward",
+            principal=SYSTEM,
+            study_uid=study_uid,
+            detail={"to": destination, "protocol": protocol, "instances": count},
+        )
 
 
 def routing_due(session: Session) -> bool:

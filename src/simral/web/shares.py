@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from html import escape
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal
 from simral.audit import service as audit
@@ -310,12 +311,11 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
         )
         return page(request, text["shares"], body, principal=principal)
 
-    @web.post("/shares/{share_id}/revoke")
-    async def revoke_share(request: Request, share_id: int) -> Response:
+    async def _revoke_and_return(request: Request, revoke: Callable[[Session, Principal], None]) -> Response:
         principal, _ = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
-                sharing.revoke_share(session, principal=principal, share_id=share_id)
+                revoke(session, principal)
         except sharing.ShareError as exc:
             raise HTTPException(404, str(exc)) from None
         except AccessDenied as exc:
@@ -323,18 +323,19 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
         forget_cached_principals(ctx)
         return RedirectResponse("/shares", status_code=303)
 
+    @web.post("/shares/{share_id}/revoke")
+    async def revoke_share(request: Request, share_id: int) -> Response:
+        return await _revoke_and_return(
+            request,
+            lambda session, principal: sharing.revoke_share(session, principal=principal, share_id=share_id),
+        )
+
     @web.post("/links/{link_id}/revoke")
     async def revoke_link(request: Request, link_id: int) -> Response:
-        principal, _ = await _form(request)
-        try:
-            with ctx.db.unit_of_work() as session:
-                sharing.revoke_link(session, principal=principal, link_id=link_id)
-        except sharing.ShareError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except AccessDenied as exc:
-            raise HTTPException(403, str(exc)) from None
-        forget_cached_principals(ctx)
-        return RedirectResponse("/shares", status_code=303)
+        return await _revoke_and_return(
+            request,
+            lambda session, principal: sharing.revoke_link(session, principal=principal, link_id=link_id),
+        )
 
     # ------------------------------------------------------------------ the link's landing page
 
