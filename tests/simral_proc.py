@@ -61,11 +61,14 @@ class SimralProcess:
         env: dict[str, str] | None = None,
         ae_title: str = "SIMRAL",
         extra_env: dict[str, str] | None = None,
+        hl7: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
+        #: The MLLP port (``--hl7-port``) when ``hl7`` is asked for, else 0.
+        self.hl7_port = free_port() if hl7 else 0
         self.env = {**os.environ, "TCP_NODELAY": "1", **(env or {}), **(extra_env or {})}
         self.env.pop("SIMRAL_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -177,6 +180,7 @@ class SimralProcess:
                     self.ae_title,
                     "--dicom-host",
                     "127.0.0.1",
+                    *(["--hl7-port", str(self.hl7_port), "--hl7-host", "127.0.0.1"] if self.hl7_port else []),
                 ],
                 env=self.env,
                 stdout=log,
@@ -190,6 +194,8 @@ class SimralProcess:
             try:
                 wait_port("127.0.0.1", self.dicom_port, timeout=0.5)
                 wait_port("127.0.0.1", self.http_port, timeout=0.5)
+                if self.hl7_port:
+                    wait_port("127.0.0.1", self.hl7_port, timeout=0.5)
                 return self
             except TimeoutError:
                 continue

@@ -54,6 +54,15 @@ class Settings:
     log_level: str = "INFO"
     #: Worker processes of ``simral serve`` sharing the DICOM and HTTP ports; 0 = one per CPU (≤ 4).
     workers: int = 1
+    # --- patient identity (DESIGN.md §6) and the HL7 v2 ADT feed (IHE PAM France over MLLP) ---
+    #: MLLP listener port for HL7 v2.5 ADT messages (2575 is customary); 0 = off.
+    hl7_port: int = 0
+    #: Address the MLLP listener binds to (senders are not registered yet: keep it private).
+    hl7_host: str = "127.0.0.1"
+    #: MLLP over TLS with ``tls_cert_file`` / ``tls_key_file`` (client certificates as for DICOM TLS).
+    hl7_tls: bool = False
+    #: Accept the INS test and demonstration OIDs (1.2.250.1.213.1.4.10 / .11): test platforms only.
+    ins_test_oids_allowed: bool = False
     # --- OpenID Connect login (Pro Santé Connect or another provider) ---
     #: Issuer URL; empty = no OpenID Connect login (local accounts only).
     oidc_issuer: str = ""

@@ -84,6 +84,7 @@ def check_ports_free(settings: Settings) -> None:
         (settings.dicom_host, settings.dicom_port, "DICOM"),
         (settings.dicom_host, settings.dicom_tls_port, "DICOM TLS"),
         (settings.http_host, settings.http_port, "HTTP"),
+        (settings.hl7_host, settings.hl7_port, "HL7 MLLP"),
     ):
         if port == 0:
             continue
@@ -122,6 +123,8 @@ def run_server(settings: Settings) -> int:
     )
     try:
         tls.check(settings)
+        if settings.hl7_tls:
+            tls.server_context(settings)
     except tls.TlsConfigError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -147,7 +150,8 @@ def run_server(settings: Settings) -> int:
     print(
         f"simral serving with {workers} worker processes: DICOM {settings.ae_title}@{settings.dicom_host}:"
         f"{settings.dicom_port}{_tls_banner(settings, settings.dicom_tls_port)}, HTTP "
-        f"{_scheme(settings)}://{settings.http_host}:{settings.http_port}/ (data in {settings.data_dir})",
+        f"{_scheme(settings)}://{settings.http_host}:{settings.http_port}/{_hl7_banner(settings)} "
+        f"(data in {settings.data_dir})",
         flush=True,
     )
     return _supervise(children)
@@ -231,6 +235,12 @@ def _scheme(settings: Settings) -> str:
     return "https" if settings.https else "http"
 
 
+def _hl7_banner(settings: Settings) -> str:
+    if not settings.hl7_port:
+        return ""
+    return f", HL7 MLLP{' over TLS' if settings.hl7_tls else ''} {settings.hl7_host}:{settings.hl7_port}"
+
+
 def _tls_banner(settings: Settings, port: int) -> str:
     return f" (DICOM TLS on port {port})" if settings.dicom_tls_port else ""
 
@@ -245,7 +255,8 @@ def _serve(
 ) -> int:
     """One worker: the DICOM acceptor, the HTTP server and the staging sweep; with ``singletons``
     (the only worker, or the first of several) also the audit export, which must run once so the
-    collector receives the trail in order."""
+    collector receives the trail in order, and the HL7 MLLP listener when ``hl7_port`` is set (one
+    owner of the port: see :mod:`simral.hl7.server`)."""
     dimse = DimseService(ctx)
     server = dimse.start(settings.dicom_host, settings.dicom_port)
     tls_port = 0
@@ -254,6 +265,12 @@ def _serve(
             settings.dicom_host, settings.dicom_tls_port, ssl_context=tls.server_context(settings)
         )
         tls_port = tls_server.server_address[1]
+    mllp_server = None
+    if singletons and settings.hl7_port:
+        from simral.hl7 import server as hl7_server
+
+        context = tls.server_context(settings) if settings.hl7_tls else None
+        mllp_server = hl7_server.start(ctx, settings.hl7_host, settings.hl7_port, ssl_context=context)
     stop = threading.Event()
     threading.Thread(target=_recovery_loop, args=(ctx, stop), daemon=True, name="staging-recovery").start()
     runner = start_exchange(ctx, stop)
@@ -278,7 +295,7 @@ def _serve(
         print(
             f"simral serving: DICOM {settings.ae_title}@{settings.dicom_host}:{server.server_address[1]}"
             f"{_tls_banner(settings, tls_port)}, HTTP {_scheme(settings)}://{settings.http_host}:"
-            f"{sock.getsockname()[1]}/ (data in {settings.data_dir})",
+            f"{sock.getsockname()[1]}/{_hl7_banner(settings)} (data in {settings.data_dir})",
             flush=True,
         )
     try:
@@ -286,6 +303,8 @@ def _serve(
     finally:
         stop.set()
         runner.stop()
+        if mllp_server is not None:
+            hl7_server.stop(mllp_server)
         dimse.stop()
         ctx.db.dispose()
         log.info("simral worker stopped")

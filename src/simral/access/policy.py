@@ -159,6 +159,14 @@ def may_manage(principal: Principal, organisation: str | None = None) -> bool:
     return organisation is not None and "site-admin" in principal.roles(organisation)
 
 
+def may_manage_identities(principal: Principal) -> bool:
+    """Whether ``principal`` may merge, link, unlink or rename patient identities and resolve
+    identity-vigilance cases: the platform itself (CLI, the HL7 identity feed) and administrators."""
+    if principal.kind == "system":
+        return True
+    return principal.kind == "user" and any(role in ADMIN_ROLES for _, role in principal.memberships)
+
+
 def may_read_audit(principal: Principal) -> bool:
     """Whether ``principal`` may search the audit trail."""
     return principal.kind == "system" or (principal.kind == "user" and principal.has_role("auditor"))

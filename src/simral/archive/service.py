@@ -31,6 +31,7 @@ from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dicom.header import Header, RejectedInstance, read_header
 from simral.dicom.matching import normalise_tm
+from simral.patients import service as patients
 from simral.storage.base import StoredBlob, sha256_of_file
 from simral.storage.staging import Staging
 
@@ -150,6 +151,7 @@ def _index_candidate(
         store_name=ctx.store.name,
         principal=principal,
         source=source,
+        allow_test_ins=ctx.settings.ins_test_oids_allowed,
     )
 
 
@@ -558,21 +560,34 @@ def _index(
     store_name: str,
     principal: Principal,
     source: str,
+    allow_test_ins: bool = False,
 ) -> tuple[Placement, str | None]:
     """Index one instance; return its placement and the key of a replaced blob, if any.
 
     The usual case, another instance of a series already indexed, is six statements: instance,
-    blob, three counter updates and the audit record.
+    blob, three counter updates and the audit record. The patient identity (DESIGN.md §3 step 2)
+    is resolved once per study: when the study is new, or, at the first instance of a series this
+    process has not placed yet, when the study has no identity yet.
     """
     now = utcnow()
     placement = cache.get(header.series_uid)
-    new_patient = new_study = new_series = False
+    new_patient = new_study = new_series = placed = False
     if placement is None or placement.study_uid != header.study_uid:
         placement, new_patient, new_study, new_series = _place(
             session, header, json_model, principal=principal, now=now
         )
+        placed = True
 
     organisation = storing_organisation(principal)
+    if placed and (new_study or not patients.study_is_linked(session, placement.study_pk)):
+        patients.link_study(
+            session,
+            study_pk=placement.study_pk,
+            patient=patients.dicom_patient(header.dataset),
+            organisation=organisation,
+            principal=principal,
+            allow_test_ins=allow_test_ins,
+        )
     if organisation and (new_study or not cache.linked(placement.study_pk, organisation)):
         _insert_ignore(
             session,

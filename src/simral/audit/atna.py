@@ -56,6 +56,8 @@ def event_for(action: str) -> tuple[str, str, str, tuple[str, str] | None]:
     """The PS3.15 A.5.3 event of a simral action."""
     if action in _EVENTS:
         return _EVENTS[action]
+    if action.startswith("patient.") or action == "hl7.message":
+        return ("110110", "Patient Record", "C" if action.endswith("-create") else "U", None)
     if action.split(".", 1)[0] in ("token", "organisation", "job", "share", "share-link"):
         return _SECURITY_CONFIGURATION
     return _APPLICATION_ACTIVITY

@@ -75,6 +75,10 @@ def serve(
         int | None,
         typer.Option(help="Worker processes sharing the ports (default 1; 0: one per CPU, up to 4)."),
     ] = None,
+    hl7_port: Annotated[
+        int | None, typer.Option(help="HL7 v2 ADT feed over MLLP on this port (default 0: off).")
+    ] = None,
+    hl7_host: Annotated[str | None, typer.Option(help="Address the HL7 port binds to.")] = None,
     config: ConfigFile = None,
 ) -> None:
     """Run the platform in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
@@ -87,6 +91,8 @@ def serve(
         dicom_host=dicom_host,
         http_host=http_host,
         workers=workers,
+        hl7_port=hl7_port,
+        hl7_host=hl7_host,
     )
     configure_logging(settings.log_level)
     from simral.server import PortInUse, run_server

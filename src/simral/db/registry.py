@@ -6,6 +6,7 @@ from simral.db.base import Base
 from simral.identity import models as identity_models
 from simral.jobs import models as jobs_models
 from simral.nodes import models as nodes_models
+from simral.patients import models as patients_models
 from simral.sharing import models as sharing_models
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "identity_models",
     "jobs_models",
     "nodes_models",
+    "patients_models",
     "sharing_models",
 ]

@@ -1,0 +1,585 @@
+"""HL7 v2.5 ADT messages (IHE ITI TF-2b 3.30 Patient Identity Feed, PAM; IHE PAM France national
+extension) translated into :mod:`simral.patients.service` calls, and their acknowledgements.
+
+Events (HL7 v2.5 chapter 3): A01, A04, A05, A08, A28, A31 create or update the identity; A40 merges
+the MRG-1 identifier into the PID-3 one; A47 changes the MRG-1 identifier into the PID-3 one; A24
+links and A37 unlinks the identities of the message's two PID segments.
+
+French conventions read from PID (PAM France):
+
+- PID-3 repetitions: the IPP ``value^^^AUTH&oid&ISO^PI`` and the INS
+  ``value^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS`` (NIA .9; test .10 and demonstration
+  .11 only when ``ins_test_oids_allowed``);
+- PID-5: the birth name with name type L (XPN.1 birth name, XPN.2 first birth first name, XPN.3
+  the birth first names), the used name with type D (XPN.1 used name, XPN.2 used first name);
+- PID-7 birth date, PID-8 sex, PID-11 the birth place: the address of type BDL whose XAD.9
+  carries the INSEE code;
+- PID-32 identity reliability code: the identity status PROV / RECUP / VALI / QUAL (VIDE read as
+  PROV) and the attributes DOUTE, FICTI, HOMON.
+
+Each message is kept (raw text, control id, sender, time, outcome) in the transaction that applies
+it, before its acknowledgement is sent: AA (applied), AE with an ERR segment (the application
+refused it: unknown identifier, conflict...), AR (malformed, unsupported type, event or version).
+A message whose sending application, facility and MSH-10 were seen before is answered with the
+stored acknowledgement and not applied again. Acknowledgements use the original mode (HL7 v2.5
+§2.9.2) with ERR-3 from HL7 table 0357 and ERR-8 a readable message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.exceptions import HL7apyException, UnsupportedVersion
+from hl7apy.parser import parse_message
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from simral.access.policy import Principal
+from simral.context import AppContext
+from simral.patients import service as patients
+from simral.patients.models import PatientIdentity
+from simral.patients.service import AuthorityRef, Ins, PatientError, Traits
+
+log = logging.getLogger(__name__)
+
+#: Events that create or update an identity from PID (IHE PAM ITI-30 and ITI-31 movements).
+UPSERT_EVENTS = frozenset({"A01", "A04", "A05", "A08", "A28", "A31"})
+SUPPORTED_EVENTS = UPSERT_EVENTS | {"A40", "A47", "A24", "A37"}
+#: PID-32 codes (HL7 table 0445 as extended by PAM France) that give the identity status.
+STATUS_CODES = {"PROV": "PROV", "VIDE": "PROV", "VALI": "VALI", "RECUP": "RECUP", "QUAL": "QUAL"}
+#: PID-32 codes that are attributes of the identity (doubtful, fictitious, homonym).
+ATTRIBUTE_CODES = frozenset({"DOUTE", "FICTI", "HOMON"})
+ACK_VERSION = "2.5"
+
+
+class Rejected(Exception):
+    """A message that is not applied: ``ack`` AE (application error) or AR (rejected)."""
+
+    def __init__(self, ack: str, code: str, text: str, location: str = "") -> None:
+        super().__init__(text)
+        self.ack, self.code, self.text, self.location = ack, code, text, location
+
+
+#: HL7 table 0357 message error condition codes.
+ERROR_TEXT = {
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "203": "Unsupported version id",
+    "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
+    "207": "Application internal error",
+}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The message's delimiters (MSH-1, MSH-2)."""
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    def unescape(self, text: str) -> str:
+        """Resolve HL7 escape sequences (v2.5 §2.7.4) in a primitive value."""
+        if self.escape not in text:
+            return text
+        out, i, e = [], 0, self.escape
+        table = {"F": self.field, "S": self.component, "T": self.subcomponent, "R": self.repetition, "E": e}
+        while i < len(text):
+            end = text.find(e, i + 1) if text[i] == e else -1
+            if end > i:
+                code = text[i + 1 : end]
+                if code in table:
+                    out.append(table[code])
+                elif code.startswith("X"):
+                    with contextlib.suppress(ValueError):
+                        out.append(bytes.fromhex(code[1:]).decode("latin-1"))
+                i = end + 1
+                continue
+            out.append(text[i])
+            i += 1
+        return "".join(out)
+
+    def escape_text(self, text: str) -> str:
+        """Escape free text for a field (ERR-8)."""
+        e = self.escape
+        text = text.replace(e, f"{e}E{e}")
+        for char, code in (
+            (self.field, "F"),
+            (self.component, "S"),
+            (self.subcomponent, "T"),
+            (self.repetition, "R"),
+        ):
+            text = text.replace(char, f"{e}{code}{e}")
+        return " ".join(text.split())
+
+    def components(self, er7: str) -> list[str]:
+        return er7.split(self.component)
+
+    def subcomponents(self, er7: str) -> list[str]:
+        return er7.split(self.subcomponent)
+
+
+def _at(values: list[str], index: int) -> str:
+    return values[index] if index < len(values) else ""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What is read from MSH before (and whatever) the full parse."""
+
+    encoding: Encoding
+    sending_application: str
+    sending_facility: str
+    message_type: str
+    event: str
+    control_id: str
+    processing_id: str
+    version: str
+    charset: str
+    fields: tuple[str, ...]
+
+    @property
+    def dedup_key(self) -> str | None:
+        if not self.control_id:
+            return None
+        return f"{self.sending_application}|{self.sending_facility}|{self.control_id}"[:300]
+
+
+def decode(raw: bytes) -> str:
+    """The message text: MSH-18 ``8859/1`` (ISO-8859-1) or UTF-8 (PAM France: ``UNICODE UTF-8``),
+    segments separated by CR (LF and CR LF tolerated)."""
+    first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    encoding = "latin-1" if b"8859/1" in first or b"8859/15" in first else "utf-8"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ") + "\r"
+
+
+def read_header(text: str) -> Header:
+    """MSH fields by plain splitting (HL7 v2.5 §2.14.9), so even an unparseable message gets a
+    meaningful acknowledgement. Raises :class:`Rejected` (AR) when there is no MSH segment."""
+    if not text.startswith("MSH") or len(text) < 8:
+        raise Rejected("AR", "100", "the message does not start with an MSH segment")
+    separator = text[3]
+    segment = text.split("\r", 1)[0]
+    fields = segment.split(separator)
+    characters = fields[1] if len(fields) > 1 else ""
+    encoding = Encoding(
+        field=separator,
+        component=_at(list(characters), 0) or "^",
+        repetition=_at(list(characters), 1) or "~",
+        escape=_at(list(characters), 2) or "\\",
+        subcomponent=_at(list(characters), 3) or "&",
+    )
+    # fields[0] is "MSH" and MSH-1 is the separator itself: MSH-n is fields[n - 1].
+    message_type = encoding.components(_at(fields, 8))
+    return Header(
+        encoding=encoding,
+        sending_application=_at(fields, 2),
+        sending_facility=_at(fields, 3),
+        message_type=_at(message_type, 0),
+        event=_at(message_type, 1),
+        control_id=_at(fields, 9)[:64],
+        processing_id=_at(fields, 10),
+        version=encoding.components(_at(fields, 11))[0],
+        charset=_at(fields, 17),
+        fields=tuple(fields),
+    )
+
+
+def build_ack(
+    header: Header | None,
+    code: str,
+    *,
+    application: str,
+    facility: str,
+    error: Rejected | None = None,
+) -> str:
+    """An original-mode acknowledgement (HL7 v2.5 §2.9.2; MSA, and ERR for AE/AR) built with hl7apy."""
+    version = header.version if header is not None and header.version in ("2.5", "2.5.1") else ACK_VERSION
+    encoding = header.encoding if header is not None else Encoding()
+    ack = Message("ACK", version=version, validation_level=VALIDATION_LEVEL.TOLERANT)
+    ack.msh.msh_3 = encoding.escape_text(application)
+    ack.msh.msh_4 = encoding.escape_text(facility)
+    if header is not None:
+        if header.sending_application:
+            ack.msh.msh_5 = header.sending_application
+        if header.sending_facility:
+            ack.msh.msh_6 = header.sending_facility
+    ack.msh.msh_7 = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    event = header.event if header is not None and header.event.isalnum() else ""
+    ack.msh.msh_9 = f"ACK^{event}^ACK" if event else "ACK"
+    ack.msh.msh_10 = uuid.uuid4().hex[:20]
+    ack.msh.msh_11 = (header.processing_id if header is not None else "") or "P"
+    if header is not None and header.charset:
+        ack.msh.msh_18 = header.charset
+    ack.add_segment("MSA")
+    ack.msa.msa_1 = code
+    if header is not None and header.control_id:
+        ack.msa.msa_2 = header.control_id
+    if error is not None:
+        ack.add_segment("ERR")
+        if error.location:
+            ack.err.err_2 = error.location
+        ack.err.err_3 = f"{error.code}^{ERROR_TEXT.get(error.code, 'Error')}^HL70357"
+        ack.err.err_4 = "E"
+        ack.err.err_8 = encoding.escape_text(error.text)[:250]
+    return str(ack.to_er7()) + "\r"
+
+
+# --------------------------------------------------------------------------------- PID reading
+
+
+@dataclass(frozen=True)
+class PidIdentity:
+    """The identity a PID segment describes."""
+
+    identifiers: tuple[tuple[str, AuthorityRef], ...]
+    ins: Ins | None
+    traits: Traits
+    status: str | None
+    attributes: str | None
+
+
+def _repetitions(field: Any) -> list[str]:
+    return [str(rep.to_er7()) for rep in field] if field else []
+
+
+def _authority(cx: list[str], enc: Encoding) -> AuthorityRef:
+    hd = enc.subcomponents(_at(cx, 3))
+    namespace, oid, kind = (enc.unescape(_at(hd, i)).strip() for i in range(3))
+    return AuthorityRef(namespace=namespace, oid=oid if kind.upper() in ("ISO", "") else "")
+
+
+def read_identifier_list(
+    field: Any, enc: Encoding, location: str
+) -> tuple[list[tuple[str, AuthorityRef]], Ins | None]:
+    """Local identifiers (type PI, or untyped with an authority) and the INS of a CX list (PID-3,
+    MRG-1)."""
+    identifiers: list[tuple[str, AuthorityRef]] = []
+    ins: Ins | None = None
+    for rep in _repetitions(field):
+        cx = enc.components(rep)
+        value = enc.unescape(_at(cx, 0)).strip()
+        if not value:
+            continue
+        authority = _authority(cx, enc)
+        kind = _at(cx, 4).strip().upper()
+        if kind.startswith("INS") or patients.is_ins_oid(authority.oid):
+            if not authority.oid:
+                raise Rejected("AE", "101", "INS without its OID in CX.4", location)
+            ins = ins or Ins(value, authority.oid)
+        elif kind in ("PI", ""):
+            if not (authority.oid or authority.namespace):
+                raise Rejected(
+                    "AE", "101", "patient identifier without its assigning authority (CX.4)", location
+                )
+            identifiers.append((value, authority))
+    return identifiers, ins
+
+
+def read_pid(pid: Any, enc: Encoding, *, index: int = 1) -> PidIdentity:
+    """The identity of a PID segment, French conventions (module docstring)."""
+    identifiers, ins = read_identifier_list(pid.pid_3, enc, f"PID^{index}^3")
+    if not identifiers:
+        raise Rejected("AE", "101", "PID-3 has no patient identifier of type PI", f"PID^{index}^3")
+    names: dict[str, str] = {}
+    for rep in _repetitions(pid.pid_5):
+        xpn = enc.components(rep)
+        kind = _at(xpn, 6).strip().upper() or "L"
+        family = enc.unescape(enc.subcomponents(_at(xpn, 0))[0]).strip()
+        given = enc.unescape(_at(xpn, 1)).strip()
+        further = enc.unescape(_at(xpn, 2)).strip()
+        if kind == "L" and "birth_name" not in names:
+            names.update(birth_name=family, first_birth_given_name=given, birth_given_names=further or given)
+        elif kind == "D" and "used_name" not in names:
+            names.update(used_name=family, used_given_name=given)
+    birth_place = ""
+    for rep in _repetitions(pid.pid_11):
+        xad = enc.components(rep)
+        if _at(xad, 6).strip().upper() == "BDL":
+            birth_place = enc.unescape(_at(xad, 8)).strip()
+    codes = [enc.unescape(rep).strip().upper() for rep in _repetitions(pid.pid_32)]
+    codes = [code for code in codes if code]
+    unknown = [code for code in codes if code not in STATUS_CODES and code not in ATTRIBUTE_CODES]
+    if unknown:
+        raise Rejected("AE", "103", f"unknown identity reliability code {unknown[0]!r}", f"PID^{index}^32")
+    statuses = [STATUS_CODES[code] for code in codes if code in STATUS_CODES]
+    attributes = [code for code in codes if code in ATTRIBUTE_CODES]
+    status = statuses[0] if statuses else ("PROV" if attributes else None)
+    birth_date = enc.components(str(pid.pid_7.to_er7()) if pid.pid_7 else "")[0][:8]
+    sex = str(pid.pid_8.to_er7()) if pid.pid_8 else ""
+    traits = Traits(
+        birth_name=names.get("birth_name", ""),
+        birth_given_names=names.get("birth_given_names", ""),
+        first_birth_given_name=names.get("first_birth_given_name", ""),
+        sex=sex,
+        birth_date=birth_date,
+        birth_place_code=birth_place,
+        used_name=names.get("used_name", ""),
+        used_given_name=names.get("used_given_name", ""),
+    )
+    return PidIdentity(tuple(identifiers), ins, traits, status, " ".join(attributes) if codes else None)
+
+
+# ------------------------------------------------------------------------------- application
+
+
+@dataclass
+class Feed:
+    """One message being applied: its session, sender principal and settings."""
+
+    session: Session
+    principal: Principal
+    source: str
+    allow_test_ins: bool
+    encoding: Encoding
+
+    def upsert(self, pid: PidIdentity) -> PatientIdentity:
+        """Create or update the identity of each PID-3 identifier; further identifiers of other
+        authorities in the same PID are linked to the first one's person."""
+        primary: PatientIdentity | None = None
+        for local_id, authority in pid.identifiers:
+            result = patients.upsert_identity(
+                self.session,
+                local_id=local_id,
+                authority=authority,
+                traits=pid.traits,
+                ins=pid.ins,
+                status=pid.status,
+                attributes=pid.attributes,
+                principal=self.principal,
+                source=self.source,
+                allow_test_ins=self.allow_test_ins,
+            )
+            if primary is None:
+                primary = result.identity
+            elif result.identity.authority_id != primary.authority_id:
+                patients.link_identities(
+                    self.session, primary, result.identity, principal=self.principal, source=self.source
+                )
+        assert primary is not None
+        return primary
+
+    def prior(self, mrg: Any, survivor_authority: AuthorityRef, index: int) -> tuple[str, AuthorityRef]:
+        identifiers, _ins = read_identifier_list(mrg.mrg_1, self.encoding, f"MRG^{index}^1")
+        if not identifiers:
+            raise Rejected("AE", "101", "MRG-1 has no prior patient identifier", f"MRG^{index}^1")
+        local_id, authority = identifiers[0]
+        if not (authority.oid or authority.namespace):
+            authority = survivor_authority
+        return local_id, authority
+
+
+def _segments(message: Message, name: str) -> list[Any]:
+    return [segment for segment in message.children if segment.name == name]
+
+
+def apply(feed: Feed, message: Message, event: str) -> None:
+    """Apply one parsed ADT message (the caller's transaction)."""
+    pids = _segments(message, "PID")
+    if not pids:
+        raise Rejected("AR", "100", "the message has no PID segment", "PID")
+    enc = feed.encoding
+    session, principal, source = feed.session, feed.principal, feed.source
+    if event in UPSERT_EVENTS:
+        feed.upsert(read_pid(pids[0], enc))
+    elif event in ("A24", "A37"):
+        if len(pids) < 2:
+            raise Rejected("AR", "100", f"{event} needs two PID segments", "PID^2")
+        first = feed.upsert(read_pid(pids[0], enc, index=1))
+        second = feed.upsert(read_pid(pids[1], enc, index=2))
+        if event == "A24":
+            patients.link_identities(session, first, second, principal=principal, source=source, reason="A24")
+        else:
+            patients.unlink_identities(session, first, second, principal=principal, source=source)
+    elif event in ("A40", "A47"):
+        mrgs = _segments(message, "MRG")
+        if len(mrgs) < len(pids):
+            raise Rejected("AR", "100", f"{event} needs an MRG segment after each PID", "MRG")
+        for index, (pid_segment, mrg) in enumerate(zip(pids, mrgs, strict=False), start=1):
+            pid = read_pid(pid_segment, enc, index=index)
+            local_id, authority = pid.identifiers[0]
+            prior_id, prior_authority = feed.prior(mrg, authority, index)
+            prior = patients.get_identity_or_raise(session, local_id=prior_id, authority=prior_authority)
+            if event == "A40":
+                survivor = feed.upsert(pid)
+                patients.merge_identities(
+                    session, survivor=survivor, merged=prior, principal=principal, source=source
+                )
+            else:
+                patients.change_identifier(
+                    session, prior, new_local_id=local_id, principal=principal, source=source
+                )
+                feed.upsert(pid)
+
+
+# ---------------------------------------------------------------------------------- handling
+
+
+@dataclass(frozen=True)
+class Handled:
+    """The acknowledgement to send and what happened."""
+
+    ack: bytes
+    code: str
+    duplicate: bool = False
+
+
+def _encode(text: str, header: Header | None) -> bytes:
+    if header is not None and "8859" in header.charset:
+        return text.encode("latin-1", errors="replace")
+    return text.encode("utf-8")
+
+
+def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
+    """Process one framed message; return its acknowledgement, which may be sent only now: the
+    message (and, for AA, what it changed) is committed."""
+    application, facility = "SIMRAL", ctx.settings.ae_title
+    text = decode(raw)
+    header: Header | None = None
+    try:
+        header = read_header(text)
+    except Rejected as rejected:
+        return _keep(ctx, None, text, peer, rejected, application=application, facility=facility)
+    principal = Principal(
+        kind="system",
+        name=f"hl7:{header.sending_application}^{header.sending_facility}"[:100],
+        via="mllp",
+        address=peer[:64],
+    )
+    key = header.dedup_key
+    if key is not None:
+        with ctx.db.reading() as session:
+            seen = patients.find_message(session, key)
+        if seen is not None:
+            return Handled(_encode(seen.ack, header), seen.outcome, duplicate=True)
+    try:
+        message = _parse(text, header)
+        source = f"hl7:{header.sending_application}^{header.sending_facility}:{header.control_id}"[:128]
+        with ctx.db.unit_of_work() as session:
+            feed = Feed(session, principal, source, ctx.settings.ins_test_oids_allowed, header.encoding)
+            apply(feed, message, header.event)
+            ack = build_ack(header, "AA", application=application, facility=facility)
+            patients.record_message(
+                session,
+                dedup_key=key,
+                control_id=header.control_id,
+                sending_application=header.sending_application,
+                sending_facility=header.sending_facility,
+                message_type=f"{header.message_type}^{header.event}",
+                peer=peer,
+                raw=text,
+                outcome="AA",
+                error="",
+                ack=ack,
+                principal=principal,
+            )
+        return Handled(_encode(ack, header), "AA")
+    except Rejected as rejected:
+        return _keep(ctx, header, text, peer, rejected, application=application, facility=facility)
+    except PatientError as exc:
+        refused = Rejected("AE", exc.code, str(exc))
+        return _keep(ctx, header, text, peer, refused, application=application, facility=facility)
+    except IntegrityError:
+        # The same message applied meanwhile by another connection: answer as it was answered.
+        if key is not None:
+            with ctx.db.reading() as session:
+                seen = patients.find_message(session, key)
+            if seen is not None:
+                return Handled(_encode(seen.ack, header), seen.outcome, duplicate=True)
+        log.exception("HL7 message %s could not be applied", header.control_id)
+        refused = Rejected("AE", "207", "the message could not be applied (conflicting update)")
+        return _keep(ctx, header, text, peer, refused, application=application, facility=facility)
+    except Exception as exc:
+        log.exception("HL7 message %s could not be applied", header.control_id)
+        refused = Rejected("AE", "207", f"application internal error: {type(exc).__name__}")
+        return _keep(ctx, header, text, peer, refused, application=application, facility=facility)
+
+
+def _parse(text: str, header: Header) -> Message:
+    """Parse with hl7apy (tolerant validation: French Z-segments and extra fields are accepted)
+    and check the message type, event and version this feed supports."""
+    if header.message_type != "ADT":
+        raise Rejected("AR", "200", f"unsupported message type {header.message_type!r} (ADT only)", "MSH^1^9")
+    if header.event not in SUPPORTED_EVENTS:
+        events = ", ".join(sorted(SUPPORTED_EVENTS))
+        raise Rejected("AR", "201", f"unsupported event {header.event!r} (supported: {events})", "MSH^1^9")
+    if not header.control_id:
+        raise Rejected("AR", "101", "MSH-10 message control id is missing", "MSH^1^10")
+    try:
+        return parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+    except UnsupportedVersion:
+        raise Rejected("AR", "203", f"unsupported HL7 version {header.version!r}", "MSH^1^12") from None
+    except (HL7apyException, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise Rejected("AR", "102", f"malformed message: {exc}"[:200]) from None
+
+
+def _keep(
+    ctx: AppContext,
+    header: Header | None,
+    text: str,
+    peer: str,
+    rejected: Rejected,
+    *,
+    application: str,
+    facility: str,
+) -> Handled:
+    """Keep a message that was not applied (for review), then give its AE/AR acknowledgement.
+
+    An internal error (207) is kept without its duplicate key: the sender's retry is applied anew.
+    """
+    ack = build_ack(header, rejected.ack, application=application, facility=facility, error=rejected)
+    key = header.dedup_key if header is not None and rejected.code != "207" else None
+    principal = Principal(
+        kind="system",
+        name=(f"hl7:{header.sending_application}^{header.sending_facility}" if header else "hl7:unknown")[
+            :100
+        ],
+        via="mllp",
+        address=peer[:64],
+    )
+    try:
+        with ctx.db.unit_of_work() as session:
+            patients.record_message(
+                session,
+                dedup_key=key,
+                control_id=header.control_id if header is not None else "",
+                sending_application=header.sending_application if header is not None else "",
+                sending_facility=header.sending_facility if header is not None else "",
+                message_type=f"{header.message_type}^{header.event}" if header is not None else "",
+                peer=peer,
+                raw=text,
+                outcome=rejected.ack,
+                error=f"{rejected.code} {rejected.text}",
+                ack=ack,
+                principal=principal,
+            )
+    except IntegrityError:
+        if key is not None:
+            with ctx.db.reading() as session:
+                seen = patients.find_message(session, key)
+            if seen is not None:
+                return Handled(_encode(seen.ack, header), seen.outcome, duplicate=True)
+        raise
+    # The reason stays in the message log and the acknowledgement (it may quote patient data).
+    log.warning(
+        "HL7 message %s answered %s %s", header.control_id if header else "?", rejected.ack, rejected.code
+    )
+    return Handled(_encode(ack, header), rejected.ack)

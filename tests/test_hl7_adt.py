@@ -1,0 +1,329 @@
+"""HL7 v2.5 ADT over MLLP against a real ``simral serve --hl7-port`` (IHE ITI TF-2b 3.30 PAM, IHE PAM
+France national extension, HL7 v2 Transport Specification MLLP).
+
+Messages are built with hl7apy, with PID segments shaped like the ANS samples in
+``shared/conformance`` (INS + IPP in PID-3, birth name type L and used name type D in PID-5, birth
+place INSEE code in PID-11, status in PID-32), ANS test INS only (OID 1.2.250.1.213.1.4.10).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
+from sqlalchemy import select
+from tests.simral_proc import SimralProcess
+
+from simral.app import open_app
+from simral.config import load_settings
+from simral.context import AppContext
+from simral.patients import service as patients
+from simral.patients.models import CASE_CONFLICTING_TRAITS, Hl7Message, PatientIdentity
+from simral.patients.service import AuthorityRef
+
+OID_CHA = "1.2.250.1.999.1.1"
+CHA = AuthorityRef(namespace="CHA", oid=OID_CHA)
+INS_TEST_OID = "1.2.250.1.213.1.4.10"
+NIR = "279035121518989"  # ANS test NIR
+VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+
+
+@dataclass
+class Feed:
+    simral: SimralProcess
+    ctx: AppContext
+    tls: ssl.SSLContext | None = None
+
+    def send(self, *messages: bytes, chunk: int = 0) -> list[Message]:
+        """Send framed messages over one connection (in ``chunk``-byte pieces if given) and
+        return the parsed acknowledgements, one per message."""
+        payload = b"".join(VT + m + FS + CR for m in messages)
+        acks: list[Message] = []
+        with socket.create_connection(("127.0.0.1", self.simral.hl7_port), timeout=30) as plain:
+            sock = self.tls.wrap_socket(plain, server_hostname="localhost") if self.tls else plain
+            if chunk:
+                for start in range(0, len(payload), chunk):
+                    sock.sendall(payload[start : start + chunk])
+            else:
+                sock.sendall(payload)
+            buffer = b""
+            while len(acks) < len(messages):
+                data = sock.recv(65536)
+                assert data, "connection closed before every acknowledgement"
+                buffer += data
+                while FS + CR in buffer:
+                    block, buffer = buffer.split(FS + CR, 1)
+                    assert block.startswith(VT)
+                    text = block[1:].decode("utf-8")
+                    acks.append(
+                        parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+                    )
+        return acks
+
+    def identity(self, local_id: str, authority: AuthorityRef = CHA) -> PatientIdentity:
+        with self.ctx.db.reading() as session:
+            return patients.get_identity_or_raise(session, local_id=local_id, authority=authority)
+
+    def message_log(self, control_id: str) -> list[Hl7Message]:
+        with self.ctx.db.reading() as session:
+            return list(session.scalars(select(Hl7Message).where(Hl7Message.control_id == control_id)))
+
+
+@pytest.fixture(scope="module")
+def feed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Feed]:
+    base = tmp_path_factory.mktemp("hl7")
+    simral = SimralProcess(base / "data", hl7=True, extra_env={"SIMRAL_INS_TEST_OIDS_ALLOWED": "true"})
+    with simral:
+        ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+        try:
+            yield Feed(simral, ctx)
+        finally:
+            ctx.db.dispose()
+
+
+def _msh(message: Message, event: str, structure: str, control_id: str) -> None:
+    message.msh.msh_3 = "GAM_CHA"
+    message.msh.msh_4 = "CHA"
+    message.msh.msh_5 = "SIMRAL"
+    message.msh.msh_6 = "GRADES"
+    message.msh.msh_7 = "20260106134418"
+    message.msh.msh_9 = f"ADT^{event}^{structure}"
+    message.msh.msh_10 = control_id
+    message.msh.msh_11 = "P"
+    message.msh.msh_12 = "2.5"
+    message.msh.msh_17 = "FRA"
+    message.msh.msh_18 = "UNICODE UTF-8"
+
+
+def _pid(
+    pid: object,
+    ipp: str,
+    *,
+    ins: str | None = NIR,
+    birth_name: str = "PAT-TROIS",
+    first_names: str = "DOMINIQUE",
+    used_name: str = "MARTIN",
+    used_first_name: str = "DOMI",
+    birth_date: str = "19790328",
+    sex: str = "F",
+    birth_place: str = "63220",
+    status: str | None = "QUAL",
+    authority: str = f"CHA&{OID_CHA}&ISO",
+) -> None:
+    """Fill a PID the PAM France way (repetitions added field by field, as hl7apy builds them)."""
+    identifiers = ([f"{ins}^^^ASIP-SANTE-INS-NIR&{INS_TEST_OID}&ISO^INS"] if ins else []) + [
+        f"{ipp}^^^{authority}^PI"
+    ]
+    names = [
+        f"{birth_name}^{first_names.split()[0]}^{first_names}^^^^L",
+        f"{used_name}^{used_first_name}^^^^^D",
+    ]
+    addresses = [f"^^^^^^BDL^^{birth_place}", "28 Av de Breteuil^^PARIS^^75007^FRA^H"]
+    for name, values in (("PID_3", identifiers), ("PID_5", names), ("PID_11", addresses)):
+        for value in values:
+            pid.add_field(name).value = value  # type: ignore[attr-defined]
+    pid.pid_7 = birth_date  # type: ignore[attr-defined]
+    pid.pid_8 = sex  # type: ignore[attr-defined]
+    if status:
+        pid.pid_32 = status  # type: ignore[attr-defined]
+
+
+def adt_upsert(event: str, control_id: str, ipp: str, **traits: object) -> bytes:
+    structure = "ADT_A01" if event in ("A01", "A04", "A08") else "ADT_A05"
+    message = Message(structure, version="2.5", validation_level=VALIDATION_LEVEL.TOLERANT)
+    _msh(message, event, structure, control_id)
+    message.evn.evn_2 = "20260106134418"
+    _pid(message.pid, ipp, **traits)  # type: ignore[arg-type]
+    message.pv1.pv1_2 = "N"
+    return message.to_er7().encode("utf-8")
+
+
+def adt_merge(control_id: str, survivor: str, prior: str, event: str = "A40", **traits: object) -> bytes:
+    """A40 (ADT_A39: PID + MRG in a patient group) or A47 (ADT_A30: PID + MRG)."""
+    structure = "ADT_A39" if event == "A40" else "ADT_A30"
+    message = Message(structure, version="2.5", validation_level=VALIDATION_LEVEL.TOLERANT)
+    _msh(message, event, structure, control_id)
+    message.evn.evn_2 = "20260106134418"
+    parent = message.add_group("ADT_A39_PATIENT") if event == "A40" else message
+    _pid(parent.pid, survivor, **traits)  # type: ignore[arg-type]
+    parent.mrg.mrg_1 = f"{prior}^^^CHA&{OID_CHA}&ISO^PI"
+    return message.to_er7().encode("utf-8")
+
+
+def adt_link(event: str, control_id: str, first: str, second: str, second_authority: str) -> bytes:
+    """A24 / A37 (ADT_A24, ADT_A37): two PID segments."""
+    structure = f"ADT_{event}"
+    message = Message(structure, version="2.5", validation_level=VALIDATION_LEVEL.TOLERANT)
+    _msh(message, event, structure, control_id)
+    message.evn.evn_2 = "20260106134418"
+    _pid(message.add_segment("PID"), first, ins=None, status=None)
+    _pid(message.add_segment("PID"), second, ins=None, status=None, authority=second_authority)
+    return message.to_er7().encode("utf-8")
+
+
+def _ack(ack: Message) -> tuple[str, str]:
+    return ack.msa.msa_1.to_er7(), ack.msa.msa_2.to_er7()
+
+
+def _err(ack: Message) -> tuple[str, str, str]:
+    err = ack.err
+    return err.err_2.to_er7(), err.err_3.to_er7().split("^")[0], err.err_8.to_er7()
+
+
+def test_a28_creates_an_identity_from_a_french_pid(feed: Feed) -> None:
+    (ack,) = feed.send(adt_upsert("A28", "C-A28-1", "IPP101"))
+    assert _ack(ack) == ("AA", "C-A28-1")
+    assert ack.msh.msh_9.to_er7() == "ACK^A28^ACK"
+    found = feed.identity("IPP101")
+    assert (found.birth_name, found.first_birth_given_name, found.birth_given_names) == (
+        "PAT-TROIS",
+        "DOMINIQUE",
+        "DOMINIQUE",
+    )
+    assert (found.used_name, found.used_given_name) == ("MARTIN", "DOMI")
+    assert (found.birth_date, found.sex, found.birth_place_code) == ("19790328", "F", "63220")
+    assert (found.ins_matricule, found.ins_oid, found.status) == (NIR, INS_TEST_OID, "QUAL")
+    assert found.status_source == "hl7:GAM_CHA^CHA:C-A28-1"
+    (kept,) = feed.message_log("C-A28-1")
+    assert (kept.outcome, kept.message_type, kept.sending_application) == ("AA", "ADT^A28", "GAM_CHA")
+    assert kept.raw.startswith("MSH|") and "IPP101" in kept.raw and kept.ack.startswith("MSH|")
+
+
+def test_a31_updates_and_a_conflict_goes_to_vigilance(feed: Feed) -> None:
+    who = {"ins": None, "birth_name": "PAT-DEUX", "first_names": "CAMILLE"}
+    feed.send(adt_upsert("A28", "C-A31-0", "IPP201", status="PROV", **who))
+    (ack,) = feed.send(adt_upsert("A31", "C-A31-1", "IPP201", used_name="DURAND", status="VALI", **who))
+    assert _ack(ack) == ("AA", "C-A31-1")
+    updated = feed.identity("IPP201")
+    assert (updated.used_name, updated.status) == ("DURAND", "VALI")
+    # A different birth date for the same IPP: accepted message, nothing changed, a case opened.
+    (ack,) = feed.send(adt_upsert("A08", "C-A31-2", "IPP201", birth_date="19790329", status="VALI", **who))
+    assert _ack(ack) == ("AA", "C-A31-2")
+    assert feed.identity("IPP201").birth_date == "19790328"
+    with feed.ctx.db.reading() as session:
+        cases = [c for c in patients.list_cases(session) if c.identity_id == updated.id]
+    assert [(c.kind, c.detail["conflicts"]) for c in cases] == [
+        (CASE_CONFLICTING_TRAITS, {"birth_date": ["19790328", "19790329"]})
+    ]
+
+
+def test_a40_merges_and_an_unknown_prior_is_an_application_error(feed: Feed) -> None:
+    feed.send(
+        adt_upsert("A28", "C-A40-0", "IPP-OLD", ins=None, status=None),
+        adt_upsert("A28", "C-A40-1", "IPP-NEW", ins=None, status=None),
+    )
+    old, new = feed.identity("IPP-OLD"), feed.identity("IPP-NEW")
+    assert old.person_id != new.person_id
+    (ack,) = feed.send(adt_merge("C-A40-2", "IPP-NEW", "IPP-OLD", ins=None, status=None))
+    assert _ack(ack) == ("AA", "C-A40-2")
+    merged = feed.identity("IPP-OLD")
+    assert (merged.merged_into_id, merged.active, merged.person_id) == (new.id, False, new.person_id)
+    with feed.ctx.db.reading() as session:
+        change = patients.last_merge(session, survivor=new, merged=merged)
+    assert change is not None and change.source == "hl7:GAM_CHA^CHA:C-A40-2"
+    (ack,) = feed.send(adt_merge("C-A40-3", "IPP-NEW", "IPP-NOBODY", ins=None, status=None))
+    assert _ack(ack) == ("AE", "C-A40-3")
+    assert _err(ack)[1] == "204"
+    (kept,) = feed.message_log("C-A40-3")
+    assert kept.outcome == "AE" and kept.error.startswith("204")
+
+
+def test_a47_changes_the_identifier_and_a24_a37_link_and_unlink(feed: Feed) -> None:
+    feed.send(adt_upsert("A28", "C-A47-0", "IPP-TYPO", ins=None, status=None))
+    before = feed.identity("IPP-TYPO")
+    (ack,) = feed.send(adt_merge("C-A47-1", "IPP-RIGHT", "IPP-TYPO", event="A47", ins=None, status=None))
+    assert _ack(ack) == ("AA", "C-A47-1")
+    assert feed.identity("IPP-RIGHT").id == before.id
+    clinic = AuthorityRef(namespace="CLINB", oid="1.2.250.1.999.2.1")
+    (ack,) = feed.send(adt_link("A24", "C-A24-1", "IPP-RIGHT", "B-77", "CLINB&1.2.250.1.999.2.1&ISO"))
+    assert _ack(ack) == ("AA", "C-A24-1")
+    assert feed.identity("B-77", clinic).person_id == feed.identity("IPP-RIGHT").person_id
+    (ack,) = feed.send(adt_link("A37", "C-A37-1", "IPP-RIGHT", "B-77", "CLINB&1.2.250.1.999.2.1&ISO"))
+    assert _ack(ack) == ("AA", "C-A37-1")
+    assert feed.identity("B-77", clinic).person_id != feed.identity("IPP-RIGHT").person_id
+
+
+def test_a_duplicate_control_id_is_answered_once_and_not_applied_again(feed: Feed) -> None:
+    first = adt_upsert("A28", "C-DUP-1", "IPP301", ins=None, used_name="UN", status=None)
+    (ack1,) = feed.send(first)
+    feed.send(adt_upsert("A31", "C-DUP-2", "IPP301", ins=None, used_name="DEUX", status=None))
+    # The first message again, split in small TCP pieces: the same acknowledgement, nothing re-applied.
+    (ack2,) = feed.send(first, chunk=7)
+    assert ack2.to_er7() == ack1.to_er7()
+    assert feed.identity("IPP301").used_name == "DEUX"
+    assert len(feed.message_log("C-DUP-1")) == 1
+
+
+def test_bad_messages_are_answered_with_a_clear_error_and_kept(feed: Feed) -> None:
+    no_msh = b"PID|||123^^^CHA&1.2.250.1.999.1.1&ISO^PI"
+    no_authority = adt_upsert("A28", "C-BAD-2", "IPP401", ins=None, authority="")
+    oru = adt_upsert("A28", "C-BAD-3", "IPP402").replace(b"ADT^A28^ADT_A05", b"ORU^R01^ORU_R01")
+    a99 = adt_upsert("A28", "C-BAD-4", "IPP403").replace(b"ADT^A28^ADT_A05", b"ADT^A99^ADT_A05")
+    v29 = adt_upsert("A28", "C-BAD-5", "IPP404").replace(b"|2.5|", b"|2.9|")
+    bad_status = adt_upsert("A28", "C-BAD-6", "IPP405", status="XYZ")
+    acks = feed.send(no_msh, no_authority, oru, a99, v29, bad_status)
+    got = [(_ack(a)[0], _err(a)[1]) for a in acks]
+    assert got == [("AR", "100"), ("AE", "101"), ("AR", "200"), ("AR", "201"), ("AR", "203"), ("AE", "103")]
+    assert _err(acks[1])[0] == "PID^1^3" and "assigning authority" in _err(acks[1])[2]
+    assert _err(acks[5])[0] == "PID^1^32"
+    for control_id, outcome in (("C-BAD-2", "AE"), ("C-BAD-3", "AR"), ("C-BAD-5", "AR"), ("C-BAD-6", "AE")):
+        (kept,) = feed.message_log(control_id)
+        assert kept.outcome == outcome and kept.raw and kept.ack
+    with feed.ctx.db.reading() as session:
+        rejected = patients.list_messages(session, outcome="AR")
+        assert any(m.raw.startswith("PID|") and m.dedup_key is None for m in rejected)
+        assert patients.get_identity(session, local_id="IPP405", authority=CHA) is None  # nothing applied
+
+
+def test_the_listener_is_only_in_the_first_worker(tmp_path: Path) -> None:
+    """With two workers, the MLLP port is bound once (no SO_REUSEPORT) and still answers."""
+    simral = SimralProcess(tmp_path / "data", hl7=True, extra_env={"SIMRAL_WORKERS": "2"})
+    with simral:
+        probe = socket.socket()
+        try:
+            with pytest.raises(OSError):
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(("127.0.0.1", simral.hl7_port))
+        finally:
+            probe.close()
+        ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+        try:
+            (ack,) = Feed(simral, ctx).send(adt_upsert("A28", "C-W-1", "IPP501", ins=None, status=None))
+            assert _ack(ack) == ("AA", "C-W-1")
+        finally:
+            ctx.db.dispose()
+
+
+def test_mllp_over_tls(tmp_path: Path) -> None:
+    """``hl7_tls``: the listener speaks TLS with the platform's certificate (and nothing else)."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    made = subprocess.run(
+        ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    env = {"SIMRAL_HL7_TLS": "true", "SIMRAL_TLS_CERT_FILE": str(cert), "SIMRAL_TLS_KEY_FILE": str(key)}
+    simral = SimralProcess(tmp_path / "data", hl7=True, extra_env=env)
+    with simral:
+        ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+        try:
+            client = ssl.create_default_context(cafile=str(cert))
+            (ack,) = Feed(simral, ctx, client).send(
+                adt_upsert("A28", "C-TLS-1", "IPP601", ins=None, status=None)
+            )
+            assert _ack(ack) == ("AA", "C-TLS-1")
+            with pytest.raises(AssertionError, match="closed before"):
+                Feed(simral, ctx).send(adt_upsert("A28", "C-TLS-2", "IPP602", ins=None, status=None))
+            assert Feed(simral, ctx).message_log("C-TLS-2") == []
+        finally:
+            ctx.db.dispose()
