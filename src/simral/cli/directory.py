@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, console, out
+from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, console, out, reported
 
 organisations_app = typer.Typer(
     help="Organisations (hospitals, practices, groups, regional operator).", no_args_is_help=True
@@ -50,21 +50,18 @@ def organisations_add(
     from simral.identity import service as identity
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            identity.create_organisation(
-                session,
-                code=code,
-                name=name,
-                kind=kind,
-                finess=finess,
-                siret=siret,
-                patient_id_oid=patient_id_oid,
-                accession_oid=accession_oid,
-                principal=cli_principal(),
-            )
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        identity.create_organisation(
+            session,
+            code=code,
+            name=name,
+            kind=kind,
+            finess=finess,
+            siret=siret,
+            patient_id_oid=patient_id_oid,
+            accession_oid=accession_oid,
+            principal=cli_principal(),
+        )
     out.print(f"organisation {code} added")
 
 
@@ -132,21 +129,18 @@ def users_add(
         raise _fail("an RPPS number has 11 digits")
     password = "" if no_password else _read_password(password_stdin)
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            identity.create_professional(
-                session,
-                login=login,
-                organisation=organisation,
-                role=role,
-                password=password,
-                display_name=name,
-                national_id=f"8{rpps}" if rpps else "",
-                profession=profession,
-                principal=cli_principal(),
-            )
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        identity.create_professional(
+            session,
+            login=login,
+            organisation=organisation,
+            role=role,
+            password=password,
+            display_name=name,
+            national_id=f"8{rpps}" if rpps else "",
+            profession=profession,
+            principal=cli_principal(),
+        )
     out.print(f"user {login} added ({role} at {organisation})")
 
 
@@ -162,20 +156,17 @@ def users_grant(
     from simral.identity import service as identity
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            professional = identity.get_professional(session, login)
-            if professional is None:
-                raise identity.IdentityError(f"no user {login!r}")
-            identity.add_role(
-                session,
-                professional=professional,
-                organisation=organisation,
-                role=role,
-                principal=cli_principal(),
-            )
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        professional = identity.get_professional(session, login)
+        if professional is None:
+            raise identity.IdentityError(f"no user {login!r}")
+        identity.add_role(
+            session,
+            professional=professional,
+            organisation=organisation,
+            role=role,
+            principal=cli_principal(),
+        )
     out.print(f"{login}: {role} at {organisation}")
 
 
@@ -196,19 +187,16 @@ def users_set_password(
 
     password = _read_password(password_stdin)
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            professional = identity.get_professional(session, login)
-            if professional is None:
-                raise identity.IdentityError(f"no user {login!r}")
-            identity.set_password(
-                session, professional=professional, password=password, principal=cli_principal()
-            )
-            if reset_totp:
-                professional.totp_secret = ""
-                professional.totp_enrolled_at = None
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        professional = identity.get_professional(session, login)
+        if professional is None:
+            raise identity.IdentityError(f"no user {login!r}")
+        identity.set_password(
+            session, professional=professional, password=password, principal=cli_principal()
+        )
+        if reset_totp:
+            professional.totp_secret = ""
+            professional.totp_enrolled_at = None
     out.print(f"password of {login} set")
 
 
@@ -253,7 +241,7 @@ def tokens_create(
     from simral.identity import service as identity
 
     ctx = _open(config, data_dir)
-    try:
+    with reported(identity.IdentityError):
         lifetime = identity.parse_duration(expires)
         with ctx.db.unit_of_work() as session:
             professional = identity.get_professional(session, login)
@@ -267,8 +255,6 @@ def tokens_create(
                 label=label,
                 principal=cli_principal(),
             )
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
     print(token)
 
 
@@ -278,11 +264,8 @@ def tokens_revoke(jti: str, data_dir: DataDir = None, config: ConfigFile = None)
     from simral.identity import service as identity
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            identity.revoke_token(session, jti=jti, principal=cli_principal())
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from None
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        identity.revoke_token(session, jti=jti, principal=cli_principal())
     out.print(f"token {jti} revoked")
 
 

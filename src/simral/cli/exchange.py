@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, console, out
+from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, console, out, reported
 
 routes_app = typer.Typer(
     help="Routing rules: forward new images to DICOM nodes or DICOMweb peers.", no_args_is_help=True
@@ -39,22 +39,18 @@ def routes_add(
     from simral.sharing import service as sharing
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            sharing.create_rule(
-                session,
-                name=name,
-                destination_node=to,
-                destination_dicomweb=to_dicomweb,
-                source_organisation=from_organisation,
-                source=from_ae,
-                modality=modality,
-                study_description=description,
-                principal=cli_principal(),
-            )
-    except (sharing.RoutingError, AccessDenied) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    with reported(sharing.RoutingError, AccessDenied), ctx.db.unit_of_work() as session:
+        sharing.create_rule(
+            session,
+            name=name,
+            destination_node=to,
+            destination_dicomweb=to_dicomweb,
+            source_organisation=from_organisation,
+            source=from_ae,
+            modality=modality,
+            study_description=description,
+            principal=cli_principal(),
+        )
     out.print(f"route {name} added (to {to or to_dicomweb})")
 
 
@@ -86,12 +82,8 @@ def routes_remove(name: str, data_dir: DataDir = None, config: ConfigFile = None
     from simral.sharing import service as sharing
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            sharing.delete_rule(session, name=name, principal=cli_principal())
-    except sharing.RoutingError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    with reported(sharing.RoutingError), ctx.db.unit_of_work() as session:
+        sharing.delete_rule(session, name=name, principal=cli_principal())
     out.print(f"route {name} removed")
 
 
@@ -111,19 +103,15 @@ def peers_add(
 
     token = sys.stdin.readline().strip() if token_stdin else ""
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            nodes.create_dicomweb_peer(
-                session,
-                name=name,
-                url=url,
-                bearer_token=token,
-                organisation=organisation,
-                principal=cli_principal(),
-            )
-    except nodes.NodeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    with reported(nodes.NodeError), ctx.db.unit_of_work() as session:
+        nodes.create_dicomweb_peer(
+            session,
+            name=name,
+            url=url,
+            bearer_token=token,
+            organisation=organisation,
+            principal=cli_principal(),
+        )
     out.print(f"DICOMweb peer {name} added ({url})")
 
 
@@ -152,27 +140,23 @@ def jobs_list(
     from simral.jobs import service as jobs
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.reading() as session:
-            rows = jobs.list_jobs(session, state=state, kind=kind, limit=limit)
-            totals = jobs.counts(session)
-            table = Table(
-                "id", "kind", "state", "tries", "destination", "instance", "next try (UTC)", "last error"
+    with reported(jobs.JobError), ctx.db.reading() as session:
+        rows = jobs.list_jobs(session, state=state, kind=kind, limit=limit)
+        totals = jobs.counts(session)
+        table = Table(
+            "id", "kind", "state", "tries", "destination", "instance", "next try (UTC)", "last error"
+        )
+        for job in rows:
+            table.add_row(
+                str(job.id),
+                job.kind,
+                job.state,
+                f"{job.attempts}/{job.max_attempts}",
+                str(job.payload.get("destination", "")),
+                str(job.payload.get("sop_uid", "")),
+                job.run_after.strftime("%Y-%m-%d %H:%M:%S") if job.state == "queued" else "",
+                job.last_error[:80],
             )
-            for job in rows:
-                table.add_row(
-                    str(job.id),
-                    job.kind,
-                    job.state,
-                    f"{job.attempts}/{job.max_attempts}",
-                    str(job.payload.get("destination", "")),
-                    str(job.payload.get("sop_uid", "")),
-                    job.run_after.strftime("%Y-%m-%d %H:%M:%S") if job.state == "queued" else "",
-                    job.last_error[:80],
-                )
-    except jobs.JobError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
     out.print(table)
     out.print(
         ", ".join(
@@ -222,11 +206,8 @@ def export(
     from simral.sharing import media
 
     ctx = _open(config, data_dir)
-    try:
+    with reported(media.ExportError):
         result = media.export_pdi(ctx, cli_principal(), study_uids, output)
-    except media.ExportError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
     out.print(f"{output}: {result.instances} instances of {len(result.studies)} studies")
     for uid, reason in result.skipped:
         console.print(f"[yellow]not exported:[/yellow] {uid}: {reason}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +44,16 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     except (ValueError, OSError) as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def reported(*errors: type[Exception]) -> Iterator[None]:
+    """Report the given service errors as ``error: …`` on stderr and exit with status 1."""
+    try:
+        yield
+    except errors as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
 
 
 def cli_principal(organisation: str = "") -> Principal:
@@ -139,24 +151,20 @@ def nodes_add(
     from simral.nodes import service as nodes
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            nodes.create(
-                session,
-                name=name,
-                ae_title=ae,
-                host=host,
-                port=port,
-                check_host=check_host,
-                organisation=organisation,
-                archive_wide=archive_wide,
-                tls=tls,
-                tls_subject=tls_subject,
-                principal=cli_principal(),
-            )
-    except nodes.NodeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    with reported(nodes.NodeError), ctx.db.unit_of_work() as session:
+        nodes.create(
+            session,
+            name=name,
+            ae_title=ae,
+            host=host,
+            port=port,
+            check_host=check_host,
+            organisation=organisation,
+            archive_wide=archive_wide,
+            tls=tls,
+            tls_subject=tls_subject,
+            principal=cli_principal(),
+        )
     out.print(f"node {name} added ({ae.strip()} at {host}:{port})")
 
 
@@ -189,12 +197,8 @@ def nodes_remove(name: str, data_dir: DataDir = None, config: ConfigFile = None)
     from simral.nodes import service as nodes
 
     ctx = _open(config, data_dir)
-    try:
-        with ctx.db.unit_of_work() as session:
-            nodes.delete(session, name=name, principal=cli_principal())
-    except nodes.NodeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    with reported(nodes.NodeError), ctx.db.unit_of_work() as session:
+        nodes.delete(session, name=name, principal=cli_principal())
     out.print(f"node {name} removed")
 
 
