@@ -15,12 +15,12 @@ from typing import Any
 
 import uvicorn
 
+from simral import tls
 from simral.app import open_app
 from simral.archive.service import recover_staged
 from simral.audit.export import start_exporter
 from simral.config import Settings
 from simral.context import AppContext
-from simral.dimse import tls
 from simral.dimse.server import DimseService
 from simral.exchange import start_exchange
 from simral.web.app import create_web_app

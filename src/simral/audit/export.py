@@ -24,30 +24,17 @@ from dataclasses import dataclass
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
+from simral import tls
 from simral.audit import atna
 from simral.audit.models import AuditEvent, AuditExportCursor
 from simral.config import Settings
 from simral.context import AppContext
 from simral.db.base import utcnow
-from simral.dimse.tls import MINIMUM_VERSION, TLS12_CIPHERS
 
 log = logging.getLogger(__name__)
 
 SINK = "syslog"
 BATCH = 500
-
-
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
-    context.minimum_version = MINIMUM_VERSION
-    context.set_ciphers(TLS12_CIPHERS)
-    if settings.audit_syslog_ca_file:
-        context.load_verify_locations(cafile=settings.audit_syslog_ca_file)
-    else:
-        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if settings.audit_syslog_cert_file:
-        context.load_cert_chain(settings.audit_syslog_cert_file, settings.audit_syslog_key_file or None)
-    return context
 
 
 def cursor(session: Session) -> int:
@@ -82,7 +69,12 @@ class SyslogExporter:
             host, port = self.settings.audit_syslog_host, self.settings.audit_syslog_port
             raw = socket.create_connection((host, port), timeout=10)
             try:
-                self._sock = _tls_context(self.settings).wrap_socket(raw, server_hostname=host)
+                context = tls.client_context_from(
+                    self.settings.audit_syslog_cert_file,
+                    self.settings.audit_syslog_key_file,
+                    self.settings.audit_syslog_ca_file,
+                )
+                self._sock = context.wrap_socket(raw, server_hostname=host)
             except BaseException:
                 raw.close()
                 raise
@@ -147,7 +139,7 @@ def run_exporter(ctx: AppContext, stop: threading.Event) -> None:
             try:
                 exporter.push()
                 delay = ctx.settings.audit_syslog_interval
-            except (OSError, ssl.SSLError) as exc:
+            except (OSError, ssl.SSLError, tls.TlsConfigError) as exc:
                 log.warning(
                     "audit collector %s:%d unreachable: %s",
                     ctx.settings.audit_syslog_host,

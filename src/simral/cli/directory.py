@@ -304,6 +304,7 @@ def audit_export(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     """Send the records the syslog collector has not received yet, now (audit_syslog_* settings)."""
     import ssl
 
+    from simral import tls
     from simral.audit.export import SyslogExporter
 
     ctx = _open(config, data_dir)
@@ -312,7 +313,7 @@ def audit_export(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     exporter = SyslogExporter(ctx)
     try:
         sent = exporter.push()
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, tls.TlsConfigError) as exc:
         raise _fail(
             f"collector {ctx.settings.audit_syslog_host}:{ctx.settings.audit_syslog_port}: {exc}"
         ) from None

@@ -16,10 +16,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
+from simral import tls
 from simral.access.policy import Principal
 from simral.archive import service as archive
 from simral.context import AppContext
-from simral.dimse import tls
 from simral.dimse.sending import set_nodelay
 from simral.nodes import service as nodes
 

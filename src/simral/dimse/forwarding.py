@@ -13,8 +13,9 @@ import logging
 
 from pynetdicom import AE, evt
 
+from simral import tls
 from simral.context import AppContext
-from simral.dimse import sending, tls
+from simral.dimse import sending
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.nodes import service as nodes

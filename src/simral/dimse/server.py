@@ -42,13 +42,14 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from simral import tls
 from simral.access.policy import Principal
 from simral.archive import query as qr
 from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.audit import service as audit
 from simral.context import AppContext
-from simral.dimse import commitment, sending, tls
+from simral.dimse import commitment, sending
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
 from simral.sharing import service as sharing

@@ -1,4 +1,5 @@
-"""TLS contexts: DICOM TLS (PS3.15 B.1 Basic TLS Secure Transport Connection Profile) and HTTPS.
+"""TLS contexts for every flow: DICOM TLS (PS3.15 B.1 Basic TLS Secure Transport Connection
+Profile), HTTPS, MLLP over TLS and the audit export to the syslog collector (RFC 5425).
 
 PS3.15 B.1 asks for TLS 1.2 or later with the BCP 195 (RFC 9325) recommendations: simral offers
 TLS 1.2 with forward-secret AEAD cipher suites only (RFC 9325 §4.2) and TLS 1.3 (RFC 8446). The
@@ -91,14 +92,16 @@ def https_context(settings: Settings) -> ssl.SSLContext:
 def client_context(settings: Settings) -> ssl.SSLContext:
     """The requestor's context: verify the peer against ``tls_ca_file`` (else the system CAs) and
     its name, present our certificate when one is configured (PS3.15 B.1 mutual authentication)."""
-    return _client_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+    return client_context_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
 
 
-@functools.lru_cache(maxsize=4)
-def _client_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
+@functools.lru_cache(maxsize=8)
+def client_context_from(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
+    """A requestor's context verifying the peer against ``ca_file`` (else the system CAs) and its
+    name, presenting ``cert_file``/``key_file`` when given; built once per process."""
     context = _new_context(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     if ca_file:
-        _load_ca(context, _file("tls_ca_file", ca_file, purpose="verifying remote DICOM nodes"))
+        _load_ca(context, _file("tls_ca_file", ca_file, purpose="verifying the remote peer"))
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert_file or key_file:
@@ -122,6 +125,10 @@ def check(settings: Settings) -> None:
         server_context(settings)
     if settings.https:
         https_context(settings)
+    if settings.audit_syslog_host:
+        client_context_from(
+            settings.audit_syslog_cert_file, settings.audit_syslog_key_file, settings.audit_syslog_ca_file
+        )
 
 
 def peer_common_name(sock: Any) -> str | None:
