@@ -167,6 +167,16 @@ def may_manage_identities(principal: Principal) -> bool:
     return principal.kind == "user" and any(role in ADMIN_ROLES for _, role in principal.memberships)
 
 
+def may_share(principal: Principal) -> bool:
+    """Whether ``principal`` may share studies it sees and make viewer-only or patient links."""
+    return principal.kind == "user"
+
+
+def is_patient_visitor(principal: Principal) -> bool:
+    """Whether ``principal`` is a patient holding the link to their own studies (the patient page)."""
+    return principal.kind == "share-link" and principal.via == "patient-link"
+
+
 def may_read_audit(principal: Principal) -> bool:
     """Whether ``principal`` may search the audit trail."""
     return principal.kind == "system" or (principal.kind == "user" and principal.has_role("auditor"))

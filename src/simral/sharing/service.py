@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from simral.access.policy import SYSTEM, AccessDenied, Principal, may_manage
+from simral.access.policy import SYSTEM, AccessDenied, Principal, may_manage, may_share
 from simral.archive import service as archive
 from simral.archive.models import ChangeEvent, Instance, Series, Study, StudyOrganisation
 from simral.archive.service import StoredInstance
@@ -288,10 +288,11 @@ class ShareError(ValueError):
     """A share or link that cannot be made or used."""
 
 
-def _visible_study(session: Session, principal: Principal, study_uid: str) -> Study | None:
-    from simral.access.policy import visible_studies
-
-    return session.scalar(visible_studies(principal, select(Study)).where(Study.study_uid == study_uid))
+def _visible(session: Session, principal: Principal, study_uid: str) -> archive.StudySummary:
+    summary = archive.get_study(session, principal=principal, study_uid=study_uid)
+    if summary is None:
+        raise ShareError("no such study, or no access")
+    return summary
 
 
 def create_share(
@@ -309,7 +310,7 @@ def create_share(
     organisation until ``lifetime`` from now (audited; the grantee must exist)."""
     from simral.identity import service as identity
 
-    if principal.kind != "user":
+    if not may_share(principal):
         raise AccessDenied("only professionals share studies")
     if grantee_kind not in ("user", "organisation"):
         raise ShareError("share with a professional (user) or an organisation")
@@ -317,9 +318,7 @@ def create_share(
         raise ShareError("a share states its purpose")
     if not timedelta(0) < lifetime <= MAX_SHARE:
         raise ShareError(f"a share lasts at most {MAX_SHARE.days} days")
-    study = _visible_study(session, principal, study_uid)
-    if study is None:
-        raise ShareError("no such study, or no access")
+    study = _visible(session, principal, study_uid).study
     if grantee_kind == "user" and identity.get_professional(session, grantee) is None:
         raise ShareError(f"no professional {grantee!r}")
     if grantee_kind == "organisation" and identity.get_organisation(session, grantee) is None:
@@ -445,31 +444,26 @@ def create_link(
     """A viewer-only link to studies the principal sees (256-bit random token; audited).
 
     A ``patient`` link always asks the patient's birth date and opens the patient's page."""
-    if principal.kind != "user":
+    if not may_share(principal):
         raise AccessDenied("only professionals make links")
     if not timedelta(0) < lifetime <= MAX_LINK:
         raise ShareError(f"a link lasts at most {MAX_LINK.days} days")
-    studies = [_visible_study(session, principal, uid) for uid in dict.fromkeys(study_uids)]
-    if not studies or any(study is None for study in studies):
-        raise ShareError("no such study, or no access")
     if audience not in ("colleague", "patient"):
         raise ShareError("a link is for a colleague or for the patient")
-    ask_birth_date = ask_birth_date or audience == "patient"
+    summaries = [_visible(session, principal, uid) for uid in dict.fromkeys(study_uids)]
+    if not summaries:
+        raise ShareError("no such study, or no access")
     birth_date = ""
-    if ask_birth_date:
-        from simral.archive.models import Patient
-
-        dates = {
-            session.scalar(select(Patient.birth_date).where(Patient.id == s.patient_pk)) for s in studies if s
-        }
+    if ask_birth_date or audience == "patient":
+        dates = {summary.patient.birth_date for summary in summaries}
         if len(dates) != 1 or not next(iter(dates)):
             raise ShareError("the birth-date check needs studies of one patient with a known birth date")
-        birth_date = str(next(iter(dates)))
+        birth_date = dates.pop()
     token = secrets.token_urlsafe(32)
     now = utcnow()
     link = ShareLink(
         token_sha256=_token_hash(token),
-        study_uids=" ".join(s.study_uid for s in studies if s),
+        study_uids=" ".join(summary.study.study_uid for summary in summaries),
         purpose=purpose.strip()[:500],
         birth_date_check=birth_date,
         created_by=principal.name,
@@ -482,16 +476,16 @@ def create_link(
     )
     session.add(link)
     session.flush()
-    for study in studies:
+    for summary in summaries:
         audit.record(
             session,
             action="share-link.create",
             principal=principal,
-            study_uid=study.study_uid if study else "",
+            study_uid=summary.study.study_uid,
             detail={
                 "link": link.id,
                 "expires": link.expires_at.isoformat(),
-                "birth_date_check": ask_birth_date,
+                "birth_date_check": bool(birth_date),
             },
         )
     return NewLink(link.id, token, link.expires_at)
