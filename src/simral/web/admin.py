@@ -21,7 +21,7 @@ from simral.identity import service as identity
 from simral.identity.models import ORGANISATION_KINDS, ROLES
 from simral.nodes import service as nodes
 from simral.web.auth import check_form_csrf, request_principal
-from simral.web.layout import Language, page, request_language
+from simral.web.layout import Language, csrf_field, page, request_language, table, text_rows
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -95,9 +95,7 @@ def managed_organisations(principal: Principal) -> frozenset[str] | None:
 
 
 def _table(headings: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f'<th scope="col">{escape(h)}</th>' for h in headings)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return table(headings, text_rows(rows))
 
 
 def _field(label: str, name: str, kind: str = "text", required: bool = True) -> str:
@@ -111,9 +109,8 @@ def _select(label: str, name: str, options: list[str]) -> str:
 
 
 def _form(request: Request, action: str, fields: str, button: str) -> str:
-    csrf = escape(getattr(request.state, "csrf_token", ""))
     return (
-        f'<form method="post" action="{action}"><input type="hidden" name="csrf_token" value="{csrf}">'
+        f'<form method="post" action="{action}">{csrf_field(request)}'
         f'{fields}<button type="submit">{escape(button)}</button></form>'
     )
 

@@ -18,9 +18,8 @@ from simral.context import AppContext
 from simral.jobs import service as jobs
 from simral.jobs.models import STATES
 from simral.sharing import service as sharing
-from simral.web.admin import _table
 from simral.web.auth import check_form_csrf, request_principal
-from simral.web.layout import Language, lang_param, page, request_language
+from simral.web.layout import Language, lang_param, page, post_button, request_language, table, text_rows
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -81,12 +80,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
 
 
 def _action(request: Request, job_id: int, verb: str, label: str) -> str:
-    csrf = escape(getattr(request.state, "csrf_token", ""))
-    return (
-        f'<form class="inline" method="post" action="/admin/jobs/{job_id}/{verb}">'
-        f'<input type="hidden" name="csrf_token" value="{csrf}">'
-        f'<button type="submit" aria-label="{escape(label)} {job_id}">{escape(label)}</button></form>'
-    )
+    return post_button(request, f"/admin/jobs/{job_id}/{verb}", label, aria_label=f"{label} {job_id}")
 
 
 def mount_jobs_admin(web: FastAPI, ctx: AppContext) -> None:
@@ -126,8 +120,8 @@ def mount_jobs_admin(web: FastAPI, ctx: AppContext) -> None:
             ]
             for rule in rules
         ]
-        body = f"<h2>{escape(text['rules'])}</h2>" + _table(
-            [text["name"], text["criteria"], text["destination"]], rule_rows
+        body = f"<h2>{escape(text['rules'])}</h2>" + table(
+            [text["name"], text["criteria"], text["destination"]], text_rows(rule_rows)
         )
         options = "".join(
             f'<option value="{s}"{" selected" if s == state else ""}>{escape(text[s])}</option>'
@@ -144,10 +138,6 @@ def mount_jobs_admin(web: FastAPI, ctx: AppContext) -> None:
             + f'<label>{escape(text["state"])}<select name="state">'
             f'<option value="">{escape(text["all"])}</option>{options}</select></label>'
             f'<button type="submit">{escape(text["filter"])}</button></form>'
-        )
-        head = "".join(
-            f'<th scope="col">{escape(text[k])}</th>'
-            for k in ("id", "kind", "destination", "instance", "state", "tries", "next", "error", "actions")
         )
         lines = []
         for job in rows:
@@ -171,7 +161,8 @@ def mount_jobs_admin(web: FastAPI, ctx: AppContext) -> None:
                 + "".join(f"<td>{escape(c)}</td>" for c in cells)
                 + f"<td>{actions}</td></tr>"
             )
-        body += f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+        columns = ("id", "kind", "destination", "instance", "state", "tries", "next", "error", "actions")
+        body += table([text[k] for k in columns], lines)
         return page(request, text["title"], body, principal=principal)
 
     @web.post("/admin/jobs/{job_id}/{verb}")

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
-from simral.access.policy import Principal, may_manage, may_read_audit
+from simral.access.policy import Principal, may_manage, may_read_audit, may_share
 
 Language = Literal["fr", "en"]
 LANGUAGES: tuple[Language, ...] = ("fr", "en")
@@ -105,6 +105,41 @@ def lang_param(request: Request) -> str:
     return value if value in ("fr", "en") else ""
 
 
+def csrf_field(request: Request) -> str:
+    """The hidden field carrying the session's CSRF token in a form posted with the session cookie."""
+    token = escape(getattr(request.state, "csrf_token", ""))
+    return f'<input type="hidden" name="csrf_token" value="{token}">'
+
+
+def post_button(request: Request, action: str, label: str, *, aria_label: str = "", css: str = "") -> str:
+    """A one-button form posting to ``action`` (logout, revoke, retry...), with the CSRF field."""
+    described = f' aria-label="{escape(aria_label)}"' if aria_label else ""
+    klass = f' class="{css}"' if css else ""
+    return (
+        f'<form class="inline" method="post" action="{escape(action)}">{csrf_field(request)}'
+        f'<button{klass} type="submit"{described}>{escape(label)}</button></form>'
+    )
+
+
+def table(headings: list[str], rows: list[str]) -> str:
+    """A table with column headings and rows already rendered as ``<tr>`` HTML."""
+    head = "".join(f'<th scope="col">{escape(h)}</th>' for h in headings)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def text_rows(rows: list[list[str]]) -> list[str]:
+    """Rows of plain-text cells as escaped ``<tr>`` HTML."""
+    return ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+
+
+def display_date(value: str, language: Language) -> str:
+    """A DICOM DA (YYYYMMDD) as a reader expects it: DD/MM/YYYY in French, YYYY-MM-DD in English."""
+    if len(value) != 8 or not value.isdigit():
+        return value
+    year, month, day = value[:4], value[4:6], value[6:]
+    return f"{day}/{month}/{year}" if language == "fr" else f"{year}-{month}-{day}"
+
+
 def page(
     request: Request,
     title: str,
@@ -121,19 +156,16 @@ def page(
     nav = ""
     if principal is not None:
         links = [f'<a href="/">{escape(text["studies"])}</a>']
-        if principal.kind == "user":
+        if may_share(principal):
             links.append(f'<a href="/shares">{escape(text["shares"])}</a>')
         if may_read_audit(principal):
             links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
         if may_manage(principal) or any(r == "site-admin" for _, r in principal.memberships):
             links.append(f'<a href="/admin">{escape(text["admin"])}</a>')
-        csrf = escape(getattr(request.state, "csrf_token", ""))
         who = escape(f"{principal.display_name or principal.name} — {principal.organisation}")
         links.append(
             f'<a href="/account" title="{escape(text["account"])}">{who}</a>'
-            '<form class="inline" method="post" action="/logout">'
-            f'<input type="hidden" name="csrf_token" value="{csrf}">'
-            f'<button class="link" type="submit">{escape(text["logout"])}</button></form>'
+            + post_button(request, "/logout", text["logout"], css="link")
         )
         organisations = sorted({code for code, _ in principal.memberships})
         if len(organisations) > 1:
@@ -143,8 +175,7 @@ def page(
                 for code in organisations
             )
             links.append(
-                '<form class="inline" method="post" action="/session/organisation">'
-                f'<input type="hidden" name="csrf_token" value="{csrf}">'
+                f'<form class="inline" method="post" action="/session/organisation">{csrf_field(request)}'
                 f'<label>{escape(text["act_for"])} <select name="organisation">{options}</select></label>'
                 f'<button type="submit">{escape(text["switch"])}</button></form>'
             )

@@ -21,7 +21,7 @@ from simral.access.policy import AccessDenied
 from simral.archive import query
 from simral.context import AppContext
 from simral.web.auth import request_principal
-from simral.web.layout import Language, explicit_language, page, request_language
+from simral.web.layout import Language, display_date, explicit_language, page, request_language
 
 #: Rows shown on the study list; a narrower search finds the others.
 STUDY_LIST_LIMIT = 200
@@ -79,13 +79,6 @@ def _person_name(value: str) -> str:
     """A DICOM PN (PS3.5 §6.2.1) for display: components joined by spaces, groups by " / "."""
     groups = [" ".join(c for c in group.split("^") if c).strip() for group in value.split("=")]
     return " / ".join(g for g in groups if g)
-
-
-def _display_date(value: str, language: Language) -> str:
-    if len(value) != 8 or not value.isdigit():
-        return value
-    year, month, day = value[:4], value[4:6], value[6:]
-    return f"{day}/{month}/{year}" if language == "fr" else f"{year}-{month}-{day}"
 
 
 def _display_time(value: str) -> str:
@@ -221,7 +214,7 @@ def _render(
         study, patient = result.study, result.patient
         assert study is not None
         link = escape(viewer_url(study.study_uid, explicit))
-        when = f"{_display_date(study.study_date, language)} {_display_time(study.study_time)}".strip()
+        when = f"{display_date(study.study_date, language)} {_display_time(study.study_time)}".strip()
         display_name = escape(_person_name(patient.name)) or "?"
         cells = [
             f'<a href="{link}" title="{escape(text["open"])}">{display_name}</a>',

@@ -36,7 +36,7 @@ from simral.web.auth import (
     request_principal,
     session_cookie,
 )
-from simral.web.layout import STYLE, Language, lang_param, page, request_language
+from simral.web.layout import STYLE, Language, csrf_field, lang_param, page, request_language
 from simral.web.pages import viewer_url
 from simral.web.shares import share_forms
 
@@ -468,12 +468,11 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             archive.audit_reads(ctx, principal, [study_uid[:64]], outcome="failure", detail={"via": "portal"})
             body = f'<p class="error" role="alert">{escape(text["not_found"])}</p>'
             if may_break_glass(principal):
-                csrf = escape(getattr(request.state, "csrf_token", ""))
                 body += (
                     f"<h2>{escape(text['break_glass'])}</h2><p>{escape(text['break_glass_help'])}</p>"
                     f'<form class="stack" method="post" action="/studies/{quote(study_uid)}/break-glass">'
-                    f'<input type="hidden" name="csrf_token" value="{csrf}">'
-                    f"<label>{escape(text['reason'])}"
+                    + csrf_field(request)
+                    + f"<label>{escape(text['reason'])}"
                     '<textarea name="reason" required minlength="10"></textarea></label>'
                     f'<label>{escape(text["duration"])}<select name="duration">'
                     '<option value="30m">30 min</option><option value="1h" selected>1 h</option>'

@@ -21,12 +21,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal
+from simral.access.policy import AccessDenied, Principal, is_patient_visitor, may_share
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.sharing import service as sharing
 from simral.web.auth import SHARE_COOKIE, check_form_csrf, forget_cached_principals, request_principal
-from simral.web.layout import Language, page, request_language
+from simral.web.layout import Language, csrf_field, display_date, page, post_button, request_language, table
 from simral.web.viewer import VIEWER_PATH
 
 DURATIONS: Mapping[str, timedelta] = {
@@ -132,12 +132,6 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
 }
 
 
-def _csrf(request: Request) -> str:
-    return (
-        f'<input type="hidden" name="csrf_token" value="{escape(getattr(request.state, "csrf_token", ""))}">'
-    )
-
-
 def _durations(text: Mapping[str, str], choices: tuple[str, ...]) -> str:
     options = "".join(f'<option value="{c}">{escape(text[c])}</option>' for c in choices)
     return f'<label>{escape(text["duration"])}<select name="duration">{options}</select></label>'
@@ -145,14 +139,14 @@ def _durations(text: Mapping[str, str], choices: tuple[str, ...]) -> str:
 
 def share_forms(request: Request, principal: Principal, study_uid: str) -> str:
     """The share and link forms of a study page (professionals only)."""
-    if principal.kind != "user":
+    if not may_share(principal):
         return ""
     text = TEXT[request_language(request)]
     uid = escape(study_uid)
     kinds = "".join(f'<option value="{k}">{escape(text[k])}</option>' for k in ("user", "organisation"))
     return (
         f"<h2>{escape(text['share'])}</h2>"
-        f'<form method="post" action="/studies/{uid}/shares">{_csrf(request)}'
+        f'<form method="post" action="/studies/{uid}/shares">{csrf_field(request)}'
         f'<label>{escape(text["grantee_kind"])}<select name="grantee_kind">{kinds}</select></label>'
         f'<label>{escape(text["grantee"])}<input name="grantee" required></label>'
         f'<label>{escape(text["purpose"])}<input name="purpose" required></label>'
@@ -161,41 +155,18 @@ def share_forms(request: Request, principal: Principal, study_uid: str) -> str:
         f"{escape(text['whole_patient'])}</span></label>"
         f'<button type="submit">{escape(text["do_share"])}</button></form>'
         f"<h2>{escape(text['link'])}</h2>"
-        f'<form id="link-form" method="post" action="/studies/{uid}/links">{_csrf(request)}'
+        f'<form id="link-form" method="post" action="/studies/{uid}/links">{csrf_field(request)}'
         f'<label>{escape(text["purpose"])}<input name="purpose" required></label>'
         + _durations(text, ("7d", "1d", "30d"))
         + f'<label><span><input type="checkbox" name="ask_birth_date" value="1" checked> '
         f"{escape(text['ask_birth_date'])}</span></label>"
         f'<button type="submit">{escape(text["do_link"])}</button></form>'
         f"<h2>{escape(text['patient_link'])}</h2>"
-        f'<form id="patient-link-form" method="post" action="/studies/{uid}/links">{_csrf(request)}'
+        f'<form id="patient-link-form" method="post" action="/studies/{uid}/links">{csrf_field(request)}'
         '<input type="hidden" name="audience" value="patient">'
         f'<input type="hidden" name="purpose" value="{escape(text["patient_link"])}">'
         + _durations(text, ("30d", "7d"))
         + f'<button type="submit">{escape(text["do_patient_link"])}</button></form>'
-    )
-
-
-def _date(value: str, language: Language) -> str:
-    """A DICOM DA (YYYYMMDD) as the reader expects it."""
-    if len(value) != 8 or not value.isdigit():
-        return value
-    return (
-        f"{value[6:]}/{value[4:6]}/{value[:4]}"
-        if language == "fr"
-        else f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    )
-
-
-def _table(headings: list[str], rows: list[str]) -> str:
-    head = "".join(f'<th scope="col">{escape(h)}</th>' for h in headings)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def _revoke(request: Request, action: str, label: str) -> str:
-    return (
-        f'<form class="inline" method="post" action="{action}">{_csrf(request)}'
-        f'<button type="submit">{escape(label)}</button></form>'
     )
 
 
@@ -285,27 +256,27 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
                 f'<tr data-share="{s.id}"><td>{escape(s.study_uid or text["whole_patient"])}</td>'
                 f"<td>{escape(s.grantee_kind)}:{escape(s.grantee)}</td><td>{escape(s.purpose)}</td>"
                 f"<td>{s.expires_at:%Y-%m-%d %H:%M}</td>"
-                f"<td>{_revoke(request, f'/shares/{s.id}/revoke', text['revoke'])}</td></tr>"
+                f"<td>{post_button(request, f'/shares/{s.id}/revoke', text['revoke'])}</td></tr>"
                 for s in made
             ]
             rows_links = [
                 f'<tr data-link="{link.id}"><td>{escape(link.study_uids)}</td><td>{escape(link.purpose)}</td>'
                 f"<td>{link.expires_at:%Y-%m-%d %H:%M}</td>"
-                f"<td>{_revoke(request, f'/links/{link.id}/revoke', text['revoke'])}</td></tr>"
+                f"<td>{post_button(request, f'/links/{link.id}/revoke', text['revoke'])}</td></tr>"
                 for link in links
             ]
         body = f"<h2>{escape(text['received'])}</h2>" + (
-            _table([text["study"], text["by"], text["purpose"], text["until"]], rows_received)
+            table([text["study"], text["by"], text["purpose"], text["until"]], rows_received)
             if rows_received
             else f"<p>{escape(text['none'])}</p>"
         )
         body += f"<h2>{escape(text['made'])}</h2>" + (
-            _table([text["study"], text["to"], text["purpose"], text["until"], ""], rows_made)
+            table([text["study"], text["to"], text["purpose"], text["until"], ""], rows_made)
             if rows_made
             else f"<p>{escape(text['none'])}</p>"
         )
         body += f"<h2>{escape(text['links'])}</h2>" + (
-            _table([text["study"], text["purpose"], text["until"], ""], rows_links)
+            table([text["study"], text["purpose"], text["until"], ""], rows_links)
             if rows_links
             else f"<p>{escape(text['none'])}</p>"
         )
@@ -417,7 +388,7 @@ def mount_patient_pages(web: FastAPI, ctx: AppContext) -> None:
 
     def _patient(request: Request) -> Principal:
         principal = request_principal(request)
-        if principal.via != "patient-link":
+        if not is_patient_visitor(principal):
             raise HTTPException(403, "for the patient's own link only")
         return principal
 
@@ -444,14 +415,14 @@ def mount_patient_pages(web: FastAPI, ctx: AppContext) -> None:
             study = summary.study
             uid = escape(study.study_uid)
             rows.append(
-                f"<tr><td>{escape(_date(study.study_date, language))}</td>"
+                f"<tr><td>{escape(display_date(study.study_date, language))}</td>"
                 f"<td>{escape(study.description)}</td>"
                 f"<td>{escape(study.modalities)}</td>"
                 f'<td><a href="{VIEWER_PATH}/viewer?StudyInstanceUIDs={uid}">{escape(text["view"])}</a></td>'
                 f'<td><a href="/patient/studies/{uid}/export.zip" download>'
                 f"{escape(text['download'])}</a></td></tr>"
             )
-        body = _table([text["date"], text["description"], "", "", ""], rows)
+        body = table([text["date"], text["description"], "", "", ""], rows)
         access_rows = []
         for record in accesses:
             kind, _, who = record.actor.partition(":")
@@ -469,7 +440,7 @@ def mount_patient_pages(web: FastAPI, ctx: AppContext) -> None:
                 f"<td>{escape(record.actor_organisation)}</td>"
                 f"<td>{escape(labels.get(record.action, record.action))}</td></tr>"
             )
-        body += f"<h2>{escape(text['accesses'])}</h2>" + _table(
+        body += f"<h2>{escape(text['accesses'])}</h2>" + table(
             [text["when"], text["who"], "", text["what"]], access_rows
         )
         for uid in uids:
