@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from simral.access.policy import Principal
 from simral.archive.service import IngestResult, ingest_file
@@ -56,15 +56,18 @@ def _as_is(path: Path) -> Iterator[Path]:
     yield path
 
 
+def _referenced_file_ids(dicomdir: Dataset) -> Iterator[list[str]]:
+    """The Referenced File IDs of a DICOMDIR's records, as path components (PS3.3 F.3.2.2)."""
+    for record in dicomdir.get("DirectoryRecordSequence", []):
+        ref = record.get("ReferencedFileID")
+        if ref:
+            yield [ref] if isinstance(ref, str) else [str(part) for part in ref]
+
+
 def _dicomdir_files(dicomdir: Path) -> list[Path]:
-    ds = dcmread(dicomdir)
     root = dicomdir.parent
     files = []
-    for record in ds.get("DirectoryRecordSequence", []):
-        ref = record.get("ReferencedFileID")
-        if not ref:
-            continue
-        parts = [ref] if isinstance(ref, str) else list(ref)
+    for parts in _referenced_file_ids(dcmread(dicomdir)):
         candidate = root.joinpath(*parts)
         if not candidate.exists():
             # Media often differ in case from the DICOMDIR (ISO 9660 upper case).
@@ -99,11 +102,7 @@ def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch
                 os.unlink(temp)
         prefix = name[: -len("DICOMDIR")]
         referenced = referenced or set()
-        for record in ds.get("DirectoryRecordSequence", []):
-            ref = record.get("ReferencedFileID")
-            if ref:
-                parts = [ref] if isinstance(ref, str) else list(ref)
-                referenced.add((prefix + "/".join(parts)).upper())
+        referenced.update((prefix + "/".join(parts)).upper() for parts in _referenced_file_ids(ds))
     return referenced
 
 
