@@ -273,9 +273,6 @@ LOCKOUT_BASE = timedelta(minutes=1)
 LOCKOUT_MAX = timedelta(hours=1)
 
 
-_aware = as_utc
-
-
 def check_password(session: Session, *, login: str, password: str) -> Professional:
     """First factor: the password, with lockout and backoff. Raises :class:`AuthenticationFailed`."""
     professional = get_professional(session, login)
@@ -302,7 +299,7 @@ def check_password(session: Session, *, login: str, password: str) -> Profession
 
 def is_locked(professional: Professional) -> bool:
     """Whether the account is in a lockout period."""
-    locked_until = _aware(professional.locked_until)
+    locked_until = as_utc(professional.locked_until)
     return locked_until is not None and locked_until > utcnow()
 
 
@@ -451,8 +448,8 @@ def find_session(session: Session, secret: str) -> WebSession | None:
     if row is None or row.revoked_at is not None:
         return None
     now = utcnow()
-    expires_at = _aware(row.expires_at)
-    last_seen = _aware(row.last_seen_at)
+    expires_at = as_utc(row.expires_at)
+    last_seen = as_utc(row.last_seen_at)
     assert expires_at is not None and last_seen is not None
     if expires_at <= now or now - last_seen > SESSION_IDLE:
         return None
@@ -462,7 +459,7 @@ def find_session(session: Session, secret: str) -> WebSession | None:
 def touch_session(session: Session, row: WebSession) -> None:
     """Record activity (at most once a minute, to spare writes)."""
     now = utcnow()
-    last_seen = _aware(row.last_seen_at)
+    last_seen = as_utc(row.last_seen_at)
     if last_seen is None or now - last_seen > timedelta(minutes=1):
         session.execute(update(WebSession).where(WebSession.id == row.id).values(last_seen_at=now))
 

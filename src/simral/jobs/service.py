@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_manage
 from simral.audit import service as audit
-from simral.db.base import as_utc, utcnow
+from simral.db.base import utcnow
 from simral.jobs.models import ACTIVE_STATES, CANCELLED, DEAD, DONE, QUEUED, RUNNING, STATES, Job
 
 #: First retry delay; each further failure doubles it, up to :data:`MAX_BACKOFF`.
@@ -231,9 +231,3 @@ def cancel(session: Session, job_id: int, *, principal: Principal) -> Job:
     job.state, job.updated_at, job.finished_at = CANCELLED, now, now
     audit.record(session, action="job.cancel", principal=principal, detail={"job": job_id, "kind": job.kind})
     return job
-
-
-def lease_expired(job: Job, now: datetime | None = None) -> bool:
-    """Whether a running job's runner has gone silent past its lease."""
-    lease = as_utc(job.lease_until)
-    return job.state == RUNNING and lease is not None and lease < (now or utcnow())

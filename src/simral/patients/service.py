@@ -444,6 +444,42 @@ def _audit(
     )
 
 
+def _record_change(
+    session: Session,
+    *,
+    kind: str,
+    action: str,
+    subject: PatientIdentity,
+    other: PatientIdentity | None,
+    moved: list[list[int]],
+    principal: Principal,
+    source: str,
+    detail: dict[str, Any] | None = None,
+    audit_detail: dict[str, Any] | None = None,
+) -> IdentityChange:
+    """Keep an identity change (so it can be undone) and audit it in the same transaction."""
+    change = IdentityChange(
+        kind=kind,
+        identity_id=subject.id,
+        other_identity_id=other.id if other is not None else None,
+        moved=moved,
+        detail=detail or {},
+        source=source[:128],
+        actor=principal.audit_name[:128],
+        created_at=utcnow(),
+    )
+    session.add(change)
+    session.flush()
+    _audit(
+        session,
+        action,
+        subject,
+        principal=principal,
+        detail={"change": change.id, **(audit_detail or {}), "source": source},
+    )
+    return change
+
+
 def _open_case(
     session: Session,
     *,
@@ -833,26 +869,18 @@ def _link(
 ) -> IdentityChange | None:
     if first.person_id == second.person_id:
         return None
-    change = IdentityChange(
+    return _record_change(
+        session,
         kind=CHANGE_LINK,
-        identity_id=first.id,
-        other_identity_id=second.id,
+        action="patient.link",
+        subject=first,
+        other=second,
         moved=_join_persons(session, first.person_id, second.person_id),
         detail={"reason": reason},
-        source=source[:128],
-        actor=principal.audit_name[:128],
-        created_at=utcnow(),
-    )
-    session.add(change)
-    session.flush()
-    _audit(
-        session,
-        "patient.link",
-        first,
+        audit_detail={"other_identity": second.id, "reason": reason},
         principal=principal,
-        detail={"change": change.id, "other_identity": second.id, "reason": reason, "source": source},
+        source=source,
     )
-    return change
 
 
 def link_identities(
@@ -908,25 +936,17 @@ def unlink_identities(
     session.flush()
     moved = [[second.id, second.person_id, person.id]]
     second.person_id = person.id
-    change = IdentityChange(
-        kind=CHANGE_UNLINK,
-        identity_id=first.id,
-        other_identity_id=second.id,
-        moved=moved,
-        source=source[:128],
-        actor=principal.audit_name[:128],
-        created_at=now,
-    )
-    session.add(change)
-    session.flush()
-    _audit(
+    return _record_change(
         session,
-        "patient.unlink",
-        first,
+        kind=CHANGE_UNLINK,
+        action="patient.unlink",
+        subject=first,
+        other=second,
+        moved=moved,
+        audit_detail={"other_identity": second.id},
         principal=principal,
-        detail={"change": change.id, "other_identity": second.id, "source": source},
+        source=source,
     )
-    return change
 
 
 def merge_identities(
@@ -964,29 +984,17 @@ def merge_identities(
     merged.merged_into_id = survivor.id
     merged.active = False
     merged.updated_at = utcnow()
-    change = IdentityChange(
+    change = _record_change(
+        session,
         kind=CHANGE_MERGE,
-        identity_id=survivor.id,
-        other_identity_id=merged.id,
+        action="patient.merge",
+        subject=survivor,
+        other=merged,
         moved=moved,
         detail={"merged_local_id": merged.local_id, "survivor_local_id": survivor.local_id},
-        source=source[:128],
-        actor=principal.audit_name[:128],
-        created_at=utcnow(),
-    )
-    session.add(change)
-    session.flush()
-    _audit(
-        session,
-        "patient.merge",
-        survivor,
+        audit_detail={"merged_identity": merged.id, "merged_local_id": merged.local_id},
         principal=principal,
-        detail={
-            "change": change.id,
-            "merged_identity": merged.id,
-            "merged_local_id": merged.local_id,
-            "source": source,
-        },
+        source=source,
     )
     return change
 
@@ -1096,25 +1104,18 @@ def change_identifier(
     old = identity.local_id
     identity.local_id = new_local_id
     identity.updated_at = utcnow()
-    change = IdentityChange(
+    return _record_change(
+        session,
         kind=CHANGE_IDENTIFIER,
-        identity_id=identity.id,
+        action="patient.change-identifier",
+        subject=identity,
+        other=None,
         moved=[],
         detail={"old_local_id": old, "new_local_id": new_local_id},
-        source=source[:128],
-        actor=principal.audit_name[:128],
-        created_at=utcnow(),
-    )
-    session.add(change)
-    session.flush()
-    _audit(
-        session,
-        "patient.change-identifier",
-        identity,
+        audit_detail={"old_local_id": old},
         principal=principal,
-        detail={"change": change.id, "old_local_id": old, "source": source},
+        source=source,
     )
-    return change
 
 
 def set_status(
