@@ -24,11 +24,13 @@ class TotpDevice:
     last_step: int = 0
 
     def code(self) -> str:
-        """A code for a step the server has not seen yet (current ±1 window, waiting if needed)."""
+        """A code for a step the server has not seen yet (the current step or the next one, which the
+        server's ±1 window accepts; never the previous one, which a slow request could carry past
+        the window), waiting if both were used."""
         totp = pyotp.TOTP(self.secret)
         while True:
             now = int(time.time()) // totp.interval
-            for step in (now - 1, now, now + 1):
+            for step in (now, now + 1):
                 if step > self.last_step:
                     self.last_step = step
                     return totp.at(step * totp.interval)
