@@ -9,7 +9,7 @@ unique keys of the levels (C.4.1.1.3.2).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -21,6 +21,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from simral.access.policy import AccessDenied, Principal, may_query, visible_studies
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.dicom.matching import Match, parse_match, wildcard_to_like
+from simral.patients import crossref
+from simral.patients.crossref import ShownIdentity
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 Model = Literal["PATIENT", "STUDY"]
@@ -173,14 +175,30 @@ def _has_value(element: Any) -> bool:
     return value not in (None, "", b"") and str(value) != ""
 
 
+@dataclass(frozen=True)
+class PatientKey:
+    """A single-valued PatientID matching key with its issuer: the key a query is expanded from
+    to the other identities of the same person (DESIGN.md §6, :mod:`simral.patients.crossref`)."""
+
+    patient_id: str
+    issuer: str = ""
+    issuer_oid: str = ""
+
+
 @dataclass
 class Plan:
-    """A parsed identifier: the level, the SQL conditions and the post-filters."""
+    """A parsed identifier: the level, the SQL conditions and the post-filters.
+
+    ``identity_conditions`` hold the PatientID / Issuer of Patient ID conditions apart from the
+    others: :func:`run` widens them to the person's linked identities when ``patient_key`` is set.
+    """
 
     level: Level
     conditions: list[ColumnElement[bool]]
     post_filters: list[tuple[str, Match]]
     return_tags: list[int]
+    identity_conditions: list[ColumnElement[bool]] = field(default_factory=list)
+    patient_key: PatientKey | None = None
 
 
 def _fuzzy_name_clause(column: InstrumentedAttribute[Any], match: Match) -> ColumnElement[bool]:
@@ -204,6 +222,8 @@ def plan(identifier: Dataset, *, model: Model = "STUDY", fuzzy_names: bool = Fal
     depth = LEVELS.index(level)  # type: ignore[arg-type]
     indexed = {kw: (lvl, key) for lvl in LEVELS[: depth + 1] for kw, key in KEYS[lvl].items()}
     conditions: list[ColumnElement[bool]] = []
+    identity_conditions: list[ColumnElement[bool]] = []
+    identity_values: dict[str, str] = {}
     post_filters: list[tuple[str, Match]] = []
     return_tags: list[int] = []
     for element in identifier:
@@ -242,6 +262,10 @@ def plan(identifier: Dataset, *, model: Model = "STUDY", fuzzy_names: bool = Fal
             )
             if fuzzy:
                 conditions.append(_fuzzy_name_clause(key.column, match))
+            elif match.kind != "universal" and keyword in ("PatientID", "IssuerOfPatientID"):
+                identity_conditions.append(_column_clause(key.column, match, key.vr))
+                if match.kind == "single":
+                    identity_values[keyword] = match.values[0]
             elif match.kind != "universal":
                 conditions.append(_column_clause(key.column, match, key.vr))
         else:
@@ -252,7 +276,35 @@ def plan(identifier: Dataset, *, model: Model = "STUDY", fuzzy_names: bool = Fal
             match = parse_match(text, vr)
             if match.kind != "universal":
                 post_filters.append((f"{int(element.tag):08X}", match))
-    return Plan(level=level, conditions=conditions, post_filters=post_filters, return_tags=return_tags)  # type: ignore[arg-type]
+    patient_key = None
+    if "PatientID" in identity_values and (
+        "IssuerOfPatientID" in identity_values or len(identity_conditions) == 1
+    ):
+        patient_key = PatientKey(
+            identity_values["PatientID"],
+            identity_values.get("IssuerOfPatientID", ""),
+            _issuer_universal_id(identifier),
+        )
+    return Plan(
+        level=level,  # type: ignore[arg-type]
+        conditions=conditions,
+        post_filters=post_filters,
+        return_tags=return_tags,
+        identity_conditions=identity_conditions,
+        patient_key=patient_key,
+    )
+
+
+def _issuer_universal_id(identifier: Dataset) -> str:
+    """The ISO universal id of Issuer of Patient ID Qualifiers Sequence, if the identifier has one
+    (PS3.3 Table 10-18)."""
+    qualifiers = identifier.get("IssuerOfPatientIDQualifiersSequence")
+    if not qualifiers:
+        return ""
+    item = qualifiers[0]
+    if str(item.get("UniversalEntityIDType", "") or "").upper() not in ("", "ISO"):
+        return ""
+    return str(item.get("UniversalEntityID", "") or "").strip()
 
 
 def _base_query(level: Level) -> Select:
@@ -293,6 +345,8 @@ class Result:
     study: Study | None = None
     series: Series | None = None
     instance: Instance | None = None
+    #: The patient identifier the asker knows, when it differs from the stored one (coercion).
+    shown_identity: ShownIdentity | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -317,7 +371,10 @@ def run(
 ) -> Iterator[Result]:
     """Execute a plan, yielding matches visible to ``principal`` (post-filters applied lazily).
 
-    ``newest_first`` orders studies by StudyDate and StudyTime descending (worklists, study lists).
+    A PatientID key also matches the studies of the person's other identities (merged, linked,
+    same INS), and each study-level or lower match carries the identifier the asker knows
+    (:mod:`simral.patients.crossref`). ``newest_first`` orders studies by StudyDate and StudyTime
+    descending (worklists, study lists).
     """
     if not may_query(principal):
         raise AccessDenied(f"{principal.audit_name} may not query")
@@ -325,6 +382,23 @@ def run(
     query = visible_studies(principal, _base_query(level))
     for condition in query_plan.conditions:
         query = query.where(condition)
+    named = None
+    if query_plan.patient_key is not None:
+        key = query_plan.patient_key
+        named = crossref.named_identity(
+            session,
+            patient_id=key.patient_id,
+            issuer=key.issuer,
+            issuer_oid=key.issuer_oid,
+            organisation=principal.organisation,
+        )
+    if query_plan.identity_conditions:
+        as_stored = and_(*query_plan.identity_conditions)
+        if named is not None:
+            query = query.where(or_(as_stored, Study.id.in_(crossref.person_studies(named))))
+        else:
+            query = query.where(as_stored)
+    coercion = crossref.Coercion(session, named=named, organisation=principal.organisation)
     if newest_first and level != "PATIENT":
         query = query.order_by(Study.study_date.desc(), Study.study_time.desc())
     query = query.order_by(*_order(level))
@@ -349,6 +423,8 @@ def run(
             if limit is not None and produced >= limit:
                 return
         produced += 1
+        if result.study is not None and coercion.useful:
+            result.shown_identity = coercion.for_study(result.study.id)
         yield result
 
 
@@ -417,6 +493,10 @@ def response_json(result: Result, query_plan: Plan, *, model: Model = "STUDY") -
             except KeyError:
                 vr = "UN"
             out[hex_tag] = {"vr": vr}
+    if result.shown_identity is not None:
+        for hex_tag, element in result.shown_identity.as_json().items():
+            if hex_tag in out:
+                out[hex_tag] = element
     charset = result.meta.get("00080005") or result.patient.meta.get("00080005")
     if charset:
         out["00080005"] = charset
