@@ -16,6 +16,7 @@ Against a real ``simral serve`` (DIMSE, DICOMweb and the HL7 MLLP feed):
 from __future__ import annotations
 
 import hashlib
+import io
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ import pytest
 from hl7apy.parser import parse_message
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
+    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
 )
 from tests.corpus import ct_series
 from tests.simral_proc import SimralProcess
@@ -90,6 +93,46 @@ class Region:
         finally:
             assoc.release()
         return found
+
+    def c_get(self, calling_ae: str, study_uid: str) -> list[Dataset]:
+        """C-GET a study; the datasets received (C-STORE sub-operations on the association)."""
+        received: list[Dataset] = []
+
+        def on_store(event: evt.Event) -> int:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            received.append(dataset)
+            return 0x0000
+
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(
+            "127.0.0.1",
+            self.simral.dicom_port,
+            ae_title=self.simral.ae_title,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        try:
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                assert status is not None and status.Status in (0xFF00, 0x0000), status
+        finally:
+            assoc.release()
+        return received
+
+    def get(self, login: str, path: str, accept: str) -> httpx.Response:
+        response = httpx.get(
+            f"{self.simral.dicomweb_url}{path}",
+            headers={"Authorization": f"Bearer {self.tokens[login]}", "Accept": accept},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return response
 
     def qido(self, login: str, patient_id: str, **params: str) -> dict[str, dict[str, object]]:
         response = httpx.get(
@@ -244,6 +287,65 @@ def test_same_ins_at_two_sites_is_found_by_either_ipp_under_the_askers_ipp(regio
     # Another site's IPP, asked by CHA: it matches the stored header of the shared study (as in
     # any PACS) and is not expanded (not CHA's identifier), and the answer shows CHA's IPP.
     assert _patient_ids(region.c_find(NODE_A, "IPP-B9")) == {study["b9"]: "IPP-A1"}
+
+
+def test_retrieved_headers_carry_the_askers_identifier(region: Region) -> None:
+    """C-GET, WADO-RS (instances and metadata) and WADO-URI of CLINB's shared study, by CHA: the
+    headers say IPP-A1 with CHA's issuer; the pixel data is what was stored. CLINB's own retrieve
+    of the same study is the stored file, byte for byte."""
+    study = region.study["b9"]
+    source = {
+        str(ds.SOPInstanceUID): ds
+        for ds in (dcmread(p) for p in sorted((region.simral.data_dir.parent / "b9").glob("*.dcm")))
+    }
+    got = region.c_get(NODE_A, study)
+    assert len(got) == len(source) == 2
+    for dataset in got:
+        assert dataset.PatientID == "IPP-A1" and dataset.IssuerOfPatientID == "CHA"
+        assert dataset.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == OID_CHA
+        assert dataset.PixelData == source[str(dataset.SOPInstanceUID)].PixelData
+        assert dataset.OtherPatientIDsSequence[0].PatientID == NIR  # the INS travels as stored
+    metadata = region.get("radio_a", f"/studies/{study}/metadata", "application/dicom+json").json()
+    assert {item["00100020"]["Value"][0] for item in metadata} == {"IPP-A1"}
+    body = region.get("radio_a", f"/studies/{study}", 'multipart/related; type="application/dicom"')
+    parts = [dcmread(io.BytesIO(part.content)) for part in _multipart_parts(body)]
+    assert {str(ds.PatientID) for ds in parts} == {"IPP-A1"}
+    assert all(ds.PixelData == source[str(ds.SOPInstanceUID)].PixelData for ds in parts)
+    any_uid = next(iter(source))
+    series_uid = str(source[any_uid].SeriesInstanceUID)
+    wado_uri = httpx.get(
+        f"{region.simral.http_url}/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": study,
+            "seriesUID": series_uid,
+            "objectUID": any_uid,
+            "contentType": "application/dicom",
+            "transferSyntax": "*",
+        },
+        headers={"Authorization": f"Bearer {region.tokens['radio_a']}"},
+        timeout=30,
+    )
+    assert wado_uri.status_code == 200, wado_uri.text
+    assert dcmread(io.BytesIO(wado_uri.content)).PatientID == "IPP-A1"
+    # CLINB's technologist gets CLINB's file unchanged.
+    own = region.get("tech_b", f"/studies/{study}", 'multipart/related; type="application/dicom"')
+    own_parts = _multipart_parts(own)
+    assert len(own_parts) == 2 and {_digest(part.content) for part in own_parts} <= region.sha256
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _multipart_parts(response: httpx.Response) -> list[httpx.Response]:
+    """The parts of a multipart/related body (each as a small Response holding its bytes)."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:-1]:
+        _head, _, payload = chunk.partition(b"\r\n\r\n")
+        parts.append(httpx.Response(200, content=payload.removesuffix(b"\r\n")))
+    return parts
 
 
 def test_a40_merge_then_queries_by_the_old_ipp_and_the_unmerge(region: Region) -> None:

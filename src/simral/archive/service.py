@@ -8,6 +8,7 @@ records the audit event. The caller acknowledges only after :func:`ingest_file` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dicom.header import Header, RejectedInstance, read_header
 from simral.dicom.matching import normalise_tm
+from simral.patients import crossref
 from simral.patients import service as patients
 from simral.storage.base import StoredBlob, sha256_of_file
 from simral.storage.staging import Staging
@@ -804,6 +806,9 @@ class StoredInstance:
     series_uid: str = ""
     rows: int | None = None
     num_frames: int | None = None
+    #: Patient identification to send instead of the stored one (DICOM JSON by tag), when the
+    #: receiver knows the patient by another identifier (:func:`with_shown_identities`).
+    shown_patient: dict[str, Any] | None = None
 
     @property
     def frame_count(self) -> int:
@@ -907,8 +912,42 @@ def find_instances(
     series_uid: str | None = None,
     sop_uid: str | None = None,
 ) -> list[StoredInstance]:
-    """The visible instances of a study, series or single instance, in sending order."""
-    return list(iter_instances(session, _scope(instances_query(principal), study_uid, series_uid, sop_uid)))
+    """The visible instances of a study, series or single instance, in sending order, each with
+    the patient identification the principal's organisation knows (:func:`with_shown_identities`)."""
+    found = list(iter_instances(session, _scope(instances_query(principal), study_uid, series_uid, sop_uid)))
+    return with_shown_identities(session, principal, found)
+
+
+def shown_patients(
+    session: Session, principal: Principal, study_uids: Iterable[str]
+) -> dict[str, dict[str, Any]]:
+    """For each study whose patient the principal's organisation knows by another identifier (a
+    linked identity, or the survivor of a merge), the PatientID / issuer attributes to show it
+    (IHE PIR-style coercion at retrieve time: responses change, stored bytes never do)."""
+    if not principal.organisation:
+        return {}
+    coercion = crossref.Coercion(session, named=None, organisation=principal.organisation)
+    shown: dict[str, dict[str, Any]] = {}
+    for uid in dict.fromkeys(study_uids):
+        pk = session.scalar(select(Study.id).where(Study.study_uid == uid))
+        identity = coercion.for_study(pk) if pk is not None else None
+        if identity is not None:
+            shown[uid] = identity.as_json()
+    return shown
+
+
+def with_shown_identities(
+    session: Session, principal: Principal, instances: list[StoredInstance]
+) -> list[StoredInstance]:
+    """``instances`` with :attr:`StoredInstance.shown_patient` set where the principal's
+    organisation knows the patient by another identifier."""
+    shown = shown_patients(session, principal, (item.study_uid for item in instances))
+    if not shown:
+        return instances
+    return [
+        dataclasses.replace(item, shown_patient=shown[item.study_uid]) if item.study_uid in shown else item
+        for item in instances
+    ]
 
 
 @dataclass(frozen=True)
@@ -939,7 +978,11 @@ def instances_metadata(
     query = _scope(query, study_uid, series_uid, sop_uid).order_by(
         Series.series_number, Series.id, Instance.instance_number, Instance.id
     )
-    return [InstanceMetadata(*row) for row in session.execute(query)]
+    items = [InstanceMetadata(*row) for row in session.execute(query)]
+    shown = shown_patients(session, principal, [study_uid]) if items else {}
+    if study_uid in shown:
+        items = [dataclasses.replace(item, meta={**item.meta, **shown[study_uid]}) for item in items]
+    return items
 
 
 def audit_reads(

@@ -22,6 +22,7 @@ from starlette.concurrency import iterate_in_threadpool
 
 from simral.archive.service import InstanceMetadata, StoredInstance, local_copy, open_blob
 from simral.context import AppContext
+from simral.dicom.coerce import coerced_bytes
 from simral.dicom.frames import decoded_frames, pixel_layout, stored_frames
 from simral.dicom.header import DEFER_SIZE
 from simral.dicom.render import RenderParams, render_frame
@@ -60,8 +61,17 @@ READ_AHEAD = 4
 WHOLE_READ = 16 * 1024 * 1024
 
 
+def coerced(ctx: AppContext, instance: StoredInstance, target: str) -> bytes:
+    """An instance in ``target`` with the patient identification its receiver knows."""
+    assert instance.shown_patient is not None
+    with local_copy(ctx, instance.blob_key) as path:
+        return coerced_bytes(path, instance.shown_patient, target)
+
+
 def _load_part(ctx: AppContext, instance: StoredInstance, target: str) -> bytes | None:
     """An instance's bytes in ``target`` (None: too large to hold, stream it in chunks)."""
+    if instance.shown_patient is not None:
+        return coerced(ctx, instance, target)
     if target != instance.transfer_syntax_uid:
         return transcoded(ctx, instance, target)
     if instance.size > WHOLE_READ:

@@ -59,6 +59,8 @@ def mount_wado_uri(web: FastAPI, ctx: AppContext) -> None:
                 target = instance.transfer_syntax_uid if syntax == "*" else syntax
                 if not can_transcode(instance.transfer_syntax_uid, target):
                     continue
+                if instance.shown_patient is not None:
+                    return Response(wado.coerced(ctx, instance, target), media_type="application/dicom")
                 if target == instance.transfer_syntax_uid:
                     body = wado.blob_chunks(ctx, instance.blob_key)
                     return StreamingResponse(

@@ -22,6 +22,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from simral.archive.service import StoredInstance, local_copy
 from simral.context import AppContext
+from simral.dicom.coerce import coerced_dataset
 from simral.dicom.transcode import TranscodeError, choose_target, transcode_file
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
             f"(stored as {instance.transfer_syntax_uid})"
         )
     with local_copy(dataset._simral_ctx, instance.blob_key) as path:
+        if instance.shown_patient is not None:
+            # The receiver knows the patient by another identifier (PS3.4 B.4.1.3 coercion).
+            return _original_send_c_store(
+                self, coerced_dataset(path, instance.shown_patient, target), *args, **kwargs
+            )
         if target == instance.transfer_syntax_uid:
             return _original_send_c_store(self, path, *args, **kwargs)
         try:

@@ -466,6 +466,7 @@ class DimseService:
             for start in range(0, len(uids), 500):
                 chunk = uids[start : start + 500]
                 found.extend(archive.iter_instances(session, base.where(column.in_(chunk))))
+            found = archive.with_shown_identities(session, principal, found)
         try:
             destination = str(event.move_destination or "").strip()
         except AttributeError:
