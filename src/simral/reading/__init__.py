@@ -1,0 +1,1 @@
+"""Teleradiology: imaging requests, worklist, performed steps, reading tasks (DESIGN.md §7)."""

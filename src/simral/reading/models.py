@@ -1,0 +1,254 @@
+"""Teleradiology (DESIGN.md §7; ANS "Volet Téléradiologie" flows 1–5, IHE RAD Scheduled Workflow).
+
+- :class:`ReadingContract` — a proximity site has its images read by a teleradiology group
+  (optionally only some modalities): requests and reading tasks are routed by contract.
+- :class:`RisEndpoint` — a site's RIS as an HL7 receiver (answers and reports go back to it).
+- :class:`ImagingRequest` — a request for an imaging exam (flux 1 TransmissionDemandeIMG, from the
+  site's RIS over HL7 or from the portal form), its answer (flux 3: accepted with an imaging
+  protocol, or refused with a reason), its cancellation (flux 2) and the post-exam complement
+  (flux 4: accession number, Study Instance UID, exam codes, equipment, administered products).
+- :class:`ScheduledProcedure` — an accepted request as a Scheduled Procedure Step served by the
+  Modality Worklist (PS3.4 K.6.1.2) to the site's modalities.
+- :class:`PerformedProcedureStep` — a Modality Performed Procedure Step (PS3.4 F.7, N-CREATE /
+  N-SET) as the modality reported it.
+- :class:`ReadingTask` — a study to interpret by a reading group, with its priority, deadline,
+  readiness, and the radiologist who claimed it (exclusively).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from simral.db.base import Base, utcnow
+
+#: Request states, in the order a request normally goes through them.
+REQUEST_RECEIVED = "received"  # waiting for a radiologist's answer
+REQUEST_ACCEPTED = "accepted"  # answered with an imaging protocol, scheduled
+REQUEST_REFUSED = "refused"  # answered with a refusal reason
+REQUEST_CANCELLED = "cancelled"  # cancelled by the site (flux 2) before the exam
+REQUEST_PERFORMED = "performed"  # the post-exam complement (flux 4) arrived
+REQUEST_REPORTED = "reported"  # a signed report went back
+REQUEST_STATES = (
+    REQUEST_RECEIVED,
+    REQUEST_ACCEPTED,
+    REQUEST_REFUSED,
+    REQUEST_CANCELLED,
+    REQUEST_PERFORMED,
+    REQUEST_REPORTED,
+)
+
+PRIORITY_ROUTINE = "routine"
+PRIORITY_URGENT = "urgent"
+PRIORITIES = (PRIORITY_URGENT, PRIORITY_ROUTINE)
+
+#: Scheduled Procedure Step Status (PS3.3 C.4.10, 0040,0020) and MPPS status (0040,0252).
+STEP_SCHEDULED = "SCHEDULED"
+STEP_IN_PROGRESS = "IN PROGRESS"
+STEP_COMPLETED = "COMPLETED"
+STEP_DISCONTINUED = "DISCONTINUED"
+
+#: Reading task states.
+TASK_WAITING = "waiting"  # images expected or still arriving
+TASK_READY = "ready"  # images complete: on the reading group's worklist
+TASK_CLAIMED = "claimed"  # a radiologist holds it (exclusive)
+TASK_REPORTED = "reported"  # a signed report exists
+TASK_CANCELLED = "cancelled"
+TASK_STATES = (TASK_WAITING, TASK_READY, TASK_CLAIMED, TASK_REPORTED, TASK_CANCELLED)
+
+
+class ReadingContract(Base):
+    """A site's images are read by a teleradiology group (for ``modalities``, or all when empty)."""
+
+    __tablename__ = "reading_contract"
+    __table_args__ = (UniqueConstraint("site_code", "group_code", name="uq_reading_contract_site_group"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The proximity site (organisation code) whose exams are read.
+    site_code: Mapped[str] = mapped_column(String(32), index=True)
+    #: The reading organisation (kind ``teleradiology-group``).
+    group_code: Mapped[str] = mapped_column(String(32), index=True)
+    #: Modalities covered, backslash-separated (DICOM CS values); empty: every modality.
+    modalities: Mapped[str] = mapped_column(String(128), default="")
+    #: Turnaround deadlines in minutes, by priority.
+    urgent_minutes: Mapped[int] = mapped_column(Integer, default=60)
+    routine_minutes: Mapped[int] = mapped_column(Integer, default=24 * 60)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RisEndpoint(Base):
+    """A site's RIS as an HL7 v2 receiver (MLLP): where answers (flux 3) and reports (flux 5) go."""
+
+    __tablename__ = "ris_endpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    site_code: Mapped[str] = mapped_column(String(32), index=True)
+    #: Its MSH-3 / MSH-4 (sending application and facility): messages from it are the site's.
+    application: Mapped[str] = mapped_column(String(200), default="")
+    facility: Mapped[str] = mapped_column(String(200), default="")
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImagingRequest(Base):
+    """A request for an imaging exam to be interpreted remotely (ANS flux 1 to 4)."""
+
+    __tablename__ = "imaging_request"
+    __table_args__ = (
+        UniqueConstraint("site_code", "placer_number", "placer_authority", name="uq_imaging_request_placer"),
+        Index("ix_imaging_request_state_due", "state", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The requesting site (organisation code) and the reading group the contract routes it to.
+    site_code: Mapped[str] = mapped_column(String(32), index=True)
+    group_code: Mapped[str] = mapped_column(String(32), default="", index=True)
+    #: Placer order number (ORC-2 / OBR-2 EI: entity id and the assigning authority's OID).
+    placer_number: Mapped[str] = mapped_column(String(64))
+    placer_authority: Mapped[str] = mapped_column(String(64), default="")
+    #: The patient identity the request is about (the identity service's, when it was resolved).
+    identity_id: Mapped[int | None] = mapped_column(
+        ForeignKey("patient_identity.id"), nullable=True, index=True
+    )
+    #: The patient as the request named them: INS, IPP, traits and identity status (for display
+    #: and the answer messages; the identity service holds the reference).
+    patient: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: When the request was made (ORC-9) and when it arrived here.
+    requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    priority: Mapped[str] = mapped_column(String(8), default=PRIORITY_ROUTINE)
+    #: The delay the requester wishes (free text or ISO 8601 duration) and the deadline computed
+    #: from it or from the contract.
+    desired_delay: Mapped[str] = mapped_column(String(32), default="")
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    justification: Mapped[str] = mapped_column(Text, default="")
+    clinical_history: Mapped[str] = mapped_column(Text, default="")
+    purpose: Mapped[str] = mapped_column(Text, default="")
+    #: Requested modality (DICOM CS, JDV 1.2.250.1.213.1.1.5.660) and targeted anatomy: a list of
+    #: {"code", "system", "display"} (JDV 1.2.250.1.213.1.1.5.695, SNOMED CT).
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    anatomy: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: Pregnancy status (LOINC 82810-3 answer: Y / N / UNK), body height and weight.
+    pregnancy: Mapped[str] = mapped_column(String(8), default="")
+    height_cm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    weight_kg: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The requester attests the patient's consent to remote interpretation.
+    consent: Mapped[bool] = mapped_column(Boolean, default=False)
+    appointment_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The requesting physician: {"id", "family", "given", "authority"} (XCN, RPPS id).
+    requester: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Attached documents (request letter, priors): [{"title", "media_type", "blob_key", "size"}].
+    documents: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    state: Mapped[str] = mapped_column(String(16), default=REQUEST_RECEIVED, index=True)
+    #: The answer (flux 3): the imaging protocol when accepted, the reason when refused.
+    protocol: Mapped[str] = mapped_column(Text, default="")
+    refusal_reason: Mapped[str] = mapped_column(Text, default="")
+    answered_by: Mapped[str] = mapped_column(String(128), default="")
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancel_reason: Mapped[str] = mapped_column(Text, default="")
+    #: The exam as performed (flux 4): accession number (with its issuer), Study Instance UID.
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    accession_authority: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    #: The rest of the complement: exam codes, equipment, administered products, viewer URL,
+    #: retention period, as received.
+    complement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Where it came from: ``hl7:<application>^<facility>`` (with the RIS to answer) or ``portal``.
+    source: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ScheduledProcedure(Base):
+    """An accepted request as a Scheduled Procedure Step of the Modality Worklist (PS3.4 K.6.1.2,
+    PS3.3 C.4.10 / C.4.11: Requested Procedure and Scheduled Procedure Step)."""
+
+    __tablename__ = "scheduled_procedure"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("imaging_request.id"), index=True)
+    #: The site whose modalities may see it (MWL queries are answered per organisation).
+    site_code: Mapped[str] = mapped_column(String(32), index=True)
+    #: Scheduled Procedure Step ID (0040,0009) and Requested Procedure ID (0040,1001).
+    step_id: Mapped[str] = mapped_column(String(16), unique=True)
+    requested_procedure_id: Mapped[str] = mapped_column(String(16))
+    #: Accession Number (0008,0050) and the Study Instance UID the modality is to use (0020,000D).
+    accession_number: Mapped[str] = mapped_column(String(16), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    #: Scheduled Station AE Title (0040,0001); empty: any station of the site.
+    station_ae: Mapped[str] = mapped_column(String(16), default="")
+    start_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    #: Scheduled Procedure Step Description (0040,0007) / Requested Procedure Description (0032,1060).
+    description: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default=STEP_SCHEDULED, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 F.7.2: N-CREATE, then N-SET until COMPLETED or
+    DISCONTINUED, after which it is final)."""
+
+    __tablename__ = "performed_procedure_step"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Affected SOP Instance UID of the N-CREATE.
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    procedure_id: Mapped[int | None] = mapped_column(
+        ForeignKey("scheduled_procedure.id"), nullable=True, index=True
+    )
+    #: Performed Procedure Step Status (0040,0252): IN PROGRESS, COMPLETED, DISCONTINUED.
+    status: Mapped[str] = mapped_column(String(16), default=STEP_IN_PROGRESS, index=True)
+    station_ae: Mapped[str] = mapped_column(String(16), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    #: The attributes the modality sent (N-CREATE, then each N-SET applied), as DICOM JSON.
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReadingTask(Base):
+    """A study to interpret, on a reading group's worklist."""
+
+    __tablename__ = "reading_task"
+    __table_args__ = (Index("ix_reading_task_group_state_due", "group_code", "state", "due_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int | None] = mapped_column(
+        ForeignKey("imaging_request.id"), nullable=True, index=True
+    )
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    site_code: Mapped[str] = mapped_column(String(32), default="")
+    group_code: Mapped[str] = mapped_column(String(32), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    #: Subspecialty the task needs (neuro, MSK, ...), empty when any radiologist of the group may read.
+    subspecialty: Mapped[str] = mapped_column(String(32), default="")
+    priority: Mapped[str] = mapped_column(String(8), default=PRIORITY_ROUTINE)
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=TASK_WAITING, index=True)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The radiologist holding the task (login) since ``claimed_at``; empty when unclaimed.
+    claimed_by: Mapped[str] = mapped_column(String(128), default="")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When the group was alerted that the deadline was near or passed.
+    escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
