@@ -61,14 +61,24 @@ def _port_bindable(port: int) -> bool:
     return True
 
 
+def _worker_slice(low: int, high: int) -> range:
+    """This test process's share of ``[low, high)``: pytest-xdist workers (``gw0``, ``gw1``...) each
+    take their own ports, so that a port one worker picked is never picked by another before it is
+    bound. Below the kernel's ephemeral range (32768+), which outgoing connections use."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    size = (high - low) // max(count, 1)
+    return range(low + index * size, low + (index + 1) * size)
+
+
 def free_port() -> int:
     """Return a free TCP port on 127.0.0.1, never the same one twice in this process."""
+    ports = _worker_slice(10000, 20000)
     with _port_lock:
-        for _ in range(200):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((HOST, 0))
-                port = int(s.getsockname()[1])
-            if port not in _issued_ports:
+        for _ in range(500):
+            port = random.choice(ports)
+            if port not in _issued_ports and _port_bindable(port):
                 _issued_ports.add(port)
                 return port
     raise RuntimeError("could not find a free TCP port on 127.0.0.1")
@@ -76,9 +86,10 @@ def free_port() -> int:
 
 def free_port_pair(offset: int = 10000) -> int:
     """Return a port ``p`` such that ``p`` and ``p + offset`` are both free (SeaweedFS gRPC convention)."""
+    ports = _worker_slice(20000, 22000)
     with _port_lock:
         for _ in range(500):
-            port = random.randint(20000, 65535 - offset)
+            port = random.choice(ports)
             pair = (port, port + offset)
             if any(p in _issued_ports for p in pair):
                 continue
