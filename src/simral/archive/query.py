@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select, union
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from simral.access.policy import AccessDenied, Principal, may_query, visible_studies
@@ -393,11 +393,17 @@ def run(
             organisation=principal.organisation,
         )
     if query_plan.identity_conditions:
-        as_stored = and_(*query_plan.identity_conditions)
         if named is not None:
-            query = query.where(or_(as_stored, Study.id.in_(crossref.person_studies(named))))
+            # One IN over a UNION (rather than "patient matches OR study in ..."), which the
+            # databases answer from the indexes on both sides.
+            as_stored = (
+                select(Study.id)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .where(*query_plan.identity_conditions)
+            )
+            query = query.where(Study.id.in_(union(as_stored, crossref.person_studies(named))))
         else:
-            query = query.where(as_stored)
+            query = query.where(and_(*query_plan.identity_conditions))
     coercion = crossref.Coercion(session, named=named, organisation=principal.organisation)
     if newest_first and level != "PATIENT":
         query = query.order_by(Study.study_date.desc(), Study.study_time.desc())
