@@ -1,10 +1,10 @@
 """Accessibility of the portal's pages: axe-core (npm, pinned in ``tests/axe``) in Chromium.
 
 Every server-rendered page a user meets (login, TOTP enrolment and code, study list, study page,
-the refused study with its break-glass form, account, administration, audit trail) is checked
-against the WCAG 2.1 A and AA rules axe-core implements; any violation fails with its rule, impact
-and the offending elements. The CSP forbids injected scripts, so the test contexts bypass it (the
-pages themselves are served as users get them).
+the refused study with its break-glass form, account, administration, identity vigilance and
+identity changes, audit trail) is checked against the WCAG 2.1 A and AA rules axe-core implements;
+any violation fails with its rule, impact and the offending elements. The CSP forbids injected
+scripts, so the test contexts bypass it (the pages themselves are served as users get them).
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ def test_audit_and_administration_pages(browser: Browser, portal: Portal) -> Non
         page.wait_for_load_state("domcontentloaded")
         assert (page.locator("[role=alert]").count() == 1) == (attempt == "refused"), page.content()
         assert_accessible(page, f"administration, user {attempt}")
+    for path, what in (
+        ("/identities/vigilance", "identity-vigilance worklist"),
+        ("/identities/changes", "identity changes"),
+    ):
+        page.goto(portal.url + path)
+        assert_accessible(page, what)
     page.context.close()
     auditor = _page(browser)
     login_page(auditor, portal.url, "auditrice", PASSWORD, portal.devices["auditrice"])

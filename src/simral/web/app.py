@@ -23,6 +23,7 @@ from simral.web.portal import mount_portal
 from simral.web.security_headers import SecurityHeaders
 from simral.web.shares import mount_patient_pages, mount_shares
 from simral.web.viewer import mount_viewer
+from simral.web.vigilance import mount_vigilance
 
 
 def create_web_app(ctx: AppContext) -> FastAPI:
@@ -66,4 +67,5 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_patient_pages(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
+    mount_vigilance(web, ctx)
     return web

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
-from simral.access.policy import Principal, may_manage, may_read_audit, may_share
+from simral.access.policy import Principal, may_manage, may_manage_identities, may_read_audit, may_share
 
 Language = Literal["fr", "en"]
 LANGUAGES: tuple[Language, ...] = ("fr", "en")
@@ -55,6 +55,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Examens",
         "shares": "Partages",
         "audit": "Traçabilité",
+        "vigilance": "Identitovigilance",
         "admin": "Administration",
         "account": "Mon compte",
         "logout": "Se déconnecter",
@@ -66,6 +67,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Studies",
         "shares": "Shares",
         "audit": "Audit trail",
+        "vigilance": "Identity vigilance",
         "admin": "Administration",
         "account": "My account",
         "logout": "Log out",
@@ -96,6 +98,24 @@ tbody tr:hover{background:#f8fafc}
 form.inline{margin:0}
 nav label{flex-direction:row;align-items:baseline;gap:.4rem}
 button.link{background:none;border:none;color:#0645ad;text-decoration:underline;cursor:pointer;font-size:1rem}
+section.case{border:1px solid #cbd5e1;border-radius:4px;padding:.75rem 1rem;margin:0 0 1.25rem}
+section.case h2{margin:0 0 .25rem}.case-no{font-weight:normal;color:#4b5563;font-size:1rem}
+p.meta{margin:0 0 .75rem;color:#374151;font-size:.9rem}
+table.compare{width:auto;min-width:44rem;margin-bottom:.75rem}
+table.compare th[scope=row]{background:none;font-weight:600;width:16rem}
+table.compare.single td{min-width:18rem}
+tr.differs th,tr.differs td{background:#fff4d6}
+mark{background:#fde68a;color:#1a1a1a;padding:0 .15rem}
+.flag{display:block;font-weight:normal;color:#92400e;font-size:.8rem}
+form.decision{flex-direction:column;align-items:flex-start;margin:0}
+fieldset{border:1px solid #cbd5e1;padding:.4rem .75rem;display:flex;gap:1.25rem}
+legend{font-size:.85rem;padding:0 .25rem}
+label.choice{flex-direction:row;align-items:center;font-size:1rem;gap:.35rem}
+.buttons{display:flex;gap:.5rem;flex-wrap:wrap}
+p.hint{margin:0;font-size:.9rem;color:#374151}
+form.undo{display:flex;gap:.4rem;align-items:end;flex-wrap:nowrap}
+tr.undone td{color:#4b5563}
+td.nowrap{white-space:nowrap}
 """
 
 
@@ -160,6 +180,8 @@ def page(
             links.append(f'<a href="/shares">{escape(text["shares"])}</a>')
         if may_read_audit(principal):
             links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
+        if may_manage_identities(principal):
+            links.append(f'<a href="/identities/vigilance">{escape(text["vigilance"])}</a>')
         if may_manage(principal) or any(r == "site-admin" for _, r in principal.memberships):
             links.append(f'<a href="/admin">{escape(text["admin"])}</a>')
         who = escape(f"{principal.display_name or principal.name} — {principal.organisation}")
