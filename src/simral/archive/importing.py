@@ -20,6 +20,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from simral.access.policy import Principal
+from simral.archive.reconciliation import Reconciler, reconciled_file
 from simral.archive.service import IngestResult, ingest_file
 from simral.context import AppContext
 
@@ -32,6 +33,10 @@ class ImportSummary:
 
     outcomes: Counter[str] = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    #: Files stored under the receiving organisation's patient identifier (reconciliation), and
+    #: files a reconciliation was asked for but which no receiving identifier was found for.
+    reconciled: int = 0
+    not_reconciled: int = 0
 
     def add(self, name: str, result: IngestResult) -> None:
         self.outcomes[result.outcome] += 1
@@ -171,16 +176,36 @@ def import_paths(
     *,
     principal: Principal,
     progress: Callable[[str], None] | None = None,
+    reconciler: Reconciler | None = None,
 ) -> ImportSummary:
-    """Ingest every file found under ``paths``; unreadable entries are counted as rejected."""
+    """Ingest every file found under ``paths``; unreadable entries are counted as rejected.
+
+    With a ``reconciler`` (media from another site, IHE IRWF.b), each instance is stored under the
+    receiving organisation's patient identifier, the media's kept in Other Patient IDs Sequence.
+    """
     summary = ImportSummary()
-    for source in iter_sources(paths, ctx.store.scratch_dir()):
+    scratch = ctx.store.scratch_dir()
+    for source in iter_sources(paths, scratch):
         try:
             with source.open_path() as local:
                 if not local.is_file():
                     summary.reject(source.name, "file not found")
-                else:
+                elif reconciler is None:
                     summary.add(source.name, ingest_file(ctx, local, principal=principal, source="import"))
+                else:
+                    with reconciled_file(local, reconciler, scratch) as (path, reconciled):
+                        result = ingest_file(
+                            ctx,
+                            path,
+                            principal=principal,
+                            source="import-reconciled" if reconciled else "import",
+                        )
+                    summary.add(source.name, result)
+                    if result.outcome != "rejected":
+                        if reconciled:
+                            summary.reconciled += 1
+                        else:
+                            summary.not_reconciled += 1
         except (OSError, zipfile.BadZipFile) as exc:
             summary.reject(source.name, f"unreadable: {exc}")
         if progress is not None:

@@ -210,11 +210,24 @@ def import_(
     organisation: Annotated[
         str, typer.Option(help="Organisation the imported studies belong to (its members see them).")
     ] = "",
+    reconcile: Annotated[
+        bool,
+        typer.Option(
+            help="Media from another site: store each study under the organisation's identifier of "
+            "the patient (found by the media's linked identifier or INS), the media's kept in "
+            "Other Patient IDs Sequence (IHE IRWF.b)."
+        ),
+    ] = False,
+    patient_id: Annotated[
+        str,
+        typer.Option(help="With --reconcile: the organisation's patient identifier for every file imported."),
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Import DICOM files through the same ingest path as C-STORE and STOW-RS."""
     from simral.archive.importing import import_paths
+    from simral.archive.reconciliation import Reconciler, ReconciliationError
     from simral.identity.service import get_organisation
 
     ctx = _open(config, data_dir)
@@ -223,6 +236,10 @@ def import_(
             if get_organisation(session, organisation) is None:
                 console.print(f"[red]error:[/red] no organisation with code {organisation!r}")
                 raise typer.Exit(1)
+    if (reconcile or patient_id) and not organisation:
+        console.print("[red]error:[/red] reconciliation needs the receiving --organisation")
+        raise typer.Exit(1)
+    reconciler = Reconciler(ctx, organisation, patient_id=patient_id) if reconcile or patient_id else None
     with Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -232,9 +249,14 @@ def import_(
         transient=False,
     ) as progress:
         task = progress.add_task("import", total=None)
-        summary = import_paths(
-            ctx, paths, principal=cli_principal(organisation), progress=lambda _name: progress.advance(task)
-        )
+        with reported(ReconciliationError):
+            summary = import_paths(
+                ctx,
+                paths,
+                principal=cli_principal(organisation),
+                progress=lambda _name: progress.advance(task),
+                reconciler=reconciler,
+            )
     table = Table("outcome", "count")
     labels = {
         "stored": "stored",
@@ -245,6 +267,9 @@ def import_(
     }
     for outcome, label in labels.items():
         table.add_row(label, str(summary.outcomes.get(outcome, 0)))
+    if reconciler is not None:
+        table.add_row("reconciled to the organisation's patient", str(summary.reconciled))
+        table.add_row("kept as on the media (no identifier found)", str(summary.not_reconciled))
     out.print(table)
     for name, reason in summary.rejected:
         out.print(f"rejected: {name}: {reason}")
