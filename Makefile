@@ -13,6 +13,9 @@ OHIF_VERSION := 3.13.2
 OHIF_INTEGRITY := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
 OHIF_DIR := $(VENV)/share/simral/ohif
 OHIF_STAMP := $(VENV)/.ohif-$(OHIF_VERSION)
+# The suite runs in two pytest-xdist workers, each test file in one worker (its module fixtures —
+# a running simral, Orthanc, PostgreSQL — are started once); `make test PYTEST_WORKERS=` runs serially.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test test-deps lint typecheck bench clean lock
@@ -77,7 +80,7 @@ typecheck: install
 test: install test-deps $(OIDC_PEER) $(AXE_PEER)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install test-deps
 	$(BIN)/python bench/dimse_bench.py
