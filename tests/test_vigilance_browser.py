@@ -328,6 +328,7 @@ def test_merge_a_duplicate_then_undo_it(browser: Browser, site: Site, artifacts_
     assert "Modification annulée" in page.locator("[role=status]").first.inner_text()
     row = page.locator("tr[data-kind=merge]").first
     assert "annulée le" in row.inner_text() and "user:admin_a" in row.inner_text()
+    assert "homonymes, vérifié sur pièce d'identité" in row.inner_text()  # why it was undone
     assert row.locator("button").count() == 0
     page.screenshot(path=str(artifacts_dir / "vigilance-changes.png"), full_page=True)
 

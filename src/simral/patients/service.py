@@ -956,6 +956,7 @@ def merge_identities(
     merged: PatientIdentity,
     principal: Principal,
     source: str = "",
+    reason: str = "",
 ) -> IdentityChange:
     """Merge ``merged`` into ``survivor`` (HL7 A40 Merge Patient — Patient Identifier List, IHE
     ITI TF-2b 3.30.4.2): both of one authority; ``merged`` becomes inactive, points at the
@@ -991,21 +992,23 @@ def merge_identities(
         subject=survivor,
         other=merged,
         moved=moved,
-        detail={"merged_local_id": merged.local_id, "survivor_local_id": survivor.local_id},
-        audit_detail={"merged_identity": merged.id, "merged_local_id": merged.local_id},
+        detail={"merged_local_id": merged.local_id, "survivor_local_id": survivor.local_id, "reason": reason},
+        audit_detail={"merged_identity": merged.id, "merged_local_id": merged.local_id, "reason": reason},
         principal=principal,
         source=source,
     )
     return change
 
 
-def unmerge(session: Session, change_id: int, *, principal: Principal, source: str = "") -> IdentityChange:
+def unmerge(
+    session: Session, change_id: int, *, principal: Principal, source: str = "", reason: str = ""
+) -> IdentityChange:
     """Undo a merge: the merged identity is active again with the person it had (the merge record
     is kept, marked undone)."""
     change = session.get(IdentityChange, change_id)
     if change is None or change.kind != CHANGE_MERGE:
         raise PatientError(f"no merge {change_id}", code="204")
-    return undo_change(session, change_id, principal=principal, source=source)
+    return undo_change(session, change_id, principal=principal, source=source, reason=reason)
 
 
 def last_merge(
@@ -1026,10 +1029,10 @@ def last_merge(
 
 
 def undo_change(
-    session: Session, change_id: int, *, principal: Principal, source: str = ""
+    session: Session, change_id: int, *, principal: Principal, source: str = "", reason: str = ""
 ) -> IdentityChange:
     """Undo a merge, link, unlink or change of identifier, provided no later change moved the same
-    identities (undo that one first). The change stays recorded, with who undid it and when."""
+    identities (undo that one first). The change stays recorded, with who undid it, when and why."""
     _may_manage(principal)
     change = session.get(IdentityChange, change_id)
     if change is None:
@@ -1065,13 +1068,20 @@ def undo_change(
         identity.person_id = before
     change.undone_at = utcnow()
     change.undone_by = principal.audit_name[:128]
+    if reason:
+        change.detail = {**change.detail, "undo_reason": reason[:500]}
     session.flush()
     _audit(
         session,
         f"patient.undo-{change.kind}",
         subject,
         principal=principal,
-        detail={"change": change.id, "other_identity": change.other_identity_id, "source": source},
+        detail={
+            "change": change.id,
+            "other_identity": change.other_identity_id,
+            "source": source,
+            "reason": reason[:200],
+        },
     )
     return change
 

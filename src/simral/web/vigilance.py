@@ -778,7 +778,12 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
                         raise _Refused(text["no_survivor"], 400)
                     survivor, merged = (first, second) if chosen == str(first.id) else (second, first)
                     patients.merge_identities(
-                        session, survivor=survivor, merged=merged, principal=principal, source=source
+                        session,
+                        survivor=survivor,
+                        merged=merged,
+                        principal=principal,
+                        source=source,
+                        reason=reason,
                     )
                 elif action == "link" and second is not None:
                     patients.link_identities(
@@ -824,6 +829,8 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
                 )
             if change.undone_at is not None:
                 state = text["undone"].format(when=_when(change.undone_at), who=change.undone_by)
+                if change.detail.get("undo_reason"):
+                    state += f" — {change.detail['undo_reason']}"
                 action = ""
             else:
                 state = text["in_force"]
@@ -894,7 +901,7 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
             return render_changes(request, principal, notice=notice, status=400)
         try:
             with ctx.db.unit_of_work() as session:
-                patients.undo_change(session, change_id, principal=principal, source=f"portal: {reason}")
+                patients.undo_change(session, change_id, principal=principal, source="portal", reason=reason)
         except AccessDenied:
             return denied(request, principal)
         except patients.PatientError as exc:
