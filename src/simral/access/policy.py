@@ -196,3 +196,62 @@ def may_break_glass(principal: Principal) -> bool:
     return principal.kind == "user" and any(
         role in CLINICAL_ROLES | ADMIN_ROLES for _, role in principal.memberships
     )
+
+
+def may_review_requests(principal: Principal, group_code: str) -> bool:
+    """Whether ``principal`` may read and answer the imaging requests routed to the teleradiology
+    group ``group_code`` (ANS Téléradiologie flux 3): the group's radiologists, acting for it."""
+    if principal.kind == "system":
+        return True
+    return (
+        principal.kind == "user"
+        and bool(group_code)
+        and principal.organisation == group_code
+        and "radiologist" in principal.roles()
+    )
+
+
+def may_request_exam(principal: Principal, site_code: str) -> bool:
+    """Whether ``principal`` may send, follow and cancel imaging requests of the site ``site_code``
+    (ANS Téléradiologie flux 1 and 2): the site's clinical members acting for it, the site's RIS."""
+    if principal.kind == "system":
+        return not principal.organisation or principal.organisation == site_code or principal.archive_wide
+    return (
+        principal.kind == "user"
+        and bool(site_code)
+        and principal.organisation == site_code
+        and bool(principal.roles() & CLINICAL_ROLES)
+    )
+
+
+def may_search_patients(principal: Principal) -> bool:
+    """Whether ``principal`` may search the regional patient index by demographics and identifiers
+    (IHE PDQ ITI-21, PDQm ITI-78, PIXm ITI-83): the platform itself and the systems feeding it
+    (the HL7 feed, archive-wide nodes and organisations' nodes), and professionals holding a
+    clinical or administrative role in the organisation they act for. Not auditors (they read the
+    trail, not the index) and not capability-link visitors (they see one link's studies only).
+
+    A search covers the whole index: finding a patient across the region is what PDQ is for; the
+    studies of a found patient stay behind :func:`visible_studies`.
+    """
+    if principal.kind == "system":
+        return True
+    if principal.kind == "dicom-node":
+        return principal.archive_wide or bool(principal.organisation)
+    return principal.kind == "user" and bool(principal.roles() & (CLINICAL_ROLES | ADMIN_ROLES))
+
+
+def may_perform_procedures(principal: Principal, site_code: str) -> bool:
+    """Whether ``principal`` may query the Modality Worklist of the site ``site_code`` and report its
+    Modality Performed Procedure Steps (PS3.4 K.6, F.7): the site's registered DICOM nodes (a
+    modality acts for the organisation it is registered with) and the platform itself."""
+    if principal.kind == "system":
+        return True
+    return principal.kind == "dicom-node" and bool(site_code) and principal.organisation == site_code
+
+
+def may_assign_reading(principal: Principal, group_code: str) -> bool:
+    """Whether ``principal`` may hand the reading tasks of the teleradiology group ``group_code`` to
+    one of its radiologists or take them back: the group's administrators, regional
+    administrators, the platform."""
+    return bool(group_code) and may_manage(principal, group_code)

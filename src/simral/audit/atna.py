@@ -31,7 +31,10 @@ _EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
     "study.forward": ("110104", "DICOM Instances Transferred", "R", None),
     "instance.store": ("110104", "DICOM Instances Transferred", "C", None),
     "query": ("110112", "Query", "E", None),
+    "patient.query": ("110112", "Query", "E", None),
     "study.export": ("110106", "Export", "R", None),
+    "study.export-deidentified": ("110106", "Export", "R", None),
+    "deidentified-export.read": ("110110", "Patient Record", "R", None),
     "share.create": ("110106", "Export", "R", None),
     "share-link.create": ("110106", "Export", "R", None),
     "audit.search": ("110101", "Audit Log Used", "R", None),
@@ -45,7 +48,19 @@ _EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
     "route.create": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
     "route.delete": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
     "dicomweb-peer.create": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
+    "ris-endpoint.create": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
+    "ris-endpoint.delete": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
+    "imaging-request.receive": ("110111", "Procedure Record", "C", None),
+    "imaging-request.read": ("110111", "Procedure Record", "R", None),
 }
+#: IHE transactions a query record can name (``detail["transaction"]``): ITI TF-2 3.21.5.1,
+#: 3.78.5, 3.83.5 give them as EventTypeCode and as the query object's ParticipantObjectIDTypeCode.
+IHE_TRANSACTIONS = {
+    "ITI-21": "Patient Demographics Query",
+    "ITI-78": "Mobile Patient Demographics Query",
+    "ITI-83": "Mobile Patient Identifier Cross-reference Query",
+}
+_QUERY_ACTIONS = frozenset({"query", "patient.query"})
 _SECURITY_CONFIGURATION = ("110113", "Security Alert", "E", ("110129", "Security Configuration"))
 _APPLICATION_ACTIVITY = ("110100", "Application Activity", "E", None)
 #: EventOutcomeIndicator (PS3.15 A.5.1.1): success 0, minor failure 4, serious failure 8.
@@ -56,6 +71,8 @@ def event_for(action: str) -> tuple[str, str, str, tuple[str, str] | None]:
     """The PS3.15 A.5.3 event of a simral action."""
     if action in _EVENTS:
         return _EVENTS[action]
+    if action.startswith("imaging-request."):
+        return ("110111", "Procedure Record", "U", None)
     if action.startswith("patient.") or action == "hl7.message":
         return ("110110", "Patient Record", "C" if action.endswith("-create") else "U", None)
     if action.split(".", 1)[0] in ("token", "organisation", "job", "share", "share-link"):
@@ -86,6 +103,9 @@ def audit_message(record: AuditEvent, *, source_id: str) -> bytes:
     _code(event, "EventID", event_id, "DCM", meaning)
     if event_type is not None:
         _code(event, "EventTypeCode", event_type[0], "DCM", event_type[1])
+    transaction = str(record.detail.get("transaction", "")) if record.detail else ""
+    if transaction in IHE_TRANSACTIONS:
+        _code(event, "EventTypeCode", transaction, "IHE Transactions", IHE_TRANSACTIONS[transaction])
     etree.SubElement(
         event,
         "EventTypeCode",
@@ -150,11 +170,15 @@ def audit_message(record: AuditEvent, *, source_id: str) -> bytes:
             {
                 "ParticipantObjectID": f"simral-audit-{record.id}",
                 "ParticipantObjectTypeCode": "2",
-                "ParticipantObjectTypeCodeRole": "24" if record.action == "query" else "13",
+                "ParticipantObjectTypeCodeRole": "24" if record.action in _QUERY_ACTIONS else "13",
             },
         )
-        if record.action == "query":
-            _code(other, "ParticipantObjectIDTypeCode", "110112", "DCM", "Query")
+        if record.action in _QUERY_ACTIONS:
+            if transaction in IHE_TRANSACTIONS:
+                meaning = IHE_TRANSACTIONS[transaction]
+                _code(other, "ParticipantObjectIDTypeCode", transaction, "IHE Transactions", meaning)
+            else:
+                _code(other, "ParticipantObjectIDTypeCode", "110112", "DCM", "Query")
             query = orjson.dumps(record.detail.get("keys", {}), option=orjson.OPT_SORT_KEYS)
             etree.SubElement(other, "ParticipantObjectQuery").text = base64.b64encode(query).decode()
         else:

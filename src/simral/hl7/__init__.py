@@ -1,1 +1,2 @@
-"""HL7 v2 adapter: MLLP listener and ADT patient-identity feed (IHE PAM, French national extension)."""
+"""HL7 v2 adapter: MLLP listener, ADT patient-identity feed (IHE PAM, French national extension) and
+patient demographics queries (IHE PDQ ITI-21)."""

@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 from simral.context import AppContext
-from simral.hl7 import adt, mllp
+from simral.hl7 import adt, mllp, pdq
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             if message is None:
                 return
-            handled = adt.handle(self.server.ctx, message, peer=peer)
+            if pdq.is_query(message):  # QBP^Q22 (IHE PDQ ITI-21); everything else is the ADT feed
+                handled = pdq.handle(self.server.ctx, message, peer=peer)
+            else:
+                handled = adt.handle(self.server.ctx, message, peer=peer)
             try:
                 mllp.send(sock, handled.ack)
             except OSError as exc:

@@ -13,6 +13,7 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.fhir.api import mount_fhir
 from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
@@ -68,4 +69,5 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     mount_vigilance(web, ctx)
+    mount_fhir(web, ctx)
     return web
