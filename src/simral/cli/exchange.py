@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -199,15 +200,89 @@ def _act(job_ids: list[int], verb: str, data_dir: DataDir, config: ConfigFile) -
 def export(
     study_uids: list[str],
     output: Annotated[Path, typer.Option("--output", "-o", help="ZIP file to write (IHE PDI layout).")],
+    deidentify: Annotated[
+        bool,
+        typer.Option(
+            "--deidentify",
+            help="De-identify for teaching or research (PS3.15 Annex E Basic Profile); the "
+            "pseudonym map is kept (see `simral deidentified-exports show`).",
+        ),
+    ] = False,
+    retain_dates: Annotated[
+        bool, typer.Option("--retain-dates", help="With --deidentify: keep full dates and times (E.3.6).")
+    ] = False,
+    retain_uids: Annotated[
+        bool, typer.Option("--retain-uids", help="With --deidentify: keep the original UIDs (E.3.9).")
+    ] = False,
+    clean_descriptors: Annotated[
+        bool,
+        typer.Option(
+            "--clean-descriptors",
+            help="With --deidentify: keep descriptions and comments, cleaned of identifiers (E.3.5).",
+        ),
+    ] = False,
+    retain_patient_characteristics: Annotated[
+        bool,
+        typer.Option(
+            "--retain-patient-characteristics", help="With --deidentify: keep sex, age, size, weight (E.3.7)."
+        ),
+    ] = False,
+    retain_device_identity: Annotated[
+        bool,
+        typer.Option("--retain-device-identity", help="With --deidentify: keep device identifiers (E.3.8)."),
+    ] = False,
+    retain_institution_identity: Annotated[
+        bool,
+        typer.Option(
+            "--retain-institution-identity", help="With --deidentify: keep the institution's identity."
+        ),
+    ] = False,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Export studies as a ZIP with a DICOMDIR (IHE PDI), as the CLI operator (audited)."""
     from simral.sharing import media
+    from simral.sharing.deidentify import Deidentifier, DeidentifyOptions
 
+    options = DeidentifyOptions(
+        retain_dates=retain_dates,
+        retain_uids=retain_uids,
+        clean_descriptors=clean_descriptors,
+        retain_patient_characteristics=retain_patient_characteristics,
+        retain_device_identity=retain_device_identity,
+        retain_institution_identity=retain_institution_identity,
+    )
+    if options.chosen() and not deidentify:
+        console.print("[red]error:[/red] the de-identification options need --deidentify")
+        raise typer.Exit(2)
     ctx = _open(config, data_dir)
+    deidentifier = Deidentifier(options) if deidentify else None
     with reported(media.ExportError):
-        result = media.export_pdi(ctx, cli_principal(), study_uids, output)
+        result = media.export_pdi(ctx, cli_principal(), study_uids, output, deidentifier=deidentifier)
     out.print(f"{output}: {result.instances} instances of {len(result.studies)} studies")
+    if result.deidentified_export is not None:
+        out.print(f"de-identified export {result.deidentified_export} (pseudonym map kept)")
     for uid, reason in result.skipped:
         console.print(f"[yellow]not exported:[/yellow] {uid}: {reason}")
+
+
+deidentified_app = typer.Typer(
+    help="De-identified exports and their pseudonym maps (exporter and administrators only).",
+    no_args_is_help=True,
+)
+app.add_typer(deidentified_app, name="deidentified-exports")
+
+
+@deidentified_app.command("show")
+def deidentified_show(export_id: int, data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Print a de-identified export and its pseudonym map as JSON (audited)."""
+    import orjson
+
+    from simral.access.policy import AccessDenied
+    from simral.sharing import media
+
+    ctx = _open(config, data_dir)
+    with reported(media.ExportError, AccessDenied), ctx.db.unit_of_work() as session:
+        row = media.get_deidentified_export(session, principal=cli_principal(), export_id=export_id)
+        document = media.deidentified_export_document(row)
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -7,6 +7,11 @@ with pydicom's :class:`~pydicom.fileset.FileSet`) and the instances under PS3.10
 stored data sets; only what the principal may see goes in (access policy), and the export is
 audited (PS3.15 A.5.3.6 "Export"). The archive is built in a scratch folder on disk, never in
 memory, one instance at a time.
+
+A de-identified export (teaching, research) passes each instance through a
+:class:`~simral.sharing.deidentify.Deidentifier` (PS3.15 Annex E) on its way into the file-set;
+its pseudonym map is stored as a :class:`~simral.sharing.models.DeidentifiedExport` row, in the
+same transaction as the audit records, and read back only by its author or an administrator.
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pydicom import dcmread
 from pydicom.fileset import FileSet
+from sqlalchemy.orm import Session
 
 from simral import __version__
-from simral.access.policy import Principal
+from simral.access.policy import AccessDenied, Principal, may_manage
 from simral.archive import service as archive
 from simral.audit import service as audit
 from simral.context import AppContext
+from simral.db.base import utcnow
+from simral.sharing.deidentify import Deidentifier
+from simral.sharing.models import DeidentifiedExport
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +55,13 @@ class ExportResult:
     studies: list[str] = field(default_factory=list)
     #: (SOP Instance UID, reason) of instances that could not be described in a DICOMDIR.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: The stored pseudonym map of a de-identified export (its ``deidentified_export`` id).
+    deidentified_export: int | None = None
 
 
-def _readme(result: ExportResult, patient_ids: set[str]) -> str:
+def _readme(result: ExportResult, patient_ids: set[str], deidentifier: Deidentifier | None = None) -> str:
+    if deidentifier is not None:
+        return _deidentified_readme(result, patient_ids, deidentifier)
     lines = [
         "DICOM media exported by simral (regional tele-imaging platform), IHE PDI layout.",
         "",
@@ -64,10 +79,37 @@ def _readme(result: ExportResult, patient_ids: set[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+def _deidentified_readme(result: ExportResult, patient_ids: set[str], deidentifier: Deidentifier) -> str:
+    options = ", ".join(deidentifier.options.chosen()) or "none"
+    lines = [
+        "De-identified DICOM media exported by simral (regional tele-imaging platform), IHE PDI layout.",
+        "",
+        "De-identification: DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile.",
+        f"Options: {options}",
+        "Patients are named by pseudonyms; UIDs are replaced consistently within this export.",
+        "Pixel data are unchanged: images with burned-in annotation are not included.",
+        "",
+        "DICOMDIR           DICOM directory of this file-set (PS3.10).",
+        "PT*/ST*/SE*/IM*    the images (DICOM Part 10 files).",
+        "",
+        f"Studies: {len(result.studies)}    Images: {result.instances}    Patients: {len(patient_ids)}",
+        f"Exporting software: simral {__version__}",
+    ]
+    if result.skipped:
+        lines += ["", f"Not included: {len(result.skipped)} instance(s)."]
+    return "\r\n".join(lines) + "\r\n"
+
+
 def export_pdi(
-    ctx: AppContext, principal: Principal, study_uids: list[str], destination: Path
+    ctx: AppContext,
+    principal: Principal,
+    study_uids: list[str],
+    destination: Path,
+    *,
+    deidentifier: Deidentifier | None = None,
 ) -> ExportResult:
-    """Write the visible instances of ``study_uids`` as a PDI ZIP at ``destination`` (audited)."""
+    """Write the visible instances of ``study_uids`` as a PDI ZIP at ``destination`` (audited);
+    with ``deidentifier``, each instance de-identified and the pseudonym map stored."""
     result = ExportResult(destination)
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=ctx.store.scratch_dir()))
     try:
@@ -81,7 +123,15 @@ def export_pdi(
             for instance in instances:
                 with archive.local_copy(ctx, instance.blob_key) as path:
                     try:
-                        added = file_set.add(path)
+                        if deidentifier is None:
+                            added = file_set.add(path)
+                        else:
+                            dataset = dcmread(path)
+                            refused = deidentifier.refuses(dataset)
+                            if refused:
+                                result.skipped.append((instance.sop_uid, refused))
+                                continue
+                            added = file_set.add(deidentifier.apply(dataset))
                     except (ValueError, KeyError, AttributeError) as exc:
                         result.skipped.append((instance.sop_uid, str(exc)[:200]))
                         continue
@@ -94,7 +144,8 @@ def export_pdi(
         media = scratch / "media"
         media.mkdir()
         file_set.write(media)
-        (media / "README.TXT").write_text(_readme(result, patient_ids), encoding="ascii", errors="replace")
+        readme = _readme(result, patient_ids, deidentifier)
+        (media / "README.TXT").write_text(readme, encoding="ascii", errors="replace")
         partial = destination.with_name(destination.name + ".partial")
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive_zip:
             archive_zip.write(media / "DICOMDIR", "DICOMDIR")
@@ -106,6 +157,9 @@ def export_pdi(
         partial.replace(destination)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if deidentifier is not None:
+        result.deidentified_export = _record_deidentified(ctx, principal, result, per_study, deidentifier)
+        return result
     for study_uid, count in per_study.items():
         audit.record_now(
             ctx,
@@ -115,3 +169,76 @@ def export_pdi(
             detail={"format": "IHE PDI ZIP", "instances": count, "skipped": len(result.skipped)},
         )
     return result
+
+
+def _record_deidentified(
+    ctx: AppContext,
+    principal: Principal,
+    result: ExportResult,
+    per_study: dict[str, int],
+    deidentifier: Deidentifier,
+) -> int:
+    """Store the pseudonym map and audit the export, in one transaction; the row's id."""
+    options = deidentifier.options.chosen()
+    with ctx.db.unit_of_work() as session:
+        row = DeidentifiedExport(
+            created_by=principal.audit_name,
+            created_by_organisation=principal.organisation,
+            created_at=utcnow(),
+            options=options,
+            study_uids=" ".join(per_study),
+            instances=result.instances,
+            pseudonym_map=deidentifier.pseudonym_map(),
+        )
+        session.add(row)
+        session.flush()
+        for study_uid, count in per_study.items():
+            audit.record(
+                session,
+                action="study.export-deidentified",
+                principal=principal,
+                study_uid=study_uid,
+                detail={
+                    "format": "IHE PDI ZIP, PS3.15 Annex E de-identified",
+                    "options": options,
+                    "instances": count,
+                    "skipped": len(result.skipped),
+                    "deidentified_export": row.id,
+                },
+            )
+        return row.id
+
+
+def get_deidentified_export(session: Session, *, principal: Principal, export_id: int) -> DeidentifiedExport:
+    """A de-identified export with its pseudonym map, for its author or an administrator of the
+    author's organisation (audited: reading the map re-identifies the export)."""
+    row = session.get(DeidentifiedExport, export_id)
+    if row is None:
+        raise ExportError("no such de-identified export")
+    if row.created_by != principal.audit_name and not may_manage(
+        principal, row.created_by_organisation or None
+    ):
+        raise AccessDenied("only the exporter or an administrator reads a pseudonym map")
+    for study_uid in row.study_uids.split():
+        audit.record(
+            session,
+            action="deidentified-export.read",
+            principal=principal,
+            study_uid=study_uid,
+            detail={"deidentified_export": row.id},
+        )
+    return row
+
+
+def deidentified_export_document(row: DeidentifiedExport) -> dict[str, Any]:
+    """The JSON shape of a de-identified export, its pseudonym map included."""
+    return {
+        "id": row.id,
+        "created_by": row.created_by,
+        "organisation": row.created_by_organisation,
+        "created_at": row.created_at.isoformat(),
+        "options": list(row.options),
+        "study_uids": row.study_uids.split(),
+        "instances": row.instances,
+        "pseudonym_map": row.pseudonym_map,
+    }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Integer, String
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from simral.db.base import Base, utcnow
@@ -90,3 +91,24 @@ class ShareLink(Base):
     audience: Mapped[str] = mapped_column(String(16), default="colleague")
     #: Server-side key sealing a visitor's cookie once the birth date was given (HMAC-SHA-256).
     seal_key: Mapped[str] = mapped_column(String(64), default="")
+
+
+class DeidentifiedExport(Base):
+    """A de-identified export (PS3.15 Annex E) and its pseudonym map: who made it, when, with which
+    options, of which studies, and what replaced what (patients, UIDs). The map re-identifies the
+    export: only its author and administrators of the author's organisation read it."""
+
+    __tablename__ = "deidentified_export"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The exporting principal as audited (``user:login``, ``system:cli:...``).
+    created_by: Mapped[str] = mapped_column(String(128), index=True)
+    created_by_organisation: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The PS3.15 E.3 options chosen (``retain_dates``, ``retain_uids``, ``clean_descriptors``...).
+    options: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: Space-separated original Study Instance UIDs.
+    study_uids: Mapped[str] = mapped_column(Text, default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``{"patients": [...], "uids": {original: replacement}}``.
+    pseudonym_map: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
