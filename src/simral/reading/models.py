@@ -170,7 +170,7 @@ class ImagingRequest(Base):
     #: The rest of the complement: exam codes, equipment, administered products, viewer URL,
     #: retention period, as received.
     complement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    #: Where it came from: ``hl7:<application>^<facility>`` (with the RIS to answer) or ``portal``.
+    #: Where it came from: ``hl7:<RIS endpoint name>`` (the RIS answers go to) or ``portal``.
     source: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
