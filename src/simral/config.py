@@ -113,6 +113,14 @@ class Settings:
     https: bool = False
     #: ``Strict-Transport-Security`` max-age in seconds, sent when ``https`` is on (RFC 6797).
     hsts_max_age: int = 31536000
+    # --- reading tasks (DESIGN.md §7, IHE SWF) ---
+    #: A study without an MPPS COMPLETED is taken as complete (its task ready) once no instance
+    #: arrived for this many seconds.
+    reading_quiet_seconds: float = 120.0
+    #: A task whose deadline is this close (or passed) is escalated: alert and audit for its group.
+    reading_escalate_minutes: int = 30
+    #: Seconds between two looks for arrived studies, ready tasks and deadlines.
+    reading_check_seconds: float = 2.0
 
     @property
     def effective_database_url(self) -> str:

@@ -2,20 +2,25 @@
 
 The router follows the archive's change feed and turns new instances into forwarding jobs
 (:func:`simral.sharing.service.route_changes`); the runner claims due jobs and runs them with the
-protocol adapters' handlers (DIMSE C-STORE, STOW-RS). Every worker process runs both: claims and
-the router's cursor are taken under the database's locks, so they share the work without doing
-anything twice.
+protocol adapters' handlers (DIMSE C-STORE, STOW-RS, HL7 v2 messages to a RIS over MLLP). Every
+worker process runs both: claims and the router's cursor are taken under the database's locks, so
+they share the work without doing anything twice. A third thread keeps the reading tasks up to
+date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from simral.context import AppContext
+from simral.db.base import utcnow
 from simral.dicomweb.forwarding import forward_stow
 from simral.dimse.forwarding import forward_dimse
+from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
+from simral.reading import tasks as reading_tasks
 from simral.sharing import service as sharing
 
 log = logging.getLogger(__name__)
@@ -42,9 +47,32 @@ def _router_loop(ctx: AppContext, runner: JobRunner, stop: threading.Event) -> N
         stop.wait(ROUTER_PERIOD)
 
 
+def _reading_loop(ctx: AppContext, stop: threading.Event) -> None:
+    """Reading tasks (DESIGN.md §7): open the tasks of scheduled studies that arrived, make ready
+    those whose images are complete, escalate near or passed deadlines. Looks read-only first;
+    takes the write lock only when something is due."""
+    settings = ctx.settings
+    quiet = timedelta(seconds=settings.reading_quiet_seconds)
+    warn_before = timedelta(minutes=settings.reading_escalate_minutes)
+    while not stop.is_set():
+        try:
+            now = utcnow()
+            with ctx.db.reading() as session:
+                work = reading_tasks.due_work(session, now=now, quiet=quiet, warn_before=warn_before)
+            if work:
+                with ctx.db.unit_of_work() as session:
+                    reading_tasks.do_work(session, work, now=utcnow(), quiet=quiet, warn_before=warn_before)
+        except Exception as exc:
+            log.error("reading tasks: %s: %s", type(exc).__name__, exc)
+        stop.wait(max(0.1, settings.reading_check_seconds))
+
+
 def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     """Start the router and the job runner threads; the runner is returned for :meth:`JobRunner.stop`."""
-    runner = JobRunner(ctx, {sharing.FORWARD_DIMSE: forward_dimse, sharing.FORWARD_STOW: forward_stow})
+    runner = JobRunner(
+        ctx, {sharing.FORWARD_DIMSE: forward_dimse, sharing.FORWARD_STOW: forward_stow, HL7_SEND: send_hl7}
+    )
     runner.start()
     threading.Thread(target=_router_loop, args=(ctx, runner, stop), daemon=True, name="router").start()
+    threading.Thread(target=_reading_loop, args=(ctx, stop), daemon=True, name="reading-tasks").start()
     return runner

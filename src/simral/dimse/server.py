@@ -2,8 +2,9 @@
 
 Services: Verification (C-ECHO), Storage (C-STORE, every storage SOP class and transfer syntax
 pynetdicom knows), Query/Retrieve Patient Root and Study Root (C-FIND, C-MOVE, C-GET), Storage
-Commitment Push Model (N-ACTION / N-EVENT-REPORT). This module translates; the archive service
-does the work.
+Commitment Push Model (N-ACTION / N-EVENT-REPORT), Modality Worklist (C-FIND, PS3.4 K) and
+Modality Performed Procedure Step (N-CREATE / N-SET, PS3.4 F.7). This module translates; the
+archive and reading services do the work.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
@@ -31,6 +38,8 @@ from pynetdicom import (
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -52,6 +61,7 @@ from simral.context import AppContext
 from simral.dimse import commitment, sending
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
+from simral.reading import mpps, worklist
 from simral.sharing import service as sharing
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,7 @@ log = logging.getLogger(__name__)
 FIND_MODELS = {
     PatientRootQueryRetrieveInformationModelFind: "PATIENT",
     StudyRootQueryRetrieveInformationModelFind: "STUDY",
+    ModalityWorklistInformationFind: "WORKLIST",
 }
 MOVE_MODELS = {
     PatientRootQueryRetrieveInformationModelMove: "PATIENT",
@@ -227,6 +238,7 @@ class DimseService:
             *MOVE_MODELS,
             *GET_MODELS,
             StorageCommitmentPushModel,
+            ModalityPerformedProcedureStep,
         ):
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
         # Outgoing associations (C-MOVE sub-operations, N-EVENT-REPORT on a new association).
@@ -244,6 +256,8 @@ class DimseService:
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_N_ACTION, self.on_n_action),
+            (evt.EVT_N_CREATE, self.on_n_create),
+            (evt.EVT_N_SET, self.on_n_set),
         ]
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -397,6 +411,9 @@ class DimseService:
         if model is None:
             yield 0xC000, None
             return
+        if model == "WORKLIST":
+            yield from self._find_worklist(event)
+            return
         try:
             identifier = event.identifier
             query_plan = qr.plan(identifier, model=model)  # type: ignore[arg-type]
@@ -434,6 +451,89 @@ class DimseService:
             self.ctx, principal, protocol="DIMSE C-FIND", level=query_plan.level, keys=keys, matches=matches
         )
         yield 0x0000, None
+
+    def _find_worklist(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """Modality Worklist C-FIND (PS3.4 K.4.1.3): one pending response per worklist item."""
+        try:
+            identifier = event.identifier
+            keys = worklist.query_keys(identifier)
+        except Exception as exc:
+            log.info("MWL C-FIND identifier not understood: %s", type(exc).__name__)
+            yield 0xA900, None
+            return
+        principal = self.principal(event)
+        matches = 0
+        with self.ctx.db.reading() as session:
+            for answer in worklist.find(session, identifier, principal=principal):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                matches += 1
+                yield 0xFF00, answer
+        archive.audit_query(
+            self.ctx, principal, protocol="DIMSE C-FIND MWL", level="WORKLIST", keys=keys, matches=matches
+        )
+        yield 0x0000, None
+
+    @staticmethod
+    def _mpps_failure(exc: mpps.MppsError) -> Dataset:
+        status = Dataset()
+        status.Status = exc.status
+        status.ErrorComment = str(exc)[:64]
+        if exc.error_id is not None:
+            status.ErrorID = exc.error_id
+        return status
+
+    def on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-CREATE (PS3.4 F.7.2.1): the modality starts a performed procedure step."""
+        if event.request.AffectedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0118, None  # No such SOP Class
+        try:
+            attributes = event.attribute_list
+            sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
+        except Exception:
+            return 0x0110, None
+        created: Dataset | None = None
+        if not sop_instance_uid:
+            sop_instance_uid = str(generate_uid())
+            created = Dataset()
+            created.AffectedSOPInstanceUID = sop_instance_uid
+        try:
+            with self.ctx.db.unit_of_work() as session:
+                mpps.create(
+                    session,
+                    sop_instance_uid=sop_instance_uid,
+                    attributes=attributes,
+                    principal=self.principal(event),
+                    station_ae=event.assoc.requestor.ae_title.strip(),
+                )
+        except mpps.MppsError as exc:
+            log.info("MPPS N-CREATE refused: status 0x%04X", exc.status)
+            return self._mpps_failure(exc), None
+        answer = created if created is not None else Dataset()
+        return 0x0000, answer
+
+    def on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-SET (PS3.4 F.7.2.2): the modality updates, completes or discontinues its step."""
+        if event.request.RequestedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0118, None
+        try:
+            modifications = event.modification_list
+            sop_instance_uid = str(event.request.RequestedSOPInstanceUID or "")
+        except Exception:
+            return 0x0110, None
+        try:
+            with self.ctx.db.unit_of_work() as session:
+                mpps.update(
+                    session,
+                    sop_instance_uid=sop_instance_uid,
+                    modifications=modifications,
+                    principal=self.principal(event),
+                )
+        except mpps.MppsError as exc:
+            log.info("MPPS N-SET refused: status 0x%04X", exc.status)
+            return self._mpps_failure(exc), None
+        return 0x0000, modifications
 
     def _retrieve_instances(self, event: evt.Event, model: str) -> list[archive.StoredInstance] | int:
         """The instances a C-MOVE/C-GET identifier names, or a failure status.

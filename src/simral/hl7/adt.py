@@ -78,6 +78,7 @@ ERROR_TEXT = {
     "203": "Unsupported version id",
     "204": "Unknown key identifier",
     "205": "Duplicate key identifier",
+    "206": "Application record locked",
     "207": "Application internal error",
 }
 
@@ -294,10 +295,11 @@ def read_identifier_list(
     return identifiers, ins
 
 
-def read_pid(pid: Any, enc: Encoding, *, index: int = 1) -> PidIdentity:
-    """The identity of a PID segment, French conventions (module docstring)."""
+def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: bool = True) -> PidIdentity:
+    """The identity of a PID segment, French conventions (module docstring); with
+    ``require_identifier=False`` a PID-3 carrying only the INS is accepted (ANS Téléradiologie flux)."""
     identifiers, ins = read_identifier_list(pid.pid_3, enc, f"PID^{index}^3")
-    if not identifiers:
+    if not identifiers and (require_identifier or ins is None):
         raise Rejected("AE", "101", "PID-3 has no patient identifier of type PI", f"PID^{index}^3")
     names: dict[str, str] = {}
     for rep in _repetitions(pid.pid_5):
@@ -475,7 +477,12 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
         source = f"hl7:{header.sending_application}^{header.sending_facility}:{header.control_id}"[:128]
         with ctx.db.unit_of_work() as session:
             feed = Feed(session, principal, source, ctx.settings.ins_test_oids_allowed, header.encoding)
-            apply(feed, message, header.event)
+            if header.message_type == "ADT":
+                apply(feed, message, header.event)
+            else:  # imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI)
+                from simral.hl7 import orders
+
+                orders.apply(feed, message, header)
             ack = build_ack(header, "AA", application=application, facility=facility)
             patients.record_message(
                 session,
@@ -516,9 +523,14 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
 def _parse(text: str, header: Header) -> Message:
     """Parse with hl7apy (tolerant validation: French Z-segments and extra fields are accepted)
     and check the message type, event and version this feed supports."""
-    if header.message_type != "ADT":
-        raise Rejected("AR", "200", f"unsupported message type {header.message_type!r} (ADT only)", "MSH^1^9")
-    if header.event not in SUPPORTED_EVENTS:
+    if header.message_type in ("ORM", "OMI"):
+        if (header.message_type, header.event) not in (("ORM", "O01"), ("OMI", "O23")):
+            raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORM^O01, OMI^O23)", "MSH^1^9")
+    elif header.message_type != "ADT":
+        raise Rejected(
+            "AR", "200", f"unsupported message type {header.message_type!r} (ADT, ORM, OMI)", "MSH^1^9"
+        )
+    elif header.event not in SUPPORTED_EVENTS:
         events = ", ".join(sorted(SUPPORTED_EVENTS))
         raise Rejected("AR", "201", f"unsupported event {header.event!r} (supported: {events})", "MSH^1^9")
     if not header.control_id:

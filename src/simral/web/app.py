@@ -21,6 +21,8 @@ from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
+from simral.web.reading import mount_reading
+from simral.web.requests import mount_requests
 from simral.web.security_headers import SecurityHeaders
 from simral.web.shares import mount_patient_pages, mount_shares
 from simral.web.viewer import mount_viewer
@@ -70,4 +72,6 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_viewer(web, ctx)
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
+    mount_requests(web, ctx)
+    mount_reading(web, ctx)
     return web

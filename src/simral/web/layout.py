@@ -14,7 +14,15 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
-from simral.access.policy import Principal, may_manage, may_manage_identities, may_read_audit, may_share
+from simral.access.policy import (
+    Principal,
+    may_manage,
+    may_manage_identities,
+    may_read_audit,
+    may_request_exam,
+    may_review_requests,
+    may_share,
+)
 
 Language = Literal["fr", "en"]
 LANGUAGES: tuple[Language, ...] = ("fr", "en")
@@ -54,6 +62,8 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
         "studies": "Examens",
         "shares": "Partages",
+        "requests": "Demandes",
+        "reading": "Lecture",
         "audit": "Traçabilité",
         "vigilance": "Identitovigilance",
         "admin": "Administration",
@@ -66,6 +76,8 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     "en": {
         "studies": "Studies",
         "shares": "Shares",
+        "requests": "Requests",
+        "reading": "Reading",
         "audit": "Audit trail",
         "vigilance": "Identity vigilance",
         "admin": "Administration",
@@ -116,6 +128,28 @@ p.hint{margin:0;font-size:.9rem;color:#374151}
 form.undo{display:flex;gap:.4rem;align-items:end;flex-wrap:nowrap}
 tr.undone td{color:#4b5563}
 td.nowrap{white-space:nowrap}
+.priority{display:inline-block;padding:.05rem .45rem;border-radius:3px;font-size:.85rem;font-weight:600}
+.priority.urgent{background:#b91c1c;color:#fff}.priority.routine{background:#e5e7eb;color:#1f2937}
+tr.request.waiting td{font-weight:500}
+.request-columns{display:flex;gap:2rem;flex-wrap:wrap;align-items:flex-start}
+.request-columns table.compare{min-width:0;width:34rem;max-width:100%}
+section.answer{border-top:1px solid #cbd5e1;margin-top:1.25rem;padding-top:.25rem}
+section.answer textarea{width:40rem;max-width:90vw}
+form.request-form{flex-direction:column;align-items:stretch;max-width:60rem}
+form.request-form fieldset{flex-wrap:wrap;align-items:end}
+form.request-form fieldset.clinical{flex-direction:column;align-items:flex-start;gap:.75rem}
+form.request-form fieldset.clinical textarea{width:36rem;max-width:85vw}
+form.request-form select{min-width:9rem}form.request-form button{align-self:flex-start}
+div.measures{display:flex;gap:1.25rem;align-items:end}div.measures input{width:7rem}
+button.secondary{background:#fff;border:1px solid #9ca3af}
+button.primary{background:#1d4ed8;color:#fff;border:1px solid #1d4ed8;padding:.4rem .9rem;font-size:1rem}
+span.nowrap{white-space:nowrap}
+a.button{display:inline-block;padding:.35rem .8rem;background:#1d4ed8;color:#fff;text-decoration:none}
+table.reading td{vertical-align:middle}.sub{display:block;font-size:.8rem;color:#4b5563}
+.late{color:#b91c1c;font-weight:600}.left{font-weight:600}.sub.alerted{color:#92400e}
+tr.overdue td{background:#fff1f2}form.assign label{flex-direction:row;align-items:center;gap:.3rem}
+table.reading .buttons{align-items:center}
+table.reading button,table.reading a.button{padding:.35rem .8rem;font-size:.95rem}
 """
 
 
@@ -178,6 +212,13 @@ def page(
         links = [f'<a href="/">{escape(text["studies"])}</a>']
         if may_share(principal):
             links.append(f'<a href="/shares">{escape(text["shares"])}</a>')
+        if principal.kind == "user" and (
+            may_review_requests(principal, principal.organisation)
+            or may_request_exam(principal, principal.organisation)
+        ):
+            links.append(f'<a href="/requests">{escape(text["requests"])}</a>')
+        if principal.kind == "user" and may_review_requests(principal, principal.organisation):
+            links.append(f'<a href="/reading">{escape(text["reading"])}</a>')
         if may_read_audit(principal):
             links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
         if may_manage_identities(principal):

@@ -1,0 +1,463 @@
+"""Imaging orders from a site's RIS (ANS "Volet Téléradiologie", HL7 v2.5.1, MSH-21
+``1.0^CISIS_TLR_HL7_V2``) translated into :mod:`simral.reading.service` calls.
+
+- flux 1, TransmissionDemandeIMG: ORM^O01 with ORC-1 ``NW`` (OBR-4 ``TRANSMISSION_DEMANDE``);
+- flux 2, AnnulationDemandeIMG: ORM^O01 with ORC-1 ``CA`` (``DC`` read alike), ORC-16 the reason;
+- flux 4, complément post-examen: OMI^O23 with ORC-1 ``SR`` / OBR-4 ``COMPLEMENT_POST_ACTE``, TQ1
+  (exam time, image retention), IPC (accession number, Study Instance UID) and the OBX groups of
+  the guide's table "TLR_OBSERVATION" (OBX-4 sub-ids ``n.m`` group an occurrence's segments);
+- IHE RAD SWF OMI^O23 with ORC-1 ``NW`` / ``CA``, as RIS that schedule exams themselves send them
+  (TQ1-7 start and TQ1-9 priority, IPC with the accession number and Study Instance UID).
+
+The sender must be a registered RIS (``simral ris add``; MSH-3/MSH-4); its site owns the requests.
+Fields are read from the ER7 text of each segment (HL7 v2.5.1 §2.5–2.7), after hl7apy's tolerant
+parse; errors become the acknowledgements the ANS guide ("acquittement") describes: AE with ERR
+for a message that cannot be applied, AR for a circumstantial refusal (sender not registered, no
+reading contract) that may succeed when sent again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from hl7apy.core import Message
+
+from simral.access.policy import AccessDenied
+from simral.hl7.adt import Encoding, Feed, Header, Rejected, read_pid
+from simral.reading import service as reading
+from simral.reading.models import PRIORITY_ROUTINE, PRIORITY_URGENT, ImagingRequest
+from simral.reading.service import Complement, PatientRef, ReadingError, RequestDetails
+
+#: OBR-4 codes of table TLR_OBR_PROCEDURE.
+TRANSMISSION = "TRANSMISSION_DEMANDE"
+CANCELLATION = "ANNULATION_DEMANDE"
+COMPLEMENT = "COMPLEMENT_POST_ACTE"
+#: Priorities (HL7 table 0485 in TQ1-9 / ORC-7.6 / OBR-5) read as urgent.
+URGENT_CODES = frozenset({"S", "A", "STAT", "ASAP", "P", "C"})
+
+try:
+    _LOCAL = ZoneInfo("Europe/Paris")
+except ZoneInfoNotFoundError:  # pragma: no cover - systems without tzdata
+    _LOCAL = ZoneInfo("UTC")
+
+
+@dataclass
+class Segment:
+    """One segment's fields as ER7 text (``fields[n]`` is field n), with the message's delimiters."""
+
+    name: str
+    fields: list[str]
+    enc: Encoding
+    index: int
+
+    def field(self, n: int) -> str:
+        return self.fields[n] if n < len(self.fields) else ""
+
+    def repetitions(self, n: int) -> list[str]:
+        return [rep for rep in self.field(n).split(self.enc.repetition) if rep]
+
+    def components(self, n: int, repetition: str | None = None) -> list[str]:
+        value = self.field(n).split(self.enc.repetition)[0] if repetition is None else repetition
+        return value.split(self.enc.component)
+
+    def component(self, n: int, c: int) -> str:
+        """Field n, component c (1-based), first repetition, unescaped."""
+        parts = self.components(n)
+        return self.text(parts[c - 1]) if c - 1 < len(parts) else ""
+
+    def text(self, value: str) -> str:
+        """An unescaped value; ``\\.br\\`` (formatted text line break) becomes a new line."""
+        escape = self.enc.escape
+        value = value.replace(f"{escape}.br{escape}", "\n")
+        return self.enc.unescape(value).strip()
+
+    def where(self, n: int) -> str:
+        return f"{self.name}^{self.index}^{n}"
+
+
+def _segments(message: Message, enc: Encoding) -> list[Segment]:
+    counts: dict[str, int] = {}
+    out = []
+    for child in message.children:
+        name = str(child.name)
+        counts[name] = counts.get(name, 0) + 1
+        fields = str(child.to_er7()).split(enc.field)
+        out.append(Segment(name, fields, enc, counts[name]))
+    return out
+
+
+def _timestamp(value: str) -> datetime | None:
+    """An HL7 TS/DTM (``YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]``); without an offset, French local time."""
+    text = value.split("^")[0].strip()
+    if not text:
+        return None
+    offset = None
+    for sign in ("+", "-"):
+        if sign in text[8:]:
+            text, _, zone = text.rpartition(sign)
+            offset = (1 if sign == "+" else -1) * (int(zone[:2] or 0) * 60 + int(zone[2:4] or 0))
+    digits = text.split(".")[0]
+    try:
+        parsed = datetime.strptime(digits.ljust(14, "0")[:14] if len(digits) >= 8 else "", "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    if offset is None:
+        return parsed.replace(tzinfo=_LOCAL).astimezone(UTC)
+    return parsed.replace(tzinfo=timezone(timedelta(minutes=offset))).astimezone(UTC)
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value.replace(",", "."))
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------ one order
+
+
+@dataclass
+class Order:
+    """The segments of one ORDER group: ORC and what follows it up to the next ORC."""
+
+    orc: Segment
+    segments: list[Segment]
+
+    def first(self, name: str) -> Segment | None:
+        return next((s for s in self.segments if s.name == name), None)
+
+    def all(self, name: str) -> list[Segment]:
+        return [s for s in self.segments if s.name == name]
+
+    @property
+    def control(self) -> str:
+        return self.orc.component(1, 1).upper()
+
+    @property
+    def procedure(self) -> str:
+        obr = self.first("OBR")
+        return obr.component(4, 1).upper() if obr is not None else ""
+
+    def placer(self) -> tuple[str, str]:
+        """ORC-2 (else OBR-2) EI: the number and its authority (EI.3 OID, else EI.2 namespace)."""
+        for segment, n in ((self.orc, 2), (self.first("OBR"), 2)):
+            if segment is None:
+                continue
+            number = segment.component(n, 1)
+            if number:
+                return number, segment.component(n, 3) or segment.component(n, 2)
+        raise Rejected("AE", "101", "ORC-2 placer order number is missing", self.orc.where(2))
+
+
+def _orders(segments: list[Segment]) -> list[Order]:
+    orders: list[Order] = []
+    for segment in segments:
+        if segment.name == "ORC":
+            orders.append(Order(segment, []))
+        elif orders:
+            orders[-1].segments.append(segment)
+    return orders
+
+
+def _coded(segment: Segment, n: int = 5) -> dict[str, str]:
+    return {
+        "code": segment.component(n, 1),
+        "display": segment.component(n, 2),
+        "system": segment.component(n, 3),
+    }
+
+
+def _sub_id(segment: Segment) -> tuple[str, str]:
+    occurrence, _, item = segment.component(4, 1).partition(".")
+    return occurrence or "1", item
+
+
+# ------------------------------------------------------------------------ flux 1: the request
+
+
+def _patient(segments: list[Segment], message: Message, enc: Encoding) -> PatientRef:
+    pids = [child for child in message.children if child.name == "PID"]
+    if not pids:
+        raise Rejected("AR", "100", "the message has no PID segment", "PID")
+    pid = read_pid(pids[0], enc, require_identifier=False)
+    ipp, authority = pid.identifiers[0] if pid.identifiers else ("", None)
+    pv1 = next((s for s in segments if s.name == "PV1"), None)
+    return PatientRef(
+        traits=pid.traits,
+        ipp=ipp,
+        ipp_authority=authority,
+        ins=pid.ins,
+        status=pid.status,
+        attributes=pid.attributes,
+        visit_number=pv1.component(19, 1) if pv1 is not None else "",
+    )
+
+
+def _requester(order: Order) -> dict[str, str]:
+    """ORC-12 (else OBR-16) XCN, ORC-14 call-back phone (XTN.12 or XTN.1), ORC-21 facility (XON)."""
+    orc, obr = order.orc, order.first("OBR")
+    source, n = (orc, 12) if orc.component(12, 1) or orc.component(12, 2) else (obr, 16)
+    requester: dict[str, str] = {}
+    if source is not None:
+        authority = (
+            source.components(n)[8].split(source.enc.subcomponent) if len(source.components(n)) > 8 else []
+        )
+        requester = {
+            "id": source.component(n, 1),
+            "family": source.component(n, 2),
+            "given": source.component(n, 3),
+            "prefix": source.component(n, 6),
+            "authority": source.text(authority[1]) if len(authority) > 1 else "",
+        }
+    phone = orc.component(14, 12) or orc.component(14, 1)
+    if phone:
+        requester["phone"] = phone
+    if orc.component(21, 1):
+        requester["facility"] = orc.component(21, 1)
+        requester["facility_id"] = orc.component(21, 10)
+    return {key: value for key, value in requester.items() if value}
+
+
+def _priority(order: Order) -> str:
+    """TQ1-9 (IHE SWF), ORC-7.6 or OBR-5 (HL7 v2.5.1 table 0485 / 0027): S, A → urgent."""
+    codes = []
+    tq1 = order.first("TQ1")
+    if tq1 is not None:
+        codes.append(tq1.component(9, 1))
+    codes.append(order.orc.component(7, 6))
+    obr = order.first("OBR")
+    if obr is not None:
+        codes.append(obr.component(5, 1))
+        codes.append(obr.component(27, 6))
+    return (
+        PRIORITY_URGENT if any(code.upper() in URGENT_CODES for code in codes if code) else PRIORITY_ROUTINE
+    )
+
+
+def _appointment(order: Order) -> datetime | None:
+    """TQ1-7 (IHE SWF start date/time), ORC-7.4, OBR-27.4 or OBR-36 (scheduled date/time)."""
+    tq1, obr = order.first("TQ1"), order.first("OBR")
+    for value in (
+        tq1.component(7, 1) if tq1 is not None else "",
+        order.orc.component(7, 4),
+        obr.component(27, 4) if obr is not None else "",
+        obr.component(36, 1) if obr is not None else "",
+    ):
+        found = _timestamp(value)
+        if found is not None:
+            return found
+    return None
+
+
+def request_details(order: Order) -> RequestDetails:
+    """A flux 1 (or IHE OMI NW) order's content: ORC, OBR-13, NTE (finalité), OBX groups, IPC."""
+    number, authority = order.placer()
+    obr = order.first("OBR")
+    modality = ""
+    anatomy: list[dict[str, str]] = []
+    history: list[str] = []
+    purposes: list[str] = []
+    height = weight = None
+    pregnancy = ""
+    for segment in order.segments:
+        if segment.name == "NTE":
+            comment = "\n".join(segment.text(rep) for rep in segment.repetitions(3))
+            kind = segment.component(4, 1).upper()
+            if comment and kind == "MODALITE_IMAGERIE":
+                purposes.append(f"[{kind}] {comment}")
+            elif comment:
+                purposes.append(comment)
+        if segment.name != "OBX":
+            continue
+        code = segment.component(3, 1).upper()
+        if code == "MODALITE_IMAGERIE":
+            modality = segment.component(5, 1)
+        elif code == "REGION_ANATOMIQUE":
+            anatomy.append({**_coded(segment), "sub_id": segment.component(4, 1)})
+        elif code == "11322-5":
+            text = "\n".join(segment.text(rep) for rep in segment.repetitions(5))
+            relevance = segment.component(8, 1)
+            history.append(f"[{relevance}] {text}" if relevance else text)
+        elif code == "8302-2":
+            value, unit = _number(segment.component(5, 1)), segment.component(6, 1).lower()
+            height = value * 100 if value is not None and unit == "m" else value
+        elif code == "29463-7":
+            value, unit = _number(segment.component(5, 1)), segment.component(6, 1).lower()
+            weight = value / 1000 if value is not None and unit == "g" else value
+        elif code == "82810-3":
+            pregnancy = segment.component(5, 1).upper()
+    ipc = order.first("IPC")
+    return RequestDetails(
+        placer_number=number,
+        placer_authority=authority,
+        requested_at=_timestamp(order.orc.component(9, 1)),
+        priority=_priority(order),
+        justification=obr.component(13, 1) if obr is not None else "",
+        clinical_history="\n".join(history),
+        purpose="\n".join(purposes),
+        modality=modality,
+        anatomy=anatomy,
+        pregnancy=pregnancy,
+        height_cm=height,
+        weight_kg=weight,
+        appointment_at=_appointment(order),
+        requester=_requester(order),
+        accession_number=ipc.component(1, 1) if ipc is not None else "",
+        accession_authority=(ipc.component(1, 3) or ipc.component(1, 2)) if ipc is not None else "",
+        study_uid=ipc.component(3, 1) if ipc is not None else "",
+    )
+
+
+# ------------------------------------------------------------------------ flux 4: complement
+
+
+def _retention_days(tq1: Segment | None) -> int | None:
+    """TQ1-6 service duration (CQ quantity ^ unit): days, or months / years converted."""
+    if tq1 is None:
+        return None
+    quantity = _number(tq1.component(6, 1))
+    if quantity is None:
+        return None
+    unit = tq1.component(6, 2).lower()
+    factor = 365 if unit.startswith(("a", "y")) else 30 if unit.startswith(("mo", "mois")) else 1
+    return int(quantity * factor)
+
+
+def _viewer_url(segment: Segment) -> str:
+    """OBX-5 ED (``^TEXT^^Base64^data``): the decoded partial URL (the raw data if not base64 text)."""
+    data, encoding = segment.component(5, 5), segment.component(5, 4)
+    if encoding.lower() != "base64":
+        return data
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return data
+
+
+def complement(order: Order) -> Complement:
+    """A flux 4 order's content: IPC, TQ1, the OBX groups (sub-ids ``n.m``)."""
+    ipc = order.first("IPC")
+    if ipc is None:
+        raise Rejected("AE", "101", "the post-exam complement has no IPC segment", "IPC")
+    tq1 = order.first("TQ1")
+    codes: list[dict[str, str]] = []
+    anatomy: list[dict[str, str]] = []
+    products: dict[str, dict[str, str]] = {}
+    equipment: dict[str, dict[str, str]] = {}
+    modality = viewer = ""
+    for segment in order.all("OBX"):
+        code = segment.component(3, 1).upper()
+        occurrence, item = _sub_id(segment)
+        if code == "URL_PARTIELLE_VIEWER":
+            viewer = _viewer_url(segment)
+        elif code == "CODE_ACTE_IMAGERIE":
+            codes.append(_coded(segment))
+        elif code == "REGION_ANATOMIQUE":
+            anatomy.append({**_coded(segment), "sub_id": segment.component(4, 1)})
+        elif code == "MODALITE_IMAGERIE":
+            modality = segment.component(5, 1)
+        elif code == "PRODUIT_ADMINISTRE":
+            product = products.setdefault(occurrence, {})
+            if item == "1":
+                product.update(type=segment.component(5, 1), system=segment.component(5, 3))
+            elif item == "2":
+                product["lot"] = segment.component(5, 1)
+            elif item == "3":
+                product.update(quantity=segment.component(5, 1), unit=segment.component(6, 1))
+        elif code == "APPAREIL_IMAGERIE":
+            device = equipment.setdefault(occurrence, {})
+            device["udi" if item == "1" else "model" if item == "2" else f"item_{item}"] = segment.component(
+                5, 1
+            )
+    return Complement(
+        accession_number=ipc.component(1, 1),
+        accession_authority=ipc.component(1, 3) or ipc.component(1, 2),
+        study_uid=ipc.component(3, 1),
+        requested_procedure=ipc.component(2, 1),
+        performed_at=_timestamp(tq1.component(7, 1)) if tq1 is not None else None,
+        retention_days=_retention_days(tq1),
+        exam_codes=codes,
+        modality=modality,
+        anatomy=anatomy,
+        products=[products[key] for key in sorted(products)],
+        equipment=[equipment[key] for key in sorted(equipment)],
+        viewer_url=viewer,
+    )
+
+
+# ------------------------------------------------------------------------------- applying
+
+
+def _existing(feed: Feed, order: Order, site_code: str) -> ImagingRequest:
+    number, authority = order.placer()
+    request = reading.find_by_placer(
+        feed.session, site_code=site_code, placer_number=number, placer_authority=authority
+    )
+    if request is None:
+        raise Rejected(
+            "AE",
+            "204",
+            f"no request {number} ({authority or 'no authority'}) from {site_code}",
+            order.orc.where(2),
+        )
+    return request
+
+
+def apply(feed: Feed, message: Message, header: Header) -> None:
+    """Apply one ORM^O01 / OMI^O23 message in the caller's transaction (one call per ORDER group)."""
+    session = feed.session
+    endpoint = reading.find_ris_endpoint(session, header.sending_application, header.sending_facility)
+    if endpoint is None:
+        raise Rejected(
+            "AR",
+            "207",
+            f"{header.sending_application}^{header.sending_facility} is not a registered RIS "
+            "(simral ris add)",
+            "MSH^1^3",
+        )
+    site = endpoint.site_code
+    principal = replace(feed.principal, organisation=site)
+    source = f"hl7:{endpoint.name}"
+    segments = _segments(message, feed.encoding)
+    orders = _orders(segments)
+    if not orders:
+        raise Rejected("AR", "100", "the message has no ORC segment", "ORC")
+    for order in orders:
+        control = order.control
+        try:
+            if header.message_type == "OMI" and (control == "SR" or order.procedure == COMPLEMENT):
+                reading.record_complement(
+                    session, _existing(feed, order, site), complement(order), principal=principal
+                )
+            elif control == "NW":
+                reading.receive_request(
+                    session,
+                    site_code=site,
+                    patient=_patient(segments, message, feed.encoding),
+                    details=request_details(order),
+                    principal=principal,
+                    source=source,
+                    allow_test_ins=feed.allow_test_ins,
+                )
+            elif control in ("CA", "DC"):
+                reason = order.orc.component(16, 2) or order.orc.component(16, 1)
+                reading.cancel_request(
+                    session, _existing(feed, order, site), reason=reason, principal=principal
+                )
+            else:
+                raise Rejected(
+                    "AE",
+                    "103",
+                    f"order control {control!r} is not handled here (NW, CA, DC; SR in OMI^O23)",
+                    order.orc.where(1),
+                )
+        except ReadingError as exc:
+            if exc.circumstantial:
+                raise Rejected("AR", "207", str(exc), order.orc.where(2)) from None
+            raise Rejected("AE", exc.code, str(exc), order.orc.where(2)) from None
+        except AccessDenied as exc:
+            raise Rejected("AE", "207", str(exc), "MSH^1^3") from None
