@@ -13,6 +13,11 @@
   N-SET) as the modality reported it.
 - :class:`ReadingTask` — a study to interpret by a reading group, with its priority, deadline,
   readiness, and the radiologist who claimed it (exclusively).
+- :class:`Report` — the radiologist's report (ANS flux 5 "Compte rendu"): French structure
+  (Indications, Technique, Résultats, Conclusion), draft then signed; an addendum is a new version
+  of the same document (CDA setId kept, versionNumber + 1); what publication produced (CDA CR-IMG,
+  PDF, DICOM Encapsulated PDF, ORU^R01) is recorded on it.
+- :class:`SecondOpinion` — a request for another radiologist's opinion (télé-expertise) on a task.
 """
 
 from __future__ import annotations
@@ -252,3 +257,78 @@ class ReadingTask(Base):
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+#: Report states.
+REPORT_DRAFT = "draft"
+REPORT_SIGNED = "signed"
+#: Publication states of a signed report (CDA, PDF, Encapsulated PDF, ORU^R01 to the RIS).
+PUBLICATION_PENDING = "pending"
+PUBLICATION_DONE = "done"
+PUBLICATION_FAILED = "failed"
+
+
+class Report(Base):
+    """One version of a radiology report: the original (version 1) or an addendum (version n + 1,
+    ``previous_id`` the version it completes). Signed versions never change."""
+
+    __tablename__ = "report"
+    __table_args__ = (UniqueConstraint("set_id", "version", name="uq_report_set_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("reading_task.id"), nullable=True, index=True)
+    request_id: Mapped[int | None] = mapped_column(
+        ForeignKey("imaging_request.id"), nullable=True, index=True
+    )
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    #: The document's identity across versions (CDA ClinicalDocument/setId, a UID) and this version's
+    #: number (versionNumber); ``document_uid`` is this version's ClinicalDocument/id.
+    set_id: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    document_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    previous_id: Mapped[int | None] = mapped_column(ForeignKey("report.id"), nullable=True)
+    #: The template it was started from (exam type), for the record.
+    template: Mapped[str] = mapped_column(String(64), default="")
+    #: The four sections (ANS CR-IMG: Indications / Technique / Résultats / Conclusion), plain text.
+    indications: Mapped[str] = mapped_column(Text, default="")
+    technique: Mapped[str] = mapped_column(Text, default="")
+    results: Mapped[str] = mapped_column(Text, default="")
+    conclusion: Mapped[str] = mapped_column(Text, default="")
+    #: For an addendum: what it adds (the earlier version's sections are carried over unchanged).
+    addendum: Mapped[str] = mapped_column(Text, default="")
+    #: Dose information of ionising exams (e.g. {"ctdivol_mgy", "dlp_mgycm", "dap_gycm2",
+    #: "equipment"}), from the MPPS / dose reports / the radiologist.
+    dose: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default=REPORT_DRAFT, index=True)
+    #: The author (login, display name, RPPS national id) and the organisation they report for.
+    author: Mapped[str] = mapped_column(String(128), default="")
+    author_name: Mapped[str] = mapped_column(String(200), default="")
+    author_national_id: Mapped[str] = mapped_column(String(32), default="")
+    organisation_code: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Last save of the draft (autosave).
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: How the signer re-authenticated (``totp``, ``psc``).
+    signature_method: Mapped[str] = mapped_column(String(16), default="")
+    publication_state: Mapped[str] = mapped_column(String(16), default="")
+    #: What publication produced: blob keys / UIDs of the CDA and the PDF, the Encapsulated PDF's
+    #: SOP Instance UID, the ORU^R01 job.
+    published: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class SecondOpinion(Base):
+    """A request for another radiologist's opinion (télé-expertise) on a reading task."""
+
+    __tablename__ = "second_opinion"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("reading_task.id"), index=True)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    #: The radiologist asked (login).
+    requested_of: Mapped[str] = mapped_column(String(128), index=True)
+    question: Mapped[str] = mapped_column(Text, default="")
+    answer: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
