@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session
 
 from simral import tls
 from simral.access.policy import Principal
@@ -426,30 +427,45 @@ class DimseService:
             yield 0xC000, None
             return
         principal = self.principal(event)
-        matches = 0
-        with self.ctx.db.reading() as session:
-            for result in qr.run(session, query_plan, principal=principal):
-                if event.is_cancelled:
-                    yield 0xFE00, None
-                    return
-                matches += 1
-                yield (
-                    0xFF00,
-                    qr.response_identifier(
-                        result,
-                        query_plan,
-                        retrieve_ae_title=self.ae.ae_title,
-                        model=model,  # type: ignore[arg-type]
-                    ),
-                )
         keys = {
             elem.keyword: str(elem.value)[:200]
             for elem in identifier
             if elem.keyword and elem.value not in (None, "")
         }
-        archive.audit_query(
-            self.ctx, principal, protocol="DIMSE C-FIND", level=query_plan.level, keys=keys, matches=matches
+
+        def answers(session: Session) -> Iterator[Dataset]:
+            for result in qr.run(session, query_plan, principal=principal):
+                yield qr.response_identifier(
+                    result,
+                    query_plan,
+                    retrieve_ae_title=self.ae.ae_title,
+                    model=model,  # type: ignore[arg-type]
+                )
+
+        yield from self._answer_find(
+            event, principal, answers, protocol="DIMSE C-FIND", level=query_plan.level, keys=keys
         )
+
+    def _answer_find(
+        self,
+        event: evt.Event,
+        principal: Principal,
+        answers: Callable[[Session], Iterator[Dataset]],
+        *,
+        protocol: str,
+        level: str,
+        keys: dict[str, str],
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        """One pending response per answer (C-CANCEL honoured), the query audited, then success."""
+        matches = 0
+        with self.ctx.db.reading() as session:
+            for answer in answers(session):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                matches += 1
+                yield 0xFF00, answer
+        archive.audit_query(self.ctx, principal, protocol=protocol, level=level, keys=keys, matches=matches)
         yield 0x0000, None
 
     def _find_worklist(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
@@ -462,18 +478,14 @@ class DimseService:
             yield 0xA900, None
             return
         principal = self.principal(event)
-        matches = 0
-        with self.ctx.db.reading() as session:
-            for answer in worklist.find(session, identifier, principal=principal):
-                if event.is_cancelled:
-                    yield 0xFE00, None
-                    return
-                matches += 1
-                yield 0xFF00, answer
-        archive.audit_query(
-            self.ctx, principal, protocol="DIMSE C-FIND MWL", level="WORKLIST", keys=keys, matches=matches
+        yield from self._answer_find(
+            event,
+            principal,
+            lambda session: worklist.find(session, identifier, principal=principal),
+            protocol="DIMSE C-FIND MWL",
+            level="WORKLIST",
+            keys=keys,
         )
-        yield 0x0000, None
 
     @staticmethod
     def _mpps_failure(exc: mpps.MppsError) -> Dataset:
