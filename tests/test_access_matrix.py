@@ -20,14 +20,14 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from tests.corpus import ct_series
+from tests.dimse_client import c_get_study
 from tests.peers import free_port
 from tests.simral_proc import SimralProcess
 
@@ -145,30 +145,7 @@ def _find(world: World, calling: str) -> set[str]:
 
 def _get(world: World, calling: str, study_uid: str) -> int:
     """C-GET a study; return how many instances arrived."""
-    received: list[str] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate(
-        "127.0.0.1",
-        world.simral.dicom_port,
-        ae_title=world.simral.ae_title,
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study_uid
-    for _status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-        pass
-    assoc.release()
-    return len(received)
+    return len(c_get_study(world.simral.dicom_port, world.simral.ae_title, calling, study_uid))
 
 
 def _move(world: World, calling: str, study_uid: str) -> int:

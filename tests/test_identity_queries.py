@@ -27,14 +27,13 @@ import pytest
 from hl7apy.parser import parse_message
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (
-    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
 )
 from tests.corpus import ct_series
+from tests.dimse_client import c_get_study
 from tests.simral_proc import SimralProcess
 from tests.test_hl7_adt import adt_merge
 
@@ -96,34 +95,7 @@ class Region:
 
     def c_get(self, calling_ae: str, study_uid: str) -> list[Dataset]:
         """C-GET a study; the datasets received (C-STORE sub-operations on the association)."""
-        received: list[Dataset] = []
-
-        def on_store(event: evt.Event) -> int:
-            dataset = event.dataset
-            dataset.file_meta = event.file_meta
-            received.append(dataset)
-            return 0x0000
-
-        ae = AE(ae_title=calling_ae)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate(
-            "127.0.0.1",
-            self.simral.dicom_port,
-            ae_title=self.simral.ae_title,
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )
-        assert assoc.is_established
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study_uid
-        try:
-            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-                assert status is not None and status.Status in (0xFF00, 0x0000), status
-        finally:
-            assoc.release()
-        return received
+        return c_get_study(self.simral.dicom_port, self.simral.ae_title, calling_ae, study_uid)
 
     def get(self, login: str, path: str, accept: str) -> httpx.Response:
         response = httpx.get(
