@@ -18,6 +18,7 @@ from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.jobs_admin import mount_jobs_admin
+from simral.web.media_import import mount_media_import
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
@@ -70,6 +71,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_patient_pages(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
+    mount_media_import(web, ctx)
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
     mount_requests(web, ctx)

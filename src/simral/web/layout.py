@@ -22,6 +22,7 @@ from simral.access.policy import (
     may_request_exam,
     may_review_requests,
     may_share,
+    may_store,
 )
 
 Language = Literal["fr", "en"]
@@ -62,6 +63,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
         "studies": "Examens",
         "shares": "Partages",
+        "import": "Importer",
         "requests": "Demandes",
         "reading": "Lecture",
         "audit": "Traçabilité",
@@ -76,6 +78,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
     "en": {
         "studies": "Studies",
         "shares": "Shares",
+        "import": "Import",
         "requests": "Requests",
         "reading": "Reading",
         "audit": "Audit trail",
@@ -128,6 +131,8 @@ p.hint{margin:0;font-size:.9rem;color:#374151}
 form.undo{display:flex;gap:.4rem;align-items:end;flex-wrap:nowrap}
 tr.undone td{color:#4b5563}
 td.nowrap{white-space:nowrap}
+form.media-import label.check{flex-direction:row;align-items:center;gap:.4rem}
+form.media-import input[type=text]{max-width:20rem}form.media-import progress{width:20rem}
 .priority{display:inline-block;padding:.05rem .45rem;border-radius:3px;font-size:.85rem;font-weight:600}
 .priority.urgent{background:#b91c1c;color:#fff}.priority.routine{background:#e5e7eb;color:#1f2937}
 tr.request.waiting td{font-weight:500}
@@ -212,6 +217,8 @@ def page(
         links = [f'<a href="/">{escape(text["studies"])}</a>']
         if may_share(principal):
             links.append(f'<a href="/shares">{escape(text["shares"])}</a>')
+        if principal.kind == "user" and may_store(principal):
+            links.append(f'<a href="/import">{escape(text["import"])}</a>')
         if principal.kind == "user" and (
             may_review_requests(principal, principal.organisation)
             or may_request_exam(principal, principal.organisation)
