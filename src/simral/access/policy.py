@@ -255,3 +255,15 @@ def may_assign_reading(principal: Principal, group_code: str) -> bool:
     one of its radiologists or take them back: the group's administrators, regional
     administrators, the platform."""
     return bool(group_code) and may_manage(principal, group_code)
+
+
+def dashboard_scope(principal: Principal) -> tuple[frozenset[str], frozenset[str]] | None:
+    """Whose teleradiology turnaround figures ``principal`` sees: None for everything (the platform,
+    regional administrators), else (sites, reading groups) — the organisation acted for, as a site
+    and as a group, for its clinical members and site administrators; nothing for anyone else."""
+    if principal.kind == "system" or (principal.kind == "user" and principal.has_role("regional-admin")):
+        return None
+    if principal.kind == "user" and principal.roles() & (CLINICAL_ROLES | {"site-admin"}):
+        own = frozenset({principal.organisation})
+        return own, own
+    return frozenset(), frozenset()

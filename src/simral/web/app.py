@@ -17,6 +17,7 @@ from simral.fhir.api import mount_fhir
 from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
+from simral.web.dashboard import mount_dashboard
 from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.media_import import mount_media_import
 from simral.web.oidc_login import mount_oidc_login
@@ -72,6 +73,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
     mount_media_import(web, ctx)
+    mount_dashboard(web, ctx)
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
     mount_requests(web, ctx)

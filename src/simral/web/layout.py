@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse
 
 from simral.access.policy import (
     Principal,
+    dashboard_scope,
     may_manage,
     may_manage_identities,
     may_read_audit,
@@ -64,6 +65,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Examens",
         "shares": "Partages",
         "import": "Importer",
+        "turnaround": "Délais",
         "requests": "Demandes",
         "reading": "Lecture",
         "audit": "Traçabilité",
@@ -79,6 +81,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "studies": "Studies",
         "shares": "Shares",
         "import": "Import",
+        "turnaround": "Turnaround",
         "requests": "Requests",
         "reading": "Reading",
         "audit": "Audit trail",
@@ -226,6 +229,8 @@ def page(
             links.append(f'<a href="/requests">{escape(text["requests"])}</a>')
         if principal.kind == "user" and may_review_requests(principal, principal.organisation):
             links.append(f'<a href="/reading">{escape(text["reading"])}</a>')
+        if principal.kind == "user" and dashboard_scope(principal) != (frozenset(), frozenset()):
+            links.append(f'<a href="/reading/dashboard">{escape(text["turnaround"])}</a>')
         if may_read_audit(principal):
             links.append(f'<a href="/audit">{escape(text["audit"])}</a>')
         if may_manage_identities(principal):
