@@ -21,6 +21,7 @@ from simral.dimse.forwarding import forward_dimse
 from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
 from simral.reading import tasks as reading_tasks
+from simral.reading.publication import REPORT_PUBLISH, publish_report
 from simral.sharing import service as sharing
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,13 @@ def _reading_loop(ctx: AppContext, stop: threading.Event) -> None:
 def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     """Start the router and the job runner threads; the runner is returned for :meth:`JobRunner.stop`."""
     runner = JobRunner(
-        ctx, {sharing.FORWARD_DIMSE: forward_dimse, sharing.FORWARD_STOW: forward_stow, HL7_SEND: send_hl7}
+        ctx,
+        {
+            sharing.FORWARD_DIMSE: forward_dimse,
+            sharing.FORWARD_STOW: forward_stow,
+            HL7_SEND: send_hl7,
+            REPORT_PUBLISH: publish_report,
+        },
     )
     runner.start()
     threading.Thread(target=_router_loop, args=(ctx, runner, stop), daemon=True, name="router").start()

@@ -1,0 +1,377 @@
+"""Publication of a signed report (issue 6 item 6; ANS Téléradiologie flux 5).
+
+Site CHSUD (its RIS registered with ``simral ris add``) has its CT read by group TLR. A request
+came from the RIS, was accepted, the complement arrived and the scanner stored the images; a
+signed report of dr_roux is queued for publication (:func:`enqueue_publication`, as signing does).
+The RIS receives an ORU^R01 (MSH-21 ``2.1^CISIS_CDA_HL7_V2``) whose CDA passes the conformance
+kit's ``validate.py cda`` (ANS XSD + CR-IMG 2024.01 schematron); the Encapsulated PDF is in the
+study, retrievable over WADO-RS by a member of the site, and ``dciodvfy`` finds no error in it; the
+PDF parses. An addendum (version 2) is published while the RIS is down and reaches it when it comes
+back, its CDA replacing the first (same setId, versionNumber 2, relatedDocument RPLC). A broken CDA
+fails ``validate.py`` (the check is real).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from lxml import etree
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from tests.peers import free_port
+from tests.simral_proc import SimralProcess
+from tests.test_reading_browser import _store
+from tests.test_teleradiology_requests import RIS_APP, RIS_FACILITY, RisListener
+
+from simral.access.policy import SYSTEM
+from simral.app import open_app
+from simral.config import load_settings
+from simral.context import AppContext
+from simral.db.base import utcnow
+from simral.jobs.models import Job
+from simral.patients.service import AuthorityRef, Traits
+from simral.reading import service as reading
+from simral.reading.models import REPORT_SIGNED, ImagingRequest, ReadingTask, Report
+from simral.reading.publication import enqueue_publication
+
+REPO = Path(__file__).resolve().parent.parent
+#: The conformance kit (never copied): SIMRAL_CONFORMANCE_DIR, else ../shared/conformance.
+CONFORMANCE_DIR = Path(os.environ.get("SIMRAL_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+VALIDATE = CONFORMANCE_DIR / "validate.py"
+DCIODVFY = "/usr/bin/dciodvfy"
+CDA_NS = {"cda": "urn:hl7-org:v3"}
+PASSWORD = "Publication-CR-2026!"
+OID_SITE = "1.2.250.1.999.9.2"
+PLACER_OID = "1.2.250.1.999.9.3"
+PLACER = "CR-PUB-1"
+
+
+@dataclass
+class Setup:
+    simral: SimralProcess
+    ctx: AppContext
+    ris: RisListener
+    tokens: dict[str, str]
+    request_id: int
+    study_uid: str
+
+
+def _wait(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("report-publication")
+    simral = SimralProcess(
+        base / "data", extra_env={"SIMRAL_READING_QUIET_SECONDS": "1", "SIMRAL_READING_CHECK_SECONDS": "0.3"}
+    )
+    simral.cli("organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE)
+    simral.cli(
+        "organisations", "add", "TLR", "--name", "Téléradiologie Occitanie", "--kind", "teleradiology-group"
+    )
+    simral.cli(
+        "users", "add", "dr_roux", "--organisation", "TLR", "--role", "radiologist", "--rpps", "10008000001",
+        "--name", "Claire Roux", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
+    simral.cli(
+        "users", "add", "manip_sud", "--organisation", "CHSUD", "--role", "technologist",
+        "--name", "Luc Manip", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
+    simral.add_node("scanner", "SCANNER1", 104, organisation="CHSUD")
+    ris = RisListener(free_port())
+    simral.cli(
+        "ris", "add", "RIS_CHSUD", "--organisation", "CHSUD", "--host", "127.0.0.1", "--port", str(ris.port),
+        "--application", RIS_APP, "--facility", RIS_FACILITY, "--data-dir", str(simral.data_dir),
+    )  # fmt: skip
+    tokens = {login: simral.token_for(login) for login in ("dr_roux", "manip_sud")}
+    ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+    patient = reading.PatientRef(
+        traits=Traits(birth_name="MARTIN", first_birth_given_name="Élise", birth_given_names="Élise Anne",
+                      sex="F", birth_date="19620514"),
+        ipp="IPP-PUB-1",
+        ipp_authority=AuthorityRef(oid=OID_SITE),
+    )  # fmt: skip
+    details = reading.RequestDetails(
+        placer_number=PLACER,
+        placer_authority=PLACER_OID,
+        priority="urgent",
+        modality="CT",
+        justification="Céphalées brutales",
+        clinical_history="HTA traitée",
+        purpose="Hémorragie méningée ?",
+        pregnancy="N",
+        anatomy=[{"code": "69536005", "system": "SNOMED CT", "display": "Tête"}],
+    )
+    with ctx.db.unit_of_work() as session:
+        reading.add_contract(session, site_code="CHSUD", group_code="TLR", principal=SYSTEM)
+        request = reading.receive_request(
+            session,
+            site_code="CHSUD",
+            patient=patient,
+            details=details,
+            principal=SYSTEM,
+            source="hl7:RIS_CHSUD",
+        )
+        _, step = reading.accept_request(session, request.id, protocol="Sans injection", principal=SYSTEM)
+        study_uid, accession = step.study_uid, step.accession_number
+        reading.record_complement(
+            session,
+            request,
+            reading.Complement(
+                accession_number=accession,
+                accession_authority="1.2.250.1.999.9.4",
+                study_uid=study_uid,
+                performed_at=utcnow(),
+                exam_codes=[{"code": "30799-1", "system": "LN", "display": "CT Head WO contrast"}],
+                modality="CT",
+                anatomy=[{"code": "69536005", "system": "SNOMED CT", "display": "Tête"}],
+            ),
+            principal=SYSTEM,
+        )
+        request_id = request.id
+    ris.start()
+    simral.start()
+    try:
+        _store(simral, base, study_uid, accession, "MARTIN^Élise", 81)
+        yield Setup(simral, ctx, ris, tokens, request_id, study_uid)
+    finally:
+        simral.stop()
+        ris.stop()
+        ctx.db.dispose()
+
+
+def _signed_report(setup: Setup, *, previous: Report | None = None) -> int:
+    """A signed version (1, or the addendum to ``previous``) queued for publication in one unit of
+    work, as the signing code does."""
+    with setup.ctx.db.unit_of_work() as session:
+        task = session.scalar(select(ReadingTask).where(ReadingTask.request_id == setup.request_id))
+        report = Report(
+            task_id=task.id if task is not None else None,
+            request_id=setup.request_id,
+            study_uid=setup.study_uid,
+            set_id=previous.set_id if previous is not None else str(generate_uid()),
+            version=previous.version + 1 if previous is not None else 1,
+            document_uid=str(generate_uid()),
+            previous_id=previous.id if previous is not None else None,
+            indications="Céphalées brutales depuis ce matin.\nHTA traitée.",
+            technique="Scanner cérébral sans injection, acquisition hélicoïdale.",
+            results="Pas d'hémorragie intra ou extra-axiale.\nPas d'effet de masse.",
+            conclusion="Pas d'hémorragie méningée visible.",
+            addendum="Relecture : pas de thrombose veineuse visible." if previous is not None else "",
+            dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "52.4", "dlp_mgycm": "912.5"},
+            state=REPORT_SIGNED,
+            author="dr_roux",
+            author_name="Claire Roux",
+            author_national_id="810008000001",
+            organisation_code="TLR",
+            signed_at=utcnow(),
+            signature_method="totp",
+        )
+        session.add(report)
+        session.flush()
+        enqueue_publication(session, report)
+        assert report.publication_state == "pending"
+        return report.id
+
+
+def _report(setup: Setup, report_id: int) -> Report:
+    with setup.ctx.db.reading() as session:
+        report = session.get(Report, report_id)
+        assert report is not None
+        session.expunge(report)
+        return report
+
+
+def _published(setup: Setup, report_id: int) -> Report:
+    _wait(lambda: _report(setup, report_id).publication_state == "done", what="publication done")
+    return _report(setup, report_id)
+
+
+def _cda_of(message_text: str) -> bytes:
+    obx = next(s for s in message_text.split("\r") if s.startswith("OBX|1|ED|"))
+    fields = obx.split("|")
+    assert fields[3].startswith("18748-4^")
+    components = fields[5].split("^")
+    assert components[1:4] == ["TEXT", "XML", "Base64"]
+    return base64.b64decode(components[4])
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(VALIDATE), "cda", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _message_for(setup: Setup, control_id: str, timeout: float = 60) -> str:
+    message = setup.ris.wait_for(
+        lambda text: f"|{control_id}|" in text and "CISIS_CDA_HL7_V2" in text, timeout
+    )
+    return str(message.to_er7())
+
+
+@pytest.fixture(scope="module")
+def first(setup: Setup) -> int:
+    _wait(
+        lambda: _study_count(setup) >= 12,
+        what="the images in the archive",
+    )
+    return _signed_report(setup)
+
+
+def _study_count(setup: Setup) -> int:
+    from simral.archive.models import Study
+
+    with setup.ctx.db.reading() as session:
+        study = session.scalar(select(Study).where(Study.study_uid == setup.study_uid))
+        return study.num_instances if study is not None else 0
+
+
+def test_ris_receives_oru_with_a_valid_cda(setup: Setup, first: int, tmp_path: Path) -> None:
+    report = _published(setup, first)
+    control_id = report.published["hl7_control_id"]
+    text = setup.ris.wait_for(lambda t: f"|{control_id}|" in t, 60)
+    raw = next(t for t in setup.ris.received if f"|{control_id}|" in t)
+    msh = raw.split("\r", 1)[0].split("|")
+    assert msh[8] == "ORU^R01^ORU_R01"
+    assert msh[20] == "2.1^CISIS_CDA_HL7_V2"
+    assert text is not None
+    cda = _cda_of(raw)
+    assert cda == report.published["cda"].encode("utf-8")
+    path = tmp_path / "cr-img.xml"
+    path.write_bytes(cda)
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CI-SIS_IMG-CR-IMG_2024.01.sch: PASS" in result.stdout
+    root = etree.fromstring(cda)
+    assert root.find("cda:id", CDA_NS).get("root") == report.document_uid
+    assert root.find("cda:versionNumber", CDA_NS).get("value") == "1"
+    order = root.find("cda:inFulfillmentOf/cda:order/cda:id", CDA_NS)
+    assert (order.get("root"), order.get("extension")) == (PLACER_OID, PLACER)
+    # An identity that is not qualified is referenced by its IPP only.
+    ids = [
+        (i.get("root"), i.get("extension"))
+        for i in root.findall("cda:recordTarget/cda:patientRole/cda:id", CDA_NS)
+    ]
+    assert ids == [(OID_SITE, "IPP-PUB-1")]
+
+
+def test_encapsulated_pdf_over_wado_rs_passes_dciodvfy(setup: Setup, first: int, tmp_path: Path) -> None:
+    report = _published(setup, first)
+    study, series, sop = (
+        report.published["study_uid"],
+        report.published["series_instance_uid"],
+        report.published["sop_instance_uid"],
+    )
+    response = httpx.get(
+        f"{setup.simral.http_url}/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+        headers={
+            "Authorization": f"Bearer {setup.tokens['manip_sud']}",
+            "Accept": 'multipart/related; type="application/dicom"',
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text[:300]
+    boundary = re.search(r"boundary=\"?([^\";]+)", response.headers["content-type"]).group(1)
+    part = response.content.split(b"--" + boundary.encode())[1]
+    body = part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")
+    path = tmp_path / "report.dcm"
+    path.write_bytes(body)
+    ds = dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
+    assert ds.StudyInstanceUID == setup.study_uid and ds.Modality == "DOC"
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+    pdf = bytes(ds.EncapsulatedDocument)[: int(ds.EncapsulatedDocumentLength)]
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    assert len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 1
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], result.stdout + result.stderr
+    # A retried job does not store it twice.
+    with setup.ctx.db.unit_of_work() as session:
+        again = session.get(Report, first)
+        assert again is not None
+        again.publication_state = "pending"
+        enqueue_publication(session, again)
+    _wait(lambda: _report(setup, first).publication_state == "done", what="republication")
+    from simral.archive.models import Instance
+
+    with setup.ctx.db.reading() as session:
+        assert len(list(session.scalars(select(Instance).where(Instance.sop_uid == sop)))) == 1
+
+
+def test_addendum_reaches_a_ris_that_was_down(setup: Setup, first: int, tmp_path: Path) -> None:
+    original = _published(setup, first)
+    setup.ris.stop()
+    try:
+        addendum_id = _signed_report(setup, previous=original)
+        control_id = f"CR{addendum_id}V2"
+
+        def failed_once() -> bool:
+            with setup.ctx.db.reading() as session:
+                jobs = list(session.scalars(select(Job).where(Job.kind == "hl7.send")))
+                return any(
+                    j.payload.get("control_id") == control_id and j.attempts >= 1 and j.last_error
+                    for j in jobs
+                )
+
+        _wait(failed_once, what="a failed first delivery")
+    finally:
+        setup.ris.start()
+    raw = _message_for(setup, control_id, timeout=120)
+    cda = _cda_of(raw.replace("\n", "\r"))
+    path = tmp_path / "addendum.xml"
+    path.write_bytes(cda)
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    root = etree.fromstring(cda)
+    assert root.find("cda:setId", CDA_NS).get("root") == original.set_id
+    assert root.find("cda:versionNumber", CDA_NS).get("value") == "2"
+    related = root.find("cda:relatedDocument", CDA_NS)
+    assert related.get("typeCode") == "RPLC"
+    assert related.find("cda:parentDocument/cda:id", CDA_NS).get("root") == original.document_uid
+    assert root.xpath("//cda:section[cda:templateId/@root='1.2.250.1.213.1.1.2.210']", namespaces=CDA_NS)
+    addendum = _published(setup, addendum_id)
+    assert addendum.published["series_instance_uid"] == original.published["series_instance_uid"]
+    assert addendum.published["sop_instance_uid"] != original.published["sop_instance_uid"]
+
+
+def test_a_broken_cda_fails_validation(setup: Setup, first: int, tmp_path: Path) -> None:
+    cda = _published(setup, first).published["cda"].encode("utf-8")
+    root = etree.fromstring(cda)
+    (conclusion,) = root.xpath(
+        "//cda:section[cda:templateId/@root='1.2.250.1.213.1.1.2.209']", namespaces=CDA_NS
+    )
+    component = conclusion.getparent()
+    component.getparent().remove(component)
+    path = tmp_path / "broken.xml"
+    path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+    result = _validate(path)
+    assert result.returncode == 1, result.stdout
+    assert "FR-DICOM-Conclusion" in result.stdout
+
+
+def test_request_is_from_the_ris(setup: Setup) -> None:
+    with setup.ctx.db.reading() as session:
+        request = session.get(ImagingRequest, setup.request_id)
+        assert request is not None and request.source == "hl7:RIS_CHSUD"
