@@ -73,6 +73,9 @@ def event_for(action: str) -> tuple[str, str, str, tuple[str, str] | None]:
         return _EVENTS[action]
     if action.startswith("imaging-request."):
         return ("110111", "Procedure Record", "U", None)
+    if action.startswith(("report.", "second-opinion.")):  # the report is part of the procedure record
+        created = action in ("report.create", "report.addendum", "second-opinion.ask")
+        return ("110111", "Procedure Record", "C" if created else "U", None)
     if action.startswith("patient.") or action == "hl7.message":
         return ("110110", "Patient Record", "C" if action.endswith("-create") else "U", None)
     if action.split(".", 1)[0] in ("token", "organisation", "job", "share", "share-link"):

@@ -24,6 +24,7 @@ from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
 from simral.web.reading import mount_reading
+from simral.web.reports import mount_reports
 from simral.web.requests import mount_requests
 from simral.web.security_headers import SecurityHeaders
 from simral.web.shares import mount_patient_pages, mount_shares
@@ -77,5 +78,6 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
     mount_requests(web, ctx)
+    mount_reports(web, ctx)  # before mount_reading: its /reading/tasks/{id}/{action} would match
     mount_reading(web, ctx)
     return web

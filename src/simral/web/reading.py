@@ -24,7 +24,7 @@ from simral.access.policy import AccessDenied, Principal, may_assign_reading, ma
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Membership, Organisation, Professional
-from simral.reading import tasks
+from simral.reading import reports, tasks
 from simral.reading.models import PRIORITY_URGENT, TASK_CLAIMED, TASK_READY
 from simral.reading.worklist import local_timezone
 from simral.web.auth import check_form_csrf, request_principal
@@ -78,6 +78,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "claim_label": "Prendre l'examen de {patient}",
         "release_label": "Libérer l'examen de {patient}",
         "open_label": "Ouvrir l'examen de {patient} dans la visionneuse",
+        "write": "Rédiger",
+        "write_label": "Rédiger le compte rendu de l'examen de {patient}",
+        "opinions": "Avis demandés par vos confrères : {links}",
+        "opinion_link": "examen n° {task}",
+        "my_reports": "Mes comptes rendus",
     },
     "en": {
         "title": "Reading worklist",
@@ -115,6 +120,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "claim_label": "Claim the study of {patient}",
         "release_label": "Release the study of {patient}",
         "open_label": "Open the study of {patient} in the viewer",
+        "write": "Write report",
+        "write_label": "Write the report of the study of {patient}",
+        "opinions": "Opinions your colleagues asked of you: {links}",
+        "opinion_link": "study no. {task}",
+        "my_reports": "My reports",
     },
 }
 
@@ -252,6 +262,11 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
                 f'aria-label="{escape(text["open_label"].format(patient=patient_label))}">'
                 f"{escape(text['open'])}</a>"
             )
+            actions.append(
+                f'<a class="button" href="/reading/tasks/{task.id}/report{escape(_suffix(request))}" '
+                f'aria-label="{escape(text["write_label"].format(patient=patient_label))}">'
+                f"{escape(text['write'])}</a>"
+            )
         if task.state == TASK_CLAIMED and (mine or admin):
             actions.append(
                 post_button(
@@ -296,11 +311,22 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         with ctx.db.reading() as session:
             rows = tasks.list_tasks(session, principal=principal)
             group_name = session.scalar(select(Organisation.name).where(Organisation.code == group)) or group
+            asked = reports.opinions_asked_of(session, principal)
         radiologists = _radiologists(principal) if admin else []
         body = ""
         if done in DONE:
             body += f'<p class="message" role="status">{escape(text[done])}</p>'
         body += f'<p class="meta">{escape(text["intro"].format(group=group_name))}</p>'
+        if principal.kind == "user" and may_review_requests(principal, group):
+            mine = f"/reading/reports{_suffix(request)}"
+            body += f'<p><a href="{escape(mine)}">{escape(text["my_reports"])}</a></p>'
+        if asked:
+            links = ", ".join(
+                f'<a href="/reading/tasks/{o.task_id}/report{escape(_suffix(request))}">'
+                f"{escape(text['opinion_link'].format(task=o.task_id))}</a>"
+                for o in asked
+            )
+            body += f'<p class="message">{escape(text["opinions"]).format(links=links)}</p>'
         if rows:
             headings = [text[k] for k in ("priority", "patient", "exam", "site", "due", "state", "actions")]
             body += table(
