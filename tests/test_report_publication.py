@@ -14,6 +14,7 @@ fails ``validate.py`` (the check is real).
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import subprocess
@@ -94,13 +95,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "users", "add", "manip_sud", "--organisation", "CHSUD", "--role", "technologist",
         "--name", "Luc Manip", "--password-stdin", input=PASSWORD + "\n",
     )  # fmt: skip
+    simral.cli("organisations", "add", "CHNORD", "--name", "CH Nord")
+    simral.cli(
+        "users", "add", "manip_nord", "--organisation", "CHNORD", "--role", "technologist",
+        "--name", "Léa Nord", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
     simral.add_node("scanner", "SCANNER1", 104, organisation="CHSUD")
     ris = RisListener(free_port())
     simral.cli(
         "ris", "add", "RIS_CHSUD", "--organisation", "CHSUD", "--host", "127.0.0.1", "--port", str(ris.port),
         "--application", RIS_APP, "--facility", RIS_FACILITY, "--data-dir", str(simral.data_dir),
     )  # fmt: skip
-    tokens = {login: simral.token_for(login) for login in ("dr_roux", "manip_sud")}
+    tokens = {login: simral.token_for(login) for login in ("dr_roux", "manip_sud", "manip_nord")}
     ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
     patient = reading.PatientRef(
         traits=Traits(birth_name="MARTIN", first_birth_given_name="Élise", birth_given_names="Élise Anne",
@@ -375,3 +381,28 @@ def test_request_is_from_the_ris(setup: Setup) -> None:
     with setup.ctx.db.reading() as session:
         request = session.get(ImagingRequest, setup.request_id)
         assert request is not None and request.source == "hl7:RIS_CHSUD"
+
+
+def test_the_site_reads_the_signed_report_on_its_portal(setup: Setup, first: int) -> None:
+    """ANS flux 5 on the portal: the request page of the site lists the signed version with its PDF
+    (the one stored in the study) and its CDA; the documents are refused to nobody else."""
+    _published(setup, first)
+    site = {"Authorization": f"Bearer {setup.tokens['manip_sud']}"}
+    page = httpx.get(f"{setup.simral.http_url}/requests/{setup.request_id}", headers=site, timeout=30)
+    assert page.status_code == 200
+    assert f'data-report="{first}"' in page.text and "Compte rendu" in page.text
+    pdf = httpx.get(f"{setup.simral.http_url}/reports/{first}/report.pdf", headers=site, timeout=30)
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert (
+        pdf.content.startswith(b"%PDF-")
+        and hashlib.sha256(pdf.content).hexdigest() == _published(setup, first).published["pdf_sha256"]
+    )
+    cda = httpx.get(f"{setup.simral.http_url}/reports/{first}/report.xml", headers=site, timeout=30)
+    assert cda.status_code == 200 and b"1.2.250.1.213.1.1.1.45" in cda.content
+    # Another site's technologist gets neither the documents nor the request.
+    other = {"Authorization": f"Bearer {setup.tokens['manip_nord']}"}
+    for document in ("report.pdf", "report.xml"):
+        assert (
+            httpx.get(f"{setup.simral.http_url}/reports/{first}/{document}", headers=other).status_code == 404
+        )
+    assert httpx.get(f"{setup.simral.http_url}/requests/{setup.request_id}", headers=other).status_code != 200

@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_review_requests
+from simral.access.policy import AccessDenied, Principal, may_request_exam, may_review_requests
 from simral.audit import service as audit
 from simral.db.base import utcnow
 from simral.identity import service as identity
@@ -122,15 +122,31 @@ def get_or_raise(session: Session, report_id: int) -> Report:
 
 
 def may_see(session: Session, report: Report, principal: Principal) -> bool:
-    """Whether ``principal`` may read ``report``: its author, a radiologist of the reading group, or
-    a radiologist asked for an opinion on its task."""
+    """Whether ``principal`` may read ``report``: its author, a radiologist of the reading group, a
+    radiologist asked for an opinion on its task, and — once signed — the requesting site's
+    clinical members (ANS flux 5: the site receives the report)."""
     if principal.kind == "system":
         return True
     if principal.kind != "user":
         return False
     if report.author == principal.name or _radiologist_of(principal, _group_of(session, report)):
         return True
+    if report.state == REPORT_SIGNED and report.request_id is not None:
+        site = session.scalar(select(ImagingRequest.site_code).where(ImagingRequest.id == report.request_id))
+        if site and may_request_exam(principal, site):
+            return True
     return report.task_id is not None and _asked_of(session, report.task_id, principal.name)
+
+
+def signed_for_request(session: Session, request_id: int) -> list[Report]:
+    """The signed versions of a request's report (original and addenda), oldest first."""
+    return list(
+        session.scalars(
+            select(Report)
+            .where(Report.request_id == request_id, Report.state == REPORT_SIGNED)
+            .order_by(Report.version, Report.id)
+        )
+    )
 
 
 def get_for(session: Session, report_id: int, principal: Principal) -> Report:

@@ -24,6 +24,7 @@ from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
 from simral.web.reading import mount_reading
+from simral.web.report_documents import mount_report_documents
 from simral.web.reports import mount_reports
 from simral.web.requests import mount_requests
 from simral.web.security_headers import SecurityHeaders
@@ -75,6 +76,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_viewer(web, ctx)
     mount_media_import(web, ctx)
     mount_dashboard(web, ctx)
+    mount_report_documents(web, ctx)
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
     mount_requests(web, ctx)

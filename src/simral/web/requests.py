@@ -29,10 +29,12 @@ from simral.access.policy import AccessDenied, Principal, may_request_exam, may_
 from simral.context import AppContext
 from simral.patients.models import INS_NIA_OID, INS_NIR_OID, INS_TEST_OID
 from simral.patients.service import Ins, PatientError, Traits
+from simral.reading import reports
 from simral.reading import service as reading
 from simral.reading.models import (
     PRIORITY_ROUTINE,
     PRIORITY_URGENT,
+    PUBLICATION_DONE,
     REQUEST_ACCEPTED,
     REQUEST_RECEIVED,
     REQUEST_REFUSED,
@@ -156,6 +158,13 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "performed_state": "Examen réalisé",
         "reported_state": "Compte rendu envoyé",
         "back": "Retour aux demandes",
+        "report_section": "Compte rendu",
+        "report_version": "Version {version}",
+        "report_addendum": "addendum",
+        "report_signed": "signée le {when} par {who}",
+        "report_pending": "publication en cours",
+        "report_pdf": "PDF",
+        "report_cda": "CDA (CR-IMG)",
     },
     "en": {
         "requests": "Imaging requests",
@@ -260,6 +269,13 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "performed_state": "Exam performed",
         "reported_state": "Report sent",
         "back": "Back to the requests",
+        "report_section": "Report",
+        "report_version": "Version {version}",
+        "report_addendum": "addendum",
+        "report_signed": "signed {when} by {who}",
+        "report_pending": "being published",
+        "report_pdf": "PDF",
+        "report_cda": "CDA (CR-IMG)",
     },
 }
 
@@ -333,6 +349,34 @@ def _number(value: str) -> float | None:
         return float(value.replace(",", "."))
     except ValueError:
         raise ReadingError(f"not a number: {value!r}", code="102") from None
+
+
+def _report_versions(ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language) -> str:
+    """The signed versions of the request's report with their documents (ANS flux 5)."""
+    with ctx.db.reading() as session:
+        versions = reports.signed_for_request(session, request_id)
+        rows = []
+        for report in versions:
+            label = text["report_version"].format(version=report.version)
+            if report.version > 1:
+                label += f" ({text['report_addendum']})"
+            signed = text["report_signed"].format(
+                when=_when(report.signed_at, language), who=report.author_name or report.author
+            )
+            if report.publication_state == PUBLICATION_DONE:
+                links = (
+                    f'<a href="/reports/{report.id}/report.pdf">{escape(text["report_pdf"])}</a> · '
+                    f'<a href="/reports/{report.id}/report.xml">{escape(text["report_cda"])}</a>'
+                )
+            else:
+                links = escape(text["report_pending"])
+            rows.append(
+                f'<tr data-report="{report.id}"><th scope="row">{escape(label)}</th>'
+                f"<td>{escape(signed)}</td><td>{links}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return f'<h2>{escape(text["report_section"])}</h2><table class="reports">{"".join(rows)}</table>'
 
 
 def mount_requests(web: FastAPI, ctx: AppContext) -> None:
@@ -721,6 +765,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             body += f"<h2>{escape(text['answer'])}</h2>" + _rows([p for p in answer_rows if p[1]])
         if item.accession_number and item.complement:
             body += _complement_rows(item, text, language)
+        body += _report_versions(ctx, item.id, text, language)
         if item.state == REQUEST_RECEIVED and may_review_requests(principal, item.group_code):
             body += _answer_forms(request, item, text)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REFUSED) and may_request_exam(
