@@ -86,10 +86,19 @@ def _schedule(
         return step.study_uid, step.accession_number
 
 
-def _store(simral: SimralProcess, base: Path, study_uid: str, accession: str, name: str, seed: int) -> None:
+def _store(
+    simral: SimralProcess,
+    base: Path,
+    study_uid: str,
+    accession: str,
+    name: str,
+    seed: int,
+    patient_id: str = "",
+) -> None:
+    """The scanner stores the exam (dcmtk storescu) under the scheduled Study Instance UID."""
     paths = ct_series(
-        base / f"s{seed}", slices=12, rows=128, cols=128, patient_id=f"IPP-{seed}", patient_name=name,
-        study_uid=study_uid, seed=seed,
+        base / f"s{seed}", slices=12, rows=128, cols=128, patient_id=patient_id or f"IPP-{seed}",
+        patient_name=name, study_uid=study_uid, seed=seed,
     )  # fmt: skip
     for path in paths:
         ds = dcmread(path)

@@ -30,7 +30,13 @@ from typing import Any
 from sqlalchemy import and_, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_assign_reading, may_review_requests
+from simral.access.policy import (
+    AccessDenied,
+    Principal,
+    may_assign_reading,
+    may_review_requests,
+    visible_studies,
+)
 from simral.archive.models import ChangeEvent, Instance, Study, StudyOrganisation
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
@@ -192,14 +198,74 @@ def _make_ready(session: Session, task: ReadingTask, *, now: datetime, reason: s
         return False
     session.refresh(task)
     _attach_group(session, task.study_uid, task.group_code, now=now)
+    priors = site_priors(session, task.study_uid, task.site_code)
+    for prior in priors:
+        _attach_group(session, prior, task.group_code, now=now)
     audit.record(
         session,
         action="reading-task.ready",
         principal=READING_SYSTEM,
         study_uid=task.study_uid,
-        detail={"task": task.id, "group": task.group_code, "site": task.site_code, "because": reason},
+        detail={
+            "task": task.id,
+            "group": task.group_code,
+            "site": task.site_code,
+            "because": reason,
+            "priors": priors,
+        },
     )
     return True
+
+
+#: How many of the patient's earlier studies go with a task (attached to the group, shown in the viewer).
+PRIORS = 5
+
+
+def visible_priors(
+    session: Session, study_uid: str, *, principal: Principal, limit: int = PRIORS
+) -> list[str]:
+    """The patient's other studies ``principal`` may see (every identity of the person, every
+    site; filtered by the access policy), newest first."""
+    from simral.patients import service as patients  # the identity service
+
+    study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+    person = patients.study_person(session, study_pk) if study_pk is not None else None
+    if person is None:
+        return []
+    candidates = [pk for pk in patients.person_study_pks(session, person) if pk != study_pk]
+    if not candidates:
+        return []
+    query = visible_studies(principal, select(Study.study_uid).where(Study.id.in_(candidates)))
+    return list(
+        session.scalars(query.order_by(Study.study_date.desc(), Study.study_time.desc()).limit(limit))
+    )
+
+
+def site_priors(session: Session, study_uid: str, site_code: str, *, limit: int = PRIORS) -> list[str]:
+    """The requesting site's other studies of the same person (identity service: merged and linked
+    identities included), newest first: the priors a remote radiologist compares with. The contract
+    between the site and the reading group covers them; other sites' studies are not attached (they
+    stay behind their own sharing decisions)."""
+    from simral.patients import service as patients  # the identity service
+
+    study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+    if study_pk is None or not site_code:
+        return []
+    person = patients.study_person(session, study_pk)
+    if person is None:
+        return []
+    candidates = [pk for pk in patients.person_study_pks(session, person) if pk != study_pk]
+    if not candidates:
+        return []
+    rows = session.execute(
+        select(Study.study_uid, Study.study_date, Study.study_time)
+        .join(StudyOrganisation, StudyOrganisation.study_pk == Study.id)
+        .where(Study.id.in_(candidates), StudyOrganisation.organisation_code == site_code)
+    )
+    ordered = sorted(
+        {(uid, date, time) for uid, date, time in rows}, key=lambda r: (r[1], r[2]), reverse=True
+    )
+    return [uid for uid, _date, _time in ordered[:limit]]
 
 
 def _task_for_procedure(

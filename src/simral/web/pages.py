@@ -9,7 +9,7 @@ Wording is French first; English with ``?lang=en`` or a browser preferring Engli
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from html import escape
 from urllib.parse import urlencode
 
@@ -123,9 +123,10 @@ def study_identifier(
     return identifier
 
 
-def viewer_url(study_uid: str, language: Language | None = None) -> str:
-    """The OHIF viewer's URL for one study (``/viewer/viewer?StudyInstanceUIDs=``)."""
-    params = {"StudyInstanceUIDs": study_uid}
+def viewer_url(study_uid: str, language: Language | None = None, *, priors: Sequence[str] = ()) -> str:
+    """The OHIF viewer's URL for a study and, beside it, earlier studies of the patient
+    (``/viewer/viewer?StudyInstanceUIDs=current,prior1,...``)."""
+    params = {"StudyInstanceUIDs": ",".join([study_uid, *priors])}
     if language is not None:
         params["lang"] = language
     return "/viewer/viewer?" + urlencode(params)

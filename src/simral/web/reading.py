@@ -25,7 +25,7 @@ from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Membership, Organisation, Professional
 from simral.reading import reports, tasks
-from simral.reading.models import PRIORITY_URGENT, TASK_CLAIMED, TASK_READY
+from simral.reading.models import PRIORITY_URGENT, TASK_CLAIMED, TASK_READY, ReadingTask
 from simral.reading.worklist import local_timezone
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import (
@@ -189,6 +189,20 @@ def task_json(row: tasks.TaskRow, *, now: datetime) -> dict[str, Any]:
 def mount_reading(web: FastAPI, ctx: AppContext) -> None:
     """Add ``/reading`` and ``/api/reading/tasks`` to ``web``."""
 
+    @web.get("/reading/tasks/{task_id}/viewer")
+    def open_viewer(request: Request, task_id: int) -> Response:
+        """The viewer on the task's study with the patient's earlier studies the radiologist may see
+        (identity service: every identity of the person, every site; the access policy decides)."""
+        principal = request_principal(request)
+        with ctx.db.reading() as session:
+            task = session.get(ReadingTask, task_id)
+            if task is None or not reports.may_open_task(session, task, principal):
+                raise HTTPException(status_code=404)
+            priors = tasks.visible_priors(session, task.study_uid, principal=principal)
+        return RedirectResponse(
+            viewer_url(task.study_uid, explicit_language(request), priors=priors), status_code=303
+        )
+
     def _suffix(request: Request, **params: str) -> str:
         explicit = explicit_language(request)
         query = {**params, **({"lang": explicit} if explicit else {})}
@@ -258,7 +272,7 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
             )
         if mine:
             actions.append(
-                f'<a class="button" href="{escape(viewer_url(task.study_uid, explicit_language(request)))}" '
+                f'<a class="button" href="/reading/tasks/{task.id}/viewer{escape(_suffix(request))}" '
                 f'aria-label="{escape(text["open_label"].format(patient=patient_label))}">'
                 f"{escape(text['open'])}</a>"
             )

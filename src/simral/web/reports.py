@@ -43,7 +43,6 @@ from simral.reading.templates import TEMPLATES, is_ionising, suggest
 from simral.reading.worklist import local_timezone
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import Language, csrf_field, explicit_language, page, post_button, request_language
-from simral.web.pages import viewer_url
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -405,7 +404,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             f"<dt>{escape(label)}</dt><dd>{escape(value) if value.strip() else escape(text['none'])}</dd>"
             for label, value in rows
         )
-        viewer = viewer_url(task.study_uid, explicit_language(request))
+        viewer = f"/reading/tasks/{task.id}/viewer{_suffix(request)}"  # the study and its priors
         return (
             f'<section class="clinical" aria-labelledby="clinical-title">'
             f'<h2 id="clinical-title">{escape(text["clinical"])}</h2><dl>{items}</dl>'

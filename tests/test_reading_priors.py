@@ -1,0 +1,119 @@
+"""Priors go with a reading task (issue 6 item 4: "opening a task launches OHIF with the study and
+the patient's prior studies the radiologist may see").
+
+CHSUD holds an earlier CT of the patient (same IPP, imported before the exam) and a study of another
+patient. When the new exam's task becomes ready, the reading group receives the patient's earlier
+study with it (the site's contract covers it), not the other patient's; "Ouvrir" redirects to OHIF
+with both Study Instance UIDs, the current one first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from pydicom import dcmread
+from tests.corpus import ct_series
+from tests.report_setup import OID_SITE, PASSWORD, _schedule
+from tests.simral_proc import SimralProcess
+from tests.test_reading_browser import _store
+
+from simral.access.policy import SYSTEM
+from simral.app import open_app
+from simral.config import load_settings
+from simral.reading import service as reading
+
+
+@dataclass
+class Exam:
+    simral: SimralProcess
+    token: str
+    study_uid: str
+    prior_uid: str
+    other_uid: str
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(
+            self.simral.http_url + path,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(scope="module")
+def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
+    base = tmp_path_factory.mktemp("priors")
+    simral = SimralProcess(
+        base / "data", extra_env={"SIMRAL_READING_QUIET_SECONDS": "1", "SIMRAL_READING_CHECK_SECONDS": "0.3"}
+    )
+    simral.cli("organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE)
+    simral.cli("organisations", "add", "TLR", "--name", "Téléradiologie", "--kind", "teleradiology-group")
+    simral.cli(
+        "users", "add", "dr_roux", "--organisation", "TLR", "--role", "radiologist", "--rpps", "10009000001",
+        "--name", "Claire Roux", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
+    simral.add_node("scanner", "SCANNER1", 104, organisation="CHSUD")
+    prior = ct_series(base / "prior", slices=1, rows=32, cols=32, patient_id="IPP-PRI1", seed=111)
+    other = ct_series(base / "other", slices=1, rows=32, cols=32, patient_id="IPP-AUTRE", seed=112)
+    simral.cli("import", str(base / "prior"), str(base / "other"), "--organisation", "CHSUD")
+    ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+    try:
+        with ctx.db.unit_of_work() as session:
+            reading.add_contract(session, site_code="CHSUD", group_code="TLR", principal=SYSTEM)
+        study_uid, accession = _schedule(ctx, "PRI1", ("MARTIN", "Lou"), with_mpps=True)
+    finally:
+        ctx.db.dispose()
+    token = simral.token_for("dr_roux")
+    with simral:
+        _store(simral, base, study_uid, accession, "MARTIN^Lou", 113, patient_id="IPP-PRI1")
+        yield Exam(
+            simral,
+            token,
+            study_uid,
+            str(dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID),
+            str(dcmread(other[0], stop_before_pixels=True).StudyInstanceUID),
+        )
+
+
+def _ready_task(exam: Exam) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for task in exam.get("/api/reading/tasks").json()["tasks"]:
+            if task["study_uid"] == exam.study_uid and task["state"] == "ready":
+                return int(task["id"])
+        time.sleep(0.3)
+    raise AssertionError("the reading task did not become ready")
+
+
+def test_the_group_receives_the_patients_earlier_study_and_opens_both(exam: Exam) -> None:
+    task = _ready_task(exam)
+    seen = {item["0020000D"]["Value"][0] for item in exam.get("/dicom-web/studies").json()}
+    assert exam.study_uid in seen and exam.prior_uid in seen
+    assert exam.other_uid not in seen  # another patient of the site: not the group's business
+    opened = exam.get(f"/reading/tasks/{task}/viewer", follow_redirects=False)
+    assert opened.status_code == 303
+    location = urlparse(opened.headers["location"])
+    assert location.path == "/viewer/viewer"
+    assert parse_qs(location.query)["StudyInstanceUIDs"] == [f"{exam.study_uid},{exam.prior_uid}"]
+
+
+def test_a_radiologist_of_no_group_cannot_open_it(exam: Exam, tmp_path: Path) -> None:
+    task = _ready_task(exam)
+    exam.simral.cli("organisations", "add", "ELSE", "--name", "Ailleurs")
+    exam.simral.cli(
+        "users", "add", "dr_ailleurs", "--organisation", "ELSE", "--role", "radiologist",
+        "--rpps", "10009000002", "--name", "Dr Ailleurs", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
+    stranger = httpx.get(
+        f"{exam.simral.http_url}/reading/tasks/{task}/viewer",
+        headers={"Authorization": f"Bearer {exam.simral.token_for('dr_ailleurs')}"},
+        follow_redirects=False,
+        timeout=30,
+    )
+    assert stranger.status_code == 404
