@@ -18,6 +18,7 @@ import httpx
 import pyotp
 from pydicom.uid import generate_uid
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from tests.portal_login import TotpDevice
 from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
@@ -73,6 +74,14 @@ class Platform:
     def context(self) -> AppContext:
         """An in-process view of the same database (for checks the API does not expose)."""
         return open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(self.simral.data_dir)}))
+
+
+def enrol_totp(session: Session, devices: dict[str, TotpDevice]) -> None:
+    """Pre-enrol each user's authenticator (by login), as if they had enrolled on the portal."""
+    for professional in session.scalars(select(Professional)):
+        if professional.login in devices:
+            professional.totp_secret = devices[professional.login].secret
+            professional.totp_enrolled_at = utcnow()
 
 
 def _schedule(ctx: AppContext, placer: str, name: tuple[str, str], *, with_mpps: bool) -> tuple[str, str]:
@@ -146,10 +155,7 @@ def start_platform(base: Path, exams: dict[str, tuple[str, str]]) -> Platform:
                 session, site_code="CHSUD", group_code="TLR", urgent_minutes=60, routine_minutes=240,
                 principal=SYSTEM,
             )  # fmt: skip
-            for professional in session.scalars(select(Professional)):
-                if professional.login in devices:
-                    professional.totp_secret = devices[professional.login].secret
-                    professional.totp_enrolled_at = utcnow()
+            enrol_totp(session, devices)
         for index, (placer, name) in enumerate(exams.items()):
             scheduled[placer] = _schedule(ctx, placer, name, with_mpps=index == 0)
     finally:

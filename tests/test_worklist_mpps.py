@@ -21,8 +21,6 @@ Step on the worklist:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +38,8 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select, update
 from tests.conftest import BACKENDS, backend_env
 from tests.corpus import ct_series
+from tests.dcmtk_tools import findscu_worklist
+from tests.dcmtk_tools import storescu as dcmtk_storescu
 from tests.simral_proc import SimralProcess
 
 from simral.access.policy import SYSTEM
@@ -232,66 +232,13 @@ def region(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 # ----------------------------------------------------------------------------------- dcmtk
 
 
-WORKLIST_KEYS = {
-    "PatientName": "",
-    "PatientID": "",
-    "IssuerOfPatientID": "",
-    "PatientBirthDate": "",
-    "PatientSex": "",
-    "OtherPatientIDsSequence": "",
-    "AccessionNumber": "",
-    "RequestedProcedureID": "",
-    "RequestedProcedureDescription": "",
-    "StudyInstanceUID": "",
-    "ScheduledProcedureStepSequence[0].Modality": "",
-    "ScheduledProcedureStepSequence[0].ScheduledStationAETitle": "",
-    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate": "",
-    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime": "",
-    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID": "",
-    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription": "",
-    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus": "",
-}
-_runs = iter(range(1_000_000))
-
-
 def findscu(region: Region, calling_ae: str, **values: str) -> dict[str, Dataset]:
     """dcmtk findscu -W (Modality Worklist); the answers by Study Instance UID."""
-    out = region.base / f"findscu-{next(_runs)}"
-    out.mkdir()
-    keys = dict(WORKLIST_KEYS)
-    for key, value in values.items():
-        keys[key.replace("__", ".")] = value
-    argv = ["findscu", "-W", "-aet", calling_ae, "-aec", region.simral.ae_title, "-X", "-od", str(out)]
-    for key, value in keys.items():
-        argv += ["-k", f"{key}={value}" if value else key]
-    argv += ["127.0.0.1", str(region.simral.dicom_port)]
-    result = subprocess.run(
-        argv, env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    answers = [dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
-    return {str(answer.StudyInstanceUID): answer for answer in answers}
+    return findscu_worklist(region.simral, region.base, calling_ae, **values)
 
 
 def storescu(region: Region, calling_ae: str, paths: list[Path]) -> None:
-    result = subprocess.run(
-        [
-            "storescu",
-            "-aet",
-            calling_ae,
-            "-aec",
-            region.simral.ae_title,
-            "127.0.0.1",
-            str(region.simral.dicom_port),
-        ]
-        + [str(p) for p in paths],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    dcmtk_storescu(region.simral, calling_ae, paths)
 
 
 def _images_for(region: Region, exam: Exam, name: str, seed: int) -> list[Path]:

@@ -147,7 +147,9 @@ def encapsulated_pdf(pdf: bytes, study: Dataset, identity: EncapsulatedPdfIdenti
         "IssuerOfAccessionNumberSequence",
         "StudyDescription",
     ):
-        if keyword in study:
+        # An empty optional sequence (a modality copying a zero-length worklist return key) is left
+        # out: these modules' sequences hold one or more items when present.
+        if keyword in study and not (study[keyword].VR == "SQ" and not study[keyword].value):
             ds[keyword] = study[keyword]
     for keyword in (
         "PatientName",
