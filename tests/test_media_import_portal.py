@@ -133,7 +133,8 @@ def _stored_patient_ids(site: Site, study_uid: str) -> list[tuple[str, list[str]
 def _wait_for_outcome(page: Page) -> None:
     """Until the status line says how the import ended (finished or failed)."""
     page.wait_for_function(
-        "() => /terminé|échoué/.test(document.getElementById('import-status').textContent)", timeout=60000
+        "() => /Import terminé|import a échoué/.test(document.getElementById('import-status').textContent)",
+        timeout=60000,
     )
 
 
