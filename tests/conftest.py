@@ -62,3 +62,27 @@ def artifacts_dir() -> Path:
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("corpus")
+
+
+#: The test files that take longest (``--durations``), started first so that the two pytest-xdist
+#: workers (``--dist loadfile``, files handed out in collection order) finish together.
+SLOW_FILES_FIRST = (
+    "test_crash_safety.py",
+    "test_reports.py",
+    "test_bad_input.py",
+    "test_worklist_mpps.py",
+    "test_report_browser.py",
+    "test_routing.py",
+    "test_access_matrix.py",
+    "test_teleradiology_requests.py",
+    "test_dimse_dcmtk.py",
+    "test_report_publication.py",
+    "test_media_export.py",
+    "test_shares.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow files first; a stable sort keeps each file's tests in their written order."""
+    rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))
