@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,3 +407,22 @@ def test_the_site_reads_the_signed_report_on_its_portal(setup: Setup, first: int
             httpx.get(f"{setup.simral.http_url}/reports/{first}/{document}", headers=other).status_code == 404
         )
     assert httpx.get(f"{setup.simral.http_url}/requests/{setup.request_id}", headers=other).status_code != 200
+
+
+def test_the_study_download_carries_the_report_as_a_pdf(setup: Setup, first: int, tmp_path: Path) -> None:
+    """The PDI ZIP of the study (what a patient downloads) holds the report once more as a plain
+    PDF under REPORTS/, the same bytes as the Encapsulated PDF stored in the study."""
+    _published(setup, first)
+    site = {"Authorization": f"Bearer {setup.tokens['manip_sud']}"}
+    response = httpx.get(
+        f"{setup.simral.http_url}/studies/{setup.study_uid}/export.zip", headers=site, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    path = tmp_path / "exam.zip"
+    path.write_bytes(response.content)
+    with zipfile.ZipFile(path) as media:
+        reports = sorted(name for name in media.namelist() if name.startswith("REPORTS/"))
+        assert reports and reports[0] == "REPORTS/CR0001.PDF"
+        pdfs = {hashlib.sha256(media.read(name)).hexdigest() for name in reports}
+        assert _published(setup, first).published["pdf_sha256"] in pdfs
+        assert "REPORTS/" in media.read("README.TXT").decode("ascii")

@@ -3,10 +3,11 @@
 The ZIP holds a DICOM File-set: ``DICOMDIR`` at the root (Basic Directory IOD, PS3.3 F.2, built
 with pydicom's :class:`~pydicom.fileset.FileSet`) and the instances under PS3.10 file IDs
 (``PT000000/ST000000/SE000000/IM000000``: upper-case, at most 8 characters per component), plus
-``README.TXT`` naming the content and the exporting platform. Instances are exported with their
-stored data sets; only what the principal may see goes in (access policy), and the export is
-audited (PS3.15 A.5.3.6 "Export"). The archive is built in a scratch folder on disk, never in
-memory, one instance at a time.
+``README.TXT`` naming the content and the exporting platform, and the studies' reports (DICOM
+Encapsulated PDF instances) once more as plain PDF files under ``REPORTS/`` for the patient.
+Instances are exported with their stored data sets; only what the principal may see goes in
+(access policy), and the export is audited (PS3.15 A.5.3.6 "Export"). The archive is built in a
+scratch folder on disk, never in memory, one instance at a time.
 
 A de-identified export (teaching, research) passes each instance through a
 :class:`~simral.sharing.deidentify.Deidentifier` (PS3.15 Annex E) on its way into the file-set;
@@ -22,8 +23,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pycdlib
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 from sqlalchemy.orm import Session
@@ -34,12 +36,16 @@ from simral.archive import service as archive
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
+from simral.reading.pdf import pdf_of_instance
 from simral.sharing.deidentify import Deidentifier
 from simral.sharing.models import DeidentifiedExport
 
 log = logging.getLogger(__name__)
 
 FILE_SET_ID = "SIMRAL"
+#: Non-DICOM content beside the file-set (IHE PDI allows it outside the DICOM folders).
+REPORTS_FOLDER = "REPORTS"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 class ExportError(ValueError):
@@ -57,6 +63,17 @@ class ExportResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: The stored pseudonym map of a de-identified export (its ``deidentified_export`` id).
     deidentified_export: int | None = None
+    #: Reports (Encapsulated PDF instances) also written as PDF files under ``REPORTS/``.
+    reports: int = 0
+
+
+def _report_pdf(path: Path, scratch: Path, number: int) -> Path:
+    """The PDF of an Encapsulated PDF instance (PS3.3 A.45.1), as a file the patient can open."""
+    folder = scratch / "reports"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"CR{number:04d}.PDF"
+    target.write_bytes(pdf_of_instance(dcmread(path)))
+    return target
 
 
 def _readme(result: ExportResult, patient_ids: set[str], deidentifier: Deidentifier | None = None) -> str:
@@ -67,6 +84,7 @@ def _readme(result: ExportResult, patient_ids: set[str], deidentifier: Deidentif
         "",
         "DICOMDIR           DICOM directory of this file-set (PS3.10); open it with any DICOM viewer.",
         "PT*/ST*/SE*/IM*    the images (DICOM Part 10 files).",
+        *([f"{REPORTS_FOLDER}/           the reports (PDF)."] if result.reports else []),
         "",
         f"Studies: {len(result.studies)}    Images: {result.instances}    Patients: {len(patient_ids)}",
         f"Exporting software: simral {__version__}",
@@ -100,6 +118,33 @@ def _deidentified_readme(result: ExportResult, patient_ids: set[str], deidentifi
     return "\r\n".join(lines) + "\r\n"
 
 
+def _write_iso(destination: Path, entries: list[tuple[Path, str]]) -> None:
+    """An ISO 9660 Level 1 image of the file-set (PS3.12 Annex F: 120 mm CD-R media, the file IDs
+    already PS3.10-conformant: upper case, 8 characters, no extension except README.TXT and the
+    report PDFs), built with pycdlib; files are streamed from disk when the image is written."""
+    image = pycdlib.PyCdlib()
+    image.new(interchange_level=1, vol_ident=FILE_SET_ID)
+    folders: set[str] = set()
+    handles = []
+    try:
+        for path, name in entries:
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/" + "/".join(parts[:depth])
+                if folder not in folders:
+                    image.add_directory(folder)
+                    folders.add(folder)
+            leaf = parts[-1] if "." in parts[-1] else parts[-1] + "."
+            handle = path.open("rb")
+            handles.append(handle)
+            image.add_fp(handle, path.stat().st_size, "/" + "/".join([*parts[:-1], leaf]) + ";1")
+        image.write(str(destination))
+    finally:
+        image.close()
+        for handle in handles:
+            handle.close()
+
+
 def export_pdi(
     ctx: AppContext,
     principal: Principal,
@@ -107,9 +152,11 @@ def export_pdi(
     destination: Path,
     *,
     deidentifier: Deidentifier | None = None,
+    image: Literal["zip", "iso"] = "zip",
 ) -> ExportResult:
-    """Write the visible instances of ``study_uids`` as a PDI ZIP at ``destination`` (audited);
-    with ``deidentifier``, each instance de-identified and the pseudonym map stored."""
+    """Write the visible instances of ``study_uids`` as a PDI ZIP (or a CD image, ``image="iso"``)
+    at ``destination`` (audited); with ``deidentifier``, each instance de-identified and the
+    pseudonym map stored."""
     result = ExportResult(destination)
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=ctx.store.scratch_dir()))
     try:
@@ -117,6 +164,8 @@ def export_pdi(
         file_set.ID = FILE_SET_ID
         patient_ids: set[str] = set()
         per_study: dict[str, int] = {}
+        #: The reports stored in the studies (Encapsulated PDF), also given as plain PDF files.
+        reports: list[Path] = []
         for study_uid in dict.fromkeys(study_uids):
             with ctx.db.reading() as session:
                 instances = archive.find_instances(session, principal=principal, study_uid=study_uid)
@@ -125,6 +174,8 @@ def export_pdi(
                     try:
                         if deidentifier is None:
                             added = file_set.add(path)
+                            if instance.sop_class_uid == ENCAPSULATED_PDF:
+                                reports.append(_report_pdf(path, scratch, len(reports) + 1))
                         else:
                             dataset = dcmread(path)
                             refused = deidentifier.refuses(dataset)
@@ -144,16 +195,24 @@ def export_pdi(
         media = scratch / "media"
         media.mkdir()
         file_set.write(media)
+        result.reports = len(reports)
         readme = _readme(result, patient_ids, deidentifier)
         (media / "README.TXT").write_text(readme, encoding="ascii", errors="replace")
+        entries = [(media / "DICOMDIR", "DICOMDIR"), (media / "README.TXT", "README.TXT")]
+        for path in sorted(media.rglob("*")):
+            relative = path.relative_to(media).as_posix()
+            if path.is_file() and relative not in ("DICOMDIR", "README.TXT"):
+                entries.append((path, relative))
+        entries += [(report, f"{REPORTS_FOLDER}/{report.name}") for report in reports]
         partial = destination.with_name(destination.name + ".partial")
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive_zip:
-            archive_zip.write(media / "DICOMDIR", "DICOMDIR")
-            archive_zip.write(media / "README.TXT", "README.TXT")
-            for path in sorted(media.rglob("*")):
-                relative = path.relative_to(media).as_posix()
-                if path.is_file() and relative not in ("DICOMDIR", "README.TXT"):
-                    archive_zip.write(path, relative)
+        if image == "iso":
+            _write_iso(partial, entries)
+        else:
+            with zipfile.ZipFile(
+                partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True
+            ) as archive_zip:
+                for path, name in entries:
+                    archive_zip.write(path, name)
         partial.replace(destination)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
