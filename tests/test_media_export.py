@@ -24,6 +24,7 @@ from tests.dicomcmp import same_instance
 from tests.simral_proc import SimralProcess
 
 DCIODVFY = "/usr/bin/dciodvfy"
+XORRISO = "/usr/bin/xorriso"
 
 
 def _uids(paths: list[Path]) -> dict[str, Path]:
@@ -131,3 +132,41 @@ def test_portal_download_follows_the_access_policy(originals: dict[str, list[Pat
         while (scratch := list(simral.data_dir.rglob(".export-*"))) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert scratch == [], f"scratch files left behind: {scratch}"
+
+
+def test_cd_image_export_read_by_xorriso(originals: dict[str, list[Path]], tmp_path: Path) -> None:
+    """``simral export --iso``: an ISO 9660 image (PS3.12 Annex F, 120 mm CD-R) that another tool
+    (Debian's xorriso) lists and extracts: DICOMDIR and README.TXT at the root, PS3.10 file IDs,
+    the DICOMDIR valid for dciodvfy, every instance's data set equal to the original."""
+    source = SimralProcess(tmp_path / "a")
+    source.cli("import", str(originals["ct"][0].parent))
+    everything = _uids(originals["ct"])
+    study_uid = str(dcmread(originals["ct"][0], stop_before_pixels=True).StudyInstanceUID)
+    image = tmp_path / "exam.iso"
+    source.cli("export", study_uid, "--iso", "--output", str(image))
+    listed = subprocess.run(
+        [XORRISO, "-indev", str(image), "-find", "/", "-type", "f"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    files = sorted(line.strip().strip("'") for line in listed.splitlines() if line.strip().startswith("'/"))
+    assert "/DICOMDIR" in files and "/README.TXT" in files
+    images = [f for f in files if f not in ("/DICOMDIR", "/README.TXT")]
+    assert len(images) == len(everything)
+    for name in images:
+        for component in name.strip("/").split("/"):
+            assert len(component) <= 8 and component.isupper()
+    extracted = tmp_path / "cd"
+    subprocess.run(
+        [XORRISO, "-osirrox", "on", "-indev", str(image), "-extract", "/", str(extracted)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert _dciodvfy_errors(extracted / "DICOMDIR") == []
+    file_set = FileSet(dcmread(extracted / "DICOMDIR"))
+    assert {str(i.SOPInstanceUID) for i in file_set} == set(everything)
+    for instance in file_set:
+        assert same_instance(everything[str(instance.SOPInstanceUID)], Path(instance.path)) is None

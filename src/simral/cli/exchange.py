@@ -32,10 +32,18 @@ def routes_add(
     from_ae: Annotated[str, typer.Option(help="Only instances sent by this calling AE title.")] = "",
     modality: Annotated[str, typer.Option(help="Only series of this modality (CT, MR...).")] = "",
     description: Annotated[str, typer.Option(help="Study description pattern (* and ?, any case).")] = "",
+    prefetch_for: Annotated[
+        str,
+        typer.Option(
+            help="A prefetch rule for this reading group: when one of its reading tasks becomes ready, "
+            "send the study and the patient's priors from the requesting site (instead of new instances)."
+        ),
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """Forward every new instance matching all the given criteria to one destination."""
+    """Forward every new instance matching all the given criteria to one destination (or, with
+    --prefetch-for, each ready reading task's study and priors)."""
     from simral.access.policy import AccessDenied
     from simral.sharing import service as sharing
 
@@ -50,6 +58,7 @@ def routes_add(
             source=from_ae,
             modality=modality,
             study_description=description,
+            reading_group=prefetch_for,
             principal=cli_principal(),
         )
     out.print(f"route {name} added (to {to or to_dicomweb})")
@@ -63,7 +72,9 @@ def routes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
         rules = sharing.list_rules(session)
-        table = Table("name", "organisation", "from AE", "modality", "description", "to", "protocol")
+        table = Table(
+            "name", "organisation", "from AE", "modality", "description", "prefetch for", "to", "protocol"
+        )
         for rule in rules:
             table.add_row(
                 rule.name,
@@ -71,6 +82,7 @@ def routes_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
                 rule.source,
                 rule.modality,
                 rule.study_description,
+                rule.reading_group,
                 rule.destination_node or rule.destination_dicomweb,
                 "C-STORE" if rule.destination_node else "STOW-RS",
             )
@@ -200,6 +212,9 @@ def _act(job_ids: list[int], verb: str, data_dir: DataDir, config: ConfigFile) -
 def export(
     study_uids: list[str],
     output: Annotated[Path, typer.Option("--output", "-o", help="ZIP file to write (IHE PDI layout).")],
+    iso: Annotated[
+        bool, typer.Option("--iso", help="Write a CD image (ISO 9660, PS3.12 Annex F) instead of a ZIP.")
+    ] = False,
     deidentify: Annotated[
         bool,
         typer.Option(
@@ -240,7 +255,7 @@ def export(
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """Export studies as a ZIP with a DICOMDIR (IHE PDI), as the CLI operator (audited)."""
+    """Export studies as a ZIP or a CD image with a DICOMDIR (IHE PDI), as the CLI operator (audited)."""
     from simral.sharing import media
     from simral.sharing.deidentify import Deidentifier, DeidentifyOptions
 
@@ -258,7 +273,9 @@ def export(
     ctx = _open(config, data_dir)
     deidentifier = Deidentifier(options) if deidentify else None
     with reported(media.ExportError):
-        result = media.export_pdi(ctx, cli_principal(), study_uids, output, deidentifier=deidentifier)
+        result = media.export_pdi(
+            ctx, cli_principal(), study_uids, output, deidentifier=deidentifier, image="iso" if iso else "zip"
+        )
     out.print(f"{output}: {result.instances} instances of {len(result.studies)} studies")
     if result.deidentified_export is not None:
         out.print(f"de-identified export {result.deidentified_export} (pseudonym map kept)")
