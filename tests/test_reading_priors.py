@@ -1,10 +1,12 @@
 """Priors go with a reading task (issue 6 item 4: "opening a task launches OHIF with the study and
-the patient's prior studies the radiologist may see").
+the patient's prior studies the radiologist may see"; issue 7 item 1: prefetch to a reading site).
 
 CHSUD holds an earlier CT of the patient (same IPP, imported before the exam) and a study of another
 patient. When the new exam's task becomes ready, the reading group receives the patient's earlier
 study with it (the site's contract covers it), not the other patient's; "Ouvrir" redirects to OHIF
-with both Study Instance UIDs, the current one first.
+with both Study Instance UIDs, the current one first. The group's own workstation (a dcmtk storescp
+registered as a node, with a prefetch rule ``simral routes add --prefetch-for TLR``) receives the
+exam and the prior over C-STORE, and nothing of the other patient.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 from tests.corpus import ct_series
+from tests.peers import StoreSCP
 from tests.report_setup import OID_SITE, PASSWORD, _schedule
 from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
@@ -36,6 +39,7 @@ class Exam:
     study_uid: str
     prior_uid: str
     other_uid: str
+    workstation: StoreSCP
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(
@@ -59,6 +63,9 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
         "--name", "Claire Roux", "--password-stdin", input=PASSWORD + "\n",
     )  # fmt: skip
     simral.add_node("scanner", "SCANNER1", 104, organisation="CHSUD")
+    workstation = StoreSCP(aet="LECTURE1")
+    simral.add_node("lecture_tlr", "LECTURE1", workstation.port, organisation="TLR")
+    simral.cli("routes", "add", "prefetch-tlr", "--to", "lecture_tlr", "--prefetch-for", "TLR")
     prior = ct_series(base / "prior", slices=1, rows=32, cols=32, patient_id="IPP-PRI1", seed=111)
     other = ct_series(base / "other", slices=1, rows=32, cols=32, patient_id="IPP-AUTRE", seed=112)
     simral.cli("import", str(base / "prior"), str(base / "other"), "--organisation", "CHSUD")
@@ -70,7 +77,7 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
     finally:
         ctx.db.dispose()
     token = simral.token_for("dr_roux")
-    with simral:
+    with workstation, simral:
         _store(simral, base, study_uid, accession, "MARTIN^Lou", 113, patient_id="IPP-PRI1")
         yield Exam(
             simral,
@@ -78,6 +85,7 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
             study_uid,
             str(dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID),
             str(dcmread(other[0], stop_before_pixels=True).StudyInstanceUID),
+            workstation,
         )
 
 
@@ -101,6 +109,21 @@ def test_the_group_receives_the_patients_earlier_study_and_opens_both(exam: Exam
     location = urlparse(opened.headers["location"])
     assert location.path == "/viewer/viewer"
     assert parse_qs(location.query)["StudyInstanceUIDs"] == [f"{exam.study_uid},{exam.prior_uid}"]
+
+
+def test_the_reading_sites_workstation_receives_the_exam_and_its_prior(exam: Exam) -> None:
+    _ready_task(exam)
+    deadline = time.monotonic() + 60
+    received: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        received = {}
+        for path in exam.workstation.files():
+            uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+            received[uid] = received.get(uid, 0) + 1
+        if received.get(exam.study_uid) == 12 and received.get(exam.prior_uid) == 1:
+            break
+        time.sleep(0.5)
+    assert received == {exam.study_uid: 12, exam.prior_uid: 1}  # every instance once, no other patient
 
 
 def test_a_radiologist_of_no_group_cannot_open_it(exam: Exam, tmp_path: Path) -> None:

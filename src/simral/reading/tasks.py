@@ -59,6 +59,7 @@ from simral.reading.models import (
     ReadingTask,
     ScheduledProcedure,
 )
+from simral.sharing import service as sharing
 
 #: Who the periodic checks act as in the audit trail.
 READING_SYSTEM = Principal(kind="system", name="reading-tasks", archive_wide=True, via="scheduler")
@@ -201,6 +202,8 @@ def _make_ready(session: Session, task: ReadingTask, *, now: datetime, reason: s
     priors = site_priors(session, task.study_uid, task.site_code)
     for prior in priors:
         _attach_group(session, prior, task.group_code, now=now)
+    # The reading site's own workstation or PACS, if it has a prefetch rule, gets them all now.
+    sharing.prefetch_for_reading(session, group_code=task.group_code, study_uids=[task.study_uid, *priors])
     audit.record(
         session,
         action="reading-task.ready",

@@ -16,7 +16,8 @@ class RoutingRule(Base):
 
     Criteria: the organisation the study belongs to, the calling AE title (or user) that sent it,
     the series modality, and the study description (``*`` and ``?`` wildcards, case-insensitive).
-    Destination: a registered DICOM node (C-STORE) or a DICOMweb peer (STOW-RS).
+    Destination: a registered DICOM node (C-STORE) or a DICOMweb peer (STOW-RS). A rule with a
+    ``reading_group`` is a prefetch rule (see the column).
     """
 
     __tablename__ = "routing_rule"
@@ -29,6 +30,10 @@ class RoutingRule(Base):
     study_description: Mapped[str] = mapped_column(String(64), default="")
     destination_node: Mapped[str] = mapped_column(String(64), default="")
     destination_dicomweb: Mapped[str] = mapped_column(String(64), default="")
+    #: A prefetch rule: instead of new instances, it sends the study and its priors (the
+    #: requesting site's earlier studies of the patient) when a reading task of this group
+    #: becomes ready (IHE SWF "request assignment"; the reading site's own workstation or PACS).
+    reading_group: Mapped[str] = mapped_column(String(32), default="", server_default="")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

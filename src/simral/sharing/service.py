@@ -55,8 +55,11 @@ def create_rule(
     source: str = "",
     modality: str = "",
     study_description: str = "",
+    reading_group: str = "",
 ) -> RoutingRule:
-    """Add a rule; exactly one destination, which must be registered (audited)."""
+    """Add a rule; exactly one destination, which must be registered (audited). With
+    ``reading_group`` it is a prefetch rule: it sends the study of each reading task of that group
+    that becomes ready, and its priors, rather than new instances."""
     if not may_manage(principal, source_organisation or None):
         raise AccessDenied(f"{principal.audit_name} may not add routing rules")
     if bool(destination_node) == bool(destination_dicomweb):
@@ -80,6 +83,7 @@ def create_rule(
         source=source.strip(),
         modality=modality.strip().upper(),
         study_description=study_description,
+        reading_group=reading_group.strip(),
         enabled=True,
         created_at=utcnow(),
     )
@@ -244,35 +248,78 @@ def route_changes(session: Session, *, limit: int = 500) -> int:
     end = _last_seq(session, after, limit)
     if end == after:
         return 0
-    rules = [rule for rule in list_rules(session) if rule.enabled]
+    enabled = [rule for rule in list_rules(session) if rule.enabled]
+    rules = [rule for rule in enabled if not rule.reading_group]
+    prefetch = [rule for rule in enabled if rule.reading_group]
     enqueued = 0
-    for item in _new_instances(session, after, limit) if rules else []:
+    for item in _new_instances(session, after, limit) if enabled else []:
         if item.seq > end:
             break
         for rule in rules:
             if not _matches(rule, item):
                 continue
-            kind, destination = (
-                (FORWARD_DIMSE, rule.destination_node)
-                if rule.destination_node
-                else (FORWARD_STOW, rule.destination_dicomweb)
-            )
-            job = jobs.enqueue(
-                session,
-                kind=kind,
-                payload={
-                    "destination": destination,
-                    "study_uid": item.study_uid,
-                    "sop_uid": item.sop_uid,
-                    "rule": rule.name,
-                },
-                group_key=f"{kind}:{destination}",
-                dedupe_key=f"{kind}:{destination}:{item.sop_uid}",
-            )
-            enqueued += job is not None
+            enqueued += _enqueue_forward(session, rule, item.study_uid, item.sop_uid)
+        if prefetch:
+            # Images of a study already being read (they kept arriving after its task was ready).
+            groups = _reading_groups(session, item.study_uid)
+            for rule in prefetch:
+                if rule.reading_group in groups:
+                    enqueued += _enqueue_forward(session, rule, item.study_uid, item.sop_uid)
     cursor.last_seq = end
     cursor.updated_at = utcnow()
     return enqueued
+
+
+def _enqueue_forward(session: Session, rule: RoutingRule, study_uid: str, sop_uid: str) -> bool:
+    """One forwarding job for one instance to the rule's destination (deduplicated per instance
+    and destination while a job for it is active)."""
+    kind, destination = (
+        (FORWARD_DIMSE, rule.destination_node)
+        if rule.destination_node
+        else (FORWARD_STOW, rule.destination_dicomweb)
+    )
+    job = jobs.enqueue(
+        session,
+        kind=kind,
+        payload={"destination": destination, "study_uid": study_uid, "sop_uid": sop_uid, "rule": rule.name},
+        group_key=f"{kind}:{destination}",
+        dedupe_key=f"{kind}:{destination}:{sop_uid}",
+    )
+    return job is not None
+
+
+def _reading_groups(session: Session, study_uid: str) -> set[str]:
+    """The groups with a reading task of the study that is ready, claimed or reported."""
+    from simral.reading.models import TASK_CLAIMED, TASK_READY, TASK_REPORTED, ReadingTask
+
+    return set(
+        session.scalars(
+            select(ReadingTask.group_code).where(
+                ReadingTask.study_uid == study_uid,
+                ReadingTask.state.in_((TASK_READY, TASK_CLAIMED, TASK_REPORTED)),
+            )
+        )
+    )
+
+
+def prefetch_for_reading(session: Session, *, group_code: str, study_uids: list[str]) -> int:
+    """Enqueue, for every enabled prefetch rule of ``group_code``, the instances of ``study_uids``
+    (a ready task's study and its priors), in the caller's transaction; how many jobs. Images of
+    the study stored after this are sent by the router (:func:`route_changes`)."""
+    rules = [
+        rule
+        for rule in session.scalars(select(RoutingRule).where(RoutingRule.reading_group == group_code))
+        if rule.enabled
+    ]
+    if not rules or not study_uids:
+        return 0
+    instances = session.execute(
+        select(Study.study_uid, Instance.sop_uid)
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .where(Study.study_uid.in_(study_uids))
+    ).all()
+    return sum(_enqueue_forward(session, rule, study, sop) for rule in rules for study, sop in instances)
 
 
 # ------------------------------------------------------------------------------------------ shares
