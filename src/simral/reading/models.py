@@ -253,6 +253,9 @@ class ReadingTask(Base):
     #: The radiologist holding the task (login) since ``claimed_at``; empty when unclaimed.
     claimed_by: Mapped[str] = mapped_column(String(128), default="")
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The Transaction UID (0008,1195) of the UPS-RS performer that set the workitem IN PROGRESS
+    #: (PS3.4 CC.1.1, :mod:`simral.reading.workitems`); empty when not claimed through UPS-RS.
+    ups_transaction_uid: Mapped[str] = mapped_column(String(64), default="")
     #: When the group was alerted that the deadline was near or passed.
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -13,6 +13,7 @@ from simral.archive.models import Instance, Patient, Series, Study
 from simral.context import AppContext
 from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
+from simral.dicomweb.workitems import mount_workitems
 from simral.fhir.api import mount_fhir
 from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
@@ -65,6 +66,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_archive_api(web, ctx)
     mount_dicomweb(web, ctx)
     mount_wado_uri(web, ctx)
+    mount_workitems(web, ctx)
     mount_pages(web, ctx)
     mount_portal(web, ctx)
     mount_admin(web, ctx)

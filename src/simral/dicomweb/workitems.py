@@ -1,0 +1,224 @@
+"""UPS-RS workitems under ``/dicom-web/workitems`` (PS3.18 §11): the reading tasks as Unified
+Procedure Steps for external reading tools (UPS Pull, PS3.4 Annex CC).
+
+- Search (11.9) ``GET /workitems``: matching on ProcedureStepState, ScheduledProcedureStepPriority,
+  PatientID and the Study Instance UID of the Input Information Sequence; ``limit`` / ``offset``.
+- Retrieve (11.5) ``GET /workitems/{uid}``.
+- Change State (11.7) ``PUT /workitems/{uid}/state``: IN PROGRESS, COMPLETED, CANCELED with the
+  Transaction UID (the mapping onto the reading tasks is :mod:`simral.reading.workitems`).
+
+Create (11.4), Update (11.6), Request Cancellation (11.8) and the subscriptions (11.10-11.11) are
+answered 501: workitems are made by the teleradiology flows, not by clients. The reading service
+decides who sees and changes what, and writes the audit records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydicom.dataset import Dataset
+
+from simral.archive.service import audit_query
+from simral.context import AppContext
+from simral.dicomweb.api import DICOM_JSON, PREFIX, public_root
+from simral.dicomweb.media import parse_accept
+from simral.reading import workitems
+from simral.web.auth import request_principal
+
+#: Search page size when the client gives none, and the most one page holds.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+#: Search keys (PS3.18 11.9.3.2) by keyword and by tag, and their meaning.
+KEYS = {
+    "ProcedureStepState": "state",
+    "00741000": "state",
+    "ScheduledProcedureStepPriority": "priority",
+    "00741200": "priority",
+    "PatientID": "patient",
+    "00100020": "patient",
+    "StudyInstanceUID": "study",
+    "0020000D": "study",
+    "InputInformationSequence.StudyInstanceUID": "study",
+    "00404021.0020000D": "study",
+}
+#: Query parameters that are not matching keys (PS3.18 8.3.4).
+CONTROLS = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+def _warning(text: str) -> dict[str, str]:
+    """A Warning header (PS3.18 8.2.2 / 11.7.3.3)."""
+    return {"Warning": f'299 simral: "{text}"'}
+
+
+def _error(status: int, text: str) -> Response:
+    return Response(
+        orjson.dumps({"error": text}),
+        status_code=status,
+        media_type="application/json",
+        headers=_warning(text),
+    )
+
+
+def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), media_type=DICOM_JSON, headers=headers)
+
+
+def _accepts_json(request: Request) -> bool:
+    ranges = parse_accept(request.headers.get("accept"))
+    return any(r.media_type in {"*/*", "application/*", DICOM_JSON, "application/json"} for r in ranges)
+
+
+def _number(text: str | None, default: int, name: str) -> int:
+    if text is None or text == "":
+        return default
+    if not text.isdigit():
+        raise ValueError(f"{name} must be a non-negative integer")
+    return int(text)
+
+
+def parse_search(params: list[tuple[str, str]]) -> tuple[workitems.Match, int, int, list[str]]:
+    """The match, limit, offset and the ignored keys of a Search query (PS3.18 11.9.3)."""
+    values: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    limit_text = offset_text = None
+    for key, value in params:
+        if key == "limit":
+            limit_text = value
+        elif key == "offset":
+            offset_text = value
+        elif key in CONTROLS:
+            continue
+        elif key.upper() in KEYS or key in KEYS:
+            meaning = KEYS.get(key) or KEYS[key.upper()]
+            values.setdefault(meaning, []).extend(v.strip() for v in value.replace("\\", ",").split(","))
+        else:
+            ignored.append(key[:64])
+    limit = min(_number(limit_text, DEFAULT_LIMIT, "limit"), MAX_LIMIT)
+    offset = _number(offset_text, 0, "offset")
+    states = tuple(v.upper() for v in values.get("state", []) if v)
+    for key in ("priority", "patient", "study"):
+        if len([v for v in values.get(key, []) if v]) > 1:
+            raise ValueError(f"a single value is matched for {key}")
+    match = workitems.Match(
+        states=states,
+        priority=next((v.upper() for v in values.get("priority", []) if v), ""),
+        patient_id=next((v for v in values.get("patient", []) if v), ""),
+        study_uid=next((v for v in values.get("study", []) if v), ""),
+    )
+    return match, limit, offset, ignored
+
+
+def parse_state_request(body: bytes) -> tuple[str, str]:
+    """The Procedure Step State and Transaction UID of a Change State payload (PS3.18 11.7.2)."""
+    try:
+        decoded = orjson.loads(body)
+        if isinstance(decoded, list):
+            if len(decoded) != 1:
+                raise ValueError("one dataset expected")
+            decoded = decoded[0]
+        if not isinstance(decoded, dict):
+            raise ValueError("a DICOM JSON object expected")
+        dataset = Dataset.from_json(decoded)
+    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
+        raise ValueError(f"the payload is not DICOM JSON: {exc}") from None
+    state = str(dataset.get("ProcedureStepState", "") or "").strip()
+    transaction = str(dataset.get("TransactionUID", "") or "").strip()
+    return state, transaction
+
+
+def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
+    """Add the UPS-RS services (PS3.18 §11) to ``web``."""
+
+    def root(request: Request) -> str:
+        return public_root(request, ctx.settings.public_url) + PREFIX
+
+    @web.get(PREFIX + "/workitems")
+    def search_workitems(request: Request) -> Response:
+        """Search Transaction (PS3.18 11.9): 200 with the matches, 204 when none."""
+        if not _accepts_json(request):
+            return _error(406, "workitems are available as application/dicom+json")
+        principal = request_principal(request)
+        try:
+            match, limit, offset, ignored = parse_search(list(request.query_params.multi_items()))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        with ctx.db.reading() as session:
+            items, more = workitems.search(
+                session, principal, match, limit=limit, offset=offset, root=root(request)
+            )
+            body = workitems.to_json(items)
+        keys = {k: v[:200] for k, v in request.query_params.items()}
+        if match.study_uid:
+            keys["StudyInstanceUID"] = match.study_uid[:64]
+        audit_query(ctx, principal, protocol="UPS-RS", level="WORKITEM", keys=keys, matches=len(body))
+        headers: dict[str, str] = {}
+        if ignored:
+            headers = _warning(f"The following attributes were not used for matching: {', '.join(ignored)}")
+        elif more:
+            headers = _warning("There are additional results that can be requested")
+        if not body:
+            return Response(status_code=204, headers=headers)
+        return _json(body, headers)
+
+    @web.get(PREFIX + "/workitems/{uid}")
+    def retrieve_workitem(request: Request, uid: str) -> Response:
+        """Retrieve Transaction (PS3.18 11.5): the workitem as an array of one, 404 when unknown or
+        not visible."""
+        if not _accepts_json(request):
+            return _error(406, "workitems are available as application/dicom+json")
+        principal = request_principal(request)
+        with ctx.db.reading() as session:
+            item = workitems.retrieve(session, principal, uid, root=root(request))
+            body = workitems.to_json([item]) if item is not None else []
+        audit_query(
+            ctx,
+            principal,
+            protocol="UPS-RS",
+            level="WORKITEM",
+            keys={"SOPInstanceUID": uid[:64]},
+            matches=len(body),
+        )
+        if not body:
+            return _error(404, "The Target Workitem was not found")
+        return _json(body)
+
+    @web.put(PREFIX + "/workitems/{uid}/state")
+    async def change_workitem_state(request: Request, uid: str) -> Response:
+        """Change State Transaction (PS3.18 11.7; PS3.4 CC.2.1.3)."""
+        principal = request_principal(request)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in {DICOM_JSON, "application/json"}:
+            return _error(415, "the payload must be application/dicom+json")
+        try:
+            state, transaction = parse_state_request(await request.body())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            with ctx.db.unit_of_work() as session:
+                change = workitems.change_state(
+                    session, principal, uid, state=state, transaction_uid=transaction
+                )
+                warning = change.warning if change is not None else ""
+        except workitems.WorkitemError as exc:
+            return _error(exc.status, exc.warning)
+        if change is None:
+            return _error(404, "The Target Workitem was not found")
+        return Response(status_code=200, headers=_warning(warning) if warning else None)
+
+    def not_implemented(request: Request) -> Response:
+        return _error(
+            501,
+            "simral creates workitems from the teleradiology flows; this UPS-RS transaction is not supported",
+        )
+
+    for path, methods in (
+        ("/workitems", ["POST"]),  # Create (11.4)
+        ("/workitems/{uid}", ["POST"]),  # Update (11.6)
+        ("/workitems/{uid}/cancelrequest", ["POST"]),  # Request Cancellation (11.8)
+        ("/workitems/{uid}/subscribers/{aet}", ["POST", "DELETE"]),  # (Un)subscribe (11.10-11)
+        ("/workitems/{uid}/subscribers/{aet}/suspend", ["POST"]),  # Suspend Global Subscription
+    ):
+        web.add_api_route(PREFIX + path, not_implemented, methods=methods, include_in_schema=False)
