@@ -912,10 +912,9 @@ def find_instances(
     series_uid: str | None = None,
     sop_uid: str | None = None,
 ) -> list[StoredInstance]:
-    """The visible instances of a study, series or single instance, in sending order, each with
-    the patient identification the principal's organisation knows (:func:`with_shown_identities`)."""
-    found = list(iter_instances(session, _scope(instances_query(principal), study_uid, series_uid, sop_uid)))
-    return with_shown_identities(session, principal, found)
+    """The visible instances of a study, series or single instance, in sending order. Paths that
+    send headers pass them through :func:`with_shown_identities` (frames and renderings need not)."""
+    return list(iter_instances(session, _scope(instances_query(principal), study_uid, series_uid, sop_uid)))
 
 
 def shown_patients(

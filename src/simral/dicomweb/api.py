@@ -21,6 +21,7 @@ from simral.archive.service import (
     audit_reads,
     find_instances,
     instances_metadata,
+    with_shown_identities,
 )
 from simral.context import AppContext
 from simral.dicom.frames import FrameError, media_type_of
@@ -168,6 +169,8 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
         except NotAcceptable as exc:
             raise DicomwebError(406, str(exc)) from None
         found = _instances(request, study, series, sop)
+        with ctx.db.reading() as session:
+            found = with_shown_identities(session, request_principal(request), found)
         plan = []
         for instance in found:
             target = choose_syntax(instance.transfer_syntax_uid, acceptable)

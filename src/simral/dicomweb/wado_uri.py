@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from simral.archive.service import audit_reads, find_instances
+from simral.archive.service import audit_reads, find_instances, with_shown_identities
 from simral.context import AppContext
 from simral.dicom.frames import FrameError
 from simral.dicom.render import NotAcceptable as RenderNotAcceptable
@@ -37,8 +37,10 @@ def mount_wado_uri(web: FastAPI, ctx: AppContext) -> None:
         if q.get("anonymize") == "yes":
             return _error(400, "anonymize is not supported")
         with ctx.db.reading() as session:
-            found = find_instances(
-                session, principal=principal, study_uid=study, series_uid=series, sop_uid=sop
+            found = with_shown_identities(
+                session,
+                principal,
+                find_instances(session, principal=principal, study_uid=study, series_uid=series, sop_uid=sop),
             )
         audit_reads(
             ctx,
