@@ -224,18 +224,24 @@ def _make_ready(session: Session, task: ReadingTask, *, now: datetime, reason: s
 PRIORS = 5
 
 
-def visible_priors(
-    session: Session, study_uid: str, *, principal: Principal, limit: int = PRIORS
-) -> list[str]:
-    """The patient's other studies ``principal`` may see (every identity of the person, every
-    site; filtered by the access policy), newest first."""
+def _other_studies_of_person(session: Session, study_uid: str) -> list[int]:
+    """The other archived studies of the study's person (identity service: merged and linked
+    identities included)."""
     from simral.patients import service as patients  # the identity service
 
     study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
     person = patients.study_person(session, study_pk) if study_pk is not None else None
     if person is None:
         return []
-    candidates = [pk for pk in patients.person_study_pks(session, person) if pk != study_pk]
+    return [pk for pk in patients.person_study_pks(session, person) if pk != study_pk]
+
+
+def visible_priors(
+    session: Session, study_uid: str, *, principal: Principal, limit: int = PRIORS
+) -> list[str]:
+    """The patient's other studies ``principal`` may see (every identity of the person, every
+    site; filtered by the access policy), newest first."""
+    candidates = _other_studies_of_person(session, study_uid)
     if not candidates:
         return []
     query = visible_studies(principal, select(Study.study_uid).where(Study.id.in_(candidates)))
@@ -245,30 +251,24 @@ def visible_priors(
 
 
 def site_priors(session: Session, study_uid: str, site_code: str, *, limit: int = PRIORS) -> list[str]:
-    """The requesting site's other studies of the same person (identity service: merged and linked
-    identities included), newest first: the priors a remote radiologist compares with. The contract
-    between the site and the reading group covers them; other sites' studies are not attached (they
-    stay behind their own sharing decisions)."""
-    from simral.patients import service as patients  # the identity service
-
-    study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
-    if study_pk is None or not site_code:
-        return []
-    person = patients.study_person(session, study_pk)
-    if person is None:
-        return []
-    candidates = [pk for pk in patients.person_study_pks(session, person) if pk != study_pk]
+    """The requesting site's other studies of the same person, newest first: the priors a remote
+    radiologist compares with. The contract between the site and the reading group covers them;
+    other sites' studies are not attached (they stay behind their own sharing decisions)."""
+    candidates = _other_studies_of_person(session, study_uid) if site_code else []
     if not candidates:
         return []
-    rows = session.execute(
-        select(Study.study_uid, Study.study_date, Study.study_time)
-        .join(StudyOrganisation, StudyOrganisation.study_pk == Study.id)
-        .where(Study.id.in_(candidates), StudyOrganisation.organisation_code == site_code)
+    query = (
+        select(Study.study_uid)
+        .where(
+            Study.id.in_(candidates),
+            Study.id.in_(
+                select(StudyOrganisation.study_pk).where(StudyOrganisation.organisation_code == site_code)
+            ),
+        )
+        .order_by(Study.study_date.desc(), Study.study_time.desc())
+        .limit(limit)
     )
-    ordered = sorted(
-        {(uid, date, time) for uid, date, time in rows}, key=lambda r: (r[1], r[2]), reverse=True
-    )
-    return [uid for uid, _date, _time in ordered[:limit]]
+    return list(session.scalars(query))
 
 
 def _task_for_procedure(
