@@ -33,7 +33,8 @@ from tests.corpus import data_file
 from simral.access.policy import Principal
 from simral.app import open_app
 from simral.archive import service as archive
-from simral.archive.models import Blob, Instance, Series
+from simral.archive.models import Blob, Instance, Patient, Series
+from simral.audit.models import AuditEvent
 from simral.config import load_settings
 from simral.context import AppContext
 from simral.dmp.manifest import (
@@ -288,6 +289,13 @@ def test_stored_through_ingest_versions_and_retry(exam: Exam) -> None:
         read_back = dcmread(stream)
     assert manifest_references(read_back) == exam.stored
     assert (read_back.PatientID, read_back.IssuerOfPatientID) == (NIR, "ASIP-SANTE-INS-NIR")
+    # Named by INS, the manifest joins the study's patient (held under the site's IPP): no second
+    # patient row, no patient-mismatch warning for identity vigilance.
+    with exam.ctx.db.reading() as session:
+        assert session.scalar(select(func.count(Patient.id)).where(Patient.patient_id == NIR)) == 0
+        assert session.scalar(select(func.count(Patient.id))) == 1
+        mismatch = select(func.count(AuditEvent.id)).where(AuditEvent.action == "study.patient-mismatch")
+        assert session.scalar(mismatch) == 0
 
 
 def _report_pdf(exam: Exam) -> Path:

@@ -477,22 +477,40 @@ def hierarchy_cache(ctx: AppContext) -> HierarchyCache:
     return cast(HierarchyCache, cache)
 
 
+#: Issuer of Patient ID of an INS (``ASIP-SANTE-INS-NIR``, ``-NIA``: DESIGN.md §6).
+INS_NAMESPACE_PREFIX = "ASIP-SANTE-INS-"
+
+
 def _place(
     session: Session, header: Header, json_model: dict[str, Any], *, principal: Principal, now: Any
 ) -> tuple[Placement, bool, bool, bool]:
-    """Upsert patient, study and series; return the placement and which rows are new."""
+    """Upsert patient, study and series; return the placement and which rows are new.
+
+    An instance naming by INS the patient of a study already held under their local identifier
+    (the DMP manifest: PatientID = INS, DESIGN.md §6, §8) joins that study's patient: no second
+    patient row, no mismatch warning."""
     patient_values = _patient_values(header)
-    new_patient = _insert_ignore(
-        session,
-        Patient,
-        {**patient_values, "meta": _patient_module(json_model), "created_at": now, "updated_at": now},
-        ["patient_id", "issuer"],
+    study_row = (
+        session.execute(select(Study.id, Study.patient_pk).where(Study.study_uid == header.study_uid)).first()
+        if patient_values["issuer"].startswith(INS_NAMESPACE_PREFIX)
+        else None
     )
-    patient_pk = session.scalar(
-        select(Patient.id).where(
-            Patient.patient_id == patient_values["patient_id"], Patient.issuer == patient_values["issuer"]
+    if study_row is not None and patients.study_person_has_ins(
+        session, study_row[0], patient_values["patient_id"]
+    ):
+        new_patient, patient_pk = False, study_row[1]
+    else:
+        new_patient = _insert_ignore(
+            session,
+            Patient,
+            {**patient_values, "meta": _patient_module(json_model), "created_at": now, "updated_at": now},
+            ["patient_id", "issuer"],
         )
-    )
+        patient_pk = session.scalar(
+            select(Patient.id).where(
+                Patient.patient_id == patient_values["patient_id"], Patient.issuer == patient_values["issuer"]
+            )
+        )
     referring = header.text("ReferringPhysicianName")
     new_study = _insert_ignore(
         session,

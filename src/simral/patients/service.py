@@ -1349,6 +1349,25 @@ def link_study(
     return result.identity.id
 
 
+def study_person_has_ins(session: Session, study_pk: int, matricule: str) -> bool:
+    """Whether the person the study is linked to carries the INS ``matricule`` on one of their
+    identities: an instance naming the patient by INS (a DMP manifest, PatientID = INS, DESIGN.md
+    §6) then belongs to that study's patient."""
+    persons = (
+        select(PatientIdentity.person_id)
+        .join(StudyIdentity, StudyIdentity.identity_id == PatientIdentity.id)
+        .where(StudyIdentity.study_pk == study_pk)
+    )
+    return (
+        session.scalar(
+            select(PatientIdentity.id)
+            .where(PatientIdentity.person_id.in_(persons), PatientIdentity.ins_matricule == matricule)
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def study_identity(session: Session, study_pk: int) -> PatientIdentity | None:
     """The identity a study was stored under (not following merges: see :func:`effective_identity`)."""
     return session.scalar(
