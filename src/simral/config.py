@@ -121,6 +121,26 @@ class Settings:
     reading_escalate_minutes: int = 30
     #: Seconds between two looks for arrived studies, ready tasks and deadlines.
     reading_check_seconds: float = 2.0
+    # --- DMP publication (DESIGN.md §8; IHE XDS.b ITI-41 / ITI-57, DMP TD0.2) ---
+    #: The DMP's web services (production or the DMP test platform: only these URLs change);
+    #: "" for ITI-41 = publication off (documents stay pending with a reason).
+    dmp_iti41_url: str = ""
+    dmp_iti57_url: str = ""
+    dmp_td02_url: str = ""
+    #: PEM CA bundle verifying the DMP's server certificate ("" = the system CAs).
+    dmp_ca_file: str = ""
+    #: Seconds to wait for the DMP's answer; no answer is retried later.
+    dmp_timeout: float = 30.0
+    #: The LPS (logiciel de professionnel de santé) as the VIHF names it: name, version and the
+    #: homologation number the DMP gave.
+    dmp_lps_name: str = "simral"
+    dmp_lps_version: str = "0.1.0"
+    dmp_lps_id: str = ""
+    #: The WADO-RS root put in the KOS Retrieve URLs (what DRIM-M consumers call); "" = ``public_url``
+    #: + ``/dicom-web``.
+    dmp_retrieve_url: str = ""
+    #: Seconds between two looks for documents waiting for a qualified INS that may now go.
+    dmp_check_seconds: float = 30.0
 
     @property
     def effective_database_url(self) -> str:

@@ -5,7 +5,8 @@ The router follows the archive's change feed and turns new instances into forwar
 protocol adapters' handlers (DIMSE C-STORE, STOW-RS, HL7 v2 messages to a RIS over MLLP). Every
 worker process runs both: claims and the router's cursor are taken under the database's locks, so
 they share the work without doing anything twice. A third thread keeps the reading tasks up to
-date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines).
+date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines); a fourth queues again the
+DMP documents that waited for a qualified INS (:mod:`simral.dmp.service`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dicomweb.forwarding import forward_stow
 from simral.dimse.forwarding import forward_dimse
+from simral.dmp import service as dmp
+from simral.dmp.publication import publish_documents
 from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
 from simral.reading import tasks as reading_tasks
@@ -68,6 +71,20 @@ def _reading_loop(ctx: AppContext, stop: threading.Event) -> None:
         stop.wait(max(0.1, settings.reading_check_seconds))
 
 
+def _dmp_loop(ctx: AppContext, runner: JobRunner, stop: threading.Event) -> None:
+    """DMP documents waiting for a qualified INS are queued again once the identity is QUAL."""
+    while not stop.wait(max(0.5, ctx.settings.dmp_check_seconds)):
+        try:
+            with ctx.db.reading() as session:
+                due = dmp.waiting_resumable(session)
+            if due:
+                with ctx.db.unit_of_work() as session:
+                    if dmp.resume_waiting(session):
+                        runner.wake()
+        except Exception as exc:
+            log.error("DMP waiting documents: %s: %s", type(exc).__name__, exc)
+
+
 def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     """Start the router and the job runner threads; the runner is returned for :meth:`JobRunner.stop`."""
     runner = JobRunner(
@@ -77,9 +94,11 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             sharing.FORWARD_STOW: forward_stow,
             HL7_SEND: send_hl7,
             REPORT_PUBLISH: publish_report,
+            dmp.DMP_PUBLISH: publish_documents,
         },
     )
     runner.start()
     threading.Thread(target=_router_loop, args=(ctx, runner, stop), daemon=True, name="router").start()
     threading.Thread(target=_reading_loop, args=(ctx, stop), daemon=True, name="reading-tasks").start()
+    threading.Thread(target=_dmp_loop, args=(ctx, runner, stop), daemon=True, name="dmp-waiting").start()
     return runner

@@ -3,6 +3,7 @@
 from simral.archive import models as archive_models
 from simral.audit import models as audit_models
 from simral.db.base import Base
+from simral.dmp import models as dmp_models
 from simral.identity import models as identity_models
 from simral.jobs import models as jobs_models
 from simral.nodes import models as nodes_models
@@ -14,6 +15,7 @@ __all__ = [
     "Base",
     "archive_models",
     "audit_models",
+    "dmp_models",
     "identity_models",
     "jobs_models",
     "nodes_models",

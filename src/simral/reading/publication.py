@@ -9,7 +9,9 @@ job in the signer's unit of work (the outbox, DESIGN.md §5). The job's handler,
 - a DICOM Encapsulated PDF (PS3.3 A.45.1) stored into the study through the archive's one ingest
   path (so the site sees it like any other instance),
 - when the request came from a RIS, an HL7 ORU^R01 carrying the CDA (CI-SIS "Volet transmission
-  de documents CDA en HL7 v2") queued as an ``hl7.send`` job, retried until acknowledged.
+  de documents CDA en HL7 v2") queued as an ``hl7.send`` job, retried until acknowledged,
+- when the requesting site lets simral publish to the DMP on its behalf, a ``dmp.publish`` job for
+  the report version and the study's KOS manifest (:mod:`simral.dmp.service`).
 
 Everything is recorded in ``Report.published``; a retried job reuses what was already done.
 """
@@ -35,6 +37,7 @@ from simral.archive.models import Blob, Instance, Series, Study
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
+from simral.dmp import service as dmp
 from simral.hl7.answers import Party, Responder
 from simral.hl7.client import enqueue_message
 from simral.hl7.report_message import ReportMessage, build_report_message
@@ -388,6 +391,9 @@ def publish_one(ctx: AppContext, report_id: int) -> None:
             "published_at": utcnow().isoformat(),
         }
         report.publication_state = PUBLICATION_DONE
+        dmp_job = dmp.enqueue_for_report(session, report, request)
+        if dmp_job is not None:
+            report.published = {**report.published, "dmp_job": dmp_job}
         audit.record(
             session,
             action="report.publish",

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from simral.access.policy import AccessDenied, Principal, may_request_exam, may_review_requests
 from simral.context import AppContext
+from simral.dmp import service as dmp
 from simral.patients.models import INS_NIA_OID, INS_NIR_OID, INS_TEST_OID
 from simral.patients.service import Ins, PatientError, Traits
 from simral.reading import reports
@@ -163,6 +164,14 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "report_addendum": "addendum",
         "report_signed": "signée le {when} par {who}",
         "report_pending": "publication en cours",
+        "dmp_section": "Publication au DMP",
+        "dmp_report": "Compte rendu v{version}",
+        "dmp_manifest": "Manifeste d'images (KOS) v{version}",
+        "dmp_pending": "en attente d'envoi",
+        "dmp_waiting": "en attente",
+        "dmp_published": "publié le {when}",
+        "dmp_failed": "échec",
+        "dmp_replaced": "remplacé par une version plus récente",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
     },
@@ -274,6 +283,14 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "report_addendum": "addendum",
         "report_signed": "signed {when} by {who}",
         "report_pending": "being published",
+        "dmp_section": "DMP publication",
+        "dmp_report": "Report v{version}",
+        "dmp_manifest": "Image manifest (KOS) v{version}",
+        "dmp_pending": "queued",
+        "dmp_waiting": "waiting",
+        "dmp_published": "published on {when}",
+        "dmp_failed": "failed",
+        "dmp_replaced": "replaced by a newer version",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
     },
@@ -377,6 +394,27 @@ def _report_versions(ctx: AppContext, request_id: int, text: Mapping[str, str], 
     if not rows:
         return ""
     return f'<h2>{escape(text["report_section"])}</h2><table class="reports">{"".join(rows)}</table>'
+
+
+def _dmp_publications(ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language) -> str:
+    """Where the DMP publication of the request's documents stands (DESIGN.md §8), with the reason
+    when a document waits or failed."""
+    with ctx.db.reading() as session:
+        rows = dmp.statuses(session, request_id=request_id)
+    if not rows:
+        return ""
+    items = []
+    for row in reversed(rows):
+        label = text["dmp_report" if row.kind == "report" else "dmp_manifest"].format(version=row.version)
+        state = text[f"dmp_{row.state}"]
+        if row.state == "published":
+            state = state.format(when=_when(row.published_at, language))
+        reason = f" — {escape(row.reason)}" if row.reason else ""
+        items.append(
+            f'<tr data-dmp="{row.id}" data-state="{row.state}"><th scope="row">{escape(label)}</th>'
+            f"<td>{escape(state)}{reason}</td></tr>"
+        )
+    return f'<h2>{escape(text["dmp_section"])}</h2><table class="dmp">{"".join(items)}</table>'
 
 
 def mount_requests(web: FastAPI, ctx: AppContext) -> None:
@@ -766,6 +804,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         if item.accession_number and item.complement:
             body += _complement_rows(item, text, language)
         body += _report_versions(ctx, item.id, text, language)
+        body += _dmp_publications(ctx, item.id, text, language)
         if item.state == REQUEST_RECEIVED and may_review_requests(principal, item.group_code):
             body += _answer_forms(request, item, text)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REFUSED) and may_request_exam(

@@ -1,0 +1,525 @@
+"""The ``dmp.publish`` job: one ITI-41 submission of a report version and the study's manifest
+(DESIGN.md §8; IHE ITI TF-2b §3.41, RAD TF-3 §4.68 XDS-I.b; ANS DMP integration guide).
+
+For the documents of one job, in order:
+
+1. The patient's INS must be QUAL (DESIGN.md §6); otherwise the documents *wait* with the reason.
+2. TD0.2: the patient's DMP must exist and the professional be authorised; otherwise they wait.
+3. The KOS manifest version is built (:mod:`simral.dmp.manifest`) with the time the document was
+   queued (a retry rebuilds the same bytes) and stored in the study through the ingest path.
+4. The report entry carries the CR-IMG CDA the report's publication produced; each entry replacing
+   a published one has its RPLC association; the XAdES signature document signs the lot.
+5. The DMP's answer: success → published (the replaced entries are marked replaced); a registry
+   error or no answer → the job is retried with backoff, and the documents are marked failed with
+   the DMP's error after the last attempt (an operator may retry).
+
+Everything the DMP needs to know about the professional is the signing radiologist (VIHF NameID,
+author, legal authenticator); the organisation's certificates authenticate (mutual TLS) and sign
+(VIHF, XAdES).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from simral.access.policy import Principal
+from simral.audit import service as audit
+from simral.context import AppContext
+from simral.db.base import utcnow
+from simral.dmp import manifest as manifests
+from simral.dmp.models import (
+    DMP_FAILED,
+    DMP_PENDING,
+    DMP_PUBLISHED,
+    DMP_REPLACED,
+    DMP_WAITING,
+    KIND_MANIFEST,
+    KIND_REPORT,
+    DmpDocument,
+    DmpOrganisation,
+)
+from simral.dmp.service import REASON_INS, REASON_NO_INS, REASON_NOT_CONFIGURED, _payload_ids, _set_state
+from simral.identity.models import Organisation
+from simral.jobs.runner import Outcomes, PermanentFailure
+from simral.jobs.service import ClaimedJob
+from simral.patients.models import STATUS_QUAL, PatientIdentity
+from simral.reading.models import ImagingRequest, Report
+from simral.xds.client import DmpClient, DmpEndpoint, XdsRegistryError, XdsUnavailable
+from simral.xds.metadata import (
+    CONFIDENTIALITY_NORMAL,
+    KOS_CLASS,
+    KOS_FORMAT,
+    KOS_TYPE,
+    REF_ACCESSION,
+    REF_ORDER,
+    REF_STUDY_UID,
+    REPORT_CLASS,
+    REPORT_FORMAT_STRUCTURED,
+    REPORT_TYPE,
+    Author,
+    Code,
+    DocumentEntry,
+    ReferenceId,
+    SubmissionSet,
+    provide_and_register,
+)
+from simral.xds.vihf import VihfContext
+from simral.xds.xades import SigningIdentity
+
+log = logging.getLogger(__name__)
+
+#: Who stores the manifest and calls the DMP (audited).
+DMP_PUBLISHER = Principal(kind="system", name="dmp-publication", archive_wide=True, via="job")
+
+#: Profession "Médecin" (TRE_G15-ProfessionSante) and specialty "Radio-diagnostic et imagerie
+#: médicale" (TRE_R38-SpecialiteOrdinale) of the signing radiologist.
+PROFESSION_DOCTOR = Code("10", "1.2.250.1.71.1.2.7", "Médecin")
+SPECIALTY_RADIOLOGY = Code("SM44", "1.2.250.1.71.4.2.5", "Radio-diagnostic et imagerie médicale")
+#: Secteur d'activité (TRE_R02) and healthcareFacilityType code system; practiceSetting (JDV_J04).
+SECTOR_SYSTEM = "1.2.250.1.71.4.2.4"
+PRACTICE_SETTING_SYSTEM = "1.2.250.1.213.1.1.4.9"
+#: Labels of the usual TRE_R02-SecteurActivite codes (healthcareFacilityTypeCode, Secteur_Activite,
+#: and the submission set's contentTypeCode, which may take its values from TRE_R02).
+SECTOR_LABELS = {
+    "SA01": "Etablissement public de santé",
+    "SA02": "Hôpital militaire du Service de Santé des Armées",
+    "SA03": "Etablissement privé PSPH",
+    "SA04": "Etablissement privé non PSPH",
+    "SA05": "Centre de santé",
+    "SA07": "Cabinet individuel",
+    "SA08": "Cabinet de groupe",
+    "SA25": "Laboratoire de biologie médicale",
+}
+#: eventCodeList: the acquisition modality (DICOM CID 29, DCM) and the anatomic region (SNOMED CT).
+MODALITY_SYSTEM = "1.2.840.10008.2.16.4"
+SNOMED_SYSTEM = "2.16.840.1.113883.6.96"
+
+
+@dataclass(frozen=True)
+class _Lot:
+    """What one submission needs, read in one session."""
+
+    documents: list[DmpDocument]
+    organisation: DmpOrganisation
+    site: Organisation
+    group: Organisation | None
+    request: ImagingRequest
+    identity: PatientIdentity
+    reports: dict[int, Report]
+    replaced: dict[int, str]
+
+
+class _Wait(Exception):
+    """The lot cannot be published now: the documents wait with this reason."""
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(family, given) of a display name "Given Family"."""
+    parts = name.strip().split()
+    if len(parts) < 2:
+        return (name.strip(), "")
+    return parts[-1].upper(), " ".join(parts[:-1])
+
+
+def _structure_id(organisation: DmpOrganisation, site: Organisation) -> str:
+    """IDNST of the structure: the configured one, else ``1`` + FINESS, else ``3`` + SIRET."""
+    if organisation.structure_id:
+        return organisation.structure_id
+    if site.finess:
+        return "1" + site.finess
+    if site.siret:
+        return "3" + site.siret
+    raise PermanentFailure(f"{site.code} has neither FINESS nor SIRET: configure its DMP structure id")
+
+
+def _read_lot(session: Session, ids: list[int]) -> _Lot | None:
+    documents = list(
+        session.scalars(select(DmpDocument).where(DmpDocument.id.in_(ids)).order_by(DmpDocument.id))
+    )
+    documents = [d for d in documents if d.state in (DMP_PENDING, DMP_FAILED)]
+    if not documents:
+        return None
+    code = documents[0].organisation_code
+    organisation = session.scalar(select(DmpOrganisation).where(DmpOrganisation.organisation_code == code))
+    site = session.scalar(select(Organisation).where(Organisation.code == code))
+    if organisation is None or site is None or not organisation.enabled:
+        raise PermanentFailure(f"{code} no longer publishes to the DMP through simral")
+    request = session.get(ImagingRequest, documents[0].request_id) if documents[0].request_id else None
+    if request is None:
+        raise PermanentFailure("the documents' imaging request no longer exists")
+    identity = session.get(PatientIdentity, request.identity_id) if request.identity_id else None
+    if identity is None:
+        raise _Wait(REASON_NO_INS)
+    if not identity.ins_matricule:
+        raise _Wait(REASON_NO_INS)
+    if identity.status != STATUS_QUAL:
+        raise _Wait(REASON_INS.format(status=identity.status))
+    reports = {
+        d.report_id: report
+        for d in documents
+        if d.report_id is not None and (report := session.get(Report, d.report_id)) is not None
+    }
+    group_code = next((r.organisation_code for r in reports.values()), request.group_code)
+    group = (
+        session.scalar(select(Organisation).where(Organisation.code == group_code)) if group_code else None
+    )
+    replaced_ids = [d.replaces_id for d in documents if d.replaces_id is not None]
+    replaced = {
+        row.id: row.entry_uuid
+        for row in session.scalars(
+            select(DmpDocument).where(
+                DmpDocument.id.in_(replaced_ids), DmpDocument.state.in_((DMP_PUBLISHED, DMP_REPLACED))
+            )
+        )
+    }
+    for document in documents:
+        session.expunge(document)
+    return _Lot(documents, organisation, site, group, request, identity, reports, replaced)
+
+
+def _signer(organisation: DmpOrganisation) -> SigningIdentity:
+    return SigningIdentity.from_files(
+        Path(organisation.signing_cert_file), Path(organisation.signing_key_file)
+    )
+
+
+def _endpoint(ctx: AppContext, organisation: DmpOrganisation) -> DmpEndpoint:
+    settings = ctx.settings
+    return DmpEndpoint(
+        iti41_url=settings.dmp_iti41_url,
+        iti57_url=settings.dmp_iti57_url,
+        td02_url=settings.dmp_td02_url,
+        tls_certificate=Path(organisation.auth_cert_file),
+        tls_key=Path(organisation.auth_key_file),
+        ca_bundle=Path(settings.dmp_ca_file)
+        if settings.dmp_ca_file
+        else Path("/etc/ssl/certs/ca-certificates.crt"),
+        timeout=settings.dmp_timeout,
+        sender_name=settings.dmp_lps_name,
+    )
+
+
+def _professional(lot: _Lot) -> tuple[str, str]:
+    """(national id, display name) of the professional responsible: the report's signer."""
+    for report in lot.reports.values():
+        if report.author_national_id:
+            return report.author_national_id, report.author_name or report.author
+    raise PermanentFailure("no signing professional with a national id (RPPS) for this publication")
+
+
+def _sector(code: str) -> Code:
+    return Code(code, SECTOR_SYSTEM, SECTOR_LABELS.get(code, code))
+
+
+def _ins(identity: PatientIdentity) -> str:
+    return f"{identity.ins_matricule}^^^&{identity.ins_oid}&ISO^NH"
+
+
+def _vihf(ctx: AppContext, lot: _Lot) -> VihfContext:
+    national_id, name = _professional(lot)
+    settings = ctx.settings
+    return VihfContext(
+        professional_id=national_id,
+        professional_name=name,
+        profession=PROFESSION_DOCTOR,
+        specialty=SPECIALTY_RADIOLOGY,
+        structure_id=_structure_id(lot.organisation, lot.site),
+        sector=_sector(lot.organisation.activity_sector),
+        patient_ins=_ins(lot.identity),
+        lps_name=settings.dmp_lps_name,
+        lps_version=settings.dmp_lps_version,
+        lps_id=f"{settings.dmp_lps_name}-{lot.organisation.organisation_code}",
+        lps_homologation_id=settings.dmp_lps_id,
+    )
+
+
+def _author(lot: _Lot) -> Author:
+    national_id, name = _professional(lot)
+    family, given = _split_name(name)
+    institution = lot.group or lot.site
+    institution_id = (
+        ("1" + institution.finess) if institution.finess else _structure_id(lot.organisation, lot.site)
+    )
+    return Author(
+        national_id=national_id,
+        family=family,
+        given=given,
+        role=PROFESSION_DOCTOR,
+        specialty=SPECIALTY_RADIOLOGY,
+        institution_name=institution.name,
+        institution_id=institution_id,
+    )
+
+
+def _event_codes(request: ImagingRequest) -> tuple[Code, ...]:
+    complement = request.complement or {}
+    modality = str(complement.get("modality") or request.modality or "").upper()
+    codes = [Code(modality, MODALITY_SYSTEM, modality)] if modality else []
+    for region in complement.get("anatomy") or request.anatomy or []:
+        system = str(region.get("system", ""))
+        if region.get("code") and (system.replace(".", "").isdigit() or system.upper().startswith("SNOMED")):
+            scheme = system if system.replace(".", "").isdigit() else SNOMED_SYSTEM
+            codes.append(Code(str(region["code"]), scheme, str(region.get("display", region["code"]))))
+    return tuple(codes)
+
+
+def _reference_ids(lot: _Lot, study_uid: str) -> tuple[ReferenceId, ...]:
+    request = lot.request
+    refs = []
+    if request.accession_number:
+        authority = request.accession_authority or lot.site.accession_oid
+        if authority:
+            refs.append(ReferenceId(request.accession_number, authority, REF_ACCESSION))
+    if request.placer_number and request.placer_authority:
+        refs.append(ReferenceId(request.placer_number, request.placer_authority, REF_ORDER))
+    refs.append(ReferenceId(study_uid, "1.2.840.10008", REF_STUDY_UID))
+    return tuple(refs)
+
+
+def _patient_info(request: ImagingRequest) -> tuple[tuple[str, ...], str]:
+    """(sourcePatientInfo, sourcePatientId) from the request's patient (PID-5 birth name L, PID-7, PID-8)."""
+    patient = request.patient or {}
+    info = (
+        f"PID-5|{str(patient.get('birth_name', '')).upper()}^{patient.get('first_birth_given_name', '')}^^^^^L",
+        f"PID-7|{patient.get('birth_date', '')}",
+        f"PID-8|{patient.get('sex', 'U') or 'U'}",
+    )
+    source = f"{patient.get('ipp', '')}^^^&{patient.get('ipp_oid', '')}&ISO^PI"
+    return info, source
+
+
+def _exam_time(request: ImagingRequest) -> datetime | None:
+    performed = (request.complement or {}).get("performed_at") or ""
+    try:
+        return datetime.fromisoformat(performed) if performed else None
+    except ValueError:
+        return None
+
+
+def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
+    """Build (the same bytes on every try) and archive the manifest version; its DICOM bytes."""
+    identity, request = lot.identity, lot.request
+    patient = manifests.ManifestPatient(
+        ins=identity.ins_matricule,
+        ins_oid=identity.ins_oid,
+        family_name=identity.birth_name,
+        given_names=identity.first_birth_given_name or identity.birth_given_names,
+        birth_date=identity.birth_date,
+        sex=identity.sex,
+    )
+    order = manifests.ManifestOrder(
+        accession_number=request.accession_number,
+        accession_issuer=request.accession_authority or lot.site.accession_oid,
+        placer_number=request.placer_number,
+        placer_issuer=request.placer_authority,
+    )
+    base = ctx.settings.dmp_retrieve_url or (ctx.settings.public_url.rstrip("/") + "/dicom-web")
+    with ctx.db.reading() as session:
+        content = manifests.manifest_content(
+            session,
+            document.study_uid,
+            patient=patient,
+            order=order,
+            retrieve_base_url=base.removesuffix("/dicom-web"),
+            institution_name=lot.site.name,
+        )
+    created = document.created_at if document.created_at.tzinfo else document.created_at.replace(tzinfo=UTC)
+    dataset = manifests.build_manifest(content, version=document.version, created=created)
+    manifests.store_manifest(ctx, dataset, organisation_code=lot.organisation.organisation_code)
+    return manifests.manifest_bytes(dataset)
+
+
+def _entry(ctx: AppContext, lot: _Lot, document: DmpDocument) -> DocumentEntry:
+    request = lot.request
+    info, source_patient = _patient_info(request)
+    facility = _sector(lot.organisation.facility_type_code)
+    practice = Code(
+        lot.organisation.practice_setting_code,
+        PRACTICE_SETTING_SYSTEM,
+        lot.organisation.practice_setting_code,
+    )
+    exam_at = _exam_time(request)
+    author = _author(lot)
+    if document.kind == KIND_REPORT:
+        report = lot.reports.get(document.report_id or 0)
+        cda = str((report.published or {}).get("cda", "")) if report is not None else ""
+        if report is None or not cda:
+            raise PermanentFailure(f"report {document.report_id} has no published CDA")
+        content = cda.encode("utf-8")
+        mime, title = "text/xml", "Compte rendu d'imagerie médicale"
+        codes = (REPORT_CLASS, REPORT_TYPE, REPORT_FORMAT_STRUCTURED)
+        created = report.signed_at or report.updated_at
+        legal = author
+    else:
+        content = _manifest(ctx, lot, document)
+        mime, title = "application/dicom", "Manifeste d'imagerie (KOS)"
+        codes = (KOS_CLASS, KOS_TYPE, KOS_FORMAT)
+        created = document.created_at
+        legal = None
+    return DocumentEntry(
+        entry_uuid=document.entry_uuid,
+        unique_id=document.unique_id,
+        mime_type=mime,
+        content=content,
+        title=title,
+        class_code=codes[0],
+        type_code=codes[1],
+        format_code=codes[2],
+        confidentiality=(CONFIDENTIALITY_NORMAL,),
+        healthcare_facility_type=facility,
+        practice_setting=practice,
+        event_codes=_event_codes(request),
+        reference_ids=_reference_ids(lot, document.study_uid),
+        creation_time=created,
+        service_start=exam_at,
+        service_stop=exam_at,
+        language="fr-FR",
+        author=author,
+        legal_authenticator=legal,
+        patient_id=_ins(lot.identity),
+        source_patient_id=source_patient,
+        source_patient_info=info,
+        replaces_entry_uuid=lot.replaced.get(document.replaces_id) if document.replaces_id else None,
+    )
+
+
+def _source_oid(site: Organisation) -> str:
+    """SubmissionSet.sourceId: an OID of the publishing organisation (its patient-id authority, else
+    a UUID-derived OID of its code, PS3.5 B.2)."""
+    return site.patient_id_oid or "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, f"simral/{site.code}").int)
+
+
+def _finish(
+    ctx: AppContext,
+    lot: _Lot,
+    *,
+    state: str,
+    reason: str = "",
+    submission_uid: str = "",
+    sizes: dict[int, Any],
+) -> None:
+    with ctx.db.unit_of_work() as session:
+        now = utcnow()
+        for document in lot.documents:
+            row = session.get(DmpDocument, document.id, with_for_update=True)
+            if row is None or row.state in (DMP_PUBLISHED, DMP_REPLACED):
+                continue
+            row.state, row.reason, row.updated_at = state, reason, now
+            if state == DMP_PUBLISHED:
+                row.published_at = now
+                row.submission_uid = submission_uid
+                row.size, sha1 = sizes.get(row.id, (row.size, row.sha1))
+                if row.kind == KIND_REPORT:
+                    row.sha1 = sha1
+                if row.replaces_id is not None:
+                    previous = session.get(DmpDocument, row.replaces_id)
+                    if previous is not None and previous.state == DMP_PUBLISHED:
+                        previous.state, previous.updated_at = DMP_REPLACED, now
+        audit.record(
+            session,
+            action="dmp.publish",
+            outcome="success"
+            if state == DMP_PUBLISHED
+            else ("warning" if state == DMP_WAITING else "failure"),
+            principal=DMP_PUBLISHER,
+            study_uid=lot.documents[0].study_uid,
+            patient_id=lot.identity.ins_matricule,
+            patient_issuer=lot.identity.ins_oid,
+            detail={
+                "organisation": lot.organisation.organisation_code,
+                "documents": [
+                    {"id": d.id, "kind": d.kind, "version": d.version, "entry": d.entry_uuid}
+                    for d in lot.documents
+                ],
+                "state": state,
+                "reason": reason,
+                "submission": submission_uid,
+            },
+        )
+
+
+def publish_lot(ctx: AppContext, job: ClaimedJob) -> None:
+    """Publish one job's documents (see the module docstring); raises to have the job retried."""
+    ids = _payload_ids(job.payload)
+    if not ctx.settings.dmp_iti41_url:
+        with ctx.db.unit_of_work() as session:
+            _set_state(session, ids, DMP_WAITING, REASON_NOT_CONFIGURED)
+        return
+    try:
+        with ctx.db.reading() as session:
+            lot = _read_lot(session, ids)
+    except _Wait as wait:
+        with ctx.db.unit_of_work() as session:
+            _set_state(session, ids, DMP_WAITING, str(wait))
+        return
+    if lot is None:
+        return
+    vihf = _vihf(ctx, lot)
+    signer = _signer(lot.organisation)
+    with DmpClient(_endpoint(ctx, lot.organisation), signer) as client:
+        status = client.check_patient(vihf, ins=lot.identity.ins_matricule, ins_oid=lot.identity.ins_oid)
+        if not status.exists or not status.authorised:
+            reason = (
+                "Le patient n'a pas de DMP (TD0.2)."
+                if not status.exists
+                else f"Accès au DMP non autorisé (TD0.2 : {status.authorisation or status.reason or 'refus'})."
+            )
+            _finish(ctx, lot, state=DMP_WAITING, reason=reason, sizes={})
+            return
+        entries = [_entry(ctx, lot, document) for document in lot.documents]
+        submission = SubmissionSet(
+            unique_id="2.25." + str(uuid.uuid4().int),
+            source_id=_source_oid(lot.site),
+            submission_time=utcnow(),
+            author=_author(lot),
+            content_type_code=_sector(lot.organisation.activity_sector),
+            title="Compte rendu et images d'imagerie médicale",
+        )
+        request = provide_and_register(submission, entries, signer=signer)
+        client.provide_and_register(request, vihf)
+    sizes = {d.id: (len(e.content), e.sha1.lower()) for d, e in zip(lot.documents, entries, strict=True)}
+    _finish(ctx, lot, state=DMP_PUBLISHED, submission_uid=submission.unique_id, sizes=sizes)
+    log.info("DMP: %d document(s) published for %s", len(entries), lot.organisation.organisation_code)
+
+
+def publish_documents(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
+    """Job handler of :data:`~simral.dmp.service.DMP_PUBLISH`: each lot on its own."""
+    outcomes: dict[int, str | PermanentFailure | None] = {}
+    for job in batch:
+        ids = _payload_ids(job.payload)
+        try:
+            publish_lot(ctx, job)
+            outcomes[job.id] = None
+        except PermanentFailure as exc:
+            outcomes[job.id] = exc
+            _mark(ctx, ids, DMP_FAILED, str(exc))
+        except XdsRegistryError as exc:
+            reason = "Erreur du DMP : " + ", ".join(f"{e.code} {e.context}".strip() for e in exc.errors)
+            outcomes[job.id] = f"registry error {', '.join(exc.codes)}"
+            _mark(ctx, ids, DMP_FAILED if job.attempts >= job.max_attempts else DMP_PENDING, reason)
+        except XdsUnavailable as exc:
+            outcomes[job.id] = f"DMP unavailable: {exc}"
+            _mark(
+                ctx,
+                ids,
+                DMP_FAILED if job.attempts >= job.max_attempts else DMP_PENDING,
+                "Le DMP n'a pas répondu.",
+            )
+        except Exception as exc:
+            outcomes[job.id] = f"{type(exc).__name__}: {exc}"
+            if job.attempts >= job.max_attempts:
+                _mark(ctx, ids, DMP_FAILED, f"{type(exc).__name__}: {exc}")
+    return outcomes
+
+
+def _mark(ctx: AppContext, ids: list[int], state: str, reason: str) -> None:
+    with ctx.db.unit_of_work() as session:
+        _set_state(session, ids, state, reason)

@@ -1,0 +1,328 @@
+"""DMP publication of a signed report and its image manifest (issue 8; DESIGN.md §8, IHE ITI-41).
+
+A running ``simral serve`` publishes for site CHSUD (``simral dmp enable``: its certificates from a
+test PKI) to a test DMP on loopback (:mod:`tests.xds_registry`), which checks each request the way
+the DMP does — mutual TLS, the VIHF and XAdES signatures (signxml), ``validate.py xds``, the CI-SIS
+value sets, hash and size — and answers from a scripted queue. The report is signed the way the
+signing code does it (the report's own publication then queues the DMP's).
+
+- The patient's INS is not yet qualified: the report and manifest *wait*, with the reason on the
+  site's request page; once the identity is QUAL they are published in one submission (TD0.2 first)
+  whose KOS passes ``validate.py kos`` and is stored in the study.
+- An addendum meets a registry error, then no answer, then success: it ends published, replacing
+  the first version (RPLC association), and the unchanged images are not published again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from tests.simral_proc import SimralProcess
+from tests.test_reading_browser import _store
+from tests.xds_registry import Failure, NoAnswer, Pki, Success, TestDmp, make_pki
+
+from simral.access.policy import SYSTEM
+from simral.app import open_app
+from simral.archive.models import Instance
+from simral.config import load_settings
+from simral.context import AppContext
+from simral.db.base import utcnow
+from simral.dmp.models import DmpDocument
+from simral.patients import service as patients
+from simral.patients.models import PatientIdentity
+from simral.patients.service import AuthorityRef, Ins, Traits
+from simral.reading import service as reading
+from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
+from simral.reading.publication import enqueue_publication
+from simral.xds import metadata as md
+
+REPO = Path(__file__).resolve().parent.parent
+CONFORMANCE_DIR = Path(os.environ.get("SIMRAL_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+VALIDATE = CONFORMANCE_DIR / "validate.py"
+NIR = "279035121518989"  # ANS test NIR
+INS_TEST_OID = "1.2.250.1.213.1.4.10"
+OID_SITE = "1.2.250.1.999.7.1"
+ACCESSION_OID = "1.2.250.1.999.7.2"
+PLACER_OID = "1.2.250.1.999.7.3"
+PASSWORD = "Publication-DMP-2026!"
+
+
+@dataclass
+class Setup:
+    simral: SimralProcess
+    ctx: AppContext
+    dmp: TestDmp
+    pki: Pki
+    request_id: int
+    study_uid: str
+    site_token: str
+    base: Path
+
+
+def _wait(check: Callable[[], bool], timeout: float = 90, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("dmp-publication")
+    pki = make_pki(base / "pki")
+    dmp = TestDmp(pki)
+    dmp.set_patient(NIR, authorisation="VALIDE")
+    simral = SimralProcess(
+        base / "data",
+        extra_env={
+            "SIMRAL_READING_QUIET_SECONDS": "1",
+            "SIMRAL_READING_CHECK_SECONDS": "0.3",
+            "SIMRAL_INS_TEST_OIDS_ALLOWED": "true",
+            "SIMRAL_DMP_ITI41_URL": dmp.url("iti41"),
+            "SIMRAL_DMP_ITI57_URL": dmp.url("iti57"),
+            "SIMRAL_DMP_TD02_URL": dmp.url("td02"),
+            "SIMRAL_DMP_CA_FILE": str(pki.ca),
+            "SIMRAL_DMP_TIMEOUT": "3",
+            "SIMRAL_DMP_CHECK_SECONDS": "0.5",
+            "SIMRAL_DMP_LPS_ID": "HOMOLOGATION-TEST-1",
+        },
+    )
+    simral.cli(
+        "organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE,
+        "--finess", "340780477",
+    )  # fmt: skip
+    simral.cli(
+        "organisations", "add", "TLR", "--name", "Téléradiologie Occitanie", "--kind", "teleradiology-group"
+    )
+    simral.cli(
+        "users", "add", "manip_sud", "--organisation", "CHSUD", "--role", "technologist",
+        "--name", "Luc Manip", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
+    simral.add_node("scanner", "SCANNER1", 104, organisation="CHSUD")
+    enabled = simral.cli(
+        "dmp", "enable", "CHSUD", "--auth-cert", str(pki.org_cert), "--auth-key", str(pki.org_key),
+        "--signing-cert", str(pki.org_cert), "--signing-key", str(pki.org_key),
+    )  # fmt: skip
+    assert "enabled for CHSUD" in enabled.stdout
+    site_token = simral.token_for("manip_sud")
+    ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+    patient = reading.PatientRef(
+        traits=Traits(birth_name="PAT-TROIS", first_birth_given_name="Dominique", birth_given_names="Dominique",
+                      sex="F", birth_date="19790315", birth_place_code="51215"),
+        ipp="IPP-DMP-1",
+        ipp_authority=AuthorityRef(oid=OID_SITE),
+        ins=Ins(NIR, INS_TEST_OID),
+        status="VALI",
+    )  # fmt: skip
+    details = reading.RequestDetails(
+        placer_number="DMP-1",
+        placer_authority=PLACER_OID,
+        priority="routine",
+        modality="CT",
+        justification="Douleur thoracique",
+        purpose="Embolie pulmonaire ?",
+        anatomy=[{"code": "51185008", "system": "SNOMED CT", "display": "Thorax"}],
+    )
+    with ctx.db.unit_of_work() as session:
+        reading.add_contract(session, site_code="CHSUD", group_code="TLR", principal=SYSTEM)
+        request = reading.receive_request(
+            session, site_code="CHSUD", patient=patient, details=details, principal=SYSTEM, source="portal"
+        )
+        _, step = reading.accept_request(session, request.id, protocol="Angioscanner", principal=SYSTEM)
+        study_uid, accession = step.study_uid, step.accession_number
+        reading.record_complement(
+            session,
+            request,
+            reading.Complement(
+                accession_number=accession,
+                accession_authority=ACCESSION_OID,
+                study_uid=study_uid,
+                performed_at=utcnow(),
+                modality="CT",
+            ),
+            principal=SYSTEM,
+        )
+        request_id = request.id
+    dmp.start()
+    simral.start()
+    try:
+        _store(simral, base, study_uid, accession, "PAT-TROIS^Dominique", 91, patient_id="IPP-DMP-1")
+        yield Setup(simral, ctx, dmp, pki, request_id, study_uid, site_token, base)
+    finally:
+        simral.stop()
+        dmp.stop()
+        ctx.db.dispose()
+
+
+def _sign(setup: Setup, *, previous: Report | None = None) -> Report:
+    """A signed version (1, or the addendum to ``previous``) queued for publication as the signing
+    code does it."""
+    with setup.ctx.db.unit_of_work() as session:
+        report = Report(
+            request_id=setup.request_id,
+            study_uid=setup.study_uid,
+            set_id=previous.set_id if previous is not None else str(generate_uid()),
+            version=previous.version + 1 if previous is not None else 1,
+            document_uid=str(generate_uid()),
+            previous_id=previous.id if previous is not None else None,
+            indications="Douleur thoracique, dyspnée.",
+            technique="Angioscanner thoracique, injection iodée.",
+            results="Pas de défect endoluminal des artères pulmonaires.",
+            conclusion="Pas d'embolie pulmonaire.",
+            addendum="Relecture : nodule de 4 mm du lobe inférieur droit." if previous is not None else "",
+            dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "8.1", "dlp_mgycm": "310"},
+            state=REPORT_SIGNED,
+            author="dr_roux",
+            author_name="Claire Roux",
+            author_national_id="810008000001",
+            organisation_code="TLR",
+            signed_at=utcnow(),
+            signature_method="totp",
+        )
+        session.add(report)
+        session.flush()
+        enqueue_publication(session, report)
+        session.expunge(report)
+        return report
+
+
+def _documents(setup: Setup) -> list[DmpDocument]:
+    with setup.ctx.db.reading() as session:
+        rows = list(session.scalars(select(DmpDocument).order_by(DmpDocument.id)))
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+
+def _states(setup: Setup) -> list[tuple[str, int, str]]:
+    return [(d.kind, d.version, d.state) for d in _documents(setup)]
+
+
+def _request_page(setup: Setup) -> str:
+    headers = {"Authorization": f"Bearer {setup.site_token}"}
+    page = httpx.get(f"{setup.simral.http_url}/requests/{setup.request_id}", headers=headers, timeout=30)
+    assert page.status_code == 200
+    return page.text
+
+
+def test_waits_for_a_qualified_ins_then_publishes_report_and_manifest(setup: Setup) -> None:
+    first = _sign(setup)
+    _wait(
+        lambda: _states(setup) == [("report", 1, "waiting"), ("manifest", 1, "waiting")],
+        what="documents waiting for a qualified INS",
+    )
+    assert all("INS non qualifiée (statut VALI)" in d.reason for d in _documents(setup))
+    assert not [r for r in setup.dmp.received if r.transaction == "ITI-41"]
+    page = _request_page(setup)
+    assert "Publication au DMP" in page and "INS non qualifiée" in page
+
+    # Identity vigilance qualifies the identity (INSi retrieval + document check): QUAL.
+    with setup.ctx.db.unit_of_work() as session:
+        request = session.get(ImagingRequest, setup.request_id)
+        assert request is not None and request.identity_id is not None
+        identity = session.get(PatientIdentity, request.identity_id)
+        assert identity is not None
+        patients.set_status(session, identity, status="QUAL", principal=SYSTEM, source="INSi")
+    _wait(
+        lambda: _states(setup) == [("report", 1, "published"), ("manifest", 1, "published")],
+        what="report and manifest published",
+    )
+    td02 = setup.dmp.last("TD0.2")
+    assert not td02.problems, td02.problems
+    iti41 = setup.dmp.last("ITI-41")
+    assert not iti41.problems, iti41.problems
+    assert iti41.answered == "success"
+    # VIHF: the signing radiologist, the site's structure, the patient's INS, the LPS.
+    assert iti41.vihf["VIHF_Version"] == ["3.0"]
+    assert iti41.vihf["Identifiant_Structure"] == ["1340780477"]
+    assert iti41.vihf["urn:oasis:names:tc:xacml:2.0:resource:resource-id"] == [
+        f"{NIR}^^^&{INS_TEST_OID}&ISO^NH"
+    ]
+    assert iti41.vihf["LPS_ID_HOMOLOGATION_DMP"] == ["HOMOLOGATION-TEST-1"]
+
+    documents = _documents(setup)
+    report_doc, manifest_doc = documents
+    entries = {e.get("id"): e for e in iti41.objects("ExtrinsicObject")}
+    by_unique = {}
+    for element in entries.values():
+        for external in element.iter(f"{{{md.RIM}}}ExternalIdentifier"):
+            if external.get("identificationScheme") == md.DE_UNIQUE_ID:
+                by_unique[external.get("value")] = element
+    assert report_doc.unique_id == first.document_uid and report_doc.unique_id in by_unique
+    assert manifest_doc.unique_id in by_unique
+    assert by_unique[report_doc.unique_id].get("mimeType") == "text/xml"
+    assert by_unique[manifest_doc.unique_id].get("mimeType") == "application/dicom"
+    # The submission carries the CDA the report's publication produced and the stored KOS, signed.
+    attached = iti41.documents()
+    with setup.ctx.db.reading() as session:
+        report = session.get(Report, first.id)
+        assert report is not None
+        cda = str(report.published["cda"]).encode("utf-8")
+        manifest_stored = session.scalar(
+            select(Instance.id).where(Instance.sop_uid == manifest_doc.unique_id)
+        )
+    assert manifest_stored is not None
+    assert cda in attached.values()
+    kos = next(b for b in attached.values() if b[128:132] == b"DICM")
+    kos_path = setup.base / "published-kos.dcm"
+    kos_path.write_bytes(kos)
+    checked = subprocess.run(
+        [sys.executable, str(VALIDATE), "kos", str(kos_path)], capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert len(iti41.associations(md.SIGNS)) == 1
+    assert not iti41.associations(md.RPLC)
+
+    page = _request_page(setup)
+    assert 'data-state="published"' in page and "INS non qualifiée" not in page
+
+
+def test_addendum_retried_until_published_replaces_the_first_version(setup: Setup) -> None:
+    with setup.ctx.db.reading() as session:
+        first = session.scalar(
+            select(Report).where(Report.request_id == setup.request_id, Report.version == 1)
+        )
+        assert first is not None
+        session.expunge(first)
+    first_entry = next(d.entry_uuid for d in _documents(setup) if d.kind == "report")
+    before = len([r for r in setup.dmp.received if r.transaction == "ITI-41"])
+    setup.dmp.behaviours.extend(
+        [Failure([("XDSRegistryBusy", "Le DMP est momentanément indisponible")]), NoAnswer(10), Success()]
+    )
+    _sign(setup, previous=first)
+    _wait(lambda: ("report", 2, "published") in _states(setup), timeout=120, what="the addendum published")
+    submissions = [r for r in setup.dmp.received if r.transaction == "ITI-41"][before:]
+    assert [r.answered for r in submissions] == ["failure", "no answer", "success"]
+    last = submissions[-1]
+    assert not last.problems, last.problems
+    # The addendum replaces the first version; the images did not change: no new manifest.
+    assert _states(setup) == [
+        ("report", 1, "replaced"),
+        ("manifest", 1, "published"),
+        ("report", 2, "published"),
+    ]
+    replacements = last.associations(md.RPLC)
+    assert len(replacements) == 1 and replacements[0][1] == first_entry
+    assert len(last.objects("ExtrinsicObject")) == 2  # the addendum and the signature document
+
+    status = setup.simral.cli("dmp", "status", "--organisation", "CHSUD", "--json")
+    rows = json.loads(status.stdout)
+    assert [(r["kind"], r["version"], r["state"]) for r in rows] == [
+        ("report", 2, "published"),
+        ("manifest", 1, "published"),
+        ("report", 1, "replaced"),
+    ]
+    assert rows[0]["replaces_entry_uuid"] == first_entry
