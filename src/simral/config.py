@@ -141,6 +141,16 @@ class Settings:
     dmp_retrieve_url: str = ""
     #: Seconds between two looks for documents waiting for a qualified INS that may now go.
     dmp_check_seconds: float = 30.0
+    # --- DRIM-M source (DESIGN.md §8: WADO-RS for DRIM-M consumers, RFC 7662 introspection) ---
+    #: Pro Santé Connect's token introspection endpoint (RFC 7662); "" = no DRIM-M consumer access.
+    drimm_introspection_url: str = ""
+    #: This platform's client id and secret at PSC (HTTP Basic client authentication, RFC 7662 §2.1).
+    drimm_client_id: str = ""
+    drimm_client_secret: str = ""
+    #: PEM CA bundle verifying the introspection endpoint ("" = the system CAs).
+    drimm_ca_file: str = ""
+    #: Seconds an active introspection answer is reused (never beyond the token's ``exp``).
+    drimm_cache_seconds: float = 60.0
 
     @property
     def effective_database_url(self) -> str:

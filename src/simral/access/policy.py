@@ -10,7 +10,10 @@ registered DICOM node, the platform itself) and every service asks this module. 
 - site and regional administrators manage configuration and see no images without break-glass;
 - auditors read the audit trail (all of it for the regional operator's auditors, their own
   organisation's otherwise) and see no images;
-- archive-wide nodes (registered explicitly) and the platform itself see and feed everything.
+- archive-wide nodes (registered explicitly) and the platform itself see and feed everything;
+- a DRIM-M consumer (a professional of another platform holding a Pro Santé Connect token, DESIGN.md
+  §8) reads, for one request, the series of one study that the manifest (KOS) it presented
+  references, and nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Literal, TypeVar
 
 from sqlalchemy import Select, false, or_, select
 
-PrincipalKind = Literal["system", "dicom-node", "user", "share-link"]
+PrincipalKind = Literal["system", "dicom-node", "user", "share-link", "drimm"]
 
 S = TypeVar("S", bound=Select)  # type: ignore[type-arg]
 
@@ -60,6 +63,9 @@ class Principal:
     address: str = ""
     #: How the principal was authenticated (session, token, ae-title, tls-certificate, cli).
     via: str = ""
+    #: For a ``drimm`` principal: the only series it may read (those its manifest references, in
+    #: the study named by ``shared``); see :func:`visible_series`.
+    series: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def audit_name(self) -> str:
@@ -146,6 +152,19 @@ def visible_studies(principal: Principal, query: S) -> S:
     if not conditions:
         return query.where(false())
     return query.where(or_(*conditions))
+
+
+def visible_series(principal: Principal, query: S) -> S:
+    """Restrict ``query`` (which must involve the ``series`` table) to the series ``principal`` may
+    see: a DRIM-M consumer sees only the series of its manifest; anyone else every series of the
+    studies :func:`visible_studies` lets through (apply both)."""
+    from simral.archive.models import Series
+
+    if principal.kind != "drimm":
+        return query
+    if not principal.series:
+        return query.where(false())
+    return query.where(Series.series_uid.in_(sorted(principal.series)))
 
 
 def may_manage(principal: Principal, organisation: str | None = None) -> bool:

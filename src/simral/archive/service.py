@@ -25,7 +25,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_store, storing_organisation, visible_studies
+from simral.access.policy import (
+    AccessDenied,
+    Principal,
+    may_store,
+    storing_organisation,
+    visible_series,
+    visible_studies,
+)
 from simral.archive.models import Blob, ChangeEvent, Instance, Patient, Series, Study, StudyOrganisation
 from simral.audit import service as audit
 from simral.context import AppContext
@@ -856,7 +863,7 @@ def instances_query(principal: Principal) -> Select:
         .join(Study, Study.id == Series.study_pk)
         .join(Patient, Patient.id == Study.patient_pk)
     )
-    return visible_studies(principal, query)
+    return visible_series(principal, visible_studies(principal, query))
 
 
 def iter_instances(session: Session, query: Select) -> Iterator[StoredInstance]:
@@ -986,11 +993,14 @@ def instances_metadata(
     sop_uid: str | None = None,
 ) -> list[InstanceMetadata]:
     """Headers of the visible instances of a study, series or instance (WADO-RS metadata)."""
-    query = visible_studies(
+    query = visible_series(
         principal,
-        select(Series.series_uid, Instance.sop_uid, Instance.transfer_syntax_uid, Instance.meta)
-        .join(Series, Series.id == Instance.series_pk)
-        .join(Study, Study.id == Series.study_pk),
+        visible_studies(
+            principal,
+            select(Series.series_uid, Instance.sop_uid, Instance.transfer_syntax_uid, Instance.meta)
+            .join(Series, Series.id == Instance.series_pk)
+            .join(Study, Study.id == Series.study_pk),
+        ),
     )
     query = _scope(query, study_uid, series_uid, sop_uid).order_by(
         Series.series_number, Series.id, Instance.instance_number, Instance.id

@@ -37,7 +37,8 @@ from simral.dicomweb.multipart import (
     new_boundary,
     request_boundary,
 )
-from simral.web.auth import request_principal
+from simral.dmp import drimm
+from simral.web.auth import SESSION_COOKIE, client_address, request_principal
 
 DICOM_JSON = "application/dicom+json"
 PREFIX = "/dicom-web"
@@ -96,6 +97,37 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
     @web.exception_handler(AccessDenied)
     async def _denied(request: Request, exc: AccessDenied) -> Response:
         return JSONResponse({"error": "access denied"}, status_code=403)
+
+    @web.exception_handler(drimm.DrimmRefused)
+    async def _drimm_refused(request: Request, exc: drimm.DrimmRefused) -> Response:
+        headers = {"WWW-Authenticate": exc.challenge} if exc.challenge else None
+        return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
+
+    # -- DRIM-M consumers (DESIGN.md §8) -------------------------------------------------------
+    def _drimm_consumer(request: Request, study: str, series: str, sop: str | None, resource: str) -> None:
+        """A request carrying ``KOS-SOPInstanceUID`` and a bearer token that is not one of ours (or
+        no credential at all) is a DRIM-M consumer's: :func:`simral.dmp.drimm.authorise_retrieve`
+        decides it, and its principal (the manifest's series only) serves the request."""
+        kos_uid = request.headers.get(drimm.KOS_HEADER)
+        if kos_uid is None or not drimm.introspector(ctx).enabled:
+            return
+        authorization = request.headers.get("authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if token and drimm.is_local_token(token):
+            return
+        if not authorization and request.cookies.get(SESSION_COOKIE):
+            return
+        request.state.principal = drimm.authorise_retrieve(
+            ctx,
+            token=token,
+            kos_uid=kos_uid.strip(),
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            address=client_address(request),
+            resource=resource,
+        )
 
     # -- QIDO-RS (PS3.18 10.6) -----------------------------------------------------------------
     def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
@@ -191,10 +223,12 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
 
     @router.get("/studies/{study}/series/{series}")
     def retrieve_series(request: Request, study: str, series: str) -> Response:
+        _drimm_consumer(request, study, series, None, "series")
         return _retrieve(request, study, series)
 
     @router.get("/studies/{study}/series/{series}/instances/{sop}")
     def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+        _drimm_consumer(request, study, series, sop, "instance")
         return _retrieve(request, study, series, sop)
 
     # -- metadata (PS3.18 10.4.1.1.2) ----------------------------------------------------------
@@ -225,6 +259,7 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
 
     @router.get("/studies/{study}/series/{series}/metadata")
     def series_metadata(request: Request, study: str, series: str) -> Response:
+        _drimm_consumer(request, study, series, None, "series-metadata")
         return _metadata(request, study, series)
 
     @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")

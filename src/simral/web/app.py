@@ -19,6 +19,7 @@ from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.dashboard import mount_dashboard
+from simral.web.drimm import mount_drimm
 from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.media_import import mount_media_import
 from simral.web.oidc_login import mount_oidc_login
@@ -76,6 +77,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_patient_pages(web, ctx)
     mount_oidc_login(web, ctx)
     mount_viewer(web, ctx)
+    mount_drimm(web, ctx)
     mount_media_import(web, ctx)
     mount_dashboard(web, ctx)
     mount_report_documents(web, ctx)
