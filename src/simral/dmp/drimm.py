@@ -47,7 +47,6 @@ import orjson
 from joserfc import jws
 from joserfc.errors import JoseError
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
 from simral.access.policy import SYSTEM, Principal
@@ -55,6 +54,7 @@ from simral.archive import service as archive
 from simral.audit import service as audit
 from simral.config import Settings
 from simral.context import AppContext
+from simral.dmp.manifest import manifest_references
 from simral.identity.service import TOKEN_ISSUER, get_organisation
 from simral.patients import service as patients
 from simral.patients.models import INS_OIDS, INS_TEST_OIDS, STATUS_QUAL, AssigningAuthority, PatientIdentity
@@ -214,21 +214,6 @@ def introspector(ctx: AppContext) -> Introspector:
 # ---------------------------------------------------------------------------------------- manifest
 
 
-def _evidence_references(dataset: Dataset, study_uid: str) -> dict[str, set[str]]:
-    """Series → SOP Instance UIDs the manifest references in ``study_uid`` (PS3.3 C.17.2.1
-    Current Requested Procedure Evidence Sequence, Hierarchical SOP Instance Reference Macro)."""
-    references: dict[str, set[str]] = {}
-    for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", None) or []:
-        if str(study.get("StudyInstanceUID", "")) != study_uid:
-            continue
-        for series in study.get("ReferencedSeriesSequence", None) or []:
-            sops = references.setdefault(str(series.get("SeriesInstanceUID", "")), set())
-            for sop in series.get("ReferencedSOPSequence", None) or []:
-                sops.add(str(sop.get("ReferencedSOPInstanceUID", "")))
-    references.pop("", None)
-    return references
-
-
 @dataclass(frozen=True)
 class ManifestGrant:
     """What a manifest lets its holder read: the series it references in one study."""
@@ -258,7 +243,7 @@ def check_manifest(
         raise DrimmRefused(403, "manifest of another study")
     with archive.local_copy(ctx, kos.blob_key) as path:
         dataset = dcmread(path, stop_before_pixels=True)
-    references = _evidence_references(dataset, study_uid)
+    references = manifest_references(dataset, study_uid)
     if series_uid not in references:
         raise DrimmRefused(403, "series not referenced by the manifest")
     if sop_uid is not None and sop_uid not in references[series_uid]:

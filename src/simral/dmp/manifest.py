@@ -396,15 +396,20 @@ def build_manifest(content: ManifestContent, *, version: int, created: datetime)
     return document
 
 
-def manifest_references(dataset: Dataset) -> dict[str, set[str]]:
+def manifest_references(dataset: Dataset, study_uid: str | None = None) -> dict[str, set[str]]:
     """Series Instance UID → SOP Instance UIDs a KOS lists in its Current Requested Procedure
-    Evidence (PS3.3 C.17.6.2); what a DRIM-M consumer's ``KOS-SOPInstanceUID`` gives access to."""
+    Evidence (PS3.3 C.17.6.2), of every study or only ``study_uid``; what a DRIM-M consumer's
+    ``KOS-SOPInstanceUID`` gives access to."""
     found: dict[str, set[str]] = {}
     for study_item in dataset.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        if study_uid is not None and str(study_item.get("StudyInstanceUID", "")) != study_uid:
+            continue
         for series_item in study_item.get("ReferencedSeriesSequence") or []:
-            uids = found.setdefault(str(series_item.SeriesInstanceUID), set())
+            uids = found.setdefault(str(series_item.get("SeriesInstanceUID", "")), set())
             sops = series_item.get("ReferencedSOPSequence") or []
-            uids.update(str(sop.ReferencedSOPInstanceUID) for sop in sops)
+            uids.update(str(sop.get("ReferencedSOPInstanceUID", "")) for sop in sops)
+            uids.discard("")
+    found.pop("", None)
     return found
 
 
