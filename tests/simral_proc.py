@@ -27,6 +27,7 @@ _DATA_DIR_COMMANDS = {
     "check",
     "organisations",
     "users",
+    "dmp",
     "tokens",
     "audit",
     "routes",

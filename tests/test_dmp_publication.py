@@ -118,9 +118,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     )  # fmt: skip
     assert "enabled for CHSUD" in enabled.stdout
     site_token = simral.token_for("manip_sud")
-    ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+    ctx = open_app(
+        load_settings(
+            environ={"SIMRAL_DATA_DIR": str(simral.data_dir), "SIMRAL_INS_TEST_OIDS_ALLOWED": "true"}
+        )
+    )
     patient = reading.PatientRef(
-        traits=Traits(birth_name="PAT-TROIS", first_birth_given_name="Dominique", birth_given_names="Dominique",
+        traits=Traits(birth_name="PAT-TROIS", first_birth_given_name="Dominique",
+                      birth_given_names="Dominique",
                       sex="F", birth_date="19790315", birth_place_code="51215"),
         ipp="IPP-DMP-1",
         ipp_authority=AuthorityRef(oid=OID_SITE),
@@ -139,7 +144,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     with ctx.db.unit_of_work() as session:
         reading.add_contract(session, site_code="CHSUD", group_code="TLR", principal=SYSTEM)
         request = reading.receive_request(
-            session, site_code="CHSUD", patient=patient, details=details, principal=SYSTEM, source="portal"
+            session,
+            site_code="CHSUD",
+            patient=patient,
+            details=details,
+            principal=SYSTEM,
+            source="portal",
+            allow_test_ins=True,
         )
         _, step = reading.accept_request(session, request.id, protocol="Angioscanner", principal=SYSTEM)
         study_uid, accession = step.study_uid, step.accession_number

@@ -41,7 +41,6 @@ from simral.dmp.models import (
     DMP_PUBLISHED,
     DMP_REPLACED,
     DMP_WAITING,
-    KIND_MANIFEST,
     KIND_REPORT,
     DmpDocument,
     DmpOrganisation,
@@ -82,7 +81,9 @@ DMP_PUBLISHER = Principal(kind="system", name="dmp-publication", archive_wide=Tr
 #: Profession "Médecin" (TRE_G15-ProfessionSante) and specialty "Radio-diagnostic et imagerie
 #: médicale" (TRE_R38-SpecialiteOrdinale) of the signing radiologist.
 PROFESSION_DOCTOR = Code("10", "1.2.250.1.71.1.2.7", "Médecin")
-SPECIALTY_RADIOLOGY = Code("SM44", "1.2.250.1.71.4.2.5", "Radio-diagnostic et imagerie médicale")
+SPECIALTY_RADIOLOGY = Code("SM44", "1.2.250.1.71.4.2.5", "Radio-diagnostic (SM)")
+#: The same as an XDS authorSpecialty (JDV_J01-XdsAuthorSpecialty-CISIS: profession/specialty).
+AUTHOR_SPECIALTY_RADIOLOGY = Code("G15_10/SM44", "1.2.250.1.213.1.1.4.5", "Médecin - Radio-diagnostic (SM)")
 #: Secteur d'activité (TRE_R02) and healthcareFacilityType code system; practiceSetting (JDV_J04).
 SECTOR_SYSTEM = "1.2.250.1.71.4.2.4"
 PRACTICE_SETTING_SYSTEM = "1.2.250.1.213.1.1.4.9"
@@ -252,8 +253,8 @@ def _author(lot: _Lot) -> Author:
         national_id=national_id,
         family=family,
         given=given,
-        role=PROFESSION_DOCTOR,
-        specialty=SPECIALTY_RADIOLOGY,
+        role=None,
+        specialty=AUTHOR_SPECIALTY_RADIOLOGY,
         institution_name=institution.name,
         institution_id=institution_id,
     )
@@ -287,8 +288,9 @@ def _reference_ids(lot: _Lot, study_uid: str) -> tuple[ReferenceId, ...]:
 def _patient_info(request: ImagingRequest) -> tuple[tuple[str, ...], str]:
     """(sourcePatientInfo, sourcePatientId) from the request's patient (PID-5 birth name L, PID-7, PID-8)."""
     patient = request.patient or {}
+    family, given = str(patient.get("birth_name", "")).upper(), patient.get("first_birth_given_name", "")
     info = (
-        f"PID-5|{str(patient.get('birth_name', '')).upper()}^{patient.get('first_birth_given_name', '')}^^^^^L",
+        f"PID-5|{family}^{given}^^^^^L",
         f"PID-7|{patient.get('birth_date', '')}",
         f"PID-8|{patient.get('sex', 'U') or 'U'}",
     )
@@ -302,6 +304,11 @@ def _exam_time(request: ImagingRequest) -> datetime | None:
         return datetime.fromisoformat(performed) if performed else None
     except ValueError:
         return None
+
+
+def _aware(value: datetime) -> datetime:
+    """A database time as UTC (SQLite gives them back without their zone)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
@@ -331,8 +338,7 @@ def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
             retrieve_base_url=base.removesuffix("/dicom-web"),
             institution_name=lot.site.name,
         )
-    created = document.created_at if document.created_at.tzinfo else document.created_at.replace(tzinfo=UTC)
-    dataset = manifests.build_manifest(content, version=document.version, created=created)
+    dataset = manifests.build_manifest(content, version=document.version, created=_aware(document.created_at))
     manifests.store_manifest(ctx, dataset, organisation_code=lot.organisation.organisation_code)
     return manifests.manifest_bytes(dataset)
 
@@ -378,9 +384,9 @@ def _entry(ctx: AppContext, lot: _Lot, document: DmpDocument) -> DocumentEntry:
         practice_setting=practice,
         event_codes=_event_codes(request),
         reference_ids=_reference_ids(lot, document.study_uid),
-        creation_time=created,
-        service_start=exam_at,
-        service_stop=exam_at,
+        creation_time=_aware(created),
+        service_start=_aware(exam_at) if exam_at else None,
+        service_stop=_aware(exam_at) if exam_at else None,
         language="fr-FR",
         author=author,
         legal_authenticator=legal,
@@ -470,7 +476,8 @@ def publish_lot(ctx: AppContext, job: ClaimedJob) -> None:
             reason = (
                 "Le patient n'a pas de DMP (TD0.2)."
                 if not status.exists
-                else f"Accès au DMP non autorisé (TD0.2 : {status.authorisation or status.reason or 'refus'})."
+                else "Accès au DMP non autorisé (TD0.2 : "
+                + f"{status.authorisation or status.reason or 'refus'})."
             )
             _finish(ctx, lot, state=DMP_WAITING, reason=reason, sizes={})
             return
