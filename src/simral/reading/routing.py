@@ -375,7 +375,8 @@ def assign_on_call(
     assignee (empty: none)."""
     now = now.astimezone(UTC)
     login = on_call_radiologist(session, group_code=task.group_code, now=now, subspecialty=task.subspecialty)
-    if login == task.assigned_to and not (alert and login):
+    alert = alert and bool(login)  # nobody on call: nobody alerted (the group will be)
+    if login == task.assigned_to and not alert:
         return login
     values: dict[str, Any] = {"updated_at": now}
     if login != task.assigned_to:
@@ -416,6 +417,7 @@ def assignment_due(session: Session, *, now: datetime, limit: int = 500) -> list
             OnCallShift.group_code == ReadingTask.group_code,
             OnCallShift.login == ReadingTask.assigned_to,
             _covering(now, ReadingTask.subspecialty),
+            _active_radiologist(ReadingTask.group_code),
         )
         .correlate(ReadingTask)
     )
