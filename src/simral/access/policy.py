@@ -276,6 +276,13 @@ def may_assign_reading(principal: Principal, group_code: str) -> bool:
     return bool(group_code) and may_manage(principal, group_code)
 
 
+def may_schedule_on_call(principal: Principal, group_code: str) -> bool:
+    """Whether ``principal`` may change the on-call schedule ("tableau de garde") of the
+    teleradiology group ``group_code``: whoever may assign its reading tasks (its administrators,
+    regional administrators, the platform)."""
+    return may_assign_reading(principal, group_code)
+
+
 def dashboard_scope(principal: Principal) -> tuple[frozenset[str], frozenset[str]] | None:
     """Whose teleradiology turnaround figures ``principal`` sees: None for everything (the platform,
     regional administrators), else (sites, reading groups) — the organisation acted for, as a site

@@ -1,8 +1,10 @@
-"""``simral ris|contracts``: the sites' RIS (HL7 v2 over MLLP) and the reading contracts that route
-their imaging requests to teleradiology groups (DESIGN.md §7, ANS Téléradiologie)."""
+"""``simral ris|contracts|oncall``: the sites' RIS (HL7 v2 over MLLP), the reading contracts that
+route their imaging requests to teleradiology groups, and the groups' on-call schedules (DESIGN.md
+§7, ANS Téléradiologie; the routing rules are in :mod:`simral.reading.routing`)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -16,8 +18,12 @@ ris_app = typer.Typer(
 contracts_app = typer.Typer(
     help="Reading contracts: which group reads which site's exams.", no_args_is_help=True
 )
+oncall_app = typer.Typer(
+    help="On-call schedule (tableau de garde) of teleradiology groups.", no_args_is_help=True
+)
 app.add_typer(ris_app, name="ris")
 app.add_typer(contracts_app, name="contracts")
+app.add_typer(oncall_app, name="oncall")
 
 
 @ris_app.command("add")
@@ -98,10 +104,18 @@ def contracts_add(
     urgent_minutes: Annotated[int, typer.Option("--urgent-minutes", help="Deadline of urgent exams.")] = 60,
     routine_minutes: Annotated[int, typer.Option("--routine-minutes", help="Deadline of routine exams.")] = 24
     * 60,
+    subspecialties: Annotated[
+        str,
+        typer.Option(
+            "--subspecialties",
+            help="Only exams needing these subspecialties, comma-separated, e.g. neuro,orl (default: all).",
+        ),
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """SITE's exams (of the given modalities) are read by the teleradiology group GROUP."""
+    """SITE's exams (of the given modalities and subspecialties) are read by the teleradiology group
+    GROUP."""
     from simral.reading import service as reading
 
     ctx = _open(config, data_dir)
@@ -113,6 +127,7 @@ def contracts_add(
             modalities=modalities,
             urgent_minutes=urgent_minutes,
             routine_minutes=routine_minutes,
+            subspecialties=subspecialties,
             principal=cli_principal(),
         )
     out.print(f"contract added: {site} read by {group}")
@@ -126,12 +141,15 @@ def contracts_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
         rows = reading.list_contracts(session)
-        table = Table("site", "group", "modalities", "urgent (min)", "routine (min)", "active")
+        table = Table(
+            "site", "group", "modalities", "subspecialties", "urgent (min)", "routine (min)", "active"
+        )
         for row in rows:
             table.add_row(
                 row.site_code,
                 row.group_code,
                 row.modalities or "*",
+                row.subspecialties.replace("\\", ",") or "*",
                 str(row.urgent_minutes),
                 str(row.routine_minutes),
                 "yes" if row.active else "no",
@@ -148,3 +166,93 @@ def contracts_remove(site: str, group: str, data_dir: DataDir = None, config: Co
     with reported(reading.ReadingError), ctx.db.unit_of_work() as session:
         reading.remove_contract(session, site_code=site, group_code=group, principal=cli_principal())
     out.print(f"contract removed: {site} / {group}")
+
+
+def _moment(value: str, what: str) -> datetime:
+    """An ISO 8601 date and time; without an offset, in the platform's wall clock (Europe/Paris)."""
+    from simral.reading.worklist import local_timezone
+
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what}: {value!r} is not an ISO 8601 date and time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=local_timezone())
+
+
+@oncall_app.command("add")
+def oncall_add(
+    group: str,
+    login: str,
+    start: Annotated[
+        str,
+        typer.Option("--start", help="Start, ISO 8601 (e.g. 2026-12-05T20:00; local time without offset)."),
+    ],
+    end: Annotated[str, typer.Option("--end", help="End (excluded), ISO 8601.")],
+    subspecialty: Annotated[
+        str, typer.Option("--subspecialty", help="Only exams of this subspecialty (default: every exam).")
+    ] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Put radiologist LOGIN on call for GROUP from --start to --end."""
+    from simral.access.policy import AccessDenied
+    from simral.reading import routing
+
+    begins, ends = _moment(start, "--start"), _moment(end, "--end")
+    ctx = _open(config, data_dir)
+    with reported(routing.ScheduleError, AccessDenied), ctx.db.unit_of_work() as session:
+        shift = routing.add_shift(
+            session,
+            group_code=group,
+            login=login,
+            start_at=begins,
+            end_at=ends,
+            subspecialty=subspecialty,
+            principal=cli_principal(),
+        )
+        shift_id = shift.id
+    out.print(f"on-call shift {shift_id} added: {login} for {group}")
+
+
+@oncall_app.command("list")
+def oncall_list(
+    group: Annotated[str, typer.Option("--group", help="Only this group.")] = "",
+    past: Annotated[bool, typer.Option("--past", help="Also the shifts already over.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """List the on-call shifts still running or to come (local time), by start."""
+    from simral.db.base import as_utc, utcnow
+    from simral.reading import routing
+    from simral.reading.worklist import local_timezone
+
+    ctx = _open(config, data_dir)
+    now = utcnow()
+    zone = local_timezone()
+    with ctx.db.reading() as session:
+        rows = routing.list_shifts(session, group_code=group, ending_after=None if past else now)
+        table = Table("id", "group", "radiologist", "start", "end", "subspecialty", "now")
+        for row in rows:
+            start_at, end_at = as_utc(row.start_at), as_utc(row.end_at)
+            table.add_row(
+                str(row.id),
+                row.group_code,
+                row.login,
+                f"{start_at.astimezone(zone):%Y-%m-%d %H:%M}" if start_at else "",
+                f"{end_at.astimezone(zone):%Y-%m-%d %H:%M}" if end_at else "",
+                row.subspecialty or "*",
+                "on call" if start_at and end_at and start_at <= now < end_at else "",
+            )
+    out.print(table)
+
+
+@oncall_app.command("remove")
+def oncall_remove(shift_id: int, data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Take shift SHIFT_ID off the schedule."""
+    from simral.access.policy import AccessDenied
+    from simral.reading import routing
+
+    ctx = _open(config, data_dir)
+    with reported(routing.ScheduleError, AccessDenied), ctx.db.unit_of_work() as session:
+        routing.remove_shift(session, shift_id, principal=cli_principal())
+    out.print(f"on-call shift {shift_id} removed")

@@ -18,6 +18,8 @@
   of the same document (CDA setId kept, versionNumber + 1); what publication produced (CDA CR-IMG,
   PDF, DICOM Encapsulated PDF, ORU^R01) is recorded on it.
 - :class:`SecondOpinion` — a request for another radiologist's opinion (télé-expertise) on a task.
+- :class:`OnCallShift` — the on-call schedule ("tableau de garde") of a teleradiology group: who
+  reads (and is alerted) when, optionally for one subspecialty (:mod:`simral.reading.routing`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class ReadingContract(Base):
     group_code: Mapped[str] = mapped_column(String(32), index=True)
     #: Modalities covered, backslash-separated (DICOM CS values); empty: every modality.
     modalities: Mapped[str] = mapped_column(String(128), default="")
+    #: Subspecialties covered, backslash-separated (:data:`simral.reading.routing.SUBSPECIALTIES`
+    #: codes); empty: every exam, whatever its subspecialty.
+    subspecialties: Mapped[str] = mapped_column(String(256), default="")
     #: Turnaround deadlines in minutes, by priority.
     urgent_minutes: Mapped[int] = mapped_column(Integer, default=60)
     routine_minutes: Mapped[int] = mapped_column(Integer, default=24 * 60)
@@ -150,6 +155,9 @@ class ImagingRequest(Base):
     #: {"code", "system", "display"} (JDV 1.2.250.1.213.1.1.5.695, SNOMED CT).
     modality: Mapped[str] = mapped_column(String(16), default="")
     anatomy: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: The subspecialty the exam needs (:data:`simral.reading.routing.SUBSPECIALTIES`): derived from
+    #: the anatomy, or chosen on the request form / by the reviewing radiologist; empty: general.
+    subspecialty: Mapped[str] = mapped_column(String(32), default="")
     #: Pregnancy status (LOINC 82810-3 answer: Y / N / UNK), body height and weight.
     pregnancy: Mapped[str] = mapped_column(String(8), default="")
     height_cm: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -244,7 +252,8 @@ class ReadingTask(Base):
     site_code: Mapped[str] = mapped_column(String(32), default="")
     group_code: Mapped[str] = mapped_column(String(32), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
-    #: Subspecialty the task needs (neuro, MSK, ...), empty when any radiologist of the group may read.
+    #: Subspecialty the task needs (:data:`simral.reading.routing.SUBSPECIALTIES`: neuro, osteo, ...),
+    #: empty when any radiologist of the group may read.
     subspecialty: Mapped[str] = mapped_column(String(32), default="")
     priority: Mapped[str] = mapped_column(String(8), default=PRIORITY_ROUTINE)
     due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -258,8 +267,35 @@ class ReadingTask(Base):
     ups_transaction_uid: Mapped[str] = mapped_column(String(64), default="")
     #: When the group was alerted that the deadline was near or passed.
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The on-call radiologist the task is pre-assigned to (login; shown "de garde : Dr X", still
+    #: claimable by the group's other radiologists) since ``assigned_at``; empty when none.
+    assigned_to: Mapped[str] = mapped_column(String(128), default="")
+    assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When the on-call radiologist (``assigned_to``) was alerted that the deadline was near, before
+    #: the group (:mod:`simral.reading.routing`).
+    oncall_alerted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OnCallShift(Base):
+    """One shift of a teleradiology group's on-call schedule ("tableau de garde"): ``login`` reads
+    for ``group_code`` from ``start_at`` (included) to ``end_at`` (excluded), for every exam or only
+    for ``subspecialty``."""
+
+    __tablename__ = "on_call_shift"
+    __table_args__ = (Index("ix_on_call_shift_group_period", "group_code", "start_at", "end_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_code: Mapped[str] = mapped_column(String(32))
+    #: The radiologist on call (a member of the group with the radiologist role).
+    login: Mapped[str] = mapped_column(String(128), index=True)
+    start_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    end_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: Empty: every exam of the group; else the subspecialty this shift covers.
+    subspecialty: Mapped[str] = mapped_column(String(32), default="")
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 #: Report states.

@@ -4,8 +4,9 @@ The lifecycle of a request, whatever brought it (the site's RIS over HL7, or the
 sites without a RIS):
 
 - :func:`receive_request` (flux 1 TransmissionDemandeIMG): the patient is resolved with the identity
-  service, the request is routed to a teleradiology group by the site's :class:`ReadingContract`
-  (the contract naming the modality wins over an all-modality one) and given a deadline;
+  service, the request is given its subspecialty and routed to a teleradiology group by the site's
+  :class:`ReadingContract` (the rules of :mod:`simral.reading.routing`: subspecialty, modality, on-call
+  schedule) and given a deadline; :func:`set_subspecialty` corrects the subspecialty;
 - :func:`accept_request` / :func:`refuse_request` (flux 3 RéponseDemandeIMG): a radiologist of the
   group answers; an accepted request becomes a Scheduled Procedure Step (Modality Worklist, PS3.4
   K.6.1.2). A request that came from a RIS gets its answer (ORU^R01) through the job queue, in the
@@ -46,6 +47,7 @@ from simral.identity.models import Organisation
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
 from simral.patients.service import AuthorityRef, Ins, Traits
+from simral.reading import routing
 from simral.reading.models import (
     PRIORITIES,
     PRIORITY_ROUTINE,
@@ -131,6 +133,9 @@ class RequestDetails:
     accession_number: str = ""
     accession_authority: str = ""
     study_uid: str = ""
+    #: The subspecialty chosen by the requester (:data:`simral.reading.routing.SUBSPECIALTIES`);
+    #: empty: derived from ``anatomy``.
+    subspecialty: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,9 +270,11 @@ def add_contract(
     modalities: str = "",
     urgent_minutes: int = 60,
     routine_minutes: int = 24 * 60,
+    subspecialties: str = "",
     principal: Principal,
 ) -> ReadingContract:
-    """A site's exams (of ``modalities``, backslash-separated, or all) are read by ``group_code``."""
+    """A site's exams (of ``modalities``, backslash-separated, or all; needing one of
+    ``subspecialties``, or any) are read by ``group_code``."""
     _may_configure(principal, site_code)
     _organisation(session, site_code)
     group = _organisation(session, group_code)
@@ -282,10 +289,15 @@ def add_contract(
     )
     if existing is not None:
         raise ReadingError(f"{site_code} already has a contract with {group_code}", code="205")
+    try:
+        covered = routing.parse_subspecialties(subspecialties)
+    except routing.ScheduleError as exc:
+        raise ReadingError(str(exc), code="103") from exc
     contract = ReadingContract(
         site_code=site_code,
         group_code=group_code,
         modalities=_modalities(modalities),
+        subspecialties=covered,
         urgent_minutes=urgent_minutes,
         routine_minutes=routine_minutes,
         active=True,
@@ -301,6 +313,7 @@ def add_contract(
             "site": site_code,
             "group": group_code,
             "modalities": contract.modalities,
+            "subspecialties": contract.subspecialties,
             "urgent_minutes": urgent_minutes,
             "routine_minutes": routine_minutes,
         },
@@ -335,24 +348,23 @@ def remove_contract(session: Session, *, site_code: str, group_code: str, princi
     )
 
 
-def route(session: Session, *, site_code: str, modality: str) -> ReadingContract | None:
-    """The active contract reading ``modality`` for ``site_code``: one naming the modality, else one
-    covering every modality (the oldest first)."""
-    contracts = list(
-        session.scalars(
-            select(ReadingContract)
-            .where(ReadingContract.site_code == site_code, ReadingContract.active.is_(True))
-            .order_by(ReadingContract.id)
-        )
+def route(
+    session: Session,
+    *,
+    site_code: str,
+    modality: str,
+    subspecialty: str = "",
+    now: datetime | None = None,
+) -> ReadingContract | None:
+    """The active contract reading an exam of ``modality`` needing ``subspecialty`` for
+    ``site_code`` at ``now`` (default: the clock): :func:`simral.reading.routing.route`."""
+    return routing.route(
+        session,
+        site_code=site_code,
+        modality=modality,
+        subspecialty=subspecialty,
+        now=now if now is not None else utcnow(),
     )
-    wanted = modality.strip().upper()
-    for contract in contracts:
-        if wanted and wanted in contract.modalities.split("\\"):
-            return contract
-    for contract in contracts:
-        if not contract.modalities:
-            return contract
-    return None
 
 
 # ------------------------------------------------------------------------------- deadlines
@@ -544,10 +556,16 @@ def receive_request(
     modality = details.modality.strip().upper()[:16]
     if not modality:
         raise ReadingError("the requested modality (OBX MODALITE_IMAGERIE) is required", code="101")
-    contract = route(session, site_code=site_code, modality=modality)
+    try:
+        subspecialty = routing.exam_subspecialty(details.subspecialty, details.anatomy)
+    except routing.ScheduleError as exc:
+        raise ReadingError(str(exc), code="103") from exc
+    now = utcnow()
+    contract = route(session, site_code=site_code, modality=modality, subspecialty=subspecialty, now=now)
     if contract is None:
+        needing = f" ({subspecialty})" if subspecialty else ""
         raise ReadingError(
-            f"no reading contract of {site_code} covers modality {modality} (simral contracts add)",
+            f"no reading contract of {site_code} covers modality {modality}{needing} (simral contracts add)",
             circumstantial=True,
         )
     identity = _resolve_patient(
@@ -558,7 +576,6 @@ def receive_request(
         source=source,
         allow_test_ins=allow_test_ins,
     )
-    now = utcnow()
     request = ImagingRequest(
         site_code=site_code,
         group_code=contract.group_code,
@@ -581,6 +598,7 @@ def receive_request(
         purpose=details.purpose,
         modality=modality,
         anatomy=list(details.anatomy),
+        subspecialty=subspecialty,
         pregnancy=details.pregnancy[:8],
         height_cm=details.height_cm,
         weight_kg=details.weight_kg,
@@ -603,7 +621,12 @@ def receive_request(
         "imaging-request.receive",
         request,
         principal=principal,
-        detail={"modality": modality, "priority": request.priority, "source": request.source},
+        detail={
+            "modality": modality,
+            "subspecialty": subspecialty,
+            "priority": request.priority,
+            "source": request.source,
+        },
     )
     return request
 
@@ -903,22 +926,22 @@ def record_complement(
     ):
         step.state = STEP_COMPLETED
         step.updated_at = now
-    contract = session.scalar(
-        select(ReadingContract).where(
-            ReadingContract.site_code == request.site_code, ReadingContract.group_code == request.group_code
-        )
+    modality = complement.modality or request.modality
+    contract = route(
+        session, site_code=request.site_code, modality=modality, subspecialty=request.subspecialty, now=now
     )
     task = open_task(
         session,
         study_uid=study_uid,
         site_code=request.site_code,
-        group_code=request.group_code,
-        modality=complement.modality or request.modality,
+        group_code=contract.group_code if contract is not None else request.group_code,
+        modality=modality,
         priority=request.priority,
         due_at=deadline(
             now, priority=request.priority, desired_delay=request.desired_delay, contract=contract
         ),
         request_id=request.id,
+        subspecialty=request.subspecialty,
     )
     _audit(
         session,
@@ -928,3 +951,50 @@ def record_complement(
         detail={"accession": accession, "task": task.id},
     )
     return request, task
+
+
+def set_subspecialty(
+    session: Session, request_id: int, *, subspecialty: str, principal: Principal
+) -> ImagingRequest:
+    """Set (or clear) the subspecialty of a request not yet reported: the group's reviewing
+    radiologists or the requesting site. Its open reading tasks take it (their on-call assignment
+    follows at the next periodic check); a task not yet opened is routed with it
+    (:mod:`simral.reading.routing`). The request stays with the group that has it."""
+    request = session.get(ImagingRequest, request_id)
+    if request is None:
+        raise ReadingError(f"no imaging request {request_id}", code="204")
+    if not (
+        may_review_requests(principal, request.group_code) or may_request_exam(principal, request.site_code)
+    ):
+        raise AccessDenied(f"{principal.audit_name} may not change imaging request {request_id}")
+    if request.state in (REQUEST_REPORTED, REQUEST_CANCELLED, REQUEST_REFUSED):
+        raise ReadingError(f"request {request.placer_number} is {request.state}: it is closed", code="207")
+    try:
+        code = routing.normalise_subspecialty(subspecialty)
+    except routing.ScheduleError as exc:
+        raise ReadingError(str(exc), code="103") from exc
+    previous = request.subspecialty
+    if code == previous:
+        return request
+    now = utcnow()
+    request.subspecialty = code
+    request.updated_at = now
+    tasks = list(
+        session.scalars(
+            select(ReadingTask).where(
+                ReadingTask.request_id == request.id,
+                ReadingTask.state.not_in((TASK_REPORTED, TASK_CANCELLED)),
+            )
+        )
+    )
+    for task in tasks:
+        task.subspecialty = code
+        task.updated_at = now
+    _audit(
+        session,
+        "imaging-request.subspecialty",
+        request,
+        principal=principal,
+        detail={"subspecialty": code, "previous": previous, "tasks": [t.id for t in tasks]},
+    )
+    return request

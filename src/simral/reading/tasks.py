@@ -15,6 +15,11 @@ it to another radiologist. Tasks whose deadline is near or passed are escalated 
 for the group's administrators and an audit record. Once ready, the group is attached to the
 study (relation ``received``), so its radiologists see it through the access policy.
 
+Routing by subspecialty and on-call schedule (:mod:`simral.reading.routing`): a task is opened for
+the group the contract rules choose; once ready it is pre-assigned to the radiologist on call for it
+(the assignment follows the schedule while the task stays ready), and a near deadline alerts that
+radiologist first, the group's administrators when it passes.
+
 The periodic work (:func:`due_work` read-only, then :func:`do_work` in one unit of work) runs in
 every serving process (:mod:`simral.exchange`); each change is a conditional UPDATE and the work
 is serialised on the database, so processes share it without doing anything twice.
@@ -27,8 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from simral.access.policy import (
     AccessDenied,
@@ -41,6 +46,7 @@ from simral.archive.models import ChangeEvent, Instance, Study, StudyOrganisatio
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import AdminAlert, Membership, Organisation, Professional
+from simral.reading import routing
 from simral.reading.models import (
     PRIORITIES,
     PRIORITY_URGENT,
@@ -217,6 +223,7 @@ def _make_ready(session: Session, task: ReadingTask, *, now: datetime, reason: s
             "priors": priors,
         },
     )
+    routing.assign_on_call(session, task, now=now, principal=READING_SYSTEM)
     return True
 
 
@@ -283,7 +290,9 @@ def _task_for_procedure(
     stored = session.scalar(select(Study.modalities).where(Study.study_uid == step.study_uid)) or ""
     if stored and modality not in stored.split("\\"):
         modality = stored.split("\\")[0]
-    contract = requests.route(session, site_code=step.site_code, modality=modality)
+    contract = requests.route(
+        session, site_code=step.site_code, modality=modality, subspecialty=request.subspecialty, now=now
+    )
     group = contract.group_code if contract is not None else request.group_code
     due = requests.deadline(
         now, priority=request.priority, desired_delay=request.desired_delay, contract=contract
@@ -297,6 +306,7 @@ def _task_for_procedure(
         priority=request.priority,
         due_at=due or request.due_at,
         request_id=request.id,
+        subspecialty=request.subspecialty,
     )
     audit.record(
         session,
@@ -359,17 +369,22 @@ class DueWork:
     open_procedures: list[int] = field(default_factory=list)
     ready_tasks: list[int] = field(default_factory=list)
     escalate_tasks: list[int] = field(default_factory=list)
+    #: Ready tasks whose on-call assignment is to follow the schedule (:func:`routing.assignment_due`).
+    assign_tasks: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.open_procedures or self.ready_tasks or self.escalate_tasks)
+        return bool(self.open_procedures or self.ready_tasks or self.escalate_tasks or self.assign_tasks)
 
 
 def _escalation_due(now: datetime, warn_before: timedelta) -> Any:
+    """Open, not yet escalated, deadline within ``warn_before``; once the on-call radiologist was
+    alerted, the group waits for the deadline itself."""
     return and_(
         ReadingTask.state.in_(OPEN_STATES),
         ReadingTask.escalated_at.is_(None),
         ReadingTask.due_at.is_not(None),
         ReadingTask.due_at <= now + warn_before,
+        or_(ReadingTask.oncall_alerted_at.is_(None), ReadingTask.due_at <= now),
     )
 
 
@@ -398,6 +413,7 @@ def due_work(session: Session, *, now: datetime, quiet: timedelta, warn_before: 
             .limit(500)
         )
     )
+    work.assign_tasks = routing.assignment_due(session, now=now)
     return work
 
 
@@ -435,6 +451,13 @@ def do_work(
     for task_id in work.escalate_tasks:
         if _escalate(session, task_id, now=now, warn_before=warn_before):
             done.escalate_tasks.append(task_id)
+    for task_id in work.assign_tasks:
+        ready = session.get(ReadingTask, task_id, populate_existing=True)
+        if ready is None or ready.state != TASK_READY:
+            continue
+        before = ready.assigned_to
+        if routing.assign_on_call(session, ready, now=now, principal=READING_SYSTEM) != before:
+            done.assign_tasks.append(task_id)
     return done
 
 
@@ -445,8 +468,25 @@ def _study_of(session: Session, procedure_id: int) -> str:
     )
 
 
+def _alert_on_call(session: Session, task_id: int, *, now: datetime) -> bool:
+    """Alert the radiologist on call for a ready task whose deadline is near but not passed (the
+    first step of the escalation, :mod:`simral.reading.routing`); False when there is nobody to
+    alert that way (the group is then alerted)."""
+    task = session.get(ReadingTask, task_id, populate_existing=True)
+    due = as_utc(task.due_at) if task is not None else None
+    if task is None or task.state != TASK_READY or task.oncall_alerted_at is not None or due is None:
+        return False
+    if due <= now:
+        return False
+    login = routing.assign_on_call(session, task, now=now, principal=READING_SYSTEM, alert=True)
+    return bool(login) and task.oncall_alerted_at is not None
+
+
 def _escalate(session: Session, task_id: int, *, now: datetime, warn_before: timedelta) -> bool:
-    """Mark one task escalated (once), alert its group's administrators, audit it."""
+    """Alert the on-call radiologist first (:func:`_alert_on_call`); otherwise mark the task
+    escalated (once), alert its group's administrators, audit it."""
+    if _alert_on_call(session, task_id, now=now):
+        return True
     result = session.execute(
         update(ReadingTask)
         .where(ReadingTask.id == task_id, _escalation_due(now, warn_before))
@@ -463,6 +503,8 @@ def _escalate(session: Session, task_id: int, *, now: datetime, warn_before: tim
     minutes = int(abs((due - now).total_seconds()) // 60) if due is not None else 0
     when = f"overdue by {minutes} min" if overdue else f"due in {minutes} min"
     holder = f", claimed by {task.claimed_by}" if task.claimed_by else ""
+    if task.oncall_alerted_at is not None and task.assigned_to:
+        holder += f", on-call {task.assigned_to} alerted"
     session.add(
         AdminAlert(
             organisation_code=task.group_code,
@@ -484,6 +526,7 @@ def _escalate(session: Session, task_id: int, *, now: datetime, warn_before: tim
             "group": task.group_code,
             "state": task.state,
             "claimed_by": task.claimed_by,
+            "on_call": task.assigned_to,
             "due_at": due.isoformat() if due is not None else "",
             "overdue": overdue,
         },
@@ -507,6 +550,8 @@ class TaskRow:
     instances: int
     #: The display name of the radiologist holding the task (their login when they have none).
     holder_name: str = ""
+    #: The display name of the on-call radiologist the task is pre-assigned to (empty: none).
+    assignee_name: str = ""
 
 
 def _may_read(principal: Principal, group_code: str) -> bool:
@@ -535,12 +580,21 @@ def list_tasks(
     group = principal.organisation
     if not (_may_read(principal, group) or may_assign_reading(principal, group)):
         return []
+    assignee = aliased(Professional)
     rows = session.execute(
-        select(ReadingTask, ImagingRequest, Study, Organisation.name, Professional.display_name)
+        select(
+            ReadingTask,
+            ImagingRequest,
+            Study,
+            Organisation.name,
+            Professional.display_name,
+            assignee.display_name,
+        )
         .outerjoin(ImagingRequest, ImagingRequest.id == ReadingTask.request_id)
         .outerjoin(
             Professional, and_(ReadingTask.claimed_by != "", Professional.login == ReadingTask.claimed_by)
         )
+        .outerjoin(assignee, and_(ReadingTask.assigned_to != "", assignee.login == ReadingTask.assigned_to))
         .outerjoin(Study, Study.study_uid == ReadingTask.study_uid)
         .outerjoin(Organisation, Organisation.code == ReadingTask.site_code)
         .where(ReadingTask.group_code == group, ReadingTask.state.in_(states))
@@ -548,7 +602,7 @@ def list_tasks(
         .limit(limit)
     ).tuples()
     out = []
-    for task, request, study, site_name, holder in rows:
+    for task, request, study, site_name, holder, assigned in rows:
         patient = (request.patient if request is not None else None) or {}
         family = str(patient.get("used_name") or patient.get("birth_name") or "")
         given = str(patient.get("used_given_name") or patient.get("first_birth_given_name") or "")
@@ -569,6 +623,7 @@ def list_tasks(
                 site_name=site_name or task.site_code,
                 instances=study.num_instances if study is not None else 0,
                 holder_name=(holder or task.claimed_by) if task.claimed_by else "",
+                assignee_name=(assigned or task.assigned_to) if task.assigned_to else "",
             )
         )
     return out

@@ -3,7 +3,9 @@
 The group's ready and claimed tasks, urgent first then by deadline, with the time left ("dans
 35 min", "en retard de 10 min"); a radiologist claims a ready task (exclusive: the second claim of
 the same task is answered 409 with who holds it), opens the study in the viewer, or releases it.
-The group's administrators release or hand a task to a named radiologist. The same operations
+The group's administrators release or hand a task to a named radiologist. A ready task pre-assigned
+to the radiologist on call shows "de garde : Dr X" (:mod:`simral.reading.routing`); the on-call
+radiologist sees how many are theirs and which deadlines they were alerted of. The same operations
 answer JSON under ``/api/reading/tasks`` (session cookie with ``X-CSRF-Token``, or a bearer
 token). The reading task service checks every right and writes the audit records.
 """
@@ -24,7 +26,7 @@ from simral.access.policy import AccessDenied, Principal, may_assign_reading, ma
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Membership, Organisation, Professional
-from simral.reading import reports, tasks
+from simral.reading import reports, routing, tasks
 from simral.reading.models import PRIORITY_URGENT, TASK_CLAIMED, TASK_READY, ReadingTask
 from simral.reading.worklist import local_timezone
 from simral.web.auth import check_form_csrf, request_principal
@@ -83,6 +85,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "opinions": "Avis demandés par vos confrères : {links}",
         "opinion_link": "examen n° {task}",
         "my_reports": "Mes comptes rendus",
+        "on_call": "de garde : {who}",
+        "on_call_me": "de garde : vous",
+        "oncall_alerted": "alerte de garde",
+        "my_on_call": "Vous êtes de garde : {n} examen(s) vous sont attribués.",
+        "my_alerts": "Échéance proche : {n} examen(s) de garde vous ont été signalés.",
     },
     "en": {
         "title": "Reading worklist",
@@ -125,6 +132,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "opinions": "Opinions your colleagues asked of you: {links}",
         "opinion_link": "study no. {task}",
         "my_reports": "My reports",
+        "on_call": "on call: {who}",
+        "on_call_me": "on call: you",
+        "oncall_alerted": "on-call alert",
+        "my_on_call": "You are on call: {n} study(ies) are assigned to you.",
+        "my_alerts": "Deadline near: you were alerted of {n} on-call study(ies).",
     },
 }
 
@@ -177,6 +189,10 @@ def task_json(row: tasks.TaskRow, *, now: datetime) -> dict[str, Any]:
         "seconds_left": int((due - now).total_seconds()) if due is not None else None,
         "claimed_by": task.claimed_by,
         "claimed_by_name": row.holder_name,
+        "subspecialty": task.subspecialty,
+        "assigned_to": task.assigned_to,
+        "assigned_to_name": row.assignee_name,
+        "oncall_alerted": task.oncall_alerted_at is not None,
         "escalated": task.escalated_at is not None,
         "patient_name": row.patient_name,
         "patient_id": row.patient_id,
@@ -239,6 +255,8 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         due = f'<span class="{"late" if overdue else "left"}">{escape(delay)}</span>'
         if task.due_at is not None:
             due += f'<span class="sub">{escape(_local_time(task.due_at, language))}</span>'
+        if task.oncall_alerted_at is not None:
+            due += f'<span class="sub alerted">{escape(text["oncall_alerted"])}</span>'
         if task.escalated_at is not None:
             due += f'<span class="sub alerted">{escape(text["escalated"])}</span>'
         patient_label = row.patient_name or task.study_uid
@@ -251,10 +269,19 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         if task.modality and description.upper().startswith(task.modality.upper() + " "):
             description = description[len(task.modality) + 1 :]
         exam = f"<strong>{escape(task.modality)}</strong> {escape(description)}"
+        if task.subspecialty:
+            exam += (
+                f'<span class="sub">{escape(routing.subspecialty_label(task.subspecialty, language))}</span>'
+            )
         exam += f'<span class="sub">{escape(text["images"].format(n=row.instances))}</span>'
         mine = task.state == TASK_CLAIMED and task.claimed_by == principal.name
         if task.state == TASK_READY:
             state = escape(text["ready"])
+            if task.assigned_to == principal.name:
+                state += f'<span class="sub on-call">{escape(text["on_call_me"])}</span>'
+            elif task.assigned_to:
+                on_call = text["on_call"].format(who=row.assignee_name or task.assigned_to)
+                state += f'<span class="sub on-call">{escape(on_call)}</span>'
         elif mine:
             state = escape(text["claimed_by_me"])
         else:
@@ -330,6 +357,15 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         body = ""
         if done in DONE:
             body += f'<p class="message" role="status">{escape(text[done])}</p>'
+        on_call = [
+            r.task for r in rows if r.task.state == TASK_READY and r.task.assigned_to == principal.name
+        ]
+        if on_call:
+            body += f'<p class="message">{escape(text["my_on_call"].format(n=len(on_call)))}</p>'
+        alerted = [t for t in on_call if t.oncall_alerted_at is not None]
+        if alerted:
+            alert = text["my_alerts"].format(n=len(alerted))
+            body += f'<p class="message alerted" role="alert">{escape(alert)}</p>'
         body += f'<p class="meta">{escape(text["intro"].format(group=group_name))}</p>'
         if principal.kind == "user" and may_review_requests(principal, group):
             mine = f"/reading/reports{_suffix(request)}"

@@ -30,13 +30,14 @@ from simral.context import AppContext
 from simral.dmp import service as dmp
 from simral.patients.models import INS_NIA_OID, INS_NIR_OID, INS_TEST_OID
 from simral.patients.service import Ins, PatientError, Traits
-from simral.reading import reports
+from simral.reading import reports, routing
 from simral.reading import service as reading
 from simral.reading.models import (
     PRIORITY_ROUTINE,
     PRIORITY_URGENT,
     PUBLICATION_DONE,
     REQUEST_ACCEPTED,
+    REQUEST_PERFORMED,
     REQUEST_RECEIVED,
     REQUEST_REFUSED,
     ImagingRequest,
@@ -144,6 +145,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "unknown": "Inconnu",
         "none_selected": "—",
         "anatomy_text": "Région anatomique (libellé)",
+        "subspecialty": "Surspécialité",
+        "subspecialty_auto": "Déduite de la région anatomique",
+        "subspecialty_none": "Aucune (général)",
+        "set_subspecialty": "Modifier la surspécialité",
+        "subspecialty_notice": "Surspécialité enregistrée.",
         "submit": "Envoyer la demande",
         "hours": "h",
         "PT1H": "1 heure",
@@ -263,6 +269,11 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "unknown": "Unknown",
         "none_selected": "—",
         "anatomy_text": "Anatomy (label)",
+        "subspecialty": "Subspecialty",
+        "subspecialty_auto": "From the anatomy",
+        "subspecialty_none": "None (general)",
+        "set_subspecialty": "Change the subspecialty",
+        "subspecialty_notice": "Subspecialty saved.",
         "submit": "Send the request",
         "hours": "h",
         "PT1H": "1 hour",
@@ -296,7 +307,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
     },
 }
 
-NOTICES = ("accepted", "refused", "cancelled", "created")
+NOTICES = ("accepted", "refused", "cancelled", "created", "subspecialty")
 
 
 def _when(value: datetime | None, language: Language) -> str:
@@ -546,6 +557,26 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             f'<button type="submit" class="secondary">{escape(text["do_refuse"])}</button></form></section>'
         )
 
+    def _subspecialty_options(request: Request) -> list[tuple[str, str]]:
+        language = request_language(request)
+        return [(code, routing.subspecialty_label(code, language)) for code in routing.SUBSPECIALTIES]
+
+    def _subspecialty_form(request: Request, item: ImagingRequest, text: Mapping[str, str]) -> str:
+        """The reviewing radiologist corrects the subspecialty (routing of the reading task)."""
+        options = "".join(
+            f'<option value="{escape(code)}"{" selected" if code == item.subspecialty else ""}>'
+            f"{escape(label)}</option>"
+            for code, label in [("", text["subspecialty_none"]), *_subspecialty_options(request)]
+        )
+        return (
+            f'<section class="answer"><h2>{escape(text["set_subspecialty"])}</h2>'
+            f'<form class="stack" method="post" action="/requests/{item.id}/subspecialty">'
+            f"{csrf_field(request)}"
+            f'<label>{escape(text["subspecialty"])}<select name="subspecialty">{options}</select></label>'
+            f'<button type="submit" class="secondary">{escape(text["set_subspecialty"])}</button>'
+            "</form></section>"
+        )
+
     def _cancel_form(request: Request, item: ImagingRequest, text: Mapping[str, str]) -> str:
         return (
             f'<section class="answer"><h2>{escape(text["cancel"])}</h2>'
@@ -624,6 +655,11 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             + select(text["modality"], "modality", [(m, m) for m in MODALITIES])
             + field(text["anatomy_text"], "anatomy", required=True)
             + select(
+                text["subspecialty"],
+                "subspecialty",
+                [("", text["subspecialty_auto"]), *_subspecialty_options(request)],
+            )
+            + select(
                 text["priority"],
                 "priority",
                 [(PRIORITY_ROUTINE, text["routine"]), (PRIORITY_URGENT, text["urgent"])],
@@ -695,6 +731,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
                 purpose=form.get("purpose", ""),
                 modality=form.get("modality", ""),
                 anatomy=[{"code": "", "system": "", "display": anatomy_label}] if anatomy_label else [],
+                subspecialty=form.get("subspecialty", ""),
                 pregnancy=form.get("pregnancy", ""),
                 height_cm=_number(form.get("height_cm", "")),
                 weight_kg=_number(form.get("weight_kg", "")),
@@ -776,6 +813,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         clinical_rows = [
             (text["modality"], escape(item.modality)),
             (text["anatomy"], escape(_anatomy(item))),
+            (text["subspecialty"], escape(routing.subspecialty_label(item.subspecialty, language))),
             (text["justification"], _multiline(item.justification)),
             (text["purpose"], _multiline(item.purpose)),
             (text["history"], _multiline(item.clinical_history)),
@@ -807,6 +845,10 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         body += _dmp_publications(ctx, item.id, text, language)
         if item.state == REQUEST_RECEIVED and may_review_requests(principal, item.group_code):
             body += _answer_forms(request, item, text)
+        if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_PERFORMED) and may_review_requests(
+            principal, item.group_code
+        ):
+            body += _subspecialty_form(request, item, text)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REFUSED) and may_request_exam(
             principal, item.site_code
         ):
@@ -840,6 +882,18 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         except (ReadingError, AccessDenied) as exc:
             return _failure(request, principal, exc)
         return _redirect(f"/requests/{request_id}", request, "refused")
+
+    @web.post("/requests/{request_id}/subspecialty")
+    async def subspecialty(request: Request, request_id: int) -> Response:
+        principal, form = await _form(request)
+        try:
+            with ctx.db.unit_of_work() as session:
+                reading.set_subspecialty(
+                    session, request_id, subspecialty=form.get("subspecialty", ""), principal=principal
+                )
+        except (ReadingError, AccessDenied) as exc:
+            return _failure(request, principal, exc)
+        return _redirect(f"/requests/{request_id}", request, "subspecialty")
 
     @web.post("/requests/{request_id}/cancel")
     async def cancel(request: Request, request_id: int) -> Response:
