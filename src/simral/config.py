@@ -121,6 +121,9 @@ class Settings:
     reading_escalate_minutes: int = 30
     #: Seconds between two looks for arrived studies, ready tasks and deadlines.
     reading_check_seconds: float = 2.0
+    #: Largest document (request letter, prior report: PDF) attached to an imaging request, in bytes,
+    #: from the RIS (HL7 OBX ED) or the portal form; larger ones are refused.
+    request_document_max_bytes: int = 20 * 1024 * 1024
 
     @property
     def effective_database_url(self) -> str:
