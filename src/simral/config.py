@@ -151,6 +151,9 @@ class Settings:
     drimm_ca_file: str = ""
     #: Seconds an active introspection answer is reused (never beyond the token's ``exp``).
     drimm_cache_seconds: float = 60.0
+    #: Largest document (request letter, prior report: PDF) attached to an imaging request, in bytes,
+    #: from the RIS (HL7 OBX ED) or the portal form; larger ones are refused.
+    request_document_max_bytes: int = 20 * 1024 * 1024
 
     @property
     def effective_database_url(self) -> str:

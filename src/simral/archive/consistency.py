@@ -10,6 +10,7 @@ from sqlalchemy import select
 from simral.archive.models import Blob
 from simral.archive.service import recover_staged
 from simral.context import AppContext
+from simral.reading import documents as request_documents
 from simral.storage.base import sha256_of_stream
 from simral.storage.filesystem import FilesystemStore
 
@@ -47,26 +48,32 @@ def check(
         published, deleted = recover_staged(ctx)
         report.repaired += published + deleted
     indexed: set[str] = set()
-    with ctx.db.reading() as session:
-        rows = session.execute(select(Blob.key, Blob.size, Blob.sha256))
-        for key, size, sha256 in rows:
-            indexed.add(key)
-            report.checked += 1
-            if progress is not None:
-                progress()
-            try:
-                with ctx.store.open(key) as stream:
-                    if verify_hashes:
-                        actual_sha, actual_size = sha256_of_stream(stream)
-                        if actual_sha != sha256 or actual_size != size:
-                            report.mismatches.append(key)
-            except FileNotFoundError:
+
+    def verify(key: str, size: int, sha256: str) -> None:
+        indexed.add(key)
+        report.checked += 1
+        if progress is not None:
+            progress()
+        try:
+            with ctx.store.open(key) as stream:
+                if verify_hashes:
+                    actual_sha, actual_size = sha256_of_stream(stream)
+                    if actual_sha != sha256 or actual_size != size:
+                        report.mismatches.append(key)
+        except FileNotFoundError:
+            report.missing.append(key)
+        except Exception as exc:
+            if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc) or "404" in str(exc):
                 report.missing.append(key)
-            except Exception as exc:
-                if "NoSuchKey" in type(exc).__name__ or "NoSuchKey" in str(exc) or "404" in str(exc):
-                    report.missing.append(key)
-                else:
-                    raise
+            else:
+                raise
+
+    with ctx.db.reading() as session:
+        for key, size, sha256 in session.execute(select(Blob.key, Blob.size, Blob.sha256)):
+            verify(key, size, sha256)
+        # Documents attached to imaging requests live in the same store (``documents/…``).
+        for key, size, sha256 in request_documents.indexed_blobs(session):
+            verify(key, size, sha256)
     for key in ctx.store.iter_keys():
         if key not in indexed and not key.startswith(".scratch/"):
             report.orphans.append(key)

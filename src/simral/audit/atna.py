@@ -52,6 +52,8 @@ _EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
     "ris-endpoint.delete": ("110113", "Security Alert", "E", ("110128", "Network Configuration")),
     "imaging-request.receive": ("110111", "Procedure Record", "C", None),
     "imaging-request.read": ("110111", "Procedure Record", "R", None),
+    "imaging-request.document-add": ("110111", "Procedure Record", "C", None),
+    "imaging-request.document-read": ("110111", "Procedure Record", "R", None),
 }
 #: IHE transactions a query record can name (``detail["transaction"]``): ITI TF-2 3.21.5.1,
 #: 3.78.5, 3.83.5 give them as EventTypeCode and as the query object's ParticipantObjectIDTypeCode.

@@ -12,7 +12,8 @@ The job (:func:`publish_documents`) publishes only when the patient's INS is QUA
 otherwise, or when TD0.2 says the patient has no DMP or access is not authorised, the documents
 *wait* with a reason the site sees, and :func:`resume_waiting` queues them again once the identity
 is qualified. A version that follows a published one replaces it (RPLC); a DMP that answers a
-registry error or does not answer is tried again with backoff (doubling up to 30 minutes) for :data:`MAX_ATTEMPTS` attempts.
+registry error or does not answer is tried again with backoff (doubling up to 30 minutes) for
+:data:`MAX_ATTEMPTS` attempts.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from simral.context import AppContext
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
 from simral.patients.service import AuthorityRef, Ins, PatientError, Traits
+from simral.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,9 @@ class Feed:
     source: str
     allow_test_ins: bool
     encoding: Encoding
+    #: Where documents attached to imaging orders are kept, and their largest accepted size.
+    store: BlobStore | None = None
+    document_max_bytes: int = 0
 
     def upsert(self, pid: PidIdentity) -> PatientIdentity:
         """Create or update the identity of each PID-3 identifier; further identifiers of other
@@ -476,10 +480,18 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
         message = _parse(text, header)
         source = f"hl7:{header.sending_application}^{header.sending_facility}:{header.control_id}"[:128]
         with ctx.db.unit_of_work() as session:
-            feed = Feed(session, principal, source, ctx.settings.ins_test_oids_allowed, header.encoding)
+            feed = Feed(
+                session,
+                principal,
+                source,
+                ctx.settings.ins_test_oids_allowed,
+                header.encoding,
+                store=ctx.store,
+                document_max_bytes=ctx.settings.request_document_max_bytes,
+            )
             if header.message_type == "ADT":
                 apply(feed, message, header.event)
-            else:  # imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI)
+            else:  # imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI), their documents
                 from simral.hl7 import orders
 
                 orders.apply(feed, message, header)
@@ -492,7 +504,7 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
                 sending_facility=header.sending_facility,
                 message_type=f"{header.message_type}^{header.event}",
                 peer=peer,
-                raw=text,
+                raw=_without_encapsulated_data(text, header.encoding),
                 outcome="AA",
                 error="",
                 ack=ack,
@@ -520,12 +532,42 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
         return _keep(ctx, header, text, peer, refused, application=application, facility=facility)
 
 
+#: MSH-21 profile name of the CI-SIS volet "Transmission de documents CDA-R2 en HL7 v2".
+CDA_DOCUMENT_PROFILE = "CISIS_CDA_HL7_V2"
+#: ED values longer than this are not kept in the message log (attached documents are stored apart).
+KEPT_ED_CHARACTERS = 1024
+
+
+def _without_encapsulated_data(text: str, enc: Encoding) -> str:
+    """The message as kept in the log: OBX-5 ED data (ED.5) over :data:`KEPT_ED_CHARACTERS` is
+    replaced by a note of its length (documents attached to orders are kept in the blob store)."""
+    if "OBX" not in text:
+        return text
+    segments = text.split("\r")
+    for i, segment in enumerate(segments):
+        if not segment.startswith("OBX" + enc.field):
+            continue
+        fields = segment.split(enc.field)
+        if len(fields) < 6 or fields[2] != "ED" or len(fields[5]) <= KEPT_ED_CHARACTERS:
+            continue
+        parts = fields[5].split(enc.component)
+        if len(parts) >= 5:
+            parts[4] = f"[{len(parts[4])} characters not kept]"
+            fields[5] = enc.component.join(parts)
+            segments[i] = enc.field.join(fields)
+    return "\r".join(segments)
+
+
 def _parse(text: str, header: Header) -> Message:
     """Parse with hl7apy (tolerant validation: French Z-segments and extra fields are accepted)
     and check the message type, event and version this feed supports."""
     if header.message_type in ("ORM", "OMI"):
         if (header.message_type, header.event) not in (("ORM", "O01"), ("OMI", "O23")):
             raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORM^O01, OMI^O23)", "MSH^1^9")
+    elif header.message_type == "ORU" and CDA_DOCUMENT_PROFILE in _at(list(header.fields), 20):
+        # A document for a request (CI-SIS "Transmission de documents CDA-R2 en HL7 v2").
+        if header.event != "R01":
+            raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORU^R01)", "MSH^1^9")
     elif header.message_type != "ADT":
         raise Rejected(
             "AR", "200", f"unsupported message type {header.message_type!r} (ADT, ORM, OMI)", "MSH^1^9"
@@ -577,7 +619,7 @@ def _keep(
                 sending_facility=header.sending_facility if header is not None else "",
                 message_type=f"{header.message_type}^{header.event}" if header is not None else "",
                 peer=peer,
-                raw=text,
+                raw=_without_encapsulated_data(text, header.encoding if header is not None else Encoding()),
                 outcome=rejected.ack,
                 error=f"{rejected.code} {rejected.text}",
                 ack=ack,

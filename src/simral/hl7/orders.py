@@ -9,6 +9,22 @@
 - IHE RAD SWF OMI^O23 with ORC-1 ``NW`` / ``CA``, as RIS that schedule exams themselves send them
   (TQ1-7 start and TQ1-9 priority, IPC with the accession number and Study Instance UID).
 
+A new order may carry its documents (the request letter, prior reports): each OBX of value type
+``ED`` (HL7 v2.5.1 §2.A.24: ``source^type^subtype^encoding^data``, encoding ``Base64`` or ``Hex``)
+other than the guide's own ED items (PROTOCOLE_IMAGERIE, URL_PARTIELLE_VIEWER), with OBX-3 the
+document type (LOINC, JDV J07 XdsTypeCode, as in the CI-SIS volet "Transmission de documents CDA-R2
+en HL7 v2"; 55115-0 is the request, an imaging report a prior), OBX-3.2 its title and OBX-14 its
+date. The data is a PDF or a CDA R2 level 1 document carrying one
+(:func:`simral.reading.documents.read_document`); a document that is not, or larger than
+``request_document_max_bytes``, refuses the message (AE, ERR 102 at its OBX-5). The ANS guide
+itself sends documents in separate CDA-R2 flows (specifications techniques, introduction): an
+ORU^R01 with MSH-21 ``2.1^CISIS_CDA_HL7_V2`` (the only ORU accepted) naming the request's placer
+number in ORC-2 / OBR-2 adds its ED documents to the request.
+
+The desired delay is the date/time by which the requester wants the answer: TQ1-8 end date/time
+(IHE SWF OMI), else the TQ end date/time of ORC-7.5 / OBR-27.5 (ORM^O01); it becomes the request's
+``desired_delay`` (minutes from reception) and so bounds its deadline.
+
 The sender must be a registered RIS (``simral ris add``; MSH-3/MSH-4); its site owns the requests.
 Fields are read from the ER7 text of each segment (HL7 v2.5.1 §2.5–2.7), after hl7apy's tolerant
 parse; errors become the acknowledgements the ANS guide ("acquittement") describes: AE with ERR
@@ -20,14 +36,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hl7apy.core import Message
 
-from simral.access.policy import AccessDenied
+from simral.access.policy import AccessDenied, Principal
 from simral.hl7.adt import Encoding, Feed, Header, Rejected, read_pid
+from simral.reading import documents as request_documents
 from simral.reading import service as reading
 from simral.reading.models import PRIORITY_ROUTINE, PRIORITY_URGENT, ImagingRequest
 from simral.reading.service import Complement, PatientRef, ReadingError, RequestDetails
@@ -36,6 +54,8 @@ from simral.reading.service import Complement, PatientRef, ReadingError, Request
 TRANSMISSION = "TRANSMISSION_DEMANDE"
 CANCELLATION = "ANNULATION_DEMANDE"
 COMPLEMENT = "COMPLEMENT_POST_ACTE"
+#: OBX-3 codes of table TLR_OBSERVATION whose ED value is not a document.
+ED_ITEMS = frozenset({"PROTOCOLE_IMAGERIE", "URL_PARTIELLE_VIEWER"})
 #: Priorities (HL7 table 0485 in TQ1-9 / ORC-7.6 / OBR-5) read as urgent.
 URGENT_CODES = frozenset({"S", "A", "STAT", "ASAP", "P", "C"})
 
@@ -253,6 +273,68 @@ def _appointment(order: Order) -> datetime | None:
     return None
 
 
+def _desired_delay(order: Order, now: datetime) -> str:
+    """TQ1-8 end date/time (IHE SWF), else ORC-7.5 / OBR-27.5 (TQ end date/time): the answer is
+    wanted by then; as whole minutes from ``now`` (``"0 min"`` when already past), else empty."""
+    tq1, obr = order.first("TQ1"), order.first("OBR")
+    for value in (
+        tq1.component(8, 1) if tq1 is not None else "",
+        order.orc.component(7, 5),
+        obr.component(27, 5) if obr is not None else "",
+    ):
+        wanted = _timestamp(value)
+        if wanted is not None:
+            return f"{max(0, math.ceil((wanted - now).total_seconds() / 60))} min"
+    return ""
+
+
+def _decoded(segment: Segment, max_bytes: int) -> bytes:
+    """OBX-5 ED data (ED.5) decoded per ED.4 (HL7 table 0299: Base64, Hex); too large a value is
+    refused before it is decoded."""
+    encoding = segment.component(5, 4).upper()
+    data = "".join(segment.component(5, 5).split())
+    where = segment.where(5)
+    limit = request_documents.decoded_size(len(data)) if encoding == "BASE64" else len(data) // 2
+    if limit > max_bytes + 2:
+        raise Rejected("AE", "102", f"attached document larger than the {max_bytes} bytes accepted", where)
+    try:
+        if encoding == "BASE64":
+            return base64.b64decode(data, validate=True)
+        if encoding == "HEX":
+            return bytes.fromhex(data)
+    except (binascii.Error, ValueError):
+        text = f"attached document: ED data is not valid {encoding.lower()}"
+        raise Rejected("AE", "102", text, where) from None
+    raise Rejected(
+        "AE", "102", f"attached document: ED encoding {encoding or 'none'!r} (Base64 or Hex expected)", where
+    )
+
+
+def documents(order: Order, *, max_bytes: int) -> list[request_documents.DocumentUpload]:
+    """The documents an order carries: its OBX of type ED (but the TLR_OBSERVATION items), checked
+    (:func:`simral.reading.documents.read_document`); :class:`Rejected` AE 102 otherwise."""
+    found = []
+    for segment in order.all("OBX"):
+        code = segment.component(3, 1)
+        if segment.component(2, 1).upper() != "ED" or code.upper() in ED_ITEMS:
+            continue
+        data = _decoded(segment, max_bytes)
+        try:
+            found.append(
+                request_documents.read_document(
+                    data,
+                    max_bytes=max_bytes,
+                    label=f"attached document {segment.where(5)}",
+                    title=segment.component(3, 2),
+                    document_date=_timestamp(segment.component(14, 1)),
+                    type_code=code,
+                )
+            )
+        except ReadingError as exc:
+            raise Rejected("AE", exc.code, str(exc), segment.where(5)) from None
+    return found
+
+
 def request_details(order: Order) -> RequestDetails:
     """A flux 1 (or IHE OMI NW) order's content: ORC, OBR-13, NTE (finalité), OBX groups, IPC."""
     number, authority = order.placer()
@@ -296,6 +378,7 @@ def request_details(order: Order) -> RequestDetails:
         placer_authority=authority,
         requested_at=_timestamp(order.orc.component(9, 1)),
         priority=_priority(order),
+        desired_delay=_desired_delay(order, datetime.now(UTC)),
         justification=obr.component(13, 1) if obr is not None else "",
         clinical_history="\n".join(history),
         purpose="\n".join(purposes),
@@ -407,8 +490,32 @@ def _existing(feed: Feed, order: Order, site_code: str) -> ImagingRequest:
     return request
 
 
+def _store(
+    feed: Feed,
+    request: ImagingRequest,
+    uploads: list[request_documents.DocumentUpload],
+    principal: Principal,
+) -> None:
+    if not uploads:
+        return
+    if feed.store is None:  # pragma: no cover - the MLLP listener always passes its store
+        raise Rejected("AE", "207", "no blob store to keep the attached documents")
+    request_documents.attach_documents(
+        feed.session, feed.store, request, uploads, principal=principal, source=feed.source
+    )
+
+
+def _attach(feed: Feed, request: ImagingRequest, order: Order, principal: Principal) -> None:
+    """A CDA-R2 document flow (ORU^R01) for a known request: its ED documents are added to it."""
+    uploads = documents(order, max_bytes=feed.document_max_bytes)
+    if not uploads:
+        raise Rejected("AE", "101", "the ORU^R01 carries no document (OBX of type ED)", "OBX")
+    _store(feed, request, uploads, principal)
+
+
 def apply(feed: Feed, message: Message, header: Header) -> None:
-    """Apply one ORM^O01 / OMI^O23 message in the caller's transaction (one call per ORDER group)."""
+    """Apply one ORM^O01 / OMI^O23 message (or an ORU^R01 carrying documents for a request) in the
+    caller's transaction (one call per ORDER group)."""
     session = feed.session
     endpoint = reading.find_ris_endpoint(session, header.sending_application, header.sending_facility)
     if endpoint is None:
@@ -433,16 +540,21 @@ def apply(feed: Feed, message: Message, header: Header) -> None:
                 reading.record_complement(
                     session, _existing(feed, order, site), complement(order), principal=principal
                 )
+            elif header.message_type == "ORU":
+                _attach(feed, _existing(feed, order, site), order, principal)
             elif control == "NW":
-                reading.receive_request(
+                details = request_details(order)
+                attached = documents(order, max_bytes=feed.document_max_bytes)
+                created = reading.receive_request(
                     session,
                     site_code=site,
                     patient=_patient(segments, message, feed.encoding),
-                    details=request_details(order),
+                    details=details,
                     principal=principal,
                     source=source,
                     allow_test_ins=feed.allow_test_ins,
                 )
+                _store(feed, created, attached, principal)
             elif control in ("CA", "DC"):
                 reason = order.orc.component(16, 2) or order.orc.component(16, 1)
                 reading.cancel_request(

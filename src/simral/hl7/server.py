@@ -28,6 +28,17 @@ from simral.hl7 import adt, mllp, pdq
 log = logging.getLogger(__name__)
 
 
+#: How many documents of the largest accepted size one imaging order may carry (base64 in OBX-5).
+DOCUMENTS_PER_MESSAGE = 4
+
+
+def max_message_size(ctx: AppContext) -> int:
+    """The largest MLLP frame read: an ADT message's allowance plus room for an order carrying
+    :data:`DOCUMENTS_PER_MESSAGE` documents of ``request_document_max_bytes`` in base64."""
+    documents = DOCUMENTS_PER_MESSAGE * (ctx.settings.request_document_max_bytes * 4 // 3 + 4)
+    return mllp.MAX_MESSAGE + max(0, documents)
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: MllpServer
 
@@ -40,7 +51,7 @@ class _Handler(socketserver.BaseRequestHandler):
             except (ssl.SSLError, OSError) as exc:
                 log.warning("MLLP TLS handshake with %s failed: %s", peer, exc)
                 return
-        reader = mllp.FrameReader(sock)
+        reader = mllp.FrameReader(sock, max_size=max_message_size(self.server.ctx))
         while True:
             try:
                 message = reader.next_frame()

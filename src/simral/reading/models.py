@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -167,7 +168,7 @@ class ImagingRequest(Base):
     appointment_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: The requesting physician: {"id", "family", "given", "authority"} (XCN, RPPS id).
     requester: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    #: Attached documents (request letter, priors): [{"title", "media_type", "blob_key", "size"}].
+    #: Unused: the attached documents (request letter, priors) are :class:`RequestDocument` rows.
     documents: Mapped[list[Any]] = mapped_column(JSON, default=list)
     state: Mapped[str] = mapped_column(String(16), default=REQUEST_RECEIVED, index=True)
     #: The answer (flux 3): the imaging protocol when accepted, the reason when refused.
@@ -187,6 +188,31 @@ class ImagingRequest(Base):
     source: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RequestDocument(Base):
+    """A document attached to a request (flux 1: the request document, prior documents): its
+    metadata here, its bytes in the blob store under ``blob_key`` (``documents/requests/…``)."""
+
+    __tablename__ = "request_document"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("imaging_request.id"), index=True)
+    #: ``demande`` (the request letter), ``anteriorite`` (a prior report) or ``autre``.
+    kind: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(256), default="")
+    #: The document's own date (OBX-14, the CDA effectiveTime), when it has one.
+    document_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    media_type: Mapped[str] = mapped_column(String(64), default="application/pdf")
+    #: The document type code as sent (LOINC, JDV J07 XdsTypeCode), if any.
+    type_code: Mapped[str] = mapped_column(String(32), default="")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    store: Mapped[str] = mapped_column(String(32))
+    blob_key: Mapped[str] = mapped_column(String(255), unique=True)
+    #: ``hl7:<sender>:<control id>`` or ``portal``.
+    source: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ScheduledProcedure(Base):

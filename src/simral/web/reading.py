@@ -82,6 +82,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "open_label": "Ouvrir l'examen de {patient} dans la visionneuse",
         "write": "Rédiger",
         "write_label": "Rédiger le compte rendu de l'examen de {patient}",
+        "request": "Demande",
+        "request_label": "Demande d'examen et documents joints de {patient}",
         "opinions": "Avis demandés par vos confrères : {links}",
         "opinion_link": "examen n° {task}",
         "my_reports": "Mes comptes rendus",
@@ -129,6 +131,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "open_label": "Open the study of {patient} in the viewer",
         "write": "Write report",
         "write_label": "Write the report of the study of {patient}",
+        "request": "Request",
+        "request_label": "Imaging request and attached documents of {patient}",
         "opinions": "Opinions your colleagues asked of you: {links}",
         "opinion_link": "study no. {task}",
         "my_reports": "My reports",
@@ -307,6 +311,12 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
                 f'<a class="button" href="/reading/tasks/{task.id}/report{escape(_suffix(request))}" '
                 f'aria-label="{escape(text["write_label"].format(patient=patient_label))}">'
                 f"{escape(text['write'])}</a>"
+            )
+        if task.request_id is not None and may_review_requests(principal, task.group_code):
+            actions.append(
+                f'<a class="button" href="/requests/{task.request_id}{escape(_suffix(request))}" '
+                f'aria-label="{escape(text["request_label"].format(patient=patient_label))}">'
+                f"{escape(text['request'])}</a>"
             )
         if task.state == TASK_CLAIMED and (mine or admin):
             actions.append(

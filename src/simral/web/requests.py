@@ -7,7 +7,10 @@
 - ``/requests/{id}`` — the request's clinical content; the answer forms (accept with the imaging
   protocol, refuse with a reason) for the group's radiologists; cancellation for the site;
 - ``/requests/new`` — the request form of sites without a RIS (the same
-  :func:`simral.reading.service.receive_request` as flux 1).
+  :func:`simral.reading.service.receive_request` as flux 1), with its PDF documents (the request
+  letter, prior reports) checked and stored by :mod:`simral.reading.documents`;
+- ``/requests/{id}/documents/{document_id}`` — one attached document (PDF, ``Content-Disposition``),
+  for who may see the request; every read is audited.
 
 Every action is a POST with the session's CSRF token (or a bearer token); the reading service
 checks the access policy, makes the change and audits it. French first, English with ``?lang=en``.
@@ -15,21 +18,25 @@ checks the access policy, makes the change and audits it. French first, English 
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
 
 from simral.access.policy import AccessDenied, Principal, may_request_exam, may_review_requests
 from simral.context import AppContext
 from simral.dmp import service as dmp
 from simral.patients.models import INS_NIA_OID, INS_NIR_OID, INS_TEST_OID
 from simral.patients.service import Ins, PatientError, Traits
+from simral.reading import documents as request_documents
 from simral.reading import reports, routing
 from simral.reading import service as reading
 from simral.reading.models import (
@@ -41,8 +48,10 @@ from simral.reading.models import (
     REQUEST_RECEIVED,
     REQUEST_REFUSED,
     ImagingRequest,
+    RequestDocument,
 )
 from simral.reading.service import PatientRef, ReadingError, RequestDetails
+from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import Language, csrf_field, display_date, lang_param, page, request_language, table
 
@@ -180,6 +189,19 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_replaced": "remplacé par une version plus récente",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
+        "documents": "Documents joints",
+        "document_kind": "Type",
+        "document_title": "Titre",
+        "document_date": "Date",
+        "document_size": "Taille",
+        "document_open": "Ouvrir (PDF)",
+        "demande_document": "Demande d'examen",
+        "anteriorite_document": "Antériorité",
+        "autre_document": "Autre document",
+        "documents_section": "Documents (PDF)",
+        "request_document": "Demande d'examen signée (PDF)",
+        "prior_documents": "Antériorités : comptes rendus, courriers (PDF, plusieurs possibles)",
+        "kilobytes": "Ko",
     },
     "en": {
         "requests": "Imaging requests",
@@ -304,6 +326,19 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_replaced": "replaced by a newer version",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
+        "documents": "Attached documents",
+        "document_kind": "Kind",
+        "document_title": "Title",
+        "document_date": "Date",
+        "document_size": "Size",
+        "document_open": "Open (PDF)",
+        "demande_document": "Request",
+        "anteriorite_document": "Prior document",
+        "autre_document": "Other document",
+        "documents_section": "Documents (PDF)",
+        "request_document": "Signed request (PDF)",
+        "prior_documents": "Prior reports and letters (PDF, several allowed)",
+        "kilobytes": "kB",
     },
 }
 
@@ -426,6 +461,42 @@ def _dmp_publications(ctx: AppContext, request_id: int, text: Mapping[str, str],
             f"<td>{escape(state)}{reason}</td></tr>"
         )
     return f'<h2>{escape(text["dmp_section"])}</h2><table class="dmp">{"".join(items)}</table>'
+
+
+def _documents(ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language) -> str:
+    """The request's attached documents with their links (the read of each is audited)."""
+    with ctx.db.reading() as session:
+        rows = request_documents.list_documents(session, request_id)
+    if not rows:
+        return ""
+    lines = []
+    for row in rows:
+        when = _when(row.document_date, language)[:10] if row.document_date else ""
+        size = f"{max(1, round(row.size / 1024))} {text['kilobytes']}"
+        link = f"/requests/{request_id}/documents/{row.id}"
+        lines.append(
+            f'<tr data-document="{row.id}"><td>{escape(text.get(row.kind + "_document", row.kind))}</td>'
+            f"<td>{escape(row.title)}</td><td>{escape(when)}</td><td>{escape(size)}</td>"
+            f'<td><a href="{link}" target="_blank" rel="noopener">'
+            f"{escape(text['document_open'])}</a></td></tr>"
+        )
+    headings = "".join(
+        f'<th scope="col">{escape(text[key])}</th>'
+        for key in ("document_kind", "document_title", "document_date", "document_size")
+    )
+    return (
+        f'<h2>{escape(text["documents"])}</h2><table class="documents"><thead><tr>{headings}<th></th>'
+        f"</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    )
+
+
+def _download_name(document: RequestDocument) -> str:
+    """``Content-Disposition`` for a document: an ASCII name and the title (RFC 6266, RFC 5987)."""
+    fallback = f"{document.kind}-{document.id}.pdf"
+    title = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", " ", document.title).strip()[:120]
+    if not title:
+        return f'inline; filename="{fallback}"'
+    return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(title + '.pdf')}"
 
 
 def mount_requests(web: FastAPI, ctx: AppContext) -> None:
@@ -637,7 +708,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         if ctx.settings.ins_test_oids_allowed:
             ins_kinds.append(("TEST", "NIR (test)"))
         return (
-            f'<form class="request-form" method="post" action="/requests">{csrf_field(request)}'
+            f'<form class="request-form" method="post" action="/requests" enctype="multipart/form-data">'
+            f"{csrf_field(request)}"
             f"<fieldset><legend>{escape(text['patient_section'])}</legend>"
             + field(text["ipp_hint"], "ipp", required=True)
             + field(text["birth_name"], "birth_name", required=True)
@@ -693,8 +765,42 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             + f'<label class="choice"><input type="checkbox" name="consent" value="1" required> '
             f"{escape(text['consent'])}</label>"
             "</fieldset>"
+            f'<fieldset class="documents"><legend>{escape(text["documents_section"])}</legend>'
+            + field(
+                text["request_document"], "request_document", "file", extra=' accept="application/pdf,.pdf"'
+            )
+            + field(
+                text["prior_documents"],
+                "prior_documents",
+                "file",
+                extra=' accept="application/pdf,.pdf" multiple',
+            )
+            + "</fieldset>"
             f'<button type="submit" class="primary">{escape(text["submit"])}</button></form>'
         )
+
+    async def _uploads(request: Request) -> list[request_documents.DocumentUpload]:
+        """The request form's PDF files, checked (:func:`simral.reading.documents.read_document`)."""
+        limit = ctx.settings.request_document_max_bytes
+        found = []
+        for name, value in (await request.form()).multi_items():
+            if not isinstance(value, UploadFile) or not value.filename:
+                continue
+            if name not in ("request_document", "prior_documents"):
+                continue
+            data = await value.read(limit + 1)
+            found.append(
+                request_documents.read_document(
+                    data,
+                    max_bytes=limit,
+                    label=value.filename,
+                    kind=request_documents.KIND_REQUEST
+                    if name == "request_document"
+                    else request_documents.KIND_PRIOR,
+                    title=value.filename.rsplit(".", 1)[0] if "." in value.filename else value.filename,
+                )
+            )
+        return found
 
     @web.post("/requests")
     async def create_request(request: Request) -> Response:
@@ -749,6 +855,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             )
             if not details.consent:
                 raise ReadingError("the patient's consent to remote interpretation is required", code="101")
+            uploads = await _uploads(request)
             with ctx.db.unit_of_work() as session:
                 created = reading.receive_request(
                     session,
@@ -758,6 +865,9 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
                     principal=principal,
                     source=reading.PORTAL_SOURCE,
                     allow_test_ins=ctx.settings.ins_test_oids_allowed,
+                )
+                request_documents.attach_documents(
+                    session, ctx.store, created, uploads, principal=principal, source=reading.PORTAL_SOURCE
                 )
                 request_id = created.id
         except (ReadingError, AccessDenied, PatientError) as exc:
@@ -832,6 +942,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         body += _rows([p for p in patient_rows if p[1]])
         body += f"<h2>{escape(text['request_section'])}</h2>" + _rows([p for p in request_rows if p[1]])
         body += "</section></div>"
+        body += _documents(ctx, item.id, text, language)
         if item.state != REQUEST_RECEIVED and (item.protocol or item.refusal_reason):
             answer_rows = [
                 (text["protocol"], _multiline(item.protocol)),
@@ -856,6 +967,34 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         body += f'<p><a href="/requests">{escape(text["back"])}</a></p>'
         title = f"{text['request']} {item.placer_number}"
         return page(request, title, body, principal=principal)
+
+    @web.get("/requests/{request_id}/documents/{document_id}")
+    def request_document(request: Request, request_id: int, document_id: int) -> Response:
+        principal = request_principal(request)
+        try:
+            with ctx.db.unit_of_work() as session:
+                _item, document = request_documents.get_document(
+                    session, request_id, document_id, principal=principal
+                )
+                session.expunge(document)
+        except (ReadingError, AccessDenied) as exc:
+            return _failure(request, principal, exc)
+        stream = request_documents.open_document(ctx.store, document)
+
+        def chunks() -> Iterator[bytes]:
+            with stream:
+                while chunk := stream.read(CHUNK):
+                    yield chunk
+
+        return StreamingResponse(
+            chunks(),
+            media_type=document.media_type,
+            headers={
+                "Content-Disposition": _download_name(document),
+                "Content-Length": str(document.size),
+                "Cache-Control": "private, no-store",
+            },
+        )
 
     # ------------------------------------------------------------------------ actions
 
