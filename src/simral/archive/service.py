@@ -502,6 +502,7 @@ def _place(
         if patient_values["issuer"].startswith(INS_NAMESPACE_PREFIX)
         else None
     )
+    patient_pk: int | None
     if study_row is not None and patients.study_person_has_ins(
         session, study_row[0], patient_values["patient_id"]
     ):
