@@ -11,6 +11,9 @@ signing code does it (the report's own publication then queues the DMP's).
   whose KOS passes ``validate.py kos`` and is stored in the study.
 - An addendum meets a registry error, then no answer, then success: it ends published, replacing
   the first version (RPLC association), and the unchanged images are not published again.
+- A new series arrives in the study: a new manifest version listing both series replaces the first.
+- The site withdraws entries (``simral dmp withdraw``): ITI-57 logical deletion, and masking to
+  professionals (confidentialityCode MASQUE_PS).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from tests.simral_proc import SimralProcess
@@ -34,10 +39,12 @@ from tests.xds_registry import Failure, NoAnswer, Pki, Success, TestDmp, make_pk
 
 from simral.access.policy import SYSTEM
 from simral.app import open_app
-from simral.archive.models import Instance
+from simral.archive.models import Instance, Series, Study
+from simral.audit.models import AuditEvent
 from simral.config import load_settings
 from simral.context import AppContext
 from simral.db.base import utcnow
+from simral.dmp.manifest import manifest_references
 from simral.dmp.models import DmpDocument
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
@@ -337,3 +344,85 @@ def test_addendum_retried_until_published_replaces_the_first_version(setup: Setu
         ("report", 1, "replaced"),
     ]
     assert rows[0]["replaces_entry_uuid"] == first_entry
+
+
+def test_new_images_publish_a_manifest_replacing_the_old_one(setup: Setup) -> None:
+    first_manifest = next(d for d in _documents(setup) if d.kind == "manifest")
+    before = len([r for r in setup.dmp.received if r.transaction == "ITI-41"])
+    with setup.ctx.db.reading() as session:
+        request = session.get(ImagingRequest, setup.request_id)
+        assert request is not None
+        accession = request.accession_number
+    # The site sends a second series (a reconstruction) into the same study.
+    _store(
+        setup.simral,
+        setup.base,
+        setup.study_uid,
+        accession,
+        "PAT-TROIS^Dominique",
+        92,
+        patient_id="IPP-DMP-1",
+    )
+    _wait(lambda: ("manifest", 2, "published") in _states(setup), timeout=120, what="manifest v2 published")
+    submissions = [r for r in setup.dmp.received if r.transaction == "ITI-41"][before:]
+    assert len(submissions) == 1 and not submissions[0].problems, submissions[0].problems
+    assert submissions[0].associations(md.RPLC) == [
+        (next(d.entry_uuid for d in _documents(setup) if (d.kind, d.version) == ("manifest", 2)),
+         first_manifest.entry_uuid)
+    ]  # fmt: skip
+    assert ("manifest", 1, "replaced") in _states(setup)
+    kos = next(b for b in submissions[0].documents().values() if b[128:132] == b"DICM")
+    references = manifest_references(dcmread(BytesIO(kos)))
+    with setup.ctx.db.reading() as session:
+        series = {
+            uid
+            for uid, modality in session.execute(
+                select(Series.series_uid, Series.modality)
+                .join(Study, Study.id == Series.study_pk)
+                .where(Study.study_uid == setup.study_uid)
+            )
+            if modality not in ("KO", "DOC")
+        }
+    assert set(references) == series and len(series) == 2
+
+
+def test_site_withdraws_entries_through_iti57(setup: Setup) -> None:
+    documents = _documents(setup)
+    report = next(d for d in documents if (d.kind, d.version, d.state) == ("report", 2, "published"))
+    manifest = next(d for d in documents if (d.kind, d.state) == ("manifest", "published"))
+    # Only a published entry can be withdrawn.
+    refused = setup.simral.cli("dmp", "withdraw", str(documents[0].id), check=False)
+    assert refused.returncode == 1 and "only a published entry" in refused.stdout + refused.stderr
+
+    setup.simral.cli("dmp", "withdraw", str(report.id))
+    _wait(lambda: ("report", 2, "deleted") in _states(setup), what="the report deleted from the DMP")
+    deletion = setup.dmp.last("ITI-57")
+    assert not deletion.problems, deletion.problems
+    assert deletion.associations(md.UPDATE_AVAILABILITY_STATUS)[0][1] == report.entry_uuid
+    association = deletion.objects("Association")[0]
+    status = association.findtext(
+        f"{{{md.RIM}}}Slot[@name='NewStatus']/{{{md.RIM}}}ValueList/{{{md.RIM}}}Value"
+    )
+    assert status == md.STATUS_DELETED
+
+    setup.simral.cli("dmp", "withdraw", str(manifest.id), "--mask")
+    _wait(lambda: ("manifest", manifest.version, "masked") in _states(setup), what="the manifest masked")
+    masking = setup.dmp.last("ITI-57")
+    assert not masking.problems, masking.problems
+    codes = {
+        c.get("nodeRepresentation")
+        for c in masking.envelope.iter(f"{{{md.RIM}}}Classification")
+        if c.get("classificationScheme") == md.DE_CONFIDENTIALITY
+    }
+    assert codes == {"N", "MASQUE_PS"}
+    with setup.ctx.db.reading() as session:
+        actions = [
+            (e.action, e.detail.get("action"))
+            for e in session.scalars(select(AuditEvent).where(AuditEvent.action.like("dmp.withdraw%")))
+        ]
+    assert actions == [
+        ("dmp.withdraw-request", "delete"),
+        ("dmp.withdraw", "delete"),
+        ("dmp.withdraw-request", "mask"),
+        ("dmp.withdraw", "mask"),
+    ]

@@ -6,7 +6,8 @@ protocol adapters' handlers (DIMSE C-STORE, STOW-RS, HL7 v2 messages to a RIS ov
 worker process runs both: claims and the router's cursor are taken under the database's locks, so
 they share the work without doing anything twice. A third thread keeps the reading tasks up to
 date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines); a fourth queues again the
-DMP documents that waited for a qualified INS (:mod:`simral.dmp.service`).
+DMP documents that waited for a qualified INS and new manifest versions of studies whose images
+changed (:mod:`simral.dmp.service`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from simral.db.base import utcnow
 from simral.dicomweb.forwarding import forward_stow
 from simral.dimse.forwarding import forward_dimse
 from simral.dmp import service as dmp
-from simral.dmp.publication import publish_documents
+from simral.dmp.publication import publish_documents, withdraw_documents
 from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
 from simral.reading import tasks as reading_tasks
@@ -72,17 +73,24 @@ def _reading_loop(ctx: AppContext, stop: threading.Event) -> None:
 
 
 def _dmp_loop(ctx: AppContext, runner: JobRunner, stop: threading.Event) -> None:
-    """DMP documents waiting for a qualified INS are queued again once the identity is QUAL."""
+    """DMP documents waiting for a qualified INS are queued again once the identity is QUAL; a
+    published manifest whose study's images changed (and are quiet for ``reading_quiet_seconds``)
+    gets a new version replacing it."""
+    quiet = timedelta(seconds=ctx.settings.reading_quiet_seconds)
     while not stop.wait(max(0.5, ctx.settings.dmp_check_seconds)):
         try:
+            quiet_since = utcnow() - quiet
             with ctx.db.reading() as session:
-                due = dmp.waiting_resumable(session)
-            if due:
+                resumable = dmp.waiting_resumable(session)
+                changed = dmp.manifests_due(session, quiet_since=quiet_since)
+            if resumable or changed:
                 with ctx.db.unit_of_work() as session:
-                    if dmp.resume_waiting(session):
-                        runner.wake()
+                    queued = dmp.resume_waiting(session) if resumable else 0
+                    queued += dmp.refresh_manifests(session, quiet_since=quiet_since) if changed else 0
+                if queued:
+                    runner.wake()
         except Exception as exc:
-            log.error("DMP waiting documents: %s: %s", type(exc).__name__, exc)
+            log.error("DMP documents: %s: %s", type(exc).__name__, exc)
 
 
 def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
@@ -95,6 +103,7 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             HL7_SEND: send_hl7,
             REPORT_PUBLISH: publish_report,
             dmp.DMP_PUBLISH: publish_documents,
+            dmp.DMP_WITHDRAW: withdraw_documents,
         },
     )
     runner.start()

@@ -135,3 +135,23 @@ def dmp_retry(document: int, data_dir: DataDir = None, config: ConfigFile = None
     with reported(dmp.DmpError, AccessDenied), ctx.db.unit_of_work() as session:
         job = dmp.retry(session, document, principal=cli_principal())
     out.print(f"DMP document {document} queued (job {job})")
+
+
+@dmp_app.command("withdraw")
+def dmp_withdraw(
+    document: int,
+    mask: Annotated[
+        bool, typer.Option("--mask", help="Mask it to professionals (MASQUE_PS) instead of deleting it.")
+    ] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Withdraw a published entry from the DMP (ITI-57): logical deletion, or masking with --mask."""
+    from simral.access.policy import AccessDenied
+    from simral.dmp import service as dmp
+
+    ctx = _open(config, data_dir)
+    action = dmp.WITHDRAW_MASK if mask else dmp.WITHDRAW_DELETE
+    with reported(dmp.DmpError, AccessDenied), ctx.db.unit_of_work() as session:
+        job = dmp.request_withdrawal(session, document, action=action, principal=cli_principal())
+    out.print(f"DMP document {document}: {action} queued (job {job})")

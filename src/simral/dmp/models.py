@@ -6,7 +6,8 @@
 - :class:`DmpDocument` — one document entry submitted (or waiting to be) for one organisation: a
   report version (CDA CR-IMG) or an image manifest (KOS) version, with its state (pending, waiting +
   reason, published, failed + reason), the entryUUID it was registered under and the entry it
-  replaces (RPLC association, ITI TF-3 §4.2.2).
+  replaces (RPLC association, ITI TF-3 §4.2.2); an organisation may withdraw a published entry
+  (ITI-57: logical deletion, or masking to professionals).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ DMP_PUBLISHED = "published"
 DMP_FAILED = "failed"
 #: Replaced in the DMP by a later version (its successor's RPLC association).
 DMP_REPLACED = "replaced"
-DMP_STATES = (DMP_PENDING, DMP_WAITING, DMP_PUBLISHED, DMP_FAILED, DMP_REPLACED)
+#: Withdrawn by the organisation through ITI-57: logically deleted, or masked to professionals.
+DMP_DELETED = "deleted"
+DMP_MASKED = "masked"
+DMP_STATES = (DMP_PENDING, DMP_WAITING, DMP_PUBLISHED, DMP_FAILED, DMP_REPLACED, DMP_DELETED, DMP_MASKED)
 
 KIND_REPORT = "report"
 KIND_MANIFEST = "manifest"

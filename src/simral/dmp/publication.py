@@ -36,7 +36,9 @@ from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dmp import manifest as manifests
 from simral.dmp.models import (
+    DMP_DELETED,
     DMP_FAILED,
+    DMP_MASKED,
     DMP_PENDING,
     DMP_PUBLISHED,
     DMP_REPLACED,
@@ -45,12 +47,19 @@ from simral.dmp.models import (
     DmpDocument,
     DmpOrganisation,
 )
-from simral.dmp.service import REASON_INS, REASON_NO_INS, REASON_NOT_CONFIGURED, _payload_ids, _set_state
+from simral.dmp.service import (
+    REASON_INS,
+    REASON_NO_INS,
+    REASON_NOT_CONFIGURED,
+    WITHDRAW_DELETE,
+    _payload_ids,
+    _set_state,
+)
 from simral.identity.models import Organisation
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.patients.models import STATUS_QUAL, PatientIdentity
-from simral.reading.models import ImagingRequest, Report
+from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
 from simral.xds.client import DmpClient, DmpEndpoint, XdsRegistryError, XdsUnavailable
 from simral.xds.metadata import (
     CONFIDENTIALITY_NORMAL,
@@ -63,11 +72,13 @@ from simral.xds.metadata import (
     REPORT_CLASS,
     REPORT_FORMAT_STRUCTURED,
     REPORT_TYPE,
+    STATUS_DELETED,
     Author,
     Code,
     DocumentEntry,
     ReferenceId,
     SubmissionSet,
+    metadata_update,
     provide_and_register,
 )
 from simral.xds.vihf import VihfContext
@@ -141,11 +152,15 @@ def _structure_id(organisation: DmpOrganisation, site: Organisation) -> str:
     raise PermanentFailure(f"{site.code} has neither FINESS nor SIRET: configure its DMP structure id")
 
 
-def _read_lot(session: Session, ids: list[int]) -> _Lot | None:
+def _read_lot(
+    session: Session, ids: list[int], *, states: tuple[str, ...] = (DMP_PENDING, DMP_FAILED)
+) -> _Lot | None:
+    """The documents of ``ids`` in one of ``states`` and what their submission needs; raises
+    :class:`_Wait` when the patient's INS is missing or not qualified."""
     documents = list(
         session.scalars(select(DmpDocument).where(DmpDocument.id.in_(ids)).order_by(DmpDocument.id))
     )
-    documents = [d for d in documents if d.state in (DMP_PENDING, DMP_FAILED)]
+    documents = [d for d in documents if d.state in states]
     if not documents:
         return None
     code = documents[0].organisation_code
@@ -168,6 +183,17 @@ def _read_lot(session: Session, ids: list[int]) -> _Lot | None:
         for d in documents
         if d.report_id is not None and (report := session.get(Report, d.report_id)) is not None
     }
+    if not reports:
+        # A manifest alone (the study's images changed): the professional responsible is the signer
+        # of the latest report version.
+        latest = session.scalar(
+            select(Report)
+            .where(Report.request_id == request.id, Report.state == REPORT_SIGNED)
+            .order_by(Report.version.desc(), Report.id.desc())
+            .limit(1)
+        )
+        if latest is not None:
+            reports[latest.id] = latest
     group_code = next((r.organisation_code for r in reports.values()), request.group_code)
     group = (
         session.scalar(select(Organisation).where(Organisation.code == group_code)) if group_code else None
@@ -343,7 +369,13 @@ def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
     return manifests.manifest_bytes(dataset)
 
 
-def _entry(ctx: AppContext, lot: _Lot, document: DmpDocument) -> DocumentEntry:
+def _entry(
+    ctx: AppContext,
+    lot: _Lot,
+    document: DmpDocument,
+    *,
+    confidentiality: tuple[Code, ...] = (CONFIDENTIALITY_NORMAL,),
+) -> DocumentEntry:
     request = lot.request
     info, source_patient = _patient_info(request)
     facility = _sector(lot.organisation.facility_type_code)
@@ -379,7 +411,7 @@ def _entry(ctx: AppContext, lot: _Lot, document: DmpDocument) -> DocumentEntry:
         class_code=codes[0],
         type_code=codes[1],
         format_code=codes[2],
-        confidentiality=(CONFIDENTIALITY_NORMAL,),
+        confidentiality=confidentiality,
         healthcare_facility_type=facility,
         practice_setting=practice,
         event_codes=_event_codes(request),
@@ -530,3 +562,89 @@ def publish_documents(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
 def _mark(ctx: AppContext, ids: list[int], state: str, reason: str) -> None:
     with ctx.db.unit_of_work() as session:
         _set_state(session, ids, state, reason)
+
+
+# ------------------------------------------------------------------------------- withdrawal
+
+
+#: confidentialityCode masking an entry to professionals (JDV_J08-XdsConfidentialityCode-CISIS).
+MASKED_TO_PROFESSIONALS = Code("MASQUE_PS", "1.2.250.1.213.1.1.4.13", "Masqué aux professionnels de santé")
+
+
+def _submission(lot: _Lot, title: str) -> SubmissionSet:
+    return SubmissionSet(
+        unique_id="2.25." + str(uuid.uuid4().int),
+        source_id=_source_oid(lot.site),
+        submission_time=utcnow(),
+        author=_author(lot),
+        content_type_code=_sector(lot.organisation.activity_sector),
+        title=title,
+    )
+
+
+def withdraw_one(ctx: AppContext, document_id: int, action: str) -> None:
+    """ITI-57 for one published entry: logical deletion (availabilityStatus ``Deleted``, CI-SIS) or a
+    new version of its metadata masked to professionals (``MASQUE_PS``); the entry's state follows."""
+    try:
+        with ctx.db.reading() as session:
+            lot = _read_lot(session, [document_id], states=(DMP_PUBLISHED,))
+    except _Wait as wait:
+        raise PermanentFailure(str(wait)) from None
+    if lot is None:
+        return
+    document = lot.documents[0]
+    signer = _signer(lot.organisation)
+    with DmpClient(_endpoint(ctx, lot.organisation), signer) as client:
+        if action == WITHDRAW_DELETE:
+            client.update_status(
+                _submission(lot, "Suppression d'un document"),
+                _vihf(ctx, lot),
+                patient_id=_ins(lot.identity),
+                entry_uuid=document.entry_uuid,
+                new_status=STATUS_DELETED,
+            )
+            state = DMP_DELETED
+        else:
+            entry = _entry(
+                ctx, lot, document, confidentiality=(CONFIDENTIALITY_NORMAL, MASKED_TO_PROFESSIONALS)
+            )
+            body = metadata_update(
+                _submission(lot, "Masquage d'un document"),
+                entry,
+                logical_id=document.entry_uuid,
+                previous_version="1",
+            )
+            client.update_metadata(body, _vihf(ctx, lot))
+            state = DMP_MASKED
+    with ctx.db.unit_of_work() as session:
+        row = session.get(DmpDocument, document_id, with_for_update=True)
+        if row is None:
+            return
+        row.state, row.reason, row.updated_at = state, "", utcnow()
+        audit.record(
+            session,
+            action="dmp.withdraw",
+            principal=DMP_PUBLISHER,
+            study_uid=row.study_uid,
+            patient_id=lot.identity.ins_matricule,
+            patient_issuer=lot.identity.ins_oid,
+            detail={"document": row.id, "kind": row.kind, "entry": row.entry_uuid, "action": action},
+        )
+
+
+def withdraw_documents(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
+    """Job handler of :data:`~simral.dmp.service.DMP_WITHDRAW`."""
+    outcomes: dict[int, str | PermanentFailure | None] = {}
+    for job in batch:
+        try:
+            withdraw_one(ctx, int(job.payload["document"]), str(job.payload["action"]))
+            outcomes[job.id] = None
+        except PermanentFailure as exc:
+            outcomes[job.id] = exc
+        except XdsRegistryError as exc:
+            outcomes[job.id] = f"registry error {', '.join(exc.codes)}"
+        except XdsUnavailable as exc:
+            outcomes[job.id] = f"DMP unavailable: {exc}"
+        except Exception as exc:
+            outcomes[job.id] = f"{type(exc).__name__}: {exc}"
+    return outcomes

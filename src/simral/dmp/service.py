@@ -53,6 +53,13 @@ log = logging.getLogger(__name__)
 #: Job kind: publish ``payload["documents"]`` (ids of :class:`DmpDocument`) in one submission.
 DMP_PUBLISH = "dmp.publish"
 
+#: Job kind: withdraw ``payload["document"]`` from the DMP (ITI-57), ``payload["action"]``.
+DMP_WITHDRAW = "dmp.withdraw"
+#: Withdrawal actions: logical deletion (availabilityStatus Deleted) or masking to professionals
+#: (confidentialityCode MASQUE_PS, JDV_J08).
+WITHDRAW_DELETE = "delete"
+WITHDRAW_MASK = "mask"
+
 #: Attempts of one publication (about 4 hours with the job queue's backoff) before it is failed.
 MAX_ATTEMPTS = 12
 
@@ -234,6 +241,66 @@ def manifest_document(
     )
 
 
+def _stale_manifests() -> Any:
+    """The latest published manifest of each (organisation, study) whose study received instances
+    since the manifest was made or last checked (``updated_at``)."""
+    latest = (
+        select(
+            DmpDocument.organisation_code,
+            DmpDocument.study_uid,
+            func.max(DmpDocument.version).label("version"),
+        )
+        .where(DmpDocument.kind == KIND_MANIFEST)
+        .group_by(DmpDocument.organisation_code, DmpDocument.study_uid)
+        .subquery()
+    )
+    return (
+        select(DmpDocument)
+        .join(
+            latest,
+            (latest.c.organisation_code == DmpDocument.organisation_code)
+            & (latest.c.study_uid == DmpDocument.study_uid)
+            & (latest.c.version == DmpDocument.version),
+        )
+        .join(Study, Study.study_uid == DmpDocument.study_uid)
+        .where(
+            DmpDocument.kind == KIND_MANIFEST,
+            DmpDocument.state == DMP_PUBLISHED,
+            Study.updated_at > DmpDocument.updated_at,
+        )
+    )
+
+
+def manifests_due(session: Session, *, quiet_since: datetime) -> bool:
+    """Whether a published manifest's study changed and has been quiet since ``quiet_since``."""
+    query = _stale_manifests().where(Study.updated_at <= quiet_since)
+    return session.scalar(query.limit(1)) is not None
+
+
+def refresh_manifests(session: Session, *, quiet_since: datetime) -> int:
+    """Image changes (DESIGN.md §8): for each published manifest whose study got new instances and
+    has been quiet since ``quiet_since``, queue a new manifest version replacing it when the images
+    it would list differ (a new series, a rejected instance); otherwise only note the check. The
+    number of publications queued."""
+    queued = 0
+    now = utcnow()
+    for published in list(session.scalars(_stale_manifests().where(Study.updated_at <= quiet_since))):
+        if publishing_organisation(session, published.organisation_code) is None:
+            published.updated_at = now
+            continue
+        replacement = manifest_document(
+            session, published.organisation_code, published.study_uid, request_id=published.request_id
+        )
+        published.updated_at = now
+        if replacement is None:
+            continue
+        session.add(replacement)
+        session.flush()
+        if _enqueue(session, [replacement]) is not None:
+            queued += 1
+    return queued
+
+
 def _enqueue(session: Session, documents: list[DmpDocument]) -> int | None:
     ids = sorted(d.id for d in documents)
     return jobs.enqueue(
@@ -307,6 +374,39 @@ def retry(session: Session, document_id: int, *, principal: Principal) -> int | 
         detail={"document": document.id, "kind": document.kind},
     )
     return _enqueue(session, [document])
+
+
+def request_withdrawal(
+    session: Session, document_id: int, *, action: str, principal: Principal
+) -> int | None:
+    """The organisation withdraws a published entry from the DMP: queue the ITI-57 update (logical
+    deletion or masking to professionals) in the caller's transaction; audited."""
+    if action not in (WITHDRAW_DELETE, WITHDRAW_MASK):
+        raise DmpError(f"unknown withdrawal {action!r} (delete or mask)")
+    document = session.get(DmpDocument, document_id)
+    if document is None:
+        raise DmpError(f"no DMP document {document_id}")
+    if not may_manage(principal, document.organisation_code):
+        raise AccessDenied(
+            f"{principal.audit_name} may not withdraw DMP documents of {document.organisation_code}"
+        )
+    if document.state != DMP_PUBLISHED:
+        raise DmpError(f"DMP document {document_id} is {document.state}: only a published entry is withdrawn")
+    audit.record(
+        session,
+        action="dmp.withdraw-request",
+        principal=principal,
+        study_uid=document.study_uid,
+        detail={"document": document.id, "kind": document.kind, "action": action},
+    )
+    return jobs.enqueue(
+        session,
+        kind=DMP_WITHDRAW,
+        payload={"document": document.id, "action": action},
+        group_key=f"dmp:{document.study_uid}",
+        dedupe_key=f"dmp.withdraw:{document.id}",
+        max_attempts=MAX_ATTEMPTS,
+    )
 
 
 # ------------------------------------------------------------------------------------ the view
