@@ -121,6 +121,10 @@ class Settings:
     reading_escalate_minutes: int = 30
     #: Seconds between two looks for arrived studies, ready tasks and deadlines.
     reading_check_seconds: float = 2.0
+    # --- jobs ---
+    #: Seconds a claimed job stays reserved to the node that claimed it; a node that dies leaves its
+    #: jobs to the others once this passes (DESIGN.md §5). Longer than the slowest job.
+    job_lease_seconds: float = 300.0
     # --- DMP publication (DESIGN.md §8; IHE XDS.b ITI-41 / ITI-57, DMP TD0.2) ---
     #: The DMP's web services (production or the DMP test platform: only these URLs change);
     #: "" for ITI-41 = publication off (documents stay pending with a reason).

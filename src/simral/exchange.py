@@ -105,6 +105,7 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             dmp.DMP_PUBLISH: publish_documents,
             dmp.DMP_WITHDRAW: withdraw_documents,
         },
+        lease=timedelta(seconds=ctx.settings.job_lease_seconds),
     )
     runner.start()
     threading.Thread(target=_router_loop, args=(ctx, runner, stop), daemon=True, name="router").start()
