@@ -455,21 +455,29 @@ def _aware(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def is_group_radiologist(session: Session, login: str, group_code: str) -> bool:
+    """Whether ``login`` is an active radiologist of the group ``group_code``."""
+    return (
+        session.scalar(
+            select(Professional.id)
+            .join(Membership, Membership.professional_id == Professional.id)
+            .join(Organisation, Organisation.id == Membership.organisation_id)
+            .where(
+                Professional.login == login,
+                Professional.active.is_(True),
+                Organisation.code == group_code,
+                Membership.role == "radiologist",
+            )
+        )
+        is not None
+    )
+
+
 def _check_radiologist(session: Session, group_code: str, login: str) -> None:
     group = session.scalar(select(Organisation).where(Organisation.code == group_code))
     if group is None or group.kind != "teleradiology-group":
         raise ScheduleError(f"{group_code} is not a teleradiology group")
-    found = session.scalar(
-        select(Professional.id)
-        .join(Membership, Membership.professional_id == Professional.id)
-        .where(
-            Professional.login == login,
-            Professional.active.is_(True),
-            Membership.organisation_id == group.id,
-            Membership.role == "radiologist",
-        )
-    )
-    if found is None:
+    if not is_group_radiologist(session, login, group_code):
         raise ScheduleError(f"{login} is not an active radiologist of {group_code}")
 
 

@@ -829,6 +829,18 @@ def _check_site(request: ImagingRequest, principal: Principal) -> None:
         raise AccessDenied(f"{principal.audit_name} may not change requests of {request.site_code}")
 
 
+def _open_tasks(session: Session, request_id: int) -> list[ReadingTask]:
+    """The request's reading tasks not yet reported nor cancelled."""
+    return list(
+        session.scalars(
+            select(ReadingTask).where(
+                ReadingTask.request_id == request_id,
+                ReadingTask.state.not_in((TASK_REPORTED, TASK_CANCELLED)),
+            )
+        )
+    )
+
+
 def cancel_request(
     session: Session, request: ImagingRequest, *, reason: str, principal: Principal
 ) -> ImagingRequest:
@@ -860,14 +872,7 @@ def cancel_request(
     for step in steps:
         step.state = STEP_DISCONTINUED
         step.updated_at = now
-    tasks = list(
-        session.scalars(
-            select(ReadingTask).where(
-                ReadingTask.request_id == request.id,
-                ReadingTask.state.not_in((TASK_REPORTED, TASK_CANCELLED)),
-            )
-        )
-    )
+    tasks = _open_tasks(session, request.id)
     for task in tasks:
         task.state = TASK_CANCELLED
         task.updated_at = now
@@ -979,14 +984,7 @@ def set_subspecialty(
     now = utcnow()
     request.subspecialty = code
     request.updated_at = now
-    tasks = list(
-        session.scalars(
-            select(ReadingTask).where(
-                ReadingTask.request_id == request.id,
-                ReadingTask.state.not_in((TASK_REPORTED, TASK_CANCELLED)),
-            )
-        )
-    )
+    tasks = _open_tasks(session, request.id)
     for task in tasks:
         task.subspecialty = code
         task.updated_at = now

@@ -45,7 +45,7 @@ from simral.access.policy import (
 from simral.archive.models import ChangeEvent, Instance, Study, StudyOrganisation
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
-from simral.identity.models import AdminAlert, Membership, Organisation, Professional
+from simral.identity.models import AdminAlert, Organisation, Professional
 from simral.reading import routing
 from simral.reading.models import (
     PRIORITIES,
@@ -709,31 +709,20 @@ def reassign(session: Session, task_id: int, *, login: str, principal: Principal
     task = get_or_raise(session, task_id)
     if not may_assign_reading(principal, task.group_code):
         raise AccessDenied(f"{principal.audit_name} may not assign the reading tasks of {task.group_code}")
-    radiologist = session.scalar(
-        select(Professional.login)
-        .join(Membership, Membership.professional_id == Professional.id)
-        .join(Organisation, Organisation.id == Membership.organisation_id)
-        .where(
-            Professional.login == login,
-            Professional.active.is_(True),
-            Organisation.code == task.group_code,
-            Membership.role == "radiologist",
-        )
-    )
-    if radiologist is None:
+    if not routing.is_group_radiologist(session, login, task.group_code):
         raise TaskError(f"{login} is not a radiologist of {task.group_code}")
     previous = task.claimed_by
     now = utcnow()
     result = session.execute(
         update(ReadingTask)
         .where(ReadingTask.id == task_id, ReadingTask.state.in_((TASK_READY, TASK_CLAIMED)))
-        .values(state=TASK_CLAIMED, claimed_by=radiologist, claimed_at=now, updated_at=now)
+        .values(state=TASK_CLAIMED, claimed_by=login, claimed_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:
         raise TaskError(f"reading task {task_id} is {task.state}: it cannot be assigned", conflict=True)
     task = get_or_raise(session, task_id)
     _audit_task(
-        session, "reading-task.reassign", task, principal=principal, previous_holder=previous, to=radiologist
+        session, "reading-task.reassign", task, principal=principal, previous_holder=previous, to=login
     )
     return task
