@@ -31,7 +31,15 @@ from simral.db.base import utcnow
 from simral.identity.models import Professional
 from simral.patients.service import AuthorityRef, Traits
 from simral.reading import service as reading
-from simral.reading.models import STEP_COMPLETED, PerformedProcedureStep, ScheduledProcedure
+from simral.reading.models import (
+    REPORT_SIGNED,
+    STEP_COMPLETED,
+    PerformedProcedureStep,
+    ReadingTask,
+    Report,
+    ScheduledProcedure,
+)
+from simral.reading.publication import enqueue_publication
 
 PASSWORD = "Compte-Rendu-Radio-2026!"
 OID_SITE = "1.2.250.1.999.9.1"
@@ -175,3 +183,57 @@ def start_platform(base: Path, exams: dict[str, tuple[str, str]]) -> Platform:
         simral.stop()
         raise AssertionError("the reading tasks did not become ready")
     return platform
+
+
+@dataclass(frozen=True)
+class ReportText:
+    """The four sections of a report (and the addendum of a later version)."""
+
+    indications: str
+    technique: str
+    results: str
+    conclusion: str
+    addendum: str = ""
+
+
+def sign_report(
+    ctx: AppContext,
+    *,
+    request_id: int,
+    study_uid: str,
+    text: ReportText,
+    dose: dict[str, str],
+    previous: Report | None = None,
+) -> Report:
+    """A version signed by dr_roux (1, or the addendum to ``previous``) queued for publication in one
+    unit of work, as the signing code does it; the report, detached."""
+    with ctx.db.unit_of_work() as session:
+        task = session.scalar(select(ReadingTask).where(ReadingTask.request_id == request_id))
+        report = Report(
+            task_id=task.id if task is not None else None,
+            request_id=request_id,
+            study_uid=study_uid,
+            set_id=previous.set_id if previous is not None else str(generate_uid()),
+            version=previous.version + 1 if previous is not None else 1,
+            document_uid=str(generate_uid()),
+            previous_id=previous.id if previous is not None else None,
+            indications=text.indications,
+            technique=text.technique,
+            results=text.results,
+            conclusion=text.conclusion,
+            addendum=text.addendum if previous is not None else "",
+            dose=dose,
+            state=REPORT_SIGNED,
+            author="dr_roux",
+            author_name="Claire Roux",
+            author_national_id="810008000001",
+            organisation_code="TLR",
+            signed_at=utcnow(),
+            signature_method="totp",
+        )
+        session.add(report)
+        session.flush()
+        enqueue_publication(session, report)
+        assert report.publication_state == "pending"
+        session.expunge(report)
+        return report

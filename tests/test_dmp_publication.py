@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import select
+from tests.report_setup import ReportText, sign_report
 from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
 from tests.xds_registry import Failure, NoAnswer, Pki, Success, TestDmp, make_pki
@@ -50,8 +50,7 @@ from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
 from simral.patients.service import AuthorityRef, Ins, Traits
 from simral.reading import service as reading
-from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
-from simral.reading.publication import enqueue_publication
+from simral.reading.models import ImagingRequest, Report
 from simral.xds import metadata as md
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,36 +184,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ctx.db.dispose()
 
 
+#: The report the radiologist signs (and the addendum of version 2).
+REPORT_TEXT = ReportText(
+    indications="Douleur thoracique, dyspnée.",
+    technique="Angioscanner thoracique, injection iodée.",
+    results="Pas de défect endoluminal des artères pulmonaires.",
+    conclusion="Pas d'embolie pulmonaire.",
+    addendum="Relecture : nodule de 4 mm du lobe inférieur droit.",
+)
+
+
 def _sign(setup: Setup, *, previous: Report | None = None) -> Report:
-    """A signed version (1, or the addendum to ``previous``) queued for publication as the signing
-    code does it."""
-    with setup.ctx.db.unit_of_work() as session:
-        report = Report(
-            request_id=setup.request_id,
-            study_uid=setup.study_uid,
-            set_id=previous.set_id if previous is not None else str(generate_uid()),
-            version=previous.version + 1 if previous is not None else 1,
-            document_uid=str(generate_uid()),
-            previous_id=previous.id if previous is not None else None,
-            indications="Douleur thoracique, dyspnée.",
-            technique="Angioscanner thoracique, injection iodée.",
-            results="Pas de défect endoluminal des artères pulmonaires.",
-            conclusion="Pas d'embolie pulmonaire.",
-            addendum="Relecture : nodule de 4 mm du lobe inférieur droit." if previous is not None else "",
-            dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "8.1", "dlp_mgycm": "310"},
-            state=REPORT_SIGNED,
-            author="dr_roux",
-            author_name="Claire Roux",
-            author_national_id="810008000001",
-            organisation_code="TLR",
-            signed_at=utcnow(),
-            signature_method="totp",
-        )
-        session.add(report)
-        session.flush()
-        enqueue_publication(session, report)
-        session.expunge(report)
-        return report
+    return sign_report(
+        setup.ctx,
+        request_id=setup.request_id,
+        study_uid=setup.study_uid,
+        text=REPORT_TEXT,
+        dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "8.1", "dlp_mgycm": "310"},
+        previous=previous,
+    )
 
 
 def _documents(setup: Setup) -> list[DmpDocument]:

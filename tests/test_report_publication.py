@@ -29,9 +29,9 @@ import httpx
 import pytest
 from lxml import etree
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 from tests.peers import free_port
+from tests.report_setup import ReportText, sign_report
 from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
 from tests.test_teleradiology_requests import RIS_APP, RIS_FACILITY, RisListener
@@ -44,7 +44,7 @@ from simral.db.base import utcnow
 from simral.jobs.models import Job
 from simral.patients.service import AuthorityRef, Traits
 from simral.reading import service as reading
-from simral.reading.models import REPORT_SIGNED, ImagingRequest, ReadingTask, Report
+from simral.reading.models import ImagingRequest, Report
 from simral.reading.publication import enqueue_publication
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,38 +164,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ctx.db.dispose()
 
 
+#: The report the radiologist signs (and the addendum of version 2).
+REPORT_TEXT = ReportText(
+    indications="Céphalées brutales depuis ce matin.\nHTA traitée.",
+    technique="Scanner cérébral sans injection, acquisition hélicoïdale.",
+    results="Pas d'hémorragie intra ou extra-axiale.\nPas d'effet de masse.",
+    conclusion="Pas d'hémorragie méningée visible.",
+    addendum="Relecture : pas de thrombose veineuse visible.",
+)
+
+
 def _signed_report(setup: Setup, *, previous: Report | None = None) -> int:
-    """A signed version (1, or the addendum to ``previous``) queued for publication in one unit of
-    work, as the signing code does."""
-    with setup.ctx.db.unit_of_work() as session:
-        task = session.scalar(select(ReadingTask).where(ReadingTask.request_id == setup.request_id))
-        report = Report(
-            task_id=task.id if task is not None else None,
-            request_id=setup.request_id,
-            study_uid=setup.study_uid,
-            set_id=previous.set_id if previous is not None else str(generate_uid()),
-            version=previous.version + 1 if previous is not None else 1,
-            document_uid=str(generate_uid()),
-            previous_id=previous.id if previous is not None else None,
-            indications="Céphalées brutales depuis ce matin.\nHTA traitée.",
-            technique="Scanner cérébral sans injection, acquisition hélicoïdale.",
-            results="Pas d'hémorragie intra ou extra-axiale.\nPas d'effet de masse.",
-            conclusion="Pas d'hémorragie méningée visible.",
-            addendum="Relecture : pas de thrombose veineuse visible." if previous is not None else "",
-            dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "52.4", "dlp_mgycm": "912.5"},
-            state=REPORT_SIGNED,
-            author="dr_roux",
-            author_name="Claire Roux",
-            author_national_id="810008000001",
-            organisation_code="TLR",
-            signed_at=utcnow(),
-            signature_method="totp",
-        )
-        session.add(report)
-        session.flush()
-        enqueue_publication(session, report)
-        assert report.publication_state == "pending"
-        return report.id
+    """A signed version (1, or the addendum to ``previous``) queued for publication."""
+    report = sign_report(
+        setup.ctx,
+        request_id=setup.request_id,
+        study_uid=setup.study_uid,
+        text=REPORT_TEXT,
+        dose={"equipment": "SOMATOM go.Up", "ctdivol_mgy": "52.4", "dlp_mgycm": "912.5"},
+        previous=previous,
+    )
+    return report.id
 
 
 def _report(setup: Setup, report_id: int) -> Report:
