@@ -40,7 +40,7 @@ from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
 from tests.test_request_documents import Platform, _ack, _err
 from tests.test_teleradiology_requests import _segment
-from tests.xds_registry import TestDmp, make_pki
+from tests.xds_registry import Received, TestDmp, make_pki
 
 from simral.access.policy import SYSTEM
 from simral.app import open_app
@@ -297,11 +297,11 @@ def _states(setup: Setup) -> list[tuple[str, int, str]]:
     return [(d.kind, d.version, d.state) for d in _documents(setup)]
 
 
-def _iti41(setup: Setup) -> list:  # type: ignore[type-arg]
+def _iti41(setup: Setup) -> list[Received]:
     return [r for r in setup.dmp.received if r.transaction == "ITI-41"]
 
 
-def _entries_by_unique_id(received) -> dict[str, etree._Element]:  # type: ignore[no-untyped-def]
+def _entries_by_unique_id(received: Received) -> dict[str, etree._Element]:
     found = {}
     for element in received.objects("ExtrinsicObject"):
         for external in element.iter(f"{{{md.RIM}}}ExternalIdentifier"):

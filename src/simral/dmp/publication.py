@@ -187,8 +187,10 @@ def _read_lot(session: Session, ids: list[int], store: BlobStore) -> _Lot | None
             raise PermanentFailure("no report received from the RIS for this study")
         try:
             received = received_reports.load(store, received_row)
-        except (OSError, received_reports.ReceivedReportError) as exc:
+        except received_reports.ReceivedReportError as exc:
             raise PermanentFailure(f"the received report cannot be read: {exc}") from None
+        if received.cda.patient_ins != (identity.ins_matricule, identity.ins_oid):
+            raise PermanentFailure("the received report's patient (recordTarget INS) is not the identity's")
     authority = session.get(AssigningAuthority, identity.authority_id)
     group_code = next(
         (r.organisation_code for r in reports.values()), request.group_code if request is not None else ""
