@@ -175,7 +175,7 @@ def cda_time(value: str) -> datetime | None:
 
 
 def _text(element: etree._Element | None, path: str) -> str:
-    return " ".join("".join(element.findtext(path, "", _NS)).split()) if element is not None else ""
+    return " ".join((element.findtext(path, "", _NS) or "").split()) if element is not None else ""
 
 
 def _ii(element: etree._Element | None) -> str:
