@@ -10,6 +10,7 @@ from sqlalchemy import select
 from simral.archive.models import Blob
 from simral.archive.service import recover_staged
 from simral.context import AppContext
+from simral.dmp import received as received_reports
 from simral.reading import documents as request_documents
 from simral.storage.base import sha256_of_stream
 from simral.storage.filesystem import FilesystemStore
@@ -73,6 +74,9 @@ def check(
             verify(key, size, sha256)
         # Documents attached to imaging requests live in the same store (``documents/…``).
         for key, size, sha256 in request_documents.indexed_blobs(session):
+            verify(key, size, sha256)
+        # Reports received from a RIS for the DMP, as received (``documents/dmp/…``).
+        for key, size, sha256 in received_reports.indexed_blobs(session):
             verify(key, size, sha256)
     for key in ctx.store.iter_keys():
         if key not in indexed and not key.startswith(".scratch/"):

@@ -6,8 +6,11 @@
 - :class:`DmpDocument` — one document entry submitted (or waiting to be) for one organisation: a
   report version (CDA CR-IMG) or an image manifest (KOS) version, with its state (pending, waiting +
   reason, published, failed + reason), the entryUUID it was registered under and the entry it
-  replaces (RPLC association, ITI TF-3 §4.2.2); an organisation may withdraw a published entry
-  (ITI-57: logical deletion, or masking to professionals).
+  replaces (RPLC association, ITI TF-3 §4.2.2). ``source`` says where the report came from: signed
+  in simral (``simral``, its :class:`~simral.reading.models.Report`) or received from a site's RIS
+  (``ris:<name>``, the CDA as received in the blob store under ``content_key``, the patient identity
+  in ``identity_id``). An organisation may withdraw a published entry (ITI-57: logical deletion,
+  or masking to professionals).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ DMP_STATES = (DMP_PENDING, DMP_WAITING, DMP_PUBLISHED, DMP_FAILED, DMP_REPLACED,
 
 KIND_REPORT = "report"
 KIND_MANIFEST = "manifest"
+
+#: A report signed in simral; a report received from a RIS is ``ris:<endpoint name>``.
+SOURCE_SIMRAL = "simral"
 
 
 class DmpOrganisation(Base):
@@ -98,3 +104,17 @@ class DmpDocument(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Where the report came from: :data:`SOURCE_SIMRAL` or ``ris:<endpoint name>``.
+    source: Mapped[str] = mapped_column(String(64), default=SOURCE_SIMRAL)
+    #: The patient identity (a document without an imaging request: a report received from a RIS).
+    identity_id: Mapped[int | None] = mapped_column(
+        ForeignKey("patient_identity.id"), nullable=True, index=True
+    )
+    #: The received CDA's blob (``documents/dmp/…``), its SHA-256 (``simral check``).
+    content_key: Mapped[str] = mapped_column(String(300), default="")
+    content_sha256: Mapped[str] = mapped_column(String(64), default="")
+    #: The received CDA's setId (its versions replace each other).
+    set_id: Mapped[str] = mapped_column(String(128), default="", index=True)
+    #: The exam's accession number and its issuer (OID) when there is no imaging request.
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    accession_authority: Mapped[str] = mapped_column(String(64), default="")

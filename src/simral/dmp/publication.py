@@ -15,7 +15,9 @@ For the documents of one job, in order:
 
 Everything the DMP needs to know about the professional is the signing radiologist (VIHF NameID,
 author, legal authenticator); the organisation's certificates authenticate (mutual TLS) and sign
-(VIHF, XAdES).
+(VIHF, XAdES). A report received from the site's RIS (:mod:`simral.dmp.received`) is published as
+received: its CDA bytes, with the author, legal authenticator, format, exam and patient the CDA and
+the document entry carry (no imaging request needed).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dmp import manifest as manifests
+from simral.dmp import received as received_reports
 from simral.dmp.models import (
     DMP_DELETED,
     DMP_FAILED,
@@ -44,6 +47,7 @@ from simral.dmp.models import (
     DMP_REPLACED,
     DMP_WAITING,
     KIND_REPORT,
+    SOURCE_SIMRAL,
     DmpDocument,
     DmpOrganisation,
 )
@@ -58,8 +62,9 @@ from simral.dmp.service import (
 from simral.identity.models import Organisation
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
-from simral.patients.models import STATUS_QUAL, PatientIdentity
+from simral.patients.models import STATUS_QUAL, AssigningAuthority, PatientIdentity
 from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
+from simral.storage.base import BlobStore
 from simral.xds.client import DmpClient, DmpEndpoint, XdsRegistryError, XdsUnavailable
 from simral.xds.metadata import (
     CONFIDENTIALITY_NORMAL,
@@ -70,6 +75,7 @@ from simral.xds.metadata import (
     REF_ORDER,
     REF_STUDY_UID,
     REPORT_CLASS,
+    REPORT_FORMAT_PDF,
     REPORT_FORMAT_STRUCTURED,
     REPORT_TYPE,
     STATUS_DELETED,
@@ -123,10 +129,14 @@ class _Lot:
     organisation: DmpOrganisation
     site: Organisation
     group: Organisation | None
-    request: ImagingRequest
+    request: ImagingRequest | None
     identity: PatientIdentity
     reports: dict[int, Report]
     replaced: dict[int, str]
+    #: The report received from the site's RIS (a lot whose source is not simral).
+    received: received_reports.ReceivedReport | None = None
+    #: The identity's assigning authority OID (sourcePatientId without a request).
+    identity_authority: str = ""
 
 
 class _Wait(Exception):
@@ -153,7 +163,11 @@ def _structure_id(organisation: DmpOrganisation, site: Organisation) -> str:
 
 
 def _read_lot(
-    session: Session, ids: list[int], *, states: tuple[str, ...] = (DMP_PENDING, DMP_FAILED)
+    session: Session,
+    ids: list[int],
+    store: BlobStore,
+    *,
+    states: tuple[str, ...] = (DMP_PENDING, DMP_FAILED),
 ) -> _Lot | None:
     """The documents of ``ids`` in one of ``states`` and what their submission needs; raises
     :class:`_Wait` when the patient's INS is missing or not qualified."""
@@ -168,10 +182,12 @@ def _read_lot(
     site = session.scalar(select(Organisation).where(Organisation.code == code))
     if organisation is None or site is None or not organisation.enabled:
         raise PermanentFailure(f"{code} no longer publishes to the DMP through simral")
-    request = session.get(ImagingRequest, documents[0].request_id) if documents[0].request_id else None
-    if request is None:
+    first = documents[0]
+    request = session.get(ImagingRequest, first.request_id) if first.request_id else None
+    if request is None and (first.request_id or first.identity_id is None):
         raise PermanentFailure("the documents' imaging request no longer exists")
-    identity = session.get(PatientIdentity, request.identity_id) if request.identity_id else None
+    identity_id = first.identity_id or (request.identity_id if request is not None else None)
+    identity = session.get(PatientIdentity, identity_id) if identity_id else None
     if identity is None:
         raise _Wait(REASON_NO_INS)
     if not identity.ins_matricule:
@@ -183,7 +199,7 @@ def _read_lot(
         for d in documents
         if d.report_id is not None and (report := session.get(Report, d.report_id)) is not None
     }
-    if not reports:
+    if not reports and request is not None:
         # A manifest alone (the study's images changed): the professional responsible is the signer
         # of the latest report version.
         latest = session.scalar(
@@ -194,7 +210,21 @@ def _read_lot(
         )
         if latest is not None:
             reports[latest.id] = latest
-    group_code = next((r.organisation_code for r in reports.values()), request.group_code)
+    received = None
+    if first.source != SOURCE_SIMRAL:
+        received_row = received_reports.report_document(session, documents)
+        if received_row is None:
+            raise PermanentFailure("no report received from the RIS for this study")
+        try:
+            received = received_reports.load(store, received_row)
+        except received_reports.ReceivedReportError as exc:
+            raise PermanentFailure(f"the received report cannot be read: {exc}") from None
+        if received.cda.patient_ins != (identity.ins_matricule, identity.ins_oid):
+            raise PermanentFailure("the received report's patient (recordTarget INS) is not the identity's")
+    authority = session.get(AssigningAuthority, identity.authority_id)
+    group_code = next(
+        (r.organisation_code for r in reports.values()), request.group_code if request is not None else ""
+    )
     group = (
         session.scalar(select(Organisation).where(Organisation.code == group_code)) if group_code else None
     )
@@ -209,7 +239,18 @@ def _read_lot(
     }
     for document in documents:
         session.expunge(document)
-    return _Lot(documents, organisation, site, group, request, identity, reports, replaced)
+    return _Lot(
+        documents,
+        organisation,
+        site,
+        group,
+        request,
+        identity,
+        reports,
+        replaced,
+        received,
+        (authority.oid or "") if authority is not None else "",
+    )
 
 
 def _signer(organisation: DmpOrganisation) -> SigningIdentity:
@@ -235,7 +276,11 @@ def _endpoint(ctx: AppContext, organisation: DmpOrganisation) -> DmpEndpoint:
 
 
 def _professional(lot: _Lot) -> tuple[str, str]:
-    """(national id, display name) of the professional responsible: the report's signer."""
+    """(national id, display name) of the professional responsible: the report's signer (the
+    received CDA's author)."""
+    if lot.received is not None:
+        author = lot.received.cda.author
+        return author.national_id, author.display_name
     for report in lot.reports.values():
         if report.author_national_id:
             return report.author_national_id, report.author_name or report.author
@@ -268,7 +313,22 @@ def _vihf(ctx: AppContext, lot: _Lot) -> VihfContext:
     )
 
 
+def _cda_author(lot: _Lot, professional: received_reports.Professional) -> Author:
+    """An author or legal authenticator of the received CDA (its structure, else the site's)."""
+    return Author(
+        national_id=professional.national_id,
+        family=professional.family,
+        given=professional.given,
+        role=None,
+        specialty=professional.specialty or AUTHOR_SPECIALTY_RADIOLOGY,
+        institution_name=professional.organisation_name or lot.site.name,
+        institution_id=professional.organisation_id or _structure_id(lot.organisation, lot.site),
+    )
+
+
 def _author(lot: _Lot) -> Author:
+    if lot.received is not None:
+        return _cda_author(lot, lot.received.cda.author)
     national_id, name = _professional(lot)
     family, given = _split_name(name)
     institution = lot.group or lot.site
@@ -286,7 +346,12 @@ def _author(lot: _Lot) -> Author:
     )
 
 
-def _event_codes(request: ImagingRequest) -> tuple[Code, ...]:
+def _event_codes(lot: _Lot) -> tuple[Code, ...]:
+    if lot.received is not None and lot.received.cda.event_codes:
+        return lot.received.cda.event_codes
+    request = lot.request
+    if request is None:
+        return ()
     complement = request.complement or {}
     modality = str(complement.get("modality") or request.modality or "").upper()
     codes = [Code(modality, MODALITY_SYSTEM, modality)] if modality else []
@@ -298,22 +363,50 @@ def _event_codes(request: ImagingRequest) -> tuple[Code, ...]:
     return tuple(codes)
 
 
-def _reference_ids(lot: _Lot, study_uid: str) -> tuple[ReferenceId, ...]:
+def _order(lot: _Lot, document: DmpDocument) -> manifests.ManifestOrder:
+    """The exam's accession number and order: the document's (a received report), else the request's,
+    else the received CDA's inFulfillmentOf."""
     request = lot.request
+    accession, issuer = document.accession_number, document.accession_authority
+    placer, placer_issuer = "", ""
+    if request is not None:
+        accession, issuer = accession or request.accession_number, issuer or request.accession_authority
+        placer, placer_issuer = request.placer_number, request.placer_authority
+    elif lot.received is not None:
+        order = next((o for o in lot.received.cda.orders if o.placer_number), None)
+        if order is not None:
+            placer, placer_issuer = order.placer_number, order.placer_authority
+    return manifests.ManifestOrder(
+        accession_number=accession,
+        accession_issuer=issuer or lot.site.accession_oid,
+        placer_number=placer,
+        placer_issuer=placer_issuer,
+    )
+
+
+def _reference_ids(lot: _Lot, document: DmpDocument) -> tuple[ReferenceId, ...]:
+    order = _order(lot, document)
     refs = []
-    if request.accession_number:
-        authority = request.accession_authority or lot.site.accession_oid
-        if authority:
-            refs.append(ReferenceId(request.accession_number, authority, REF_ACCESSION))
-    if request.placer_number and request.placer_authority:
-        refs.append(ReferenceId(request.placer_number, request.placer_authority, REF_ORDER))
-    refs.append(ReferenceId(study_uid, "1.2.840.10008", REF_STUDY_UID))
+    if order.accession_number and order.accession_issuer:
+        refs.append(ReferenceId(order.accession_number, order.accession_issuer, REF_ACCESSION))
+    if order.placer_number and order.placer_issuer:
+        refs.append(ReferenceId(order.placer_number, order.placer_issuer, REF_ORDER))
+    refs.append(ReferenceId(document.study_uid, "1.2.840.10008", REF_STUDY_UID))
     return tuple(refs)
 
 
-def _patient_info(request: ImagingRequest) -> tuple[tuple[str, ...], str]:
-    """(sourcePatientInfo, sourcePatientId) from the request's patient (PID-5 birth name L, PID-7, PID-8)."""
-    patient = request.patient or {}
+def _patient_info(lot: _Lot) -> tuple[tuple[str, ...], str]:
+    """(sourcePatientInfo, sourcePatientId) from the request's patient, else the identity (PID-5 birth
+    name L, PID-7, PID-8)."""
+    identity = lot.identity
+    patient = (lot.request.patient if lot.request is not None else None) or {
+        "birth_name": identity.birth_name,
+        "first_birth_given_name": identity.first_birth_given_name,
+        "birth_date": identity.birth_date,
+        "sex": identity.sex,
+        "ipp": identity.local_id,
+        "ipp_oid": lot.identity_authority,
+    }
     family, given = str(patient.get("birth_name", "")).upper(), patient.get("first_birth_given_name", "")
     info = (
         f"PID-5|{family}^{given}^^^^^L",
@@ -324,12 +417,17 @@ def _patient_info(request: ImagingRequest) -> tuple[tuple[str, ...], str]:
     return info, source
 
 
-def _exam_time(request: ImagingRequest) -> datetime | None:
-    performed = (request.complement or {}).get("performed_at") or ""
+def _exam_time(lot: _Lot) -> tuple[datetime | None, datetime | None]:
+    """(serviceStartTime, serviceStopTime): the received CDA's serviceEvent, else the exam time."""
+    if lot.received is not None and lot.received.cda.service_start is not None:
+        return lot.received.cda.service_start, lot.received.cda.service_stop
+    complement = (lot.request.complement or {}) if lot.request is not None else {}
+    performed = complement.get("performed_at") or ""
     try:
-        return datetime.fromisoformat(performed) if performed else None
+        at = _aware(datetime.fromisoformat(performed)) if performed else None
     except ValueError:
-        return None
+        at = None
+    return at, at
 
 
 def _aware(value: datetime) -> datetime:
@@ -339,7 +437,7 @@ def _aware(value: datetime) -> datetime:
 
 def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
     """Build (the same bytes on every try) and archive the manifest version; its DICOM bytes."""
-    identity, request = lot.identity, lot.request
+    identity = lot.identity
     patient = manifests.ManifestPatient(
         ins=identity.ins_matricule,
         ins_oid=identity.ins_oid,
@@ -348,12 +446,7 @@ def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
         birth_date=identity.birth_date,
         sex=identity.sex,
     )
-    order = manifests.ManifestOrder(
-        accession_number=request.accession_number,
-        accession_issuer=request.accession_authority or lot.site.accession_oid,
-        placer_number=request.placer_number,
-        placer_issuer=request.placer_authority,
-    )
+    order = _order(lot, document)
     base = ctx.settings.dmp_retrieve_url or (ctx.settings.public_url.rstrip("/") + "/dicom-web")
     with ctx.db.reading() as session:
         content = manifests.manifest_content(
@@ -376,23 +469,32 @@ def _entry(
     *,
     confidentiality: tuple[Code, ...] = (CONFIDENTIALITY_NORMAL,),
 ) -> DocumentEntry:
-    request = lot.request
-    info, source_patient = _patient_info(request)
+    info, source_patient = _patient_info(lot)
     facility = _sector(lot.organisation.facility_type_code)
     practice = Code(
         lot.organisation.practice_setting_code,
         PRACTICE_SETTING_SYSTEM,
         lot.organisation.practice_setting_code,
     )
-    exam_at = _exam_time(request)
+    exam_start, exam_stop = _exam_time(lot)
     author = _author(lot)
-    if document.kind == KIND_REPORT:
+    title = "Compte rendu d'imagerie médicale"
+    if document.kind == KIND_REPORT and lot.received is not None:
+        # The report as the RIS sent it: its bytes, its own title, author and legal authenticator.
+        header = lot.received.cda
+        content = lot.received.content
+        mime, title = "text/xml", header.title or title
+        format_code = REPORT_FORMAT_STRUCTURED if header.structured else REPORT_FORMAT_PDF
+        codes = (REPORT_CLASS, REPORT_TYPE, format_code)
+        created = header.effective_time or document.created_at
+        legal = _cda_author(lot, header.legal_authenticator) if header.legal_authenticator else author
+    elif document.kind == KIND_REPORT:
         report = lot.reports.get(document.report_id or 0)
         cda = str((report.published or {}).get("cda", "")) if report is not None else ""
         if report is None or not cda:
             raise PermanentFailure(f"report {document.report_id} has no published CDA")
         content = cda.encode("utf-8")
-        mime, title = "text/xml", "Compte rendu d'imagerie médicale"
+        mime = "text/xml"
         codes = (REPORT_CLASS, REPORT_TYPE, REPORT_FORMAT_STRUCTURED)
         created = report.signed_at or report.updated_at
         legal = author
@@ -414,11 +516,11 @@ def _entry(
         confidentiality=confidentiality,
         healthcare_facility_type=facility,
         practice_setting=practice,
-        event_codes=_event_codes(request),
-        reference_ids=_reference_ids(lot, document.study_uid),
+        event_codes=_event_codes(lot),
+        reference_ids=_reference_ids(lot, document),
         creation_time=_aware(created),
-        service_start=_aware(exam_at) if exam_at else None,
-        service_stop=_aware(exam_at) if exam_at else None,
+        service_start=exam_start,
+        service_stop=exam_stop,
         language="fr-FR",
         author=author,
         legal_authenticator=legal,
@@ -493,7 +595,7 @@ def publish_lot(ctx: AppContext, job: ClaimedJob) -> None:
         return
     try:
         with ctx.db.reading() as session:
-            lot = _read_lot(session, ids)
+            lot = _read_lot(session, ids, ctx.store)
     except _Wait as wait:
         with ctx.db.unit_of_work() as session:
             _set_state(session, ids, DMP_WAITING, str(wait))
@@ -587,7 +689,7 @@ def withdraw_one(ctx: AppContext, document_id: int, action: str) -> None:
     new version of its metadata masked to professionals (``MASQUE_PS``); the entry's state follows."""
     try:
         with ctx.db.reading() as session:
-            lot = _read_lot(session, [document_id], states=(DMP_PUBLISHED,))
+            lot = _read_lot(session, [document_id], ctx.store, states=(DMP_PUBLISHED,))
     except _Wait as wait:
         raise PermanentFailure(str(wait)) from None
     if lot is None:

@@ -1,12 +1,13 @@
 """DMP publication on an organisation's behalf (DESIGN.md §8; IHE ITI TF-2b §3.41 ITI-41, DMP TD0.2).
 
-The trigger is a report signed in simral (ANS Téléradiologie flux 5): once the report's own
+The first trigger is a report signed in simral (ANS Téléradiologie flux 5): once the report's own
 publication (CDA, PDF, Encapsulated PDF, ORU^R01) is done, :func:`enqueue_for_report` adds, in the
 same transaction, a document entry for the report version and — first time, or when the study's
 images changed since the last one — one for a new KOS manifest version, then queues one
-``dmp.publish`` job for both (DESIGN.md §5: durable, retried, idempotent). Only organisations that
-chose it (:class:`~simral.dmp.models.DmpOrganisation`) are published for: the requesting site owns
-the report's lifecycle (DESIGN.md §7).
+``dmp.publish`` job for both (DESIGN.md §5: durable, retried, idempotent). The second is a report
+received from the site's RIS as a CDA in HL7 v2 (:mod:`simral.dmp.received`), queued the same way.
+Only organisations that chose it (:class:`~simral.dmp.models.DmpOrganisation`) are published for:
+the requesting site owns the report's lifecycle (DESIGN.md §7).
 
 The job (:func:`publish_documents`) publishes only when the patient's INS is QUAL (DESIGN.md §6);
 otherwise, or when TD0.2 says the patient has no DMP or access is not authorised, the documents
@@ -40,6 +41,7 @@ from simral.dmp.models import (
     DMP_WAITING,
     KIND_MANIFEST,
     KIND_REPORT,
+    SOURCE_SIMRAL,
     DmpDocument,
     DmpOrganisation,
 )
@@ -294,6 +296,11 @@ def refresh_manifests(session: Session, *, quiet_since: datetime) -> int:
         published.updated_at = now
         if replacement is None:
             continue
+        # The same patient and exam as the version it replaces (a RIS report's manifest has no request).
+        replacement.identity_id = published.identity_id
+        replacement.source = published.source
+        replacement.accession_number = published.accession_number
+        replacement.accession_authority = published.accession_authority
         session.add(replacement)
         session.flush()
         if _enqueue(session, [replacement]) is not None:
@@ -314,10 +321,14 @@ def _enqueue(session: Session, documents: list[DmpDocument]) -> int | None:
 
 
 def _resumable() -> Any:
+    # The document's own identity (a report received from a RIS), else its request's.
     return (
         select(DmpDocument)
-        .join(ImagingRequest, ImagingRequest.id == DmpDocument.request_id)
-        .join(PatientIdentity, PatientIdentity.id == ImagingRequest.identity_id)
+        .outerjoin(ImagingRequest, ImagingRequest.id == DmpDocument.request_id)
+        .join(
+            PatientIdentity,
+            PatientIdentity.id == func.coalesce(DmpDocument.identity_id, ImagingRequest.identity_id),
+        )
         .where(
             DmpDocument.state == DMP_WAITING,
             DmpDocument.reason.in_(INS_REASONS),
@@ -336,11 +347,19 @@ def resume_waiting(session: Session) -> int:
     """Queue again the documents that wait for a qualified INS whose identity is now QUAL; the
     number of jobs queued."""
     waiting = list(session.scalars(_resumable().order_by(DmpDocument.id)))
-    by_request: dict[int | None, list[DmpDocument]] = {}
+    # One submission per patient, study and source, as they were queued.
+    lots: dict[tuple[str, str, str, int | None, int | None], list[DmpDocument]] = {}
     for document in waiting:
-        by_request.setdefault(document.request_id, []).append(document)
+        key = (
+            document.organisation_code,
+            document.study_uid,
+            document.source,
+            document.request_id,
+            document.identity_id,
+        )
+        lots.setdefault(key, []).append(document)
     queued = 0
-    for documents in by_request.values():
+    for documents in lots.values():
         for document in documents:
             document.state = DMP_PENDING
             document.reason = ""
@@ -430,6 +449,8 @@ class DocumentStatus:
     replaces_entry_uuid: str
     published_at: datetime | None
     updated_at: datetime
+    #: ``simral`` (a report signed here) or ``ris:<name>`` (a report received from the site's RIS).
+    source: str = SOURCE_SIMRAL
 
 
 def statuses(
@@ -473,6 +494,7 @@ def statuses(
             replaces_entry_uuid=replaced.get(row.replaces_id, "") if row.replaces_id else "",
             published_at=row.published_at,
             updated_at=row.updated_at,
+            source=row.source,
         )
         for row in rows
     ]

@@ -491,10 +491,11 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
             )
             if header.message_type == "ADT":
                 apply(feed, message, header.event)
-            else:  # imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI), their documents
-                from simral.hl7 import orders
+            else:  # reports for the DMP; imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI)
+                from simral.hl7 import orders, report_flow
 
-                orders.apply(feed, message, header)
+                if not report_flow.apply(feed, message, header):
+                    orders.apply(feed, message, header)
             ack = build_ack(header, "AA", application=application, facility=facility)
             patients.record_message(
                 session,
@@ -551,8 +552,9 @@ def _without_encapsulated_data(text: str, enc: Encoding) -> str:
         if len(fields) < 6 or fields[2] != "ED" or len(fields[5]) <= KEPT_ED_CHARACTERS:
             continue
         parts = fields[5].split(enc.component)
-        if len(parts) >= 5:
-            parts[4] = f"[{len(parts[4])} characters not kept]"
+        data = 4 if len(parts) >= 5 else 0 if len(parts) == 1 else -1  # ED.5, or bare base64 (DRIMbox)
+        if data >= 0:
+            parts[data] = f"[{len(parts[data])} characters not kept]"
             fields[5] = enc.component.join(parts)
             segments[i] = enc.field.join(fields)
     return "\r".join(segments)
@@ -568,9 +570,16 @@ def _parse(text: str, header: Header) -> Message:
         # A document for a request (CI-SIS "Transmission de documents CDA-R2 en HL7 v2").
         if header.event != "R01":
             raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORU^R01)", "MSH^1^9")
+    elif header.message_type == "MDM":
+        # A report for the DMP (CI-SIS CDA-R2 in HL7 v2: T02 original, T10 replacement).
+        if header.event not in ("T02", "T10"):
+            raise Rejected("AR", "201", f"unsupported event {header.event!r} (MDM^T02, MDM^T10)", "MSH^1^9")
     elif header.message_type != "ADT":
         raise Rejected(
-            "AR", "200", f"unsupported message type {header.message_type!r} (ADT, ORM, OMI)", "MSH^1^9"
+            "AR",
+            "200",
+            f"unsupported message type {header.message_type!r} (ADT, ORM, OMI, ORU, MDM)",
+            "MSH^1^9",
         )
     elif header.event not in SUPPORTED_EVENTS:
         events = ", ".join(sorted(SUPPORTED_EVENTS))
