@@ -327,6 +327,21 @@ def _study_organisations(session: Session, study_uid: str) -> list[str] | None:
     return None if holders is None else holders[1]
 
 
+def _patient_organisations(session: Session, identity: PatientIdentity) -> list[str]:
+    """The organisations whose records a patient hold concerns: the one assigning the identifier,
+    and those holding a study of the identity's person."""
+    owner = session.scalar(
+        select(AssigningAuthority.organisation_code).where(AssigningAuthority.id == identity.authority_id)
+    )
+    person = patients.effective_identity(session, identity).person_id
+    holding = session.scalars(
+        select(StudyOrganisation.organisation_code)
+        .distinct()
+        .where(StudyOrganisation.study_pk.in_(patients.person_study_pks(session, person)))
+    )
+    return sorted({*holding, *([owner] if owner else [])})
+
+
 def _may_hold_study(principal: Principal, organisations: Iterable[str]) -> bool:
     return may_manage_retention(principal) or any(may_manage_retention(principal, o) for o in organisations)
 
@@ -359,10 +374,7 @@ def add_hold(
         identity = patients.get_identity(session, local_id=patient_id, authority=authority)
         if identity is None:
             raise LifecycleError(f"unknown patient identifier in authority {authority.label}")
-        owner = session.scalar(
-            select(AssigningAuthority.organisation_code).where(AssigningAuthority.id == identity.authority_id)
-        )
-        if not _may_hold_study(principal, [owner] if owner else []):
+        if not _may_hold_study(principal, _patient_organisations(session, identity)):
             raise AccessDenied(f"{principal.audit_name} may not hold this patient's records")
         hold = LegalHold(target=HOLD_PATIENT, identity_id=identity.id)
         patient_ref = (identity.local_id, authority.label)
@@ -392,16 +404,7 @@ def remove_hold(session: Session, hold_id: int, *, reason: str, principal: Princ
         organisations = _study_organisations(session, hold.study_uid) or []
     else:
         identity = session.get(PatientIdentity, hold.identity_id)
-        owner = (
-            session.scalar(
-                select(AssigningAuthority.organisation_code).where(
-                    AssigningAuthority.id == identity.authority_id
-                )
-            )
-            if identity is not None
-            else None
-        )
-        organisations = [owner] if owner else []
+        organisations = _patient_organisations(session, identity) if identity is not None else []
     if not _may_hold_study(principal, organisations):
         raise AccessDenied(f"{principal.audit_name} may not lift legal hold {hold_id}")
     hold.released_at = utcnow()
