@@ -24,6 +24,7 @@ from simral.dmp import service as dmp
 from simral.dmp.publication import publish_documents, withdraw_documents
 from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
+from simral.lifecycle import service as lifecycle
 from simral.reading import tasks as reading_tasks
 from simral.reading.publication import REPORT_PUBLISH, publish_report
 from simral.sharing import service as sharing
@@ -104,6 +105,7 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             REPORT_PUBLISH: publish_report,
             dmp.DMP_PUBLISH: publish_documents,
             dmp.DMP_WITHDRAW: withdraw_documents,
+            lifecycle.LIFECYCLE_DELETE: lifecycle.run_deletions,
         },
         lease=timedelta(seconds=ctx.settings.job_lease_seconds),
     )

@@ -178,6 +178,13 @@ def may_manage(principal: Principal, organisation: str | None = None) -> bool:
     return organisation is not None and "site-admin" in principal.roles(organisation)
 
 
+def may_manage_retention(principal: Principal, organisation: str = "") -> bool:
+    """Whether ``principal`` may set retention policies, place or lift legal holds, review and
+    approve deletions of ``organisation``'s records (CSP R.1112-7): its site administrators,
+    regional administrators and the platform itself; regional records (``""``) only the latter two."""
+    return may_manage(principal, organisation or None)
+
+
 def may_manage_identities(principal: Principal) -> bool:
     """Whether ``principal`` may merge, link, unlink or rename patient identities and resolve
     identity-vigilance cases: the platform itself (CLI, the HL7 identity feed) and administrators."""

@@ -19,6 +19,7 @@ from sqlalchemy import ColumnElement, Select, and_, false, or_, select, union
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from simral.access.policy import AccessDenied, Principal, may_query, visible_studies
+from simral.archive.counts import not_rejected
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.dicom.matching import Match, parse_match, wildcard_to_like
 from simral.patients import crossref
@@ -240,9 +241,9 @@ def plan(identifier: Dataset, *, model: Model = "STUDY", fuzzy_names: bool = Fal
                 "\\".join(str(v) for v in element.value) if element.VM > 1 else str(element.value), vr
             )
             if match.kind != "universal":
-                member = select(Series.study_pk)
+                member = select(Series.study_pk).where(Series.num_instances > 0)
                 if column.class_ is Instance:
-                    member = member.join(Instance, Instance.series_pk == Series.id)
+                    member = member.join(Instance, Instance.series_pk == Series.id).where(not_rejected())
                 conditions.append(Study.id.in_(member.where(_column_clause(column, match, vr))))
             continue
         if keyword in COMPUTED:
@@ -308,21 +309,34 @@ def _issuer_universal_id(identifier: Dataset) -> str:
 
 
 def _base_query(level: Level) -> Select:
+    """The rows a level matches, without what IOCM rejection notes rejected (IHE RAD-66): rejected
+    instances, and series or studies left with none (their counts exclude rejected instances)."""
     if level == "PATIENT":
-        return select(Patient).join(Study, Study.patient_pk == Patient.id).distinct()
+        return (
+            select(Patient)
+            .join(Study, Study.patient_pk == Patient.id)
+            .where(Study.num_instances > 0)
+            .distinct()
+        )
     if level == "STUDY":
-        return select(Study, Patient).join(Patient, Patient.id == Study.patient_pk)
+        return (
+            select(Study, Patient)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Study.num_instances > 0)
+        )
     if level == "SERIES":
         return (
             select(Series, Study, Patient)
             .join(Study, Study.id == Series.study_pk)
             .join(Patient, Patient.id == Study.patient_pk)
+            .where(Series.num_instances > 0)
         )
     return (
         select(Instance, Series, Study, Patient)
         .join(Series, Series.id == Instance.series_pk)
         .join(Study, Study.id == Series.study_pk)
         .join(Patient, Patient.id == Study.patient_pk)
+        .where(not_rejected())
     )
 
 

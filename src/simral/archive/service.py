@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from sqlalchemy import Select, Table, bindparam, insert, select, update
+from sqlalchemy import Select, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,14 +33,18 @@ from simral.access.policy import (
     visible_series,
     visible_studies,
 )
+from simral.archive.counts import not_rejected, recount_patient, recount_study
 from simral.archive.models import Blob, ChangeEvent, Instance, Patient, Series, Study, StudyOrganisation
 from simral.audit import service as audit
 from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dicom.header import Header, RejectedInstance, read_header
 from simral.dicom.matching import normalise_tm
+from simral.lifecycle import rejection
+from simral.lifecycle.models import RejectedInstance as RejectedRow
 from simral.patients import crossref
 from simral.patients import service as patients
+from simral.patients.models import StudyIdentity
 from simral.storage.base import StoredBlob, sha256_of_file
 from simral.storage.staging import Staging
 
@@ -464,6 +468,15 @@ class HierarchyCache:
         with self._lock:
             return (study_pk, organisation) in self._links
 
+    def forget(self, series_uids: Iterable[str]) -> None:
+        """Drop deleted series (their rows are gone: the next instance places itself again)."""
+        with self._lock:
+            for uid in series_uids:
+                dropped = self._series.pop(uid, None)
+                if dropped is not None:
+                    self._sop_classes.pop(dropped.study_pk, None)
+                    self._links = {link for link in self._links if link[0] != dropped.study_pk}
+
     def remember(self, placement: Placement, sop_class: str, organisation: str = "") -> None:
         with self._lock:
             self._series[placement.series_uid] = placement
@@ -702,6 +715,11 @@ def _index(
         )
     _audit_store(session, header, principal=principal, source=source, replaced=False)
     record_change(session, "created", header.study_uid, header.series_uid, header.sop_uid, now=now)
+    if header.sop_class_uid == rejection.KOS_SOP_CLASS:
+        # IHE IOCM (RAD-66): a rejection note hides what it references, in this transaction.
+        rejection.apply_rejection_note(
+            session, meta=json_model, note_sop_uid=header.sop_uid, principal=principal
+        )
     return placement, None
 
 
@@ -863,6 +881,7 @@ def instances_query(principal: Principal) -> Select:
         .join(Series, Series.id == Instance.series_pk)
         .join(Study, Study.id == Series.study_pk)
         .join(Patient, Patient.id == Study.patient_pk)
+        .where(not_rejected())
     )
     return visible_series(principal, visible_studies(principal, query))
 
@@ -1000,7 +1019,8 @@ def instances_metadata(
             principal,
             select(Series.series_uid, Instance.sop_uid, Instance.transfer_syntax_uid, Instance.meta)
             .join(Series, Series.id == Instance.series_pk)
-            .join(Study, Study.id == Series.study_pk),
+            .join(Study, Study.id == Series.study_pk)
+            .where(not_rejected()),
         ),
     )
     query = _scope(query, study_uid, series_uid, sop_uid).order_by(
@@ -1084,7 +1104,9 @@ def get_study(session: Session, *, principal: Principal, study_uid: str) -> Stud
     if row is None:
         return None
     series = session.scalars(
-        select(Series).where(Series.study_pk == row[0].id).order_by(Series.series_number, Series.id)
+        select(Series)
+        .where(Series.study_pk == row[0].id, Series.num_instances > 0)
+        .order_by(Series.series_number, Series.id)
     )
     return StudySummary(row[0], row[1], list(series))
 
@@ -1103,3 +1125,84 @@ def study_holders(session: Session, study_uid: str) -> tuple[str, list[str]] | N
         select(StudyOrganisation.organisation_code).where(StudyOrganisation.study_pk == found[0])
     )
     return found[1], sorted(codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deletion (reviewed retention deletion: simral.lifecycle.service)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What :func:`delete_instances` removed from the index; the caller deletes ``blob_keys``
+    from the store once the transaction committed."""
+
+    study_uid: str
+    instances: int
+    blob_keys: list[str]
+    series_uids: list[str]
+    study_deleted: bool
+    patient_id: str
+    patient_issuer: str
+
+
+def delete_instances(session: Session, *, study_uid: str, sop_uids: Sequence[str] | None = None) -> Deletion:
+    """Remove a study's instances (all, or ``sop_uids``) from the index, in the caller's transaction:
+    instance and blob rows, emptied series, the study and its organisation links when nothing is
+    left, the archive's patient row when it has no study left; each removed instance is a
+    ``deleted`` entry of the change feed. Counts are recomputed. Idempotent: a study or instance
+    already gone is skipped. Not a policy decision: the caller checked who may and whether it may.
+    """
+    now = utcnow()
+    found = session.execute(
+        select(Study.id, Study.patient_pk, Patient.patient_id, Patient.issuer)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(Study.study_uid == study_uid)
+    ).first()
+    if found is None:
+        return Deletion(study_uid, 0, [], [], False, "", "")
+    study_pk, patient_pk, patient_id, issuer = found
+    query = (
+        select(Instance.id, Instance.sop_uid, Series.series_uid, Blob.key)
+        .join(Series, Series.id == Instance.series_pk)
+        .outerjoin(Blob, Blob.instance_pk == Instance.id)
+        .where(Series.study_pk == study_pk)
+    )
+    if sop_uids is not None:
+        query = query.where(Instance.sop_uid.in_(sorted(sop_uids)))
+    rows = session.execute(query).all()
+    instance_pks = [row[0] for row in rows]
+    keys = [row[3] for row in rows if row[3]]
+    for start in range(0, len(instance_pks), 500):
+        chunk = instance_pks[start : start + 500]
+        session.execute(delete(RejectedRow).where(RejectedRow.instance_pk.in_(chunk)))
+        session.execute(delete(Blob).where(Blob.instance_pk.in_(chunk)))
+        session.execute(delete(Instance).where(Instance.id.in_(chunk)))
+    emptied = list(
+        session.scalars(
+            select(Series.series_uid).where(
+                Series.study_pk == study_pk,
+                ~select(Instance.id).where(Instance.series_pk == Series.id).exists(),
+            )
+        )
+    )
+    session.execute(delete(Series).where(Series.series_uid.in_(emptied)))
+    study_deleted = session.scalar(select(Series.id).where(Series.study_pk == study_pk).limit(1)) is None
+    if study_deleted:
+        session.execute(delete(StudyOrganisation).where(StudyOrganisation.study_pk == study_pk))
+        session.execute(delete(StudyIdentity).where(StudyIdentity.study_pk == study_pk))
+        session.execute(delete(Study).where(Study.id == study_pk))
+        if session.scalar(select(Study.id).where(Study.patient_pk == patient_pk).limit(1)) is None:
+            session.execute(delete(Patient).where(Patient.id == patient_pk))
+        else:
+            recount_patient(session, patient_pk)
+    else:
+        recount_study(session, study_pk)
+    for _, sop_uid, series_uid, _key in rows:
+        record_change(session, "deleted", study_uid, series_uid, sop_uid, now=now)
+    return Deletion(study_uid, len(rows), keys, emptied, study_deleted, patient_id, issuer)
+
+
+def delete_blobs(ctx: AppContext, keys: Iterable[str]) -> None:
+    """Delete blobs from the store after the index stopped referencing them (a missing one is fine)."""
+    for key in keys:
+        ctx.store.delete(key)

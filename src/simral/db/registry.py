@@ -6,6 +6,7 @@ from simral.db.base import Base
 from simral.dmp import models as dmp_models
 from simral.identity import models as identity_models
 from simral.jobs import models as jobs_models
+from simral.lifecycle import models as lifecycle_models
 from simral.nodes import models as nodes_models
 from simral.patients import models as patients_models
 from simral.reading import models as reading_models
@@ -18,6 +19,7 @@ __all__ = [
     "dmp_models",
     "identity_models",
     "jobs_models",
+    "lifecycle_models",
     "nodes_models",
     "patients_models",
     "reading_models",

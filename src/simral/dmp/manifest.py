@@ -15,7 +15,8 @@ titled (113030, DCM, "Manifest") (PS3.16 CID 7010, template TID 2010), built wit
 What is listed: every instance of the study, except
 
 - the manifests themselves (title 113030, ours or anyone's) and IHE IOCM rejection notes (KOS
-  titled with a CID 7011 code) together with the instances they reject: those are withdrawn;
+  titled with a CID 7011 code) together with the instances they reject (the rejection rule of
+  :mod:`simral.lifecycle.rejection`, applied by every read path): those are withdrawn;
 - the Encapsulated PDF of simral's own reports (:data:`simral.reading.publication.PUBLISHER_NAME`).
   The report is published to the DMP as its own document (CR-IMG CDA, classCode 10; DESIGN.md §8)
   and linked to the KOS entry through referenceIdList; XDS-I.b and DRIM-M make the KOS the
@@ -36,7 +37,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 from pydicom import Dataset
@@ -48,8 +48,10 @@ from sqlalchemy.orm import Session
 
 from simral.access.policy import Principal, visible_studies
 from simral.archive import service as archive
+from simral.archive.counts import not_rejected
 from simral.archive.models import Instance, Series, Study
 from simral.context import AppContext
+from simral.lifecycle.rejection import document_title, rejection_code
 from simral.patients.search import ins_namespace
 from simral.reading.pdf import dataset_bytes
 from simral.reading.publication import PUBLISHER_NAME as REPORT_PUBLISHER
@@ -60,22 +62,11 @@ KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 MANIFEST_PUBLISHER = "dmp-manifest"
 #: Series Number of the manifest series (beside the report series, 9000).
 MANIFEST_SERIES_NUMBER = 9001
-#: Document titles of IHE IOCM rejection notes (PS3.16 CID 7011 "Rejected for" codes).
-REJECTION_TITLES = frozenset({"113001", "113037", "113038", "113039"})
 #: Title of a manifest (PS3.16 CID 7010).
 MANIFEST_TITLE = "113030"
 
 #: The system principal of the manifest job (reads every study; stores for the organisation).
 MANIFEST_READER = Principal(kind="system", name=MANIFEST_PUBLISHER, archive_wide=True, via="job")
-
-# DICOM JSON tags (PS3.18 F.2) read from the index's headers of KOS instances.
-_CONCEPT_NAME = "0040A043"
-_CODE_VALUE = "00080100"
-_CODING_SCHEME = "00080102"
-_EVIDENCE = "0040A375"
-_REFERENCED_SERIES = "00081115"
-_REFERENCED_SOP = "00081199"
-_REFERENCED_SOP_INSTANCE = "00081155"
 
 
 class ManifestError(ValueError):
@@ -174,27 +165,6 @@ def manifest_uids(study_uid: str, version: int) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ reading the index
 
 
-def _kos_title(meta: Mapping[str, Any]) -> tuple[str, str]:
-    """(code value, scheme) of a KOS's document title, from its DICOM JSON header."""
-    items = (meta.get(_CONCEPT_NAME) or {}).get("Value") or []
-    if not items:
-        return "", ""
-    first = items[0]
-    value = (first.get(_CODE_VALUE) or {}).get("Value") or [""]
-    scheme = (first.get(_CODING_SCHEME) or {}).get("Value") or [""]
-    return str(value[0]), str(scheme[0])
-
-
-def _kos_references(meta: Mapping[str, Any]) -> set[str]:
-    """SOP Instance UIDs listed in a KOS's Current Requested Procedure Evidence (DICOM JSON)."""
-    found: set[str] = set()
-    for study in (meta.get(_EVIDENCE) or {}).get("Value") or []:
-        for series in (study.get(_REFERENCED_SERIES) or {}).get("Value") or []:
-            for sop in (series.get(_REFERENCED_SOP) or {}).get("Value") or []:
-                found.update(str(uid) for uid in (sop.get(_REFERENCED_SOP_INSTANCE) or {}).get("Value") or [])
-    return found
-
-
 def manifest_content(
     session: Session,
     study_uid: str,
@@ -226,7 +196,7 @@ def manifest_content(
             Instance.id,
         )
         .join(Series, Series.id == Instance.series_pk)
-        .where(Series.study_pk == study.id)
+        .where(Series.study_pk == study.id, not_rejected())
         .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
     ).all()
     _, manifest_series = manifest_uids(study_uid, 1)
@@ -235,14 +205,11 @@ def manifest_content(
     if kos_ids:
         notes = select(Instance.sop_uid, Instance.meta).where(Instance.id.in_(kos_ids))
         for sop_uid, meta in session.execute(notes):
-            value, scheme = _kos_title(meta or {})
-            if scheme != "DCM":
-                continue
-            if value == MANIFEST_TITLE:
+            value, scheme = document_title(meta or {})
+            # Manifests, and IHE IOCM rejection notes (what they reject is already left out by
+            # the lifecycle's ``not_rejected`` predicate, the rule every read path applies).
+            if (scheme == "DCM" and value == MANIFEST_TITLE) or rejection_code(meta or {}) is not None:
                 withdrawn.add(sop_uid)
-            elif value in REJECTION_TITLES:  # IHE IOCM: the note and what it rejects
-                withdrawn.add(sop_uid)
-                withdrawn |= _kos_references(meta or {})
     listed: dict[str, tuple[str, list[ManifestInstance]]] = {}
     for row in rows:
         if (

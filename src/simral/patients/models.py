@@ -120,6 +120,8 @@ class PatientIdentity(Base):
     birth_date: Mapped[str] = mapped_column(String(8), default="")
     #: INSEE code of the birth place (commune, or 99xxx for a country).
     birth_place_code: Mapped[str] = mapped_column(String(5), default="")
+    #: YYYYMMDD when the patient is known to have died (retention: CSP R.1112-7, ten years after).
+    death_date: Mapped[str] = mapped_column(String(8), default="")
     # -- other traits --
     used_name: Mapped[str] = mapped_column(String(100), default="")
     used_given_name: Mapped[str] = mapped_column(String(100), default="")

@@ -15,6 +15,7 @@ from simral.dicomweb.api import mount_dicomweb
 from simral.dicomweb.wado_uri import mount_wado_uri
 from simral.dicomweb.workitems import mount_workitems
 from simral.fhir.api import mount_fhir
+from simral.lifecycle.api import mount_lifecycle_api
 from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
@@ -65,6 +66,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
         return {"version": __version__, "ae_title": ctx.settings.ae_title, **counts}
 
     mount_archive_api(web, ctx)
+    mount_lifecycle_api(web, ctx)
     mount_dicomweb(web, ctx)
     mount_wado_uri(web, ctx)
     mount_workitems(web, ctx)
