@@ -8,6 +8,7 @@ from simral.identity import models as identity_models
 from simral.jobs import models as jobs_models
 from simral.nodes import models as nodes_models
 from simral.patients import models as patients_models
+from simral.preservation import models as preservation_models
 from simral.reading import models as reading_models
 from simral.sharing import models as sharing_models
 
@@ -20,6 +21,7 @@ __all__ = [
     "jobs_models",
     "nodes_models",
     "patients_models",
+    "preservation_models",
     "reading_models",
     "sharing_models",
 ]
