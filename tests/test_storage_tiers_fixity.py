@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select, update
 from tests.corpus import ct_series
@@ -379,6 +380,39 @@ def test_tier_move_keeps_blobs_readable(
     # The fixity sweep reads them from S3, and `simral check` knows where each blob is.
     report = fixity.sweep(ctx, limit=100)
     assert report.intact == report.checked == len(files) and not report.alarms
+    assert check(ctx).clean
+
+
+def test_replacing_a_moved_instance(ctx: AppContext, files: dict[str, Path], tmp_path: Path) -> None:
+    """New bytes for an instance now in the cold tier land in hot; the cold copy is dropped and the
+    replica follows (new copy verified, old one deleted)."""
+    sop = _study_sops(files, "moved")[0]
+    old = _blob(ctx, sop)
+    assert old.store == "cold"
+    dataset = dcmread(files[sop])
+    dataset.SeriesDescription = "AX 1.0 STANDARD (corrected)"
+    corrected = tmp_path / "corrected.dcm"
+    dataset.save_as(corrected, enforce_file_format=True)
+    ctx.settings.duplicate_policy = "replace"
+    try:
+        assert ingest_file(ctx, corrected, principal=SYSTEM, source="test").outcome == "replaced"
+    finally:
+        ctx.settings.duplicate_policy = "keep-first"
+    new = _blob(ctx, sop)
+    assert (new.store, new.tier, new.verified_at) == ("hot", "hot", None) and new.key != old.key
+    assert not ctx.stores["cold"].exists(old.key)
+    assert _read(ctx, new.key) == corrected.read_bytes()
+    with ctx.db.unit_of_work() as session:
+        assert replication.follow_changes(session) == 1
+    _run_jobs(ctx)
+    replica = ctx.store_named("replica")
+    with ctx.db.reading() as session:
+        copy = replication.current_copy(session, new.id, "replica", new.sha256)
+        assert copy is not None and copy.key == new.key
+        assert replication.replica_counts(session, "replica").behind == 0
+    assert not replica.exists(old.key)
+    with replica.open(new.key) as stream:
+        assert stream.read() == corrected.read_bytes()
     assert check(ctx).clean
 
 
