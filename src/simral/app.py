@@ -1,4 +1,4 @@
-"""Opening the platform's resources: data folder, database (migrated), blob store."""
+"""Opening the platform's resources: data folder, database (migrated), blob stores."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ from simral.config import Settings
 from simral.context import AppContext
 from simral.db.engine import Database
 from simral.db.migrate import upgrade
-from simral.storage.factory import open_store
+from simral.storage.factory import DEFAULT_STORE, open_stores
 
 log = logging.getLogger(__name__)
 
 
 def open_app(settings: Settings, *, migrate: bool = True) -> AppContext:
-    """Create the data folder, open and migrate the database, open the blob store."""
+    """Create the data folder, open and migrate the database, open the blob stores."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / "tmp").mkdir(exist_ok=True)
     db = Database(settings.effective_database_url)
     if migrate:
         upgrade(db.engine)
-    store = open_store(settings)
-    return AppContext(settings=settings, db=db, store=store)
+    stores = open_stores(settings)
+    return AppContext(settings=settings, db=db, store=stores[DEFAULT_STORE], stores=stores)
 
 
 def configure_logging(level: str) -> None:

@@ -8,6 +8,7 @@ maps to ``dicom_port``); in the environment it is ``SIMRAL_`` + the upper-cased 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import tomllib
@@ -33,6 +34,25 @@ class Settings:
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
     s3_prefix: str = ""
+    # --- storage tiers, replication and fixity (simral.preservation) ---
+    #: More named blob stores, from TOML tables ``[stores.NAME]`` (``SIMRAL_STORES``: the same as
+    #: JSON): ``kind`` = ``filesystem`` (``root``, default ``data_dir/stores/NAME``) or ``s3``
+    #: (``endpoint_url``, ``bucket``, ``access_key``, ``secret_key``, ``region``, ``prefix``), and
+    #: ``tier`` (the label recorded in ``blob.tier``, default NAME). The store built from ``storage``
+    #: and ``s3_*`` above is named ``hot`` unless ``[stores.hot]`` is given.
+    stores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Name of the store every blob is copied to (asynchronously, verified); "" = no replica.
+    replica_store: str = ""
+    #: Every blob is re-hashed at least this often by the background sweep; 0 = no sweep.
+    fixity_interval_hours: float = 168.0
+    #: Blobs re-hashed per look of the sweep (a look every 30 s while some are due).
+    fixity_batch: int = 200
+    #: Minutes between two evaluations of the tier rules in a serving process; 0 = only
+    #: ``simral tiers run``.
+    tier_check_minutes: float = 60.0
+    #: Seconds a moved blob's source copy is kept after the switch (readers that took its
+    #: filesystem path finish first).
+    tier_purge_delay_seconds: float = 300.0
 
     ae_title: str = "SIMRAL"
     dicom_host: str = "0.0.0.0"
@@ -168,10 +188,17 @@ class Settings:
 
 
 _NESTED_ALIASES = {"database_url": ("database", "url")}
+#: Settings whose TOML table is kept whole (a mapping) rather than flattened into names.
+_MAPPING_SETTINGS = ("stores",)
 
 
 def _coerce(name: str, value: Any) -> Any:
     hint = get_type_hints(Settings)[name]
+    if name in _MAPPING_SETTINGS:
+        mapping = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
+            raise ValueError(f"setting {name}: expected a table of tables, got {value!r}")
+        return {str(k): dict(v) for k, v in mapping.items()}
     if hint is Path:
         return Path(value).expanduser()
     if hint is bool:
@@ -213,10 +240,14 @@ def load_settings(
     config_file = config_file or (Path(environ["SIMRAL_CONFIG"]) if environ.get("SIMRAL_CONFIG") else None)
     if config_file is not None:
         with open(config_file, "rb") as fh:
-            for name, value in _flatten(tomllib.load(fh)).items():
-                if name not in known:
-                    raise ValueError(f"{config_file}: unknown setting {name!r}")
-                values[name] = value
+            document = tomllib.load(fh)
+        for name in _MAPPING_SETTINGS:
+            if name in document:
+                values[name] = document.pop(name)
+        for name, value in _flatten(document).items():
+            if name not in known:
+                raise ValueError(f"{config_file}: unknown setting {name!r}")
+            values[name] = value
     for name in known:
         env_name = f"SIMRAL_{name.upper()}"
         if env_name in environ:

@@ -7,7 +7,8 @@ worker process runs both: claims and the router's cursor are taken under the dat
 they share the work without doing anything twice. A third thread keeps the reading tasks up to
 date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines); a fourth queues again the
 DMP documents that waited for a qualified INS and new manifest versions of studies whose images
-changed (:mod:`simral.dmp.service`).
+changed (:mod:`simral.dmp.service`); a fifth drives storage tiers, replication and the fixity
+sweep (:mod:`simral.preservation.background`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from simral.dmp.publication import publish_documents, withdraw_documents
 from simral.hl7.client import HL7_SEND, send_hl7
 from simral.jobs.runner import JobRunner
 from simral.lifecycle import service as lifecycle
+from simral.preservation import background as preservation
 from simral.reading import tasks as reading_tasks
 from simral.reading.publication import REPORT_PUBLISH, publish_report
 from simral.sharing import service as sharing
@@ -106,6 +108,7 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             dmp.DMP_PUBLISH: publish_documents,
             dmp.DMP_WITHDRAW: withdraw_documents,
             lifecycle.LIFECYCLE_DELETE: lifecycle.run_deletions,
+            **preservation.HANDLERS,
         },
         lease=timedelta(seconds=ctx.settings.job_lease_seconds),
     )
@@ -113,4 +116,5 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     threading.Thread(target=_router_loop, args=(ctx, runner, stop), daemon=True, name="router").start()
     threading.Thread(target=_reading_loop, args=(ctx, stop), daemon=True, name="reading-tasks").start()
     threading.Thread(target=_dmp_loop, args=(ctx, runner, stop), daemon=True, name="dmp-waiting").start()
+    preservation.start(ctx, runner, stop)
     return runner

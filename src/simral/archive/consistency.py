@@ -1,9 +1,16 @@
-"""Index ↔ blob store consistency (DESIGN.md §3: orphans swept by ``simral check``)."""
+"""Index ↔ blob store consistency (DESIGN.md §3: orphans swept by ``simral check``).
+
+With several stores (storage tiers) each indexed blob is checked in the store ``blob.store`` names;
+a key found in a store while the index puts it in another is a superseded copy (a moved blob's
+source waiting for its purge job): listed, deleted by ``--repair``, not a problem. The replica
+store is left to the replication jobs and the fixity sweep (:mod:`simral.preservation`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -12,7 +19,7 @@ from simral.archive.service import recover_staged
 from simral.context import AppContext
 from simral.dmp import received as received_reports
 from simral.reading import documents as request_documents
-from simral.storage.base import sha256_of_stream
+from simral.storage.base import BlobStore, sha256_of_stream
 from simral.storage.filesystem import FilesystemStore
 
 
@@ -25,6 +32,8 @@ class CheckReport:
     orphans: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     temporaries: list[str] = field(default_factory=list)
+    #: ``store:key`` of copies whose blob the index puts in another store.
+    superseded: list[str] = field(default_factory=list)
     repaired: int = 0
 
     @property
@@ -48,15 +57,15 @@ def check(
         # Finish interrupted ingests first: indexed staged blobs are published, the rest dropped.
         published, deleted = recover_staged(ctx)
         report.repaired += published + deleted
-    indexed: set[str] = set()
+    indexed: dict[str, str] = {}
 
-    def verify(key: str, size: int, sha256: str) -> None:
-        indexed.add(key)
+    def verify(key: str, size: int, sha256: str, store_name: str) -> None:
+        indexed[key] = store_name
         report.checked += 1
         if progress is not None:
             progress()
         try:
-            with ctx.store.open(key) as stream:
+            with ctx.store_named(store_name).open(key) as stream:
                 if verify_hashes:
                     actual_sha, actual_size = sha256_of_stream(stream)
                     if actual_sha != sha256 or actual_size != size:
@@ -70,29 +79,40 @@ def check(
                 raise
 
     with ctx.db.reading() as session:
-        for key, size, sha256 in session.execute(select(Blob.key, Blob.size, Blob.sha256)):
-            verify(key, size, sha256)
-        # Documents attached to imaging requests live in the same store (``documents/…``).
+        for key, size, sha256, store_name in session.execute(
+            select(Blob.key, Blob.size, Blob.sha256, Blob.store)
+        ):
+            verify(key, size, sha256, store_name)
+        # Documents attached to imaging requests live in the default store (``documents/…``).
         for key, size, sha256 in request_documents.indexed_blobs(session):
-            verify(key, size, sha256)
+            verify(key, size, sha256, ctx.store.name)
         # Reports received from a RIS for the DMP, as received (``documents/dmp/…``).
         for key, size, sha256 in received_reports.indexed_blobs(session):
-            verify(key, size, sha256)
-    for key in ctx.store.iter_keys():
-        if key not in indexed and not key.startswith(".scratch/"):
-            report.orphans.append(key)
-    if isinstance(ctx.store, FilesystemStore):
-        report.temporaries = [str(p) for p in ctx.store.leftover_temporaries()]
-    else:
+            verify(key, size, sha256, ctx.store.name)
+    stores = list(ctx.stores.values()) if ctx.stores else [ctx.store]
+    unindexed: list[tuple[BlobStore, str]] = []
+    for store in stores:
+        if store.name == ctx.settings.replica_store:
+            continue
+        for key in store.iter_keys():
+            if key.startswith(".scratch/") or indexed.get(key) == store.name:
+                continue
+            unindexed.append((store, key))
+            if key in indexed:
+                report.superseded.append(f"{store.name}:{key}")
+            else:
+                report.orphans.append(key if store is ctx.store else f"{store.name}:{key}")
+    if not isinstance(ctx.store, FilesystemStore):
         report.temporaries = [str(p) for p in ctx.store.scratch_dir().iterdir() if p.is_file()]
+    for store in stores:
+        if isinstance(store, FilesystemStore):
+            report.temporaries += [str(p) for p in store.leftover_temporaries()]
     if repair:
-        for key in report.orphans:
-            ctx.store.delete(key)
+        for store, key in unindexed:
+            store.delete(key)
             report.repaired += 1
-        from pathlib import Path
-
         for name in report.temporaries:
             Path(name).unlink(missing_ok=True)
             report.repaired += 1
-        report.orphans, report.temporaries = [], []
+        report.orphans, report.temporaries, report.superseded = [], [], []
     return report

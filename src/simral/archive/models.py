@@ -134,7 +134,8 @@ class Blob(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     tier: Mapped[str] = mapped_column(String(16), default="hot")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When the fixity sweep last re-hashed the bytes and found them intact (simral.preservation).
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
     instance: Mapped[Instance] = relationship(back_populates="blob")
 

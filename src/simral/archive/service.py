@@ -45,7 +45,7 @@ from simral.lifecycle.models import RejectedInstance as RejectedRow
 from simral.patients import crossref
 from simral.patients import service as patients
 from simral.patients.models import StudyIdentity
-from simral.storage.base import StoredBlob, sha256_of_file
+from simral.storage.base import BlobStore, StoredBlob, sha256_of_file
 from simral.storage.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,11 @@ def _finish(
         log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
     outcome: Outcome = "stored"
     if replaced is not None:
-        with contextlib.suppress(Exception):
-            ctx.store.delete(replaced)
+        # The replaced bytes may have moved to another tier: drop them wherever they are.
+        for store in ctx.stores.values() if ctx.stores else (ctx.store,):
+            if store.name != ctx.settings.replica_store:
+                with contextlib.suppress(Exception):
+                    store.delete(replaced)
         outcome = "replaced"
     return IngestResult.of(header, outcome, 0x0000)
 
@@ -651,11 +654,14 @@ def _index(
                 update(Blob)
                 .where(Blob.instance_pk == old[0])
                 .values(
+                    store=store_name,
                     key=stored.key,
                     size=stored.size,
                     sha256=stored.sha256,
                     transfer_syntax_uid=header.transfer_syntax_uid,
+                    tier="hot",
                     created_at=now,
+                    verified_at=None,
                 )
             )
             session.execute(
@@ -899,18 +905,46 @@ def is_indexed(session: Session, key: str) -> bool:
     return session.scalar(select(Blob.id).where(Blob.key == key)) is not None
 
 
+def blob_store(ctx: AppContext, key: str) -> BlobStore:
+    """The store holding an indexed blob (``blob.store``); the default one for other keys."""
+    if ctx.single_store:
+        return ctx.store
+    with ctx.db.reading() as session:
+        name = session.scalar(select(Blob.store).where(Blob.key == key))
+    return ctx.store if name is None else ctx.store_named(name)
+
+
 def open_blob(ctx: AppContext, key: str) -> Any:
-    """A readable stream of an indexed blob (its staged copy while it is being published)."""
+    """A readable stream of an indexed blob (its staged copy while it is being published).
+
+    A blob moved to another tier in the meantime (its source deleted after the switch committed,
+    :mod:`simral.preservation.tiers`) is read again from where the index now puts it.
+    """
     staged = Staging(ctx.store).open_staged(key)
     if staged is not None:
         return staged
-    return ctx.store.open(key)
+    store = blob_store(ctx, key)
+    try:
+        return store.open(key)
+    except FileNotFoundError:
+        moved = blob_store(ctx, key)
+        if moved is store:
+            raise
+        return moved.open(key)
+
+
+def blob_exists(ctx: AppContext, key: str) -> bool:
+    """Whether an indexed blob's bytes are there (staged, or in the store the index names)."""
+    return Staging(ctx.store).staged_path(key).exists() or blob_store(ctx, key).exists(key)
 
 
 @contextlib.contextmanager
 def local_copy(ctx: AppContext, key: str) -> Iterator[Path]:
-    """A local, seekable path of a blob: the blob itself on a filesystem store, else a scratch copy."""
-    path = ctx.store.local_path(key)
+    """A local, seekable path of a blob: the blob itself on a filesystem store, else a scratch copy.
+
+    A blob moved away from a filesystem store keeps its old path for ``tier_purge_delay_seconds``.
+    """
+    path = blob_store(ctx, key).local_path(key)
     if path is not None and path.exists():
         yield path
         return
@@ -1203,6 +1237,9 @@ def delete_instances(session: Session, *, study_uid: str, sop_uids: Sequence[str
 
 
 def delete_blobs(ctx: AppContext, keys: Iterable[str]) -> None:
-    """Delete blobs from the store after the index stopped referencing them (a missing one is fine)."""
+    """Delete blobs after the index stopped referencing them, from every store that may hold a copy
+    (the tier stores and the replica; a missing one is fine)."""
+    stores = list(ctx.stores.values()) if ctx.stores else [ctx.store]
     for key in keys:
-        ctx.store.delete(key)
+        for store in stores:
+            store.delete(key)

@@ -297,6 +297,7 @@ def check(
         ("checksum mismatch", report.mismatches),
         ("orphan blob", report.orphans),
         ("leftover temporary file", report.temporaries),
+        ("superseded copy (moved blob, source not purged yet)", report.superseded),
     ):
         for item in items:
             out.print(f"{label}: {item}")
@@ -317,4 +318,5 @@ from simral.cli import directory as _directory  # noqa: E402, F401
 from simral.cli import dmp as _dmp  # noqa: E402, F401
 from simral.cli import exchange as _exchange  # noqa: E402, F401
 from simral.cli import retention as _retention  # noqa: E402, F401
+from simral.cli import storage as _storage  # noqa: E402, F401
 from simral.cli import teleradiology as _teleradiology  # noqa: E402, F401

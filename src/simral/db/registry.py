@@ -9,6 +9,7 @@ from simral.jobs import models as jobs_models
 from simral.lifecycle import models as lifecycle_models
 from simral.nodes import models as nodes_models
 from simral.patients import models as patients_models
+from simral.preservation import models as preservation_models
 from simral.reading import models as reading_models
 from simral.sharing import models as sharing_models
 
@@ -22,6 +23,7 @@ __all__ = [
     "lifecycle_models",
     "nodes_models",
     "patients_models",
+    "preservation_models",
     "reading_models",
     "sharing_models",
 ]

@@ -77,7 +77,7 @@ def evaluate(ctx: AppContext, action: Dataset, *, principal: Principal) -> Commi
             sop_class = str(item.get("ReferencedSOPClassUID", ""))
             sop_uid = str(item.get("ReferencedSOPInstanceUID", ""))
             stored = archive.get_instance(session, principal=principal, sop_uid=sop_uid)
-            if stored is None or not ctx.store.exists(stored.blob_key):
+            if stored is None or not archive.blob_exists(ctx, stored.blob_key):
                 report.failed.append((sop_class, sop_uid, NO_SUCH_OBJECT_INSTANCE))
             elif stored.sop_class_uid != sop_class:
                 report.failed.append((sop_class, sop_uid, CLASS_INSTANCE_CONFLICT))

@@ -116,7 +116,15 @@ class S3Store:
             return self.put_file(key, Path(tmp.name))
 
     def open(self, key: str) -> BinaryIO:
-        response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        """The object's body; an absent key raises FileNotFoundError, as on a filesystem store."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                raise FileNotFoundError(f"no object {key!r} in the {self.name} store") from exc
+            raise
         return cast(BinaryIO, response["Body"])
 
     def local_path(self, key: str) -> Path | None:

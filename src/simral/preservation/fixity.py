@@ -1,0 +1,341 @@
+"""Fixity: re-hash every blob on a schedule, alarm on a mismatch, repair from the replica.
+
+A sweep (:func:`sweep`) takes up to ``limit`` blobs due for verification, oldest-verified first
+(never-verified ones first, by age: ingest hashed them when writing, so they are due one interval
+after their creation), reads each as a reader would (:func:`simral.archive.service.open_blob`)
+and compares its SHA-256 and size with the index. Intact blobs get ``blob.verified_at``. A blob
+missing or altered is, in this order:
+
+1. checked again against the index (moved to another tier or replaced meanwhile: not a problem);
+2. repaired when ``replica_store`` holds a copy that hashes right: the copy is spooled, hashed,
+   written back atomically under the same key, and the blob read back and verified again;
+3. recorded: a ``fixity_alarm`` row (the counters ``/metrics`` reads, :func:`fixity_counts`), an
+   audit event ``storage.fixity`` and an admin alert (platform administrators; the study's
+   organisations too when no intact copy is left).
+
+A blob left unrepaired is looked at again one interval later, not at every look. The serving
+process runs sweeps as durable jobs (:data:`FIXITY_SWEEP`, one active at a time across nodes);
+``simral fixity run`` runs one at once for operators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from simral.access.policy import Principal
+from simral.archive import service as archive
+from simral.archive.models import Blob, Instance, Series, Study
+from simral.audit import service as audit
+from simral.context import AppContext
+from simral.db.base import utcnow
+from simral.identity.models import AdminAlert
+from simral.jobs.runner import Outcomes, PermanentFailure
+from simral.jobs.service import ClaimedJob
+from simral.preservation.models import MISMATCH, MISSING, REPAIRED, UNREPAIRED, FixityAlarm
+from simral.storage.base import CHUNK, sha256_of_stream
+
+log = logging.getLogger(__name__)
+
+FIXITY_SWEEP = "storage.fixity-sweep"
+#: Who verifies and repairs in the audit trail.
+FIXITY = Principal(kind="system", name="fixity", archive_wide=True, via="scheduler")
+#: Organisation code of alerts for the platform's administrators.
+PLATFORM = ""
+
+
+@dataclass(frozen=True)
+class _Located:
+    id: int
+    store: str
+    key: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One problem a sweep found, and what became of it."""
+
+    blob_id: int
+    store: str
+    key: str
+    problem: str
+    outcome: str
+
+
+@dataclass
+class FixityReport:
+    """What a sweep did."""
+
+    checked: int = 0
+    intact: int = 0
+    #: Missing or altered but moved or replaced meanwhile: nothing wrong.
+    skipped: int = 0
+    alarms: list[Alarm] = field(default_factory=list)
+
+    @property
+    def repaired(self) -> int:
+        return sum(1 for a in self.alarms if a.outcome == REPAIRED)
+
+    @property
+    def unrepaired(self) -> int:
+        return sum(1 for a in self.alarms if a.outcome == UNREPAIRED)
+
+
+_COLUMNS = (Blob.id, Blob.store, Blob.key, Blob.sha256, Blob.size)
+
+
+def due_blobs(session: Session, *, cutoff: datetime, limit: int) -> list[_Located]:
+    """Blobs last verified (or, never verified, written) before ``cutoff``, oldest first; those
+    with an unrepaired alarm since ``cutoff`` wait for the next interval."""
+    alarmed = (
+        select(FixityAlarm.id)
+        .where(
+            FixityAlarm.blob_pk == Blob.id,
+            FixityAlarm.outcome == UNREPAIRED,
+            FixityAlarm.detected_at > cutoff,
+        )
+        .exists()
+    )
+    never = session.execute(
+        select(*_COLUMNS)
+        .where(Blob.verified_at.is_(None), Blob.created_at <= cutoff, ~alarmed)
+        .order_by(Blob.id)
+        .limit(limit)
+    ).all()
+    found = [_Located(*row) for row in never]
+    if len(found) < limit:
+        older = session.execute(
+            select(*_COLUMNS)
+            .where(Blob.verified_at <= cutoff, ~alarmed)
+            .order_by(Blob.verified_at, Blob.id)
+            .limit(limit - len(found))
+        ).all()
+        found.extend(_Located(*row) for row in older)
+    return found
+
+
+def fixity_due(session: Session, *, interval: timedelta) -> bool:
+    """Whether some blob is due for verification (read-only)."""
+    return bool(due_blobs(session, cutoff=utcnow() - interval, limit=1))
+
+
+def _hash(ctx: AppContext, blob: _Located) -> tuple[str, str]:
+    """(problem, SHA-256 found): problem "" when intact."""
+    try:
+        with archive.open_blob(ctx, blob.key) as stream:
+            sha, size = sha256_of_stream(stream)
+    except FileNotFoundError:
+        return MISSING, ""
+    if sha != blob.sha256 or size != blob.size:
+        return MISMATCH, sha
+    return "", sha
+
+
+def _repair(ctx: AppContext, blob: _Located) -> bool:
+    """Write the replica's copy back under the blob's key when it hashes right; whether the blob
+    now reads back intact."""
+    replica = ctx.replica
+    if replica is None or blob.store == replica.name:
+        return False
+    target = ctx.store_named(blob.store)
+    fd, name = tempfile.mkstemp(prefix=".tmp-repair-", dir=target.scratch_dir())
+    spooled = Path(name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, replica.open(blob.key) as source:
+                shutil.copyfileobj(source, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+        except FileNotFoundError:
+            return False
+        with open(spooled, "rb") as check:
+            sha, size = sha256_of_stream(check)
+        if sha != blob.sha256 or size != blob.size:
+            log.error("fixity: the replica's copy of blob %d does not match its SHA-256 either", blob.id)
+            return False
+        target.put_file(blob.key, spooled, move=True)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            spooled.unlink()
+    with target.open(blob.key) as stream:
+        sha, size = sha256_of_stream(stream)
+    return sha == blob.sha256 and size == blob.size
+
+
+def _message(blob: _Located, problem: str, repaired: bool, study_uid: str, replica: str) -> str:
+    what = (
+        "était absent du stockage"
+        if problem == MISSING
+        else "ne correspondait plus à son empreinte SHA-256 dans le stockage"
+    )
+    head = f"Intégrité des images : un fichier de l'examen {study_uid} {what} « {blob.store} »"
+    if repaired:
+        return f"{head} ; il a été restauré depuis la réplique « {replica} » et vérifié."
+    why = "réplique sans copie valide" if replica else "pas de réplique configurée"
+    return (
+        f"{head} ; aucune copie intacte n'est disponible ({why}) : "
+        "intervention nécessaire (restauration depuis une sauvegarde)."
+    )
+
+
+def _record(ctx: AppContext, blob: _Located, problem: str, found: str, repaired: bool) -> Alarm:
+    """The alarm row, the audit event, the admin alerts; a repaired blob is marked verified."""
+    now = utcnow()
+    outcome = REPAIRED if repaired else UNREPAIRED
+    replica = ctx.settings.replica_store
+    with ctx.db.unit_of_work() as session:
+        study_uid = (
+            session.scalar(
+                select(Study.study_uid)
+                .join(Series, Series.study_pk == Study.id)
+                .join(Instance, Instance.series_pk == Series.id)
+                .join(Blob, Blob.instance_pk == Instance.id)
+                .where(Blob.id == blob.id)
+            )
+            or ""
+        )
+        session.add(
+            FixityAlarm(
+                blob_pk=blob.id,
+                store=blob.store,
+                key=blob.key,
+                study_uid=study_uid,
+                problem=problem,
+                expected_sha256=blob.sha256,
+                found_sha256=found,
+                outcome=outcome,
+                detected_at=now,
+                repaired_at=now if repaired else None,
+            )
+        )
+        if repaired:
+            session.execute(update(Blob).where(Blob.id == blob.id).values(verified_at=now))
+        audit.record(
+            session,
+            action="storage.fixity",
+            principal=FIXITY,
+            outcome="warning" if repaired else "failure",
+            study_uid=study_uid,
+            detail={
+                "blob": blob.id,
+                "store": blob.store,
+                "problem": problem,
+                "expected_sha256": blob.sha256,
+                "found_sha256": found,
+                "repaired_from": replica if repaired else "",
+            },
+        )
+        recipients = [PLATFORM]
+        if not repaired and study_uid:
+            holders = archive.study_holders(session, study_uid)
+            recipients += holders[1] if holders is not None else []
+        message = _message(blob, problem, repaired, study_uid, replica)
+        for code in recipients:
+            session.add(
+                AdminAlert(
+                    organisation_code=code,
+                    kind="fixity",
+                    message=message,
+                    study_uid=study_uid,
+                    created_at=now,
+                )
+            )
+    return Alarm(blob_id=blob.id, store=blob.store, key=blob.key, problem=problem, outcome=outcome)
+
+
+def sweep(ctx: AppContext, *, limit: int, interval: timedelta | None = None) -> FixityReport:
+    """Verify up to ``limit`` blobs due for verification (``interval`` None: the oldest-verified
+    ones whatever their age, as ``simral fixity run`` does); alarm and repair what is wrong."""
+    report = FixityReport()
+    cutoff = utcnow() - interval if interval is not None else utcnow()
+    with ctx.db.reading() as session:
+        blobs = due_blobs(session, cutoff=cutoff, limit=limit)
+    intact: list[int] = []
+    for blob in blobs:
+        report.checked += 1
+        problem, found = _hash(ctx, blob)
+        if not problem:
+            intact.append(blob.id)
+            continue
+        with ctx.db.reading() as session:
+            now_row = session.execute(select(*_COLUMNS).where(Blob.id == blob.id)).first()
+        if now_row is None or _Located(*now_row) != blob:
+            report.skipped += 1
+            continue
+        log.error("fixity: blob %d in the %s store is %s", blob.id, blob.store, problem)
+        try:
+            repaired = _repair(ctx, blob)
+        except Exception as exc:
+            log.error("fixity: repairing blob %d failed: %s: %s", blob.id, type(exc).__name__, exc)
+            repaired = False
+        report.alarms.append(_record(ctx, blob, problem, found, repaired))
+    if intact:
+        now = utcnow()
+        with ctx.db.unit_of_work() as session:
+            for start in range(0, len(intact), 500):
+                session.execute(
+                    update(Blob).where(Blob.id.in_(intact[start : start + 500])).values(verified_at=now)
+                )
+    report.intact = len(intact)
+    return report
+
+
+def run_sweep(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
+    """Job handler of :data:`FIXITY_SWEEP`: one look of the background sweep."""
+    hours = ctx.settings.fixity_interval_hours
+    outcomes: dict[int, str | PermanentFailure | None] = {}
+    for job in batch:
+        try:
+            sweep(
+                ctx,
+                limit=max(1, ctx.settings.fixity_batch),
+                interval=timedelta(hours=hours) if hours > 0 else None,
+            )
+            outcomes[job.id] = None
+        except Exception as exc:
+            outcomes[job.id] = f"{type(exc).__name__}: {exc}"
+    return outcomes
+
+
+@dataclass(frozen=True)
+class FixityCounts:
+    """Counters for ``/metrics``: blobs verified at least once, alarms raised, repaired, unrepaired."""
+
+    verified: int
+    alarms: int
+    repaired: int
+    unrepaired: int
+
+
+def fixity_counts(session: Session) -> FixityCounts:
+    """The fixity counters (``simral_fixity_*`` metrics)."""
+    verified = (
+        session.scalar(select(func.count()).select_from(Blob).where(Blob.verified_at.is_not(None))) or 0
+    )
+    by_outcome = {
+        str(outcome): int(count)
+        for outcome, count in session.execute(
+            select(FixityAlarm.outcome, func.count()).group_by(FixityAlarm.outcome)
+        )
+    }
+    repaired = int(by_outcome.get(REPAIRED, 0))
+    unrepaired = int(by_outcome.get(UNREPAIRED, 0))
+    return FixityCounts(
+        verified=int(verified), alarms=repaired + unrepaired, repaired=repaired, unrepaired=unrepaired
+    )
+
+
+def recent_alarms(session: Session, *, limit: int = 50) -> list[FixityAlarm]:
+    """The latest fixity alarms, newest first."""
+    return list(session.scalars(select(FixityAlarm).order_by(FixityAlarm.id.desc()).limit(limit)))
