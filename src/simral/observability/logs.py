@@ -39,7 +39,9 @@ _PHI_KEYWORDS = (
 _KEYED = re.compile(rf"\b({_PHI_KEYWORDS})(\s*[=:]\s*)('[^']*'|\"[^\"]*\"|[^\s,;)]+)", re.IGNORECASE)
 #: DICOM PN (PS3.5 6.2): letters, then ``^`` and more letters (``DUPONT^JEAN``); HL7 message types
 #: (``ADT^A28``: three capitals, a capital and digits) are not names.
-_PERSON_NAME = re.compile(r"(?<![\w^])(?![A-Z]{3}\^[A-Z]\d{2}\b)[^\W\d_][^\s^=,;:]*\^[^\W\d_][^\s,;:]*")
+_PERSON_NAME = re.compile(
+    r"(?<![\w^])(?![A-Z]{3}\^[A-Z]\d{2}\b)[^\W\d_][^\s^=,;:()\[\]'\"]*\^[^\W\d_][^\s,;:()\[\]'\"]*"
+)
 _NIR = re.compile(r"(?<!\d)[12]\d{12}(?:\d{2})?(?!\d)")
 REDACTED = "[…]"
 
@@ -104,6 +106,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def configure(level: str, log_format: str = "text") -> None:
     """Set up the root logger: ``text`` or ``json`` lines on standard error, guarded."""
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', not {log_format!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(PhiGuard())
