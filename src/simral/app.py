@@ -24,12 +24,12 @@ def open_app(settings: Settings, *, migrate: bool = True) -> AppContext:
     return AppContext(settings=settings, db=db, store=stores[DEFAULT_STORE], stores=stores)
 
 
-def configure_logging(level: str) -> None:
-    """Plain application logs (never PHI: that goes to the audit trail)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Application logs as text or JSON lines, never PHI (that goes to the audit trail): see
+    :mod:`simral.observability.logs` for the rule and its guard."""
+    from simral.observability.logs import configure
+
+    configure(level, log_format)
     # pynetdicom logs identifiers and every PDU at INFO/DEBUG: keep only its warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom warns about non-conformant values while parsing; the ingest path reports what matters.

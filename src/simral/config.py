@@ -72,6 +72,11 @@ class Settings:
     #: When a C-MOVE/C-GET peer did not accept the stored transfer syntax, transcode (True) or fail.
     transcode_on_retrieve: bool = True
     log_level: str = "INFO"
+    #: ``text`` or ``json`` (one JSON object per line: time, level, logger, message, worker).
+    log_format: Literal["text", "json"] = "text"
+    #: Seconds each process reuses the figures read from the index for ``/metrics`` (job queue,
+    #: storage, fixity); 0 = read them at every scrape.
+    metrics_cache_seconds: float = 15.0
     #: Worker processes of ``simral serve`` sharing the DICOM and HTTP ports; 0 = one per CPU (≤ 4).
     workers: int = 1
     # --- patient identity (DESIGN.md §6) and the HL7 v2 ADT feed (IHE PAM France over MLLP) ---

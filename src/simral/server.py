@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -23,6 +23,7 @@ from simral.config import Settings
 from simral.context import AppContext
 from simral.dimse.server import DimseService
 from simral.exchange import start_exchange
+from simral.observability import health, logs, metrics
 from simral.web.app import create_web_app
 from simral.web.auth import check_http_exposure
 
@@ -40,6 +41,13 @@ class _HttpServer(uvicorn.Server):
 
     #: A forked worker leaves SIGINT (Ctrl-C reaches the whole process group) to the parent.
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    #: Called when a stop signal arrives (``/readyz`` answers 503 while the server drains).
+    on_stop: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.on_stop is not None:
+            self.on_stop()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -129,6 +137,8 @@ def run_server(settings: Settings) -> int:
         print(f"refusing to start: {exc}", file=sys.stderr, flush=True)
         return 2
     check_ports_free(settings)
+    # Before anything is counted: every worker's metrics in one per-run folder, merged at scrape.
+    metrics.use_multiprocess_directory(settings.data_dir / "metrics")
     ctx = open_app(settings)
     _first_start(settings, ctx)
     published, deleted = recover_staged(ctx)
@@ -141,6 +151,7 @@ def run_server(settings: Settings) -> int:
             signal.signal(sig, _EarlyStop.handle)
         return _serve(settings, ctx, banner=True)
     ctx.db.dispose()
+    logs.set_worker(None)  # the supervisor; each forked worker names itself
     children: set[int] = set()
     for index in range(workers):
         pid = os.fork()
@@ -192,6 +203,7 @@ def _worker(settings: Settings, index: int) -> int:
     """A forked worker's life; its exit status. A SIGTERM before serving starts ends it cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
     signal.signal(signal.SIGTERM, _EarlyStop.handle)
+    logs.set_worker(index)
     try:
         return _serve(
             settings, open_app(settings), banner=False, stop_signals=(signal.SIGTERM,), singletons=index == 0
@@ -281,8 +293,10 @@ def _serve(
     if settings.https:
         # uvicorn wraps the sockets handed to ``run(sockets=...)`` with this context (TLS 1.2+).
         https = {"ssl_context_factory": lambda _config, _default: tls.https_context(settings)}
-    config = uvicorn.Config(web, log_level="warning", access_log=False, **https)
+    # log_config=None: uvicorn's records go through simral's handler (format, PHI guard).
+    config = uvicorn.Config(web, log_level="warning", access_log=False, log_config=None, **https)
     http = _HttpServer(config)
+    http.on_stop = lambda: health.mark_stopping(ctx)
     http.stop_signals = stop_signals
     _EarlyStop.http = http
     http.should_exit = _EarlyStop.requested

@@ -185,6 +185,15 @@ def may_manage_retention(principal: Principal, organisation: str = "") -> bool:
     return may_manage(principal, organisation or None)
 
 
+def may_read_metrics(principal: Principal) -> bool:
+    """Whether ``principal`` may read the platform's operating figures (``/metrics``, the
+    administration's figures page): aggregates without patient data, for the platform itself (the
+    monitoring scraper on the host, the CLI) and regional administrators."""
+    if principal.kind == "system":
+        return True
+    return principal.kind == "user" and principal.has_role("regional-admin")
+
+
 def may_manage_identities(principal: Principal) -> bool:
     """Whether ``principal`` may merge, link, unlink or rename patient identities and resolve
     identity-vigilance cases: the platform itself (CLI, the HL7 identity feed) and administrators."""

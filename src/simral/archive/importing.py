@@ -191,7 +191,10 @@ def import_paths(
                 if not local.is_file():
                     summary.reject(source.name, "file not found")
                 elif reconciler is None:
-                    summary.add(source.name, ingest_file(ctx, local, principal=principal, source="import"))
+                    summary.add(
+                        source.name,
+                        ingest_file(ctx, local, principal=principal, source="import", entry="import"),
+                    )
                 else:
                     with reconciled_file(local, reconciler, scratch) as (path, reconciled):
                         result = ingest_file(
@@ -199,6 +202,7 @@ def import_paths(
                             path,
                             principal=principal,
                             source="import-reconciled" if reconciled else "import",
+                            entry="import",
                         )
                     summary.add(source.name, result)
                     if result.outcome != "rejected":

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from simral.dicom.header import Header, RejectedInstance, read_header
 from simral.dicom.matching import normalise_tm
 from simral.lifecycle import rejection
 from simral.lifecycle.models import RejectedInstance as RejectedRow
+from simral.observability import metrics
 from simral.patients import crossref
 from simral.patients import service as patients
 from simral.patients.models import StudyIdentity
@@ -250,14 +252,15 @@ def ingest_file(
     expected_sop_uid: str = "",
     expected_study_uid: str = "",
     known_digest: tuple[str, int] | None = None,
+    entry: str = "internal",
 ) -> IngestResult:
     """Archive one Part 10 file; return once it is durable and indexed (or refused).
 
     ``move`` lets the store take ``path`` (it must be on the store's scratch filesystem); the
-    other arguments are those of :class:`IngestItem`.
+    other arguments are those of :class:`IngestItem` and :func:`ingest_files`.
     """
     item = IngestItem(path, expected_study_uid, known_digest, expected_sop_uid)
-    return ingest_files(ctx, [item], principal=principal, source=source, move=move)[0]
+    return ingest_files(ctx, [item], principal=principal, source=source, move=move, entry=entry)[0]
 
 
 def ingest_files(
@@ -267,12 +270,28 @@ def ingest_files(
     principal: Principal,
     source: str = "",
     move: bool = False,
+    entry: str = "internal",
 ) -> list[IngestResult]:
     """Archive files acknowledged together (DESIGN.md §3; one file for C-STORE and import, the
     parts of a request for STOW-RS): check each, stage them with one folder fsync, index them in
     one transaction (a group commit), then publish. Should that transaction fail on a uniqueness
     race, each instance is indexed in a transaction of its own and decided as a duplicate.
+
+    ``entry`` names the entry point in the ingest metrics (:mod:`simral.observability.metrics`).
     """
+    started = time.perf_counter()
+    outcomes: list[str] = ["error"] * len(items)
+    try:
+        results = _ingest_files(ctx, items, principal=principal, source=source, move=move)
+        outcomes = [r.outcome for r in results]
+        return results
+    finally:
+        metrics.record_ingest(entry, outcomes, time.perf_counter() - started)
+
+
+def _ingest_files(
+    ctx: AppContext, items: Sequence[IngestItem], *, principal: Principal, source: str, move: bool
+) -> list[IngestResult]:
     if not may_store(principal):
         raise AccessDenied(f"{principal.audit_name} may not store instances")
     results: list[IngestResult | None] = [None] * len(items)

@@ -106,7 +106,7 @@ def serve(
         hl7_port=hl7_port,
         hl7_host=hl7_host,
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from simral.server import PortInUse, run_server
     from simral.web.auth import UnsafeExposure
 

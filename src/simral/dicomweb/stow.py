@@ -99,7 +99,9 @@ def store_parts(
             )
             positions.append(index)
         for index, result in zip(
-            positions, ingest_files(ctx, items, principal=principal, source=source, move=True), strict=True
+            positions,
+            ingest_files(ctx, items, principal=principal, source=source, move=True, entry="stow"),
+            strict=True,
         ):
             results[index] = result
         return [r for r in results if r is not None]

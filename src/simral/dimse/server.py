@@ -62,6 +62,7 @@ from simral.context import AppContext
 from simral.dimse import commitment, sending
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
+from simral.observability import metrics
 from simral.reading import mpps, worklist
 from simral.sharing import service as sharing
 
@@ -184,6 +185,32 @@ def _install_spool_cleanup() -> None:
 
     decode_msg._simral = True  # type: ignore[attr-defined]
     DIMSEMessage.decode_msg = decode_msg
+
+
+def _observed(kind: str, protocol: str, responses: Iterator[Any]) -> Iterator[Any]:
+    """Pass a C-FIND/C-GET/C-MOVE handler's responses through to pynetdicom, timing the operation
+    and counting its outcome (the last status yielded, PS3.7 Annex C) and, for a retrieve, its
+    C-STORE sub-operations (pending responses carrying an instance)."""
+    started = time.perf_counter()
+    outcome, sent = "success", 0
+    try:
+        for response in responses:
+            if isinstance(response, tuple) and len(response) == 2:
+                status = response[0]
+                if status is None or isinstance(status, int):
+                    outcome = metrics.dimse_outcome(status)
+                    if status == 0xFF00 and response[1] is not None:
+                        sent += 1
+            yield response
+    except GeneratorExit:
+        raise  # pynetdicom stopped asking after the final status: the outcome stands
+    except BaseException:
+        outcome = "failure"
+        raise
+    finally:
+        metrics.record_request(kind, protocol, outcome, time.perf_counter() - started)
+        if kind == "retrieve":
+            metrics.record_retrieved_instances(protocol, sent)
 
 
 class SimralAE(ApplicationEntity):
@@ -399,6 +426,7 @@ class DimseService:
             source=event.assoc.requestor.ae_title.strip(),
             move=True,
             expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
+            entry="dimse",
         )
         status = Dataset()
         status.Status = result.status
@@ -406,7 +434,12 @@ class DimseService:
             status.ErrorComment = result.reason[:64]
         return status
 
-    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def on_find(self, event: evt.Event) -> Iterator[Any]:
+        """C-FIND (PS3.4 C.4.1.3, K.4.1.3), timed and counted by :func:`_observed`."""
+        worklist_find = UID(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind
+        return _observed("query", "mwl" if worklist_find else "c-find", self._find(event))
+
+    def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND (PS3.4 C.4.1.3): one pending response per match."""
         model = FIND_MODELS.get(UID(event.request.AffectedSOPClassUID))
         if model is None:
@@ -598,6 +631,10 @@ class DimseService:
         return entity.id
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE, timed and counted by :func:`_observed`."""
+        return _observed("retrieve", "c-move", self._move(event))
+
+    def _move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE (PS3.4 C.4.2.3): C-STORE sub-operations to a registered destination."""
         model = MOVE_MODELS.get(UID(event.request.AffectedSOPClassUID), "STUDY")
         destination = str(event.move_destination or "").strip()
@@ -631,6 +668,10 @@ class DimseService:
             )
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET, timed and counted by :func:`_observed`."""
+        return _observed("retrieve", "c-get", self._get(event))
+
+    def _get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET (PS3.4 C.4.3.3): C-STORE sub-operations on the same association."""
         model = GET_MODELS.get(UID(event.request.AffectedSOPClassUID), "STUDY")
         instances = self._retrieve_instances(event, model)

@@ -20,10 +20,12 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from typing import Any
 
 from simral.context import AppContext
 from simral.hl7 import adt, mllp, pdq
+from simral.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,26 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             if message is None:
                 return
+            started = time.perf_counter()
             if pdq.is_query(message):  # QBP^Q22 (IHE PDQ ITI-21); everything else is the ADT feed
                 handled = pdq.handle(self.server.ctx, message, peer=peer)
             else:
                 handled = adt.handle(self.server.ctx, message, peer=peer)
+            metrics.record_hl7(_message_type(message), handled.code, time.perf_counter() - started)
             try:
                 mllp.send(sock, handled.ack)
             except OSError as exc:
                 log.info("MLLP acknowledgement to %s not delivered: %s", peer, exc)
                 return
+
+
+def _message_type(message: bytes) -> str:
+    """MSH-9 as a metrics label (``ADT^A28``, ``other`` for anything unreadable)."""
+    try:
+        header = adt.read_header(adt.decode(message))
+    except adt.Rejected:
+        return "other"
+    return metrics.hl7_message_type(header.message_type, header.event)
 
 
 class MllpServer(socketserver.ThreadingTCPServer):

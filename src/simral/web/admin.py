@@ -53,6 +53,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "roles": "Rôles",
         "national_id": "Identifiant national",
         "exchange": "Échanges : règles de routage et file des transferts",
+        "monitoring": "Supervision : activité, files, stockage, intégrité",
     },
     "en": {
         "admin": "Administration",
@@ -83,6 +84,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "roles": "Roles",
         "national_id": "National id",
         "exchange": "Exchange: routing rules and the transfer queue",
+        "monitoring": "Monitoring: activity, queues, storage, integrity",
     },
 }
 
@@ -162,6 +164,7 @@ def mount_admin(web: FastAPI, ctx: AppContext) -> None:
         body = notice
         if managed is None:
             body += f'<p><a href="/admin/jobs">{escape(text["exchange"])}</a></p>'
+            body += f'<p><a href="/admin/metrics">{escape(text["monitoring"])}</a></p>'
         body += f"<h2>{escape(text['alerts'])}</h2>" + _table(
             ["", text["organisation"], "", "", ""],
             [

@@ -23,6 +23,7 @@ from simral.web.dashboard import mount_dashboard
 from simral.web.drimm import mount_drimm
 from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.media_import import mount_media_import
+from simral.web.observability import mount_observability
 from simral.web.oidc_login import mount_oidc_login
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
@@ -42,12 +43,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     install_auth_handlers(web, ctx)
     web.add_middleware(SecurityHeaders, https=ctx.settings.https, hsts_max_age=ctx.settings.hsts_max_age)
 
-    @web.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """Liveness and database reachability."""
-        with ctx.db.reading() as session:
-            session.execute(select(1))
-        return {"status": "ok"}
+    mount_observability(web, ctx)  # /healthz, /readyz, /metrics, /admin/metrics
 
     @web.get("/api/status")
     def status(request: Request) -> dict[str, Any]:

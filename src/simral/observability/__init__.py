@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, health and readiness, structured logs (issue 9 item 6)."""
