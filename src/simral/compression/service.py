@@ -41,6 +41,7 @@ from simral.dicom.compression import (
     NotCompressible,
     available_syntaxes,
     compress_file,
+    syntax_available,
 )
 from simral.dicom.header import RejectedInstance, read_header
 from simral.identity.service import get_organisation
@@ -290,6 +291,9 @@ def compress_instance(
 ) -> InstanceResult:
     """Re-encode one instance losslessly if its bytes are still ``expected_sha256`` (idempotent:
     a retry after the switch finds other bytes and does nothing)."""
+    if not syntax_available(syntax_uid):
+        # An installation problem, not the instance's: retried, then dead-lettered for an operator.
+        raise RuntimeError(f"no encoder installed for transfer syntax {syntax_uid}")
     with ctx.db.reading() as session:
         source = archive.get_instance(session, principal=COMPRESSOR, sop_uid=sop_uid)
     if source is None or source.sha256 != expected_sha256:
