@@ -33,6 +33,7 @@ _DATA_DIR_COMMANDS = {
     "routes",
     "dicomweb-peers",
     "jobs",
+    "compression",
     "export",
 }
 

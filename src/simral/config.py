@@ -183,6 +183,12 @@ class Settings:
     #: Largest document (request letter, prior report: PDF) attached to an imaging request, in bytes,
     #: from the RIS (HL7 OBX ED) or the portal form; larger ones are refused.
     request_document_max_bytes: int = 20 * 1024 * 1024
+    # --- compression at rest (issue 9; rules: ``simral compression rule add``) ---
+    #: Seconds between two looks for instances the compression rules want re-encoded (losslessly,
+    #: verified); 0 = no background pass (``simral compression run`` only).
+    compression_check_seconds: float = 300.0
+    #: Instances queued per background pass (the next batch is queued once this one is done).
+    compression_batch: int = 100
 
     @property
     def effective_database_url(self) -> str:

@@ -8,7 +8,8 @@ they share the work without doing anything twice. A third thread keeps the readi
 date (:mod:`simral.reading.tasks`: arrived studies, readiness, deadlines); a fourth queues again the
 DMP documents that waited for a qualified INS and new manifest versions of studies whose images
 changed (:mod:`simral.dmp.service`); a fifth drives storage tiers, replication and the fixity
-sweep (:mod:`simral.preservation.background`).
+sweep (:mod:`simral.preservation.background`); a sixth, when ``compression_check_seconds`` is set,
+queues the instances the compression rules want re-encoded (:mod:`simral.compression.service`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import threading
 from datetime import timedelta
 
+from simral.compression import service as compression
 from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.dicomweb.forwarding import forward_stow
@@ -96,6 +98,22 @@ def _dmp_loop(ctx: AppContext, runner: JobRunner, stop: threading.Event) -> None
             log.error("DMP documents: %s: %s", type(exc).__name__, exc)
 
 
+def _compression_loop(ctx: AppContext, runner: JobRunner, stop: threading.Event) -> None:
+    """Compression at rest: queue the next batch of instances the rules select once the previous
+    batch is done (read-only look first)."""
+    while not stop.wait(max(0.5, ctx.settings.compression_check_seconds)):
+        try:
+            with ctx.db.reading() as session:
+                pending = not compression.active_jobs(session) and bool(compression.due(session, limit=1))
+            if pending:
+                with ctx.db.unit_of_work() as session:
+                    queued = compression.enqueue_pass(session, batch=max(1, ctx.settings.compression_batch))
+                if queued:
+                    runner.wake()
+        except Exception as exc:
+            log.error("compression pass: %s: %s", type(exc).__name__, exc)
+
+
 def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     """Start the router and the job runner threads; the runner is returned for :meth:`JobRunner.stop`."""
     runner = JobRunner(
@@ -109,6 +127,7 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
             dmp.DMP_WITHDRAW: withdraw_documents,
             lifecycle.LIFECYCLE_DELETE: lifecycle.run_deletions,
             **preservation.HANDLERS,
+            compression.COMPRESS: compression.compress_instances,
         },
         lease=timedelta(seconds=ctx.settings.job_lease_seconds),
     )
@@ -117,4 +136,8 @@ def start_exchange(ctx: AppContext, stop: threading.Event) -> JobRunner:
     threading.Thread(target=_reading_loop, args=(ctx, stop), daemon=True, name="reading-tasks").start()
     threading.Thread(target=_dmp_loop, args=(ctx, runner, stop), daemon=True, name="dmp-waiting").start()
     preservation.start(ctx, runner, stop)
+    if ctx.settings.compression_check_seconds > 0:
+        threading.Thread(
+            target=_compression_loop, args=(ctx, runner, stop), daemon=True, name="compression"
+        ).start()
     return runner

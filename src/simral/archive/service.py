@@ -748,6 +748,58 @@ def _index(
     return placement, None
 
 
+def switch_blob(
+    session: Session,
+    *,
+    sop_uid: str,
+    expected_sha256: str,
+    stored: StoredBlob,
+    transfer_syntax_uid: str,
+    json_model: dict[str, Any],
+    store_name: str,
+) -> str | None:
+    """Point an instance at new bytes of the same data set in another transfer syntax (a lossless
+    re-encoding, PS3.5 §10: same SOP Instance UID), written to the store ``store_name`` (the hot
+    tier), in the caller's transaction; record the change.
+
+    Returns the key of the blob no longer referenced, to delete after the commit; None (nothing
+    changed) when the instance is gone or its bytes are no longer ``expected_sha256``.
+    """
+    row = session.execute(
+        select(Instance.id, Blob.key, Series.series_uid, Study.study_uid)
+        .join(Blob, Blob.instance_pk == Instance.id)
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .where(Instance.sop_uid == sop_uid, Blob.sha256 == expected_sha256)
+    ).first()
+    if row is None:
+        return None
+    now = utcnow()
+    switched = session.execute(
+        update(Blob)
+        .where(Blob.instance_pk == row.id, Blob.sha256 == expected_sha256)
+        .values(
+            key=stored.key,
+            size=stored.size,
+            sha256=stored.sha256,
+            transfer_syntax_uid=transfer_syntax_uid,
+            store=store_name,
+            tier="hot",
+            created_at=now,
+            verified_at=now,
+        )
+    )
+    if cast(Any, switched).rowcount != 1:
+        return None
+    session.execute(
+        update(Instance)
+        .where(Instance.id == row.id)
+        .values(meta=json_model, transfer_syntax_uid=transfer_syntax_uid)
+    )
+    record_change(session, "updated", row.study_uid, row.series_uid, sop_uid, now=now)
+    return str(row.key)
+
+
 _INSERT_CHANGE = insert(cast(Table, ChangeEvent.__table__))
 #: Advisory lock key serialising change-feed writers on PostgreSQL (commit order = ``seq`` order).
 CHANGE_FEED_LOCK = 0x53494D52

@@ -314,6 +314,7 @@ def check(
 
 
 # The directory and audit commands register themselves on ``app``.
+from simral.cli import compression as _compression  # noqa: E402, F401
 from simral.cli import directory as _directory  # noqa: E402, F401
 from simral.cli import dmp as _dmp  # noqa: E402, F401
 from simral.cli import exchange as _exchange  # noqa: E402, F401

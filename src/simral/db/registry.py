@@ -2,6 +2,7 @@
 
 from simral.archive import models as archive_models
 from simral.audit import models as audit_models
+from simral.compression import models as compression_models
 from simral.db.base import Base
 from simral.dmp import models as dmp_models
 from simral.identity import models as identity_models
@@ -17,6 +18,7 @@ __all__ = [
     "Base",
     "archive_models",
     "audit_models",
+    "compression_models",
     "dmp_models",
     "identity_models",
     "jobs_models",
