@@ -752,7 +752,10 @@ def test_schemathesis_finds_no_server_error_and_no_ignored_auth(review: Review) 
         "--warnings",
         "off",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    # Run in the test's folder: schemathesis keeps its example database in ./.schemathesis.
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, check=False, cwd=review.work
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = json.loads(report.read_text())
     assert summary, "schemathesis wrote no report"
