@@ -18,7 +18,7 @@ OHIF_STAMP := $(VENV)/.ohif-$(OHIF_VERSION)
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test test-deps lint typecheck bench clean lock
+.PHONY: install run test test-deps lint typecheck bench clean lock audit
 
 install: $(STAMP) $(OHIF_STAMP)
 
@@ -69,6 +69,12 @@ test-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# Known vulnerabilities of the pinned dependencies (PyPI's advisory data: needs the network, so it is
+# not part of `make test`). --strict: a package that could not be looked up fails the audit instead of
+# being skipped. Every finding must be fixed or explained in README.md, "Security review".
+audit: install
+	$(BIN)/pip-audit --requirement requirements.lock --no-deps --disable-pip --strict --progress-spinner off
 
 lint: install
 	$(BIN)/ruff check src tests bench

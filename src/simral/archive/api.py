@@ -10,6 +10,7 @@ from fastapi import FastAPI, Query, Request
 from simral.archive.service import changes_since
 from simral.context import AppContext
 from simral.web.auth import request_principal
+from simral.web.params import MAX_ROW_ID
 
 
 def mount_archive_api(web: FastAPI, ctx: AppContext) -> None:
@@ -18,7 +19,7 @@ def mount_archive_api(web: FastAPI, ctx: AppContext) -> None:
     @web.get("/api/changes")
     def changes(
         request: Request,
-        since: int = Query(0, ge=0, description="Last sequence number already seen."),
+        since: int = Query(0, ge=0, le=MAX_ROW_ID, description="Last sequence number already seen."),
         limit: int = Query(1000, ge=1, le=10000),
     ) -> dict[str, Any]:
         """Instances created, updated or deleted after ``since``, oldest first.

@@ -209,6 +209,7 @@ def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
         return Response(status_code=200, headers=_warning(warning) if warning else None)
 
     def not_implemented(request: Request) -> Response:
+        request_principal(request)  # 401 first: an anonymous caller learns nothing of the service
         return _error(
             501,
             "simral creates workitems from the teleradiology flows; this UPS-RS transaction is not supported",

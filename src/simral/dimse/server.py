@@ -81,6 +81,16 @@ GET_MODELS = {
     PatientRootQueryRetrieveInformationModelGet: "PATIENT",
     StudyRootQueryRetrieveInformationModelGet: "STUDY",
 }
+#: The non-storage SOP classes served and the DIMSE commands answered for each (PS3.4); storage SOP
+#: classes (C-STORE) come from pynetdicom's list. ``simral.web.route_rules.DIMSE_RULES`` covers them all.
+SERVICE_CLASSES: dict[str, tuple[str, ...]] = {
+    Verification: ("C-ECHO",),
+    **{uid: ("C-FIND",) for uid in FIND_MODELS},
+    **{uid: ("C-MOVE",) for uid in MOVE_MODELS},
+    **{uid: ("C-GET",) for uid in GET_MODELS},
+    StorageCommitmentPushModel: ("N-ACTION",),
+    ModalityPerformedProcedureStep: ("N-CREATE", "N-SET"),
+}
 _NO_SUCH_AE = "\x00no-registered-node"
 #: The acceptor picks the first of these the requestor proposes in a context (PS3.8 §9.3.3.2):
 #: explicit VR first (keeps VRs), then the other native syntaxes, then every encapsulated one.
@@ -260,14 +270,7 @@ class DimseService:
         ae.connection_timeout = 10
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True, scp_role=True)
-        for uid in (
-            Verification,
-            *FIND_MODELS,
-            *MOVE_MODELS,
-            *GET_MODELS,
-            StorageCommitmentPushModel,
-            ModalityPerformedProcedureStep,
-        ):
+        for uid in SERVICE_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES[:4])
         # Outgoing associations (C-MOVE sub-operations, N-EVENT-REPORT on a new association).
         ae.add_requested_context(StorageCommitmentPushModel)

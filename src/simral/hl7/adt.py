@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 #: Events that create or update an identity from PID (IHE PAM ITI-30 and ITI-31 movements).
 UPSERT_EVENTS = frozenset({"A01", "A04", "A05", "A08", "A28", "A31"})
 SUPPORTED_EVENTS = UPSERT_EVENTS | {"A40", "A47", "A24", "A37"}
+#: Order messages applied by :mod:`simral.hl7.orders` (ANS Téléradiologie, IHE SWF).
+ORDER_EVENTS = frozenset({("ORM", "O01"), ("OMI", "O23")})
+#: The CI-SIS "Transmission de documents CDA-R2 en HL7 v2" message (MSH-21 ``CISIS_CDA_HL7_V2``).
+DOCUMENT_EVENT = ("ORU", "R01")
 #: PID-32 codes (HL7 table 0445 as extended by PAM France) that give the identity status.
 STATUS_CODES = {"PROV": "PROV", "VIDE": "PROV", "VALI": "VALI", "RECUP": "RECUP", "QUAL": "QUAL"}
 #: PID-32 codes that are attributes of the identity (doubtful, fictitious, homonym).
@@ -564,11 +568,11 @@ def _parse(text: str, header: Header) -> Message:
     """Parse with hl7apy (tolerant validation: French Z-segments and extra fields are accepted)
     and check the message type, event and version this feed supports."""
     if header.message_type in ("ORM", "OMI"):
-        if (header.message_type, header.event) not in (("ORM", "O01"), ("OMI", "O23")):
+        if (header.message_type, header.event) not in ORDER_EVENTS:
             raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORM^O01, OMI^O23)", "MSH^1^9")
     elif header.message_type == "ORU" and CDA_DOCUMENT_PROFILE in _at(list(header.fields), 20):
         # A document for a request (CI-SIS "Transmission de documents CDA-R2 en HL7 v2").
-        if header.event != "R01":
+        if header.event != DOCUMENT_EVENT[1]:
             raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORU^R01)", "MSH^1^9")
     elif header.message_type == "MDM":
         # A report for the DMP (CI-SIS CDA-R2 in HL7 v2: T02 original, T10 replacement).

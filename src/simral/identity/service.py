@@ -474,6 +474,19 @@ def promote_session(row: WebSession, *, stage: str, organisation: str = "") -> N
     row.last_seen_at = now
 
 
+def renew_session(
+    session: Session, row: WebSession, *, stage: str, organisation: str = ""
+) -> tuple[str, WebSession]:
+    """Close the pending session ``row`` and open a full one in its place, with a new cookie secret
+    and CSRF token (OWASP Session Management: renew the session id when privileges change, so a
+    session id planted or seen before the second factor is worth nothing after it)."""
+    professional = session.get(Professional, row.professional_id) if row.professional_id else None
+    close_session(row)
+    secret, fresh = open_session(session, professional=professional, stage=stage, address=row.source_address)
+    promote_session(fresh, stage=stage, organisation=organisation)
+    return secret, fresh
+
+
 def switch_session_organisation(
     session: Session, row: WebSession, professional: Professional, *, organisation: str, principal: Principal
 ) -> Principal:

@@ -11,6 +11,7 @@ from simral.access.policy import AccessDenied
 from simral.context import AppContext
 from simral.lifecycle import service as lifecycle
 from simral.web.auth import request_principal
+from simral.web.params import RowId
 
 
 def mount_lifecycle_api(web: FastAPI, ctx: AppContext) -> None:
@@ -27,7 +28,7 @@ def mount_lifecycle_api(web: FastAPI, ctx: AppContext) -> None:
         return [{**row.__dict__, "items": dict(row.items)} for row in rows]
 
     @web.get("/api/retention/batches/{batch_id}")
-    def batch(request: Request, batch_id: int) -> dict[str, Any]:
+    def batch(request: Request, batch_id: RowId) -> dict[str, Any]:
         """A batch's items: study, scope, retention date, state."""
         principal = request_principal(request)
         try:
@@ -52,7 +53,7 @@ def mount_lifecycle_api(web: FastAPI, ctx: AppContext) -> None:
             raise HTTPException(404, "no such deletion batch, or no access") from None
 
     @web.post("/api/retention/batches/{batch_id}/approve")
-    def approve(request: Request, batch_id: int) -> dict[str, Any]:
+    def approve(request: Request, batch_id: RowId) -> dict[str, Any]:
         """Approve a proposed batch: its deletion jobs are queued."""
         principal = request_principal(request)
         try:

@@ -17,6 +17,7 @@ from simral.context import AppContext
 from simral.sharing import media
 from simral.sharing.deidentify import Deidentifier, DeidentifyOptions
 from simral.web.auth import request_principal
+from simral.web.params import RowId
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -39,7 +40,7 @@ def mount_sharing_api(web: FastAPI, ctx: AppContext) -> None:
         return export_response(ctx, request_principal(request), study_uid, deidentifier=deidentifier)
 
     @web.get("/deidentified-exports/{export_id}", include_in_schema=False)
-    def deidentified_export(request: Request, export_id: int) -> dict[str, Any]:
+    def deidentified_export(request: Request, export_id: RowId) -> dict[str, Any]:
         principal = request_principal(request)
         try:
             with ctx.db.unit_of_work() as session:

@@ -31,6 +31,7 @@ from simral.web.reading import mount_reading
 from simral.web.report_documents import mount_report_documents
 from simral.web.reports import mount_reports
 from simral.web.requests import mount_requests
+from simral.web.route_rules import install_openapi_security
 from simral.web.security_headers import SecurityHeaders
 from simral.web.shares import mount_patient_pages, mount_shares
 from simral.web.viewer import mount_viewer
@@ -84,4 +85,5 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_requests(web, ctx)
     mount_reports(web, ctx)  # before mount_reading: its /reading/tasks/{id}/{action} would match
     mount_reading(web, ctx)
+    install_openapi_security(web)
     return web

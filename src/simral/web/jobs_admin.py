@@ -20,6 +20,7 @@ from simral.jobs.models import STATES
 from simral.sharing import service as sharing
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import Language, lang_param, page, post_button, request_language, table, text_rows
+from simral.web.params import RowId
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -166,7 +167,7 @@ def mount_jobs_admin(web: FastAPI, ctx: AppContext) -> None:
         return page(request, text["title"], body, principal=principal)
 
     @web.post("/admin/jobs/{job_id}/{verb}")
-    async def job_action(request: Request, job_id: int, verb: str) -> Response:
+    async def job_action(request: Request, job_id: RowId, verb: str) -> Response:
         principal = request_principal(request)
         form = await request.form()
         check_form_csrf(request, str(form.get("csrf_token", "")))

@@ -27,7 +27,7 @@ from simral.access.policy import Principal, may_store
 from simral.archive.importing import ImportSummary, import_paths
 from simral.archive.reconciliation import Reconciler, ReconciliationError
 from simral.context import AppContext
-from simral.web.auth import request_principal
+from simral.web.auth import check_header_csrf, request_principal
 from simral.web.layout import Language, page, request_language
 
 #: Files one upload may carry (a CD holds a few thousand; larger media travel better as a ZIP).
@@ -202,7 +202,8 @@ def mount_media_import(web: FastAPI, ctx: AppContext) -> None:
 
     @web.post("/import")
     async def upload(request: Request) -> Response:
-        principal = request_principal(request)  # checks the X-CSRF-Token header of a session
+        principal = request_principal(request)
+        check_header_csrf(request)  # the X-CSRF-Token header of a session, whatever the body
         if not _may_import(principal):
             return JSONResponse({"error": "forbidden"}, status_code=403)
         form = await request.form(max_files=MAX_FILES, max_fields=20)

@@ -26,7 +26,7 @@ from simral.config import Settings
 from simral.context import AppContext
 from simral.identity import oidc
 from simral.identity import service as identity
-from simral.web.auth import client_address, session_cookie
+from simral.web.auth import client_address, safe_next_path, session_cookie
 from simral.web.layout import page, request_language
 
 PENDING_COOKIE = "simral_oidc"
@@ -122,9 +122,7 @@ def mount_oidc_login(web: FastAPI, ctx: AppContext) -> None:
             except oidc.OidcError as exc:
                 return failure(request, exc.reason)
         url, pending = oidc.begin_login(provider, discovery)
-        next_path = request.query_params.get("next", "/")
-        if not next_path.startswith("/") or next_path.startswith("//"):
-            next_path = "/"
+        next_path = safe_next_path(request.query_params.get("next", "/"))
         with ctx.db.unit_of_work() as session:
             secret, _row = identity.open_session(
                 session,

@@ -34,6 +34,7 @@ from simral.web.auth import (
     client_address,
     forget_cached_principals,
     request_principal,
+    safe_next_path,
     session_cookie,
 )
 from simral.web.layout import STYLE, Language, csrf_field, lang_param, page, request_language
@@ -244,9 +245,7 @@ ACTION_LABELS: Mapping[Language, Mapping[str, str]] = {
 
 def _safe_next(value: str) -> str:
     """Only same-site paths (no open redirect, CWE-601)."""
-    if not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
-    return value
+    return safe_next_path(value)
 
 
 def _secure(ctx: AppContext, request: Request) -> bool:
@@ -398,8 +397,10 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             )
             if accepted:
                 acting = identity.principal_for(session, professional, address=address, via="password+totp")
-                identity.promote_session(live, stage="mfa", organisation=acting.organisation)
                 next_path = _safe_next(str(row.pending.get("next", "/")))
+                secret, _fresh = identity.renew_session(
+                    session, live, stage="mfa", organisation=acting.organisation
+                )
             else:
                 identity.record_failure(professional)
                 if identity.is_locked(professional):
@@ -425,7 +426,9 @@ def mount_portal(web: FastAPI, ctx: AppContext) -> None:
             if fresh is None:
                 return RedirectResponse("/login", status_code=303)
             return second_factor_form(request, fresh, TEXT[request_language(request)]["bad_totp"], 401)
-        return RedirectResponse(next_path, status_code=303)
+        response = RedirectResponse(next_path, status_code=303)
+        session_cookie(response, secret, secure=_secure(ctx, request))
+        return response
 
     @web.get("/login/totp", response_class=HTMLResponse)
     def totp_page(request: Request) -> Response:

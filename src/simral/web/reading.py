@@ -41,6 +41,7 @@ from simral.web.layout import (
     table,
 )
 from simral.web.pages import viewer_url
+from simral.web.params import RowId
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -210,7 +211,7 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
     """Add ``/reading`` and ``/api/reading/tasks`` to ``web``."""
 
     @web.get("/reading/tasks/{task_id}/viewer")
-    def open_viewer(request: Request, task_id: int) -> Response:
+    def open_viewer(request: Request, task_id: RowId) -> Response:
         """The viewer on the task's study with the patient's earlier studies the radiologist may see
         (identity service: every identity of the person, every site; the access policy decides)."""
         principal = request_principal(request)
@@ -424,7 +425,7 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
                 tasks.reassign(session, task_id, login=login, principal=principal)
 
     @web.post("/reading/tasks/{task_id}/{action}")
-    async def task_action(request: Request, task_id: int, action: str) -> Response:
+    async def task_action(request: Request, task_id: RowId, action: str) -> Response:
         if action not in ("claim", "release", "reassign"):
             raise HTTPException(404, "no such action")
         principal, form = await _form(request)
@@ -449,7 +450,7 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         return {"tasks": [task_json(row, now=now) for row in rows]}
 
     @web.post("/api/reading/tasks/{task_id}/{action}")
-    async def api_task_action(request: Request, task_id: int, action: str) -> JSONResponse:
+    async def api_task_action(request: Request, task_id: RowId, action: str) -> JSONResponse:
         """Claim, release or reassign (``{"login": ...}``) one task; 409 when someone else changed
         it first."""
         if action not in ("claim", "release", "reassign"):

@@ -16,6 +16,7 @@ from simral.reading import reports
 from simral.reading.models import PUBLICATION_DONE, REPORT_SIGNED
 from simral.reading.pdf import pdf_of_instance
 from simral.web.auth import request_principal
+from simral.web.params import RowId
 
 
 def _not_found() -> Response:
@@ -44,7 +45,7 @@ def mount_report_documents(web: FastAPI, ctx: AppContext) -> None:
             return None
 
     @web.get("/reports/{report_id}/report.pdf")
-    def report_pdf(request: Request, report_id: int) -> Response:
+    def report_pdf(request: Request, report_id: RowId) -> Response:
         found = published(request, report_id)
         if found is None:
             return _not_found()
@@ -66,7 +67,7 @@ def mount_report_documents(web: FastAPI, ctx: AppContext) -> None:
         )
 
     @web.get("/reports/{report_id}/report.xml")
-    def report_cda(request: Request, report_id: int) -> Response:
+    def report_cda(request: Request, report_id: RowId) -> Response:
         found = published(request, report_id)
         if found is None or not found[0].get("cda"):
             return _not_found()

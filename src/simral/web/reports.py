@@ -43,6 +43,7 @@ from simral.reading.templates import TEMPLATES, is_ionising, suggest
 from simral.reading.worklist import local_timezone
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import Language, csrf_field, explicit_language, page, post_button, request_language
+from simral.web.params import RowId
 
 TEXT: Mapping[Language, Mapping[str, str]] = {
     "fr": {
@@ -741,7 +742,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return page(request, text["mine_title"], body, principal=principal)
 
     @web.get("/reading/tasks/{task_id}/report", response_class=HTMLResponse)
-    def report_page(request: Request, task_id: int, done: str = "") -> HTMLResponse:
+    def report_page(request: Request, task_id: RowId, done: str = "") -> HTMLResponse:
         principal = request_principal(request)
         text = TEXT[request_language(request)]
         return _report_page(request, principal, task_id, message=text[done] if done in DONE else "")
@@ -775,7 +776,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return report.task_id if report is not None else None
 
     @web.post("/reading/tasks/{task_id}/report")
-    async def start(request: Request, task_id: int) -> Response:
+    async def start(request: Request, task_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -796,7 +797,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return sections, dose, addendum
 
     @web.post("/reports/{report_id}/save")
-    async def save(request: Request, report_id: int) -> Response:
+    async def save(request: Request, report_id: RowId) -> Response:
         principal, form = await _form(request)
         task_id = _task_of(report_id)
         sections, dose, addendum = _draft_values(form)
@@ -821,7 +822,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return reports.sign_report(session, report_id, principal, totp_code=code)
 
     @web.post("/reports/{report_id}/sign")
-    async def sign(request: Request, report_id: int) -> Response:
+    async def sign(request: Request, report_id: RowId) -> Response:
         principal, form = await _form(request)
         text = TEXT[request_language(request)]
         task_id = _task_of(report_id)
@@ -843,7 +844,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(request, task_id, done="signed")
 
     @web.post("/reports/{report_id}/addendum")
-    async def addendum(request: Request, report_id: int) -> Response:
+    async def addendum(request: Request, report_id: RowId) -> Response:
         principal, _ = await _form(request)
         task_id = _task_of(report_id)
         try:
@@ -854,7 +855,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(request, task_id)
 
     @web.post("/reading/tasks/{task_id}/opinions")
-    async def ask(request: Request, task_id: int) -> Response:
+    async def ask(request: Request, task_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -870,7 +871,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(request, task_id, done="opinion_sent")
 
     @web.post("/opinions/{opinion_id}/answer")
-    async def answer(request: Request, opinion_id: int) -> Response:
+    async def answer(request: Request, opinion_id: RowId) -> Response:
         principal, form = await _form(request)
         with ctx.db.reading() as session:
             opinion = session.get(SecondOpinion, opinion_id)
@@ -895,7 +896,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
         return JSONResponse({"error": str(exc)}, status_code=_error_status(exc))
 
     @web.post("/api/reading/tasks/{task_id}/report")
-    async def api_start(request: Request, task_id: int) -> JSONResponse:
+    async def api_start(request: Request, task_id: RowId) -> JSONResponse:
         """Start (or get) the report of a held task: ``{"template": "ct-head"}``."""
         principal = request_principal(request)
         payload = await _json(request)
@@ -907,7 +908,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return _api_error(exc)
 
     @web.get("/api/reports/{report_id}")
-    def api_report(request: Request, report_id: int) -> JSONResponse:
+    def api_report(request: Request, report_id: RowId) -> JSONResponse:
         """One report version."""
         principal = request_principal(request)
         try:
@@ -917,7 +918,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return _api_error(exc)
 
     @web.get("/api/reports/{report_id}/history")
-    def api_history(request: Request, report_id: int) -> JSONResponse:
+    def api_history(request: Request, report_id: RowId) -> JSONResponse:
         """Every version of the report, oldest first."""
         principal = request_principal(request)
         try:
@@ -930,7 +931,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return _api_error(exc)
 
     @web.post("/api/reports/{report_id}/draft")
-    async def api_draft(request: Request, report_id: int) -> JSONResponse:
+    async def api_draft(request: Request, report_id: RowId) -> JSONResponse:
         """Autosave: ``{"indications", "technique", "results", "conclusion", "dose": {...}, "addendum"}``."""
         principal = request_principal(request)
         payload = await _json(request)
@@ -947,7 +948,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return _api_error(exc)
 
     @web.post("/api/reports/{report_id}/sign")
-    async def api_sign(request: Request, report_id: int) -> JSONResponse:
+    async def api_sign(request: Request, report_id: RowId) -> JSONResponse:
         """Sign with re-authentication: ``{"totp_code": "123456"}``; 401 when the code is refused."""
         principal = request_principal(request)
         payload = await _json(request)
@@ -964,7 +965,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return JSONResponse(report_json(reports.get_or_raise(session, report_id)))
 
     @web.post("/api/reports/{report_id}/addendum")
-    def api_addendum(request: Request, report_id: int) -> JSONResponse:
+    def api_addendum(request: Request, report_id: RowId) -> JSONResponse:
         """A new draft version completing the signed report."""
         principal = request_principal(request)
         try:
@@ -976,7 +977,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return _api_error(exc)
 
     @web.post("/api/reading/tasks/{task_id}/second-opinions")
-    async def api_ask(request: Request, task_id: int) -> JSONResponse:
+    async def api_ask(request: Request, task_id: RowId) -> JSONResponse:
         """Ask a colleague of the group: ``{"requested_of": login, "question": text}``."""
         principal = request_principal(request)
         payload = await _json(request)
@@ -1001,7 +1002,7 @@ def mount_reports(web: FastAPI, ctx: AppContext) -> None:
             return {"opinions": [opinion_json(o) for o in reports.opinions_asked_of(session, principal)]}
 
     @web.post("/api/second-opinions/{opinion_id}/answer")
-    async def api_answer(request: Request, opinion_id: int) -> JSONResponse:
+    async def api_answer(request: Request, opinion_id: RowId) -> JSONResponse:
         """Answer an opinion asked of the caller: ``{"answer": text}``."""
         principal = request_principal(request)
         payload = await _json(request)

@@ -54,6 +54,7 @@ from simral.reading.service import PatientRef, ReadingError, RequestDetails
 from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import Language, csrf_field, display_date, lang_param, page, request_language, table
+from simral.web.params import RowId
 
 try:
     LOCAL_TIME = ZoneInfo("Europe/Paris")
@@ -875,7 +876,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(f"/requests/{request_id}", request, "created")
 
     @web.get("/requests/{request_id}", response_class=HTMLResponse)
-    def request_page(request: Request, request_id: int) -> HTMLResponse:
+    def request_page(request: Request, request_id: RowId) -> HTMLResponse:
         principal = request_principal(request)
         language = request_language(request)
         text = TEXT[language]
@@ -969,7 +970,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         return page(request, title, body, principal=principal)
 
     @web.get("/requests/{request_id}/documents/{document_id}")
-    def request_document(request: Request, request_id: int, document_id: int) -> Response:
+    def request_document(request: Request, request_id: RowId, document_id: RowId) -> Response:
         principal = request_principal(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -999,7 +1000,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
     # ------------------------------------------------------------------------ actions
 
     @web.post("/requests/{request_id}/accept")
-    async def accept(request: Request, request_id: int) -> Response:
+    async def accept(request: Request, request_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -1011,7 +1012,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(f"/requests/{request_id}", request, "accepted")
 
     @web.post("/requests/{request_id}/refuse")
-    async def refuse(request: Request, request_id: int) -> Response:
+    async def refuse(request: Request, request_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -1023,7 +1024,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(f"/requests/{request_id}", request, "refused")
 
     @web.post("/requests/{request_id}/subspecialty")
-    async def subspecialty(request: Request, request_id: int) -> Response:
+    async def subspecialty(request: Request, request_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
@@ -1035,7 +1036,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         return _redirect(f"/requests/{request_id}", request, "subspecialty")
 
     @web.post("/requests/{request_id}/cancel")
-    async def cancel(request: Request, request_id: int) -> Response:
+    async def cancel(request: Request, request_id: RowId) -> Response:
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:

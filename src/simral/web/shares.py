@@ -27,6 +27,7 @@ from simral.context import AppContext
 from simral.sharing import service as sharing
 from simral.web.auth import SHARE_COOKIE, check_form_csrf, forget_cached_principals, request_principal
 from simral.web.layout import Language, csrf_field, display_date, page, post_button, request_language, table
+from simral.web.params import RowId
 from simral.web.viewer import VIEWER_PATH
 
 DURATIONS: Mapping[str, timedelta] = {
@@ -295,14 +296,14 @@ def mount_shares(web: FastAPI, ctx: AppContext) -> None:
         return RedirectResponse("/shares", status_code=303)
 
     @web.post("/shares/{share_id}/revoke")
-    async def revoke_share(request: Request, share_id: int) -> Response:
+    async def revoke_share(request: Request, share_id: RowId) -> Response:
         return await _revoke_and_return(
             request,
             lambda session, principal: sharing.revoke_share(session, principal=principal, share_id=share_id),
         )
 
     @web.post("/links/{link_id}/revoke")
-    async def revoke_link(request: Request, link_id: int) -> Response:
+    async def revoke_link(request: Request, link_id: RowId) -> Response:
         return await _revoke_and_return(
             request,
             lambda session, principal: sharing.revoke_link(session, principal=principal, link_id=link_id),

@@ -55,6 +55,7 @@ from simral.web.layout import (
     table,
 )
 from simral.web.pages import viewer_url
+from simral.web.params import RowId
 
 #: A stated reason is required for every decision; shorter than this is not a reason.
 REASON_MIN = 5
@@ -745,7 +746,7 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
         return principal, {k: str(v).strip()[:REASON_MAX] for k, v in form.items() if isinstance(v, str)}
 
     @web.post("/identities/vigilance/{case_id:int}")
-    async def decide(request: Request, case_id: int) -> Response:
+    async def decide(request: Request, case_id: RowId) -> Response:
         """Take a decision on a case (with its reason); the service acts and audits."""
         principal, form = await posted(request)
         text = TEXT[request_language(request)]
@@ -889,7 +890,7 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
         return render_changes(request, principal, notice=done_notice(request))
 
     @web.post("/identities/changes/{change_id:int}/undo")
-    async def undo(request: Request, change_id: int) -> Response:
+    async def undo(request: Request, change_id: RowId) -> Response:
         """Undo a change (unmerge, unlink...), with a stated reason; the service audits it."""
         principal, form = await posted(request)
         text = TEXT[request_language(request)]
@@ -912,7 +913,7 @@ def mount_vigilance(web: FastAPI, ctx: AppContext) -> None:
     # ------------------------------------------------------------------ one identity
 
     @web.get("/identities/{identity_id:int}", response_class=HTMLResponse)
-    def identity_page(request: Request, identity_id: int) -> HTMLResponse:
+    def identity_page(request: Request, identity_id: RowId) -> HTMLResponse:
         """An identity, the identities linked to it, and the person's studies the viewer may see."""
         principal = request_principal(request)
         language = request_language(request)

@@ -180,7 +180,7 @@ def parse_message(content_type: str, body: bytes) -> tuple[etree._Element, dict[
     """A SOAP message, MTOM-packaged or plain: the envelope and the attachments by Content-ID (no
     brackets). ``xop:Include`` elements are left in place (callers resolve them by ``href``)."""
     media, params = parse_options_header(content_type)
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
     if media != b"multipart/related":
         try:
             return etree.fromstring(body, parser), {}

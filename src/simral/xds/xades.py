@@ -148,6 +148,7 @@ def sign_documents(
 
 def signing_time(signature_document: bytes) -> dt.datetime | None:
     """The XAdES SigningTime of a signature document, if present."""
-    root = etree.fromstring(signature_document)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    root = etree.fromstring(signature_document, parser)
     text = root.findtext(f".//{{{XADES}}}SigningTime")
     return dt.datetime.fromisoformat(text) if text else None
