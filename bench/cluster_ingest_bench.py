@@ -267,13 +267,22 @@ CONFIGURATIONS: tuple[tuple[str, int, bool], ...] = (
 )
 
 
-def _median_run(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    """The run with the median throughput of ``kind`` (the upper one of an even count)."""
-    ordered = sorted(runs, key=lambda r: r[kind]["instances_per_s"])
-    return dict(ordered[len(ordered) // 2][kind])
+def _combine(runs: list[dict[str, Any]], kind: str, instances: int, mb: float) -> dict[str, Any]:
+    """The mean time over the runs of a configuration, its rates and the mean CPU accounts."""
+    seconds = sum(r[kind]["seconds"] for r in runs) / len(runs)
+    out: dict[str, Any] = {
+        "seconds": round(seconds, 3),
+        "instances_per_s": round(instances / seconds, 1),
+        "mb_per_s": round(mb / seconds, 1),
+        "runs_s": [r[kind]["seconds"] for r in runs],
+    }
+    if "cpu_s" in runs[0][kind]:
+        keys = runs[0][kind]["cpu_s"]
+        out["cpu_s"] = {k: round(sum(r[kind]["cpu_s"][k] for r in runs) / len(runs), 2) for k in keys}
+    return out
 
 
-def print_table(report: dict[str, Any], corpus: Corpus) -> None:
+def print_table(report: dict[str, Any]) -> None:
     results = report["results"]
     print()
     header = f"{'configuration':<44} {'small inst/s':>12} {'MB/s':>6} {'CT inst/s':>10} {'MB/s':>6}"
@@ -295,13 +304,22 @@ def print_table(report: dict[str, Any], corpus: Corpus) -> None:
                 f"{ct['instances_per_s']:>10.1f} {ct['mb_per_s']:>6.1f}"
             )
     print()
+    print("CPU ms per small instance (process trees; 'other': work not started by this benchmark):")
+    for name, label in labels.items():
+        cpu = results.get(name, {}).get("small", {}).get("cpu_s")
+        if cpu:
+            n = report["corpus"]["instances"]["small"]
+            parts = ", ".join(f"{k} {1000 * v / n:.1f}" for k, v in cpu.items())
+            print(f"  {label:<42} {parts}")
+    print()
     for title, ratio in report["ratios"].items():
         target = "  (target >= 1.7)" if title.startswith("2 nodes") else ""
         print(f"{title:<58} small {ratio['small']:.2f}   CT {ratio['ct']:.2f}{target}")
     print(
-        f"\ncorpus: {len(corpus.small)} small 64x64 instances ({corpus.mb(corpus.small):.1f} MB), "
-        f"{len(corpus.ct)} CT 256x256 slices ({corpus.mb(corpus.ct):.1f} MB); {SENDERS} concurrent storescu; "
-        f"median of {report['sizes']['repeats']} run(s) per simral configuration"
+        f"\ncorpus: {report['corpus']['instances']['small']} small 64x64 instances "
+        f"({report['corpus']['mb']['small']} MB), {report['corpus']['instances']['ct']} CT 256x256 slices "
+        f"({report['corpus']['mb']['ct']} MB); {SENDERS} concurrent storescu; "
+        f"mean time of {report['sizes']['repeats']} run(s) per simral configuration"
     )
 
 
@@ -329,6 +347,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
         corpus = build_corpus(args.corpus_dir or work / "corpus", sizes)
+        sets = {"small": corpus.small, "ct": corpus.ct}
+        counts = {k: len(v) for k, v in sets.items()}
+        megabytes = {k: corpus.mb(v) for k, v in sets.items()}
+        report["corpus"] = {"instances": counts, "mb": {k: round(v, 1) for k, v in megabytes.items()}}
         with (
             PostgresServer(max_connections=200) as pg,
             SeaweedS3() as s3,
@@ -355,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sink_run[kind] = {
                     "seconds": round(seconds, 3),
                     "instances_per_s": round(len(files) / seconds, 1),
-                    "mb_per_s": round(corpus.mb(files) / seconds, 1),
+                    "mb_per_s": round(megabytes[kind] / seconds, 1),
                 }
             runs["sink"] = [sink_run]
     finally:
@@ -363,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    results = {name: {k: _median_run(r, k) for k in ("small", "ct")} for name, r in runs.items()}
+    results = {name: {k: _combine(r, k, counts[k], megabytes[k]) for k in sets} for name, r in runs.items()}
     report["runs"] = runs
     report["results"] = results
 
@@ -383,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     foreign = max(0.0, (_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (_own_cpu_seconds() - own0))
     report["elapsed_s"] = round(elapsed, 1)
     report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print_table(report, corpus)
+    print_table(report)
     print(
         f"run time {elapsed:.0f} s; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
     )
