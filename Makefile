@@ -92,6 +92,8 @@ bench: install test-deps
 	$(BIN)/python bench/dimse_bench.py
 	$(BIN)/python bench/dicomweb_bench.py
 	$(BIN)/python bench/viewer_bench.py
+	$(BIN)/python bench/index_scale_bench.py
+	$(BIN)/python bench/cluster_ingest_bench.py
 
 # Regenerate the lock file from pyproject.toml (developers only; needs `uv`).
 lock:
