@@ -430,22 +430,25 @@ def run(
             query = query.limit(limit)
     skipped = 0
     produced = 0
-    for row in session.execute(query).yield_per(500):
-        result = _result(level, row)
-        if query_plan.post_filters and not all(
-            match.matches(json_text(_lookup(result, tag))) for tag, match in query_plan.post_filters
-        ):
-            continue
-        if not sql_paging:
-            if skipped < offset:
-                skipped += 1
+    for partition in session.execute(query).yield_per(500).partitions():
+        results = [_result(level, row) for row in partition]
+        if coercion.useful:  # the stored identities of the page, in one query
+            coercion.prefetch(r.study.id for r in results if r.study is not None)
+        for result in results:
+            if query_plan.post_filters and not all(
+                match.matches(json_text(_lookup(result, tag))) for tag, match in query_plan.post_filters
+            ):
                 continue
-            if limit is not None and produced >= limit:
-                return
-        produced += 1
-        if result.study is not None and coercion.useful:
-            result.shown_identity = coercion.for_study(result.study.id)
-        yield result
+            if not sql_paging:
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                if limit is not None and produced >= limit:
+                    return
+            produced += 1
+            if result.study is not None and coercion.useful:
+                result.shown_identity = coercion.for_study(result.study.id)
+            yield result
 
 
 def _result(level: Level, row: Any) -> Result:

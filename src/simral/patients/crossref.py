@@ -15,6 +15,7 @@ Two uses, both read-only:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from simral.patients.models import AssigningAuthority, PatientIdentity, StudyIdentity
-from simral.patients.service import effective_identity, identity_for_organisation
+from simral.patients.service import effective_identity, identity_in_authority, organisation_authority_id
 
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
@@ -118,11 +119,23 @@ def person_studies(identity: PatientIdentity) -> Select:  # type: ignore[type-ar
     )
 
 
+@dataclass(frozen=True)
+class _StoredIdentity:
+    """The identity a study was stored under, as much as coercion needs of it."""
+
+    id: int
+    person_id: int
+    authority_id: int
+    active: bool
+
+
 class Coercion:
     """The patient identifier each returned study is to show one query's asker (cached per person).
 
     ``named`` is the identity the query named, if any; ``organisation`` the asker's organisation.
-    A study stored under an active identity of the target authority is shown as stored.
+    A study stored under an active identity of the target authority is shown as stored. The stored
+    identities of a page of studies are read in one query (:meth:`prefetch`), the asker's authority
+    once.
     """
 
     def __init__(self, session: Session, *, named: PatientIdentity | None, organisation: str) -> None:
@@ -131,11 +144,23 @@ class Coercion:
         self.organisation = organisation
         self._by_person: dict[int, PatientIdentity | None] = {}
         self._authorities: dict[int, AssigningAuthority | None] = {}
+        self._stored: dict[int, _StoredIdentity | None] = {}
+        self._own_authority: int | None = None
+        self._own_resolved = False
 
     @property
     def useful(self) -> bool:
         """Whether anything can be coerced at all (a named identity or an asking organisation)."""
         return self.named is not None or bool(self.organisation)
+
+    def _own_authority_id(self) -> int | None:
+        """The authority of the asking organisation's patient IDs (looked up once)."""
+        if not self._own_resolved:
+            self._own_authority = (
+                organisation_authority_id(self.session, self.organisation) if self.organisation else None
+            )
+            self._own_resolved = True
+        return self._own_authority
 
     def _target(self, person_id: int) -> PatientIdentity | None:
         if person_id not in self._by_person:
@@ -143,8 +168,11 @@ class Coercion:
             if self.named is not None and self.named.person_id == person_id:
                 target = self.named
             elif self.organisation:
-                target = identity_for_organisation(
-                    self.session, person_id=person_id, organisation_code=self.organisation
+                own = self._own_authority_id()
+                target = (
+                    identity_in_authority(self.session, person_id=person_id, authority_id=own)
+                    if own is not None
+                    else None
                 )
             self._by_person[person_id] = target
         return self._by_person[person_id]
@@ -154,21 +182,44 @@ class Coercion:
             self._authorities[authority_id] = self.session.get(AssigningAuthority, authority_id)
         return self._authorities[authority_id]
 
+    def prefetch(self, study_pks: Iterable[int]) -> None:
+        """Read the stored identities of these studies in one query (a page of query results)."""
+        missing = [pk for pk in dict.fromkeys(study_pks) if pk not in self._stored]
+        if not missing or not self.useful:
+            return
+        for study_pk, identity_id, person_id, authority_id, merged_into in self.session.execute(
+            select(
+                StudyIdentity.study_pk,
+                PatientIdentity.id,
+                PatientIdentity.person_id,
+                PatientIdentity.authority_id,
+                PatientIdentity.merged_into_id,
+            )
+            .join(PatientIdentity, PatientIdentity.id == StudyIdentity.identity_id)
+            .where(StudyIdentity.study_pk.in_(missing))
+        ):
+            self._stored[study_pk] = _StoredIdentity(
+                identity_id, person_id, authority_id, merged_into is None
+            )
+        for pk in missing:
+            self._stored.setdefault(pk, None)
+
     def for_study(self, study_pk: int) -> ShownIdentity | None:
         """The identifier to show for this study, or None to show the stored one."""
         if not self.useful:
             return None
-        stored = self.session.scalar(
-            select(PatientIdentity)
-            .join(StudyIdentity, StudyIdentity.identity_id == PatientIdentity.id)
-            .where(StudyIdentity.study_pk == study_pk)
-        )
+        if study_pk not in self._stored:
+            self.prefetch([study_pk])
+        stored = self._stored[study_pk]
         if stored is None:
             return None
+        named_person = self.named is not None and self.named.person_id == stored.person_id
+        if not named_person and stored.active and stored.authority_id == self._own_authority_id():
+            return None  # stored under an active identity of the asker's own authority: shown as stored
         target = self._target(stored.person_id)
         if target is None or target.id == stored.id:
             return None
-        if stored.merged_into_id is None and stored.authority_id == target.authority_id:
+        if stored.active and stored.authority_id == target.authority_id:
             return None  # two active identities of one authority: each study keeps its own
         authority = self._authority(target.authority_id)
         if authority is None:

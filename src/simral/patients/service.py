@@ -390,6 +390,11 @@ def identity_for_organisation(
     authority_id = organisation_authority_id(session, organisation_code)
     if authority_id is None:
         return None
+    return identity_in_authority(session, person_id=person_id, authority_id=authority_id)
+
+
+def identity_in_authority(session: Session, *, person_id: int, authority_id: int) -> PatientIdentity | None:
+    """The person's active identity in an assigning authority (the first, when several)."""
     return session.scalar(
         select(PatientIdentity)
         .where(
