@@ -297,25 +297,32 @@ def viewer_loop(
         return r
 
     with httpx.Client(timeout=60, trust_env=False, headers=headers) as client:
-        while think():
+
+        def browse() -> None:
             patient = rng.choice(site.patients)
             r = get("qido-studies", f"{root}/studies", params={"PatientID": patient})
             if r is None or r.status_code == 204 or not r.json() or not think():
-                continue
+                return
             study = rng.choice(r.json())["0020000D"]["Value"][0]
             r = get("qido-series", f"{root}/studies/{study}/series")
             if r is None or r.status_code == 204 or not think():
-                continue
+                return
             series = r.json()[0]["0020000E"]["Value"][0]
             r = get("wado-metadata", f"{root}/studies/{study}/series/{series}/metadata")
             if r is None or not think():
-                continue
+                return
             for instance in r.json():
                 sop = instance["00080018"]["Value"][0]
                 url = f"{root}/studies/{study}/series/{series}/instances/{sop}/frames/1"
                 frame = get("wado-frame", url, headers={"Accept": FRAMES_ACCEPT})
                 if frame is not None and not frame.content:
                     rec.error("wado-frame", "empty body")
+
+        while think():
+            try:
+                browse()
+            except (ValueError, LookupError) as exc:  # an answer without what a viewer needs
+                rec.error("viewer-answer", repr(exc))
 
 
 # --------------------------------------------------------------------------------------------- HL7
@@ -376,7 +383,7 @@ def hl7_loop(
             t0 = time.perf_counter()
             try:
                 ack = client.exchange(message)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a block that is not MLLP-framed UTF-8
                 client.close()
                 rec.error(op, repr(exc))
                 continue
@@ -414,6 +421,18 @@ def order_message(n: int) -> tuple[str, bytes]:
         study_uid=study_uid,
     )
     return f"hl7 OMI^O23 {control}", message
+
+
+def guarded(rec: Recorder, loop: Callable[..., None]) -> Callable[..., None]:
+    """``loop`` as a thread target: an unexpected exception ending it early is an error too."""
+
+    def target(*args: Any) -> None:
+        try:
+            loop(*args)
+        except Exception as exc:
+            rec.error(f"thread {loop.__name__}", repr(exc))
+
+    return target
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -625,7 +644,7 @@ def run(args: argparse.Namespace) -> Outcome:
             stop = threading.Event()
             threads = [
                 threading.Thread(
-                    target=store_loop,
+                    target=guarded(rec, store_loop),
                     args=(
                         site,
                         simral.dicom_port,
@@ -641,7 +660,7 @@ def run(args: argparse.Namespace) -> Outcome:
             ]
             threads += [
                 threading.Thread(
-                    target=viewer_loop,
+                    target=guarded(rec, viewer_loop),
                     args=(
                         v,
                         simral.dicomweb_url,
@@ -657,10 +676,11 @@ def run(args: argparse.Namespace) -> Outcome:
             ]
             threads += [
                 threading.Thread(
-                    target=hl7_loop, args=("adt", simral.hl7_port, rates.adt_interval, adt_message, rec, stop)
+                    target=guarded(rec, hl7_loop),
+                    args=("adt", simral.hl7_port, rates.adt_interval, adt_message, rec, stop),
                 ),
                 threading.Thread(
-                    target=hl7_loop,
+                    target=guarded(rec, hl7_loop),
                     args=("orders", simral.hl7_port, rates.order_interval, order_message, rec, stop),
                 ),
             ]
