@@ -95,6 +95,13 @@ bench: install test-deps
 	$(BIN)/python bench/index_scale_bench.py
 	$(BIN)/python bench/cluster_ingest_bench.py
 
+# Sustained mixed load (issue 10): 10 minutes of C-STORE from 4 sites, 10 DICOMweb viewer sessions and
+# HL7 ADT/order traffic on one simral; fails on any error, a /metrics total that differs from the
+# clients' counts, or RSS growth above the bound. Not part of `make test`. LOAD_ARGS=--quick: 2 minutes.
+.PHONY: load
+load: install
+	$(BIN)/python bench/mixed_load.py $(LOAD_ARGS)
+
 # Regenerate the lock file from pyproject.toml (developers only; needs `uv`).
 lock:
 	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
