@@ -146,6 +146,13 @@ class Settings:
     reading_escalate_minutes: int = 30
     #: Seconds between two looks for arrived studies, ready tasks and deadlines.
     reading_check_seconds: float = 2.0
+    # --- staging sweep (DESIGN.md §3; :mod:`simral.storage.staging`) ---
+    #: Seconds between two sweeps of the staging folder; each publishes the indexed blobs the store
+    #: could not take at ingest (a store outage) once they are this old.
+    staging_sweep_seconds: float = 5.0
+    #: Staged copies the index does not know (an ingest that failed or died) are deleted once
+    #: untouched for this many seconds (longer than any ingest takes between staging and commit).
+    staging_orphan_seconds: float = 30.0
     # --- jobs ---
     #: Seconds a claimed job stays reserved to the node that claimed it; a node that dies leaves its
     #: jobs to the others once this passes (DESIGN.md §5). Longer than the slowest job.

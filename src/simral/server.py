@@ -29,8 +29,6 @@ from simral.web.auth import check_http_exposure
 
 log = logging.getLogger(__name__)
 
-RECOVERY_PERIOD = 30.0
-
 
 class _HttpServer(uvicorn.Server):
     """uvicorn server whose SIGINT/SIGTERM ends ``serve`` normally (exit status 0).
@@ -59,10 +57,13 @@ class _HttpServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def _recovery_loop(ctx: object, stop: threading.Event) -> None:
-    while not stop.wait(RECOVERY_PERIOD):
+def _recovery_loop(ctx: AppContext, stop: threading.Event) -> None:
+    """Sweep the staging folder: publish what the store missed, drop what the index never took."""
+    settings = ctx.settings
+    period = max(settings.staging_sweep_seconds, 0.1)
+    while not stop.wait(period):
         try:
-            recover_staged(ctx, older_than=RECOVERY_PERIOD)  # type: ignore[arg-type]
+            recover_staged(ctx, older_than=max(settings.staging_orphan_seconds, 1.0), publish_after=period)
         except Exception as exc:
             log.error("staging recovery sweep failed: %s", exc)
 

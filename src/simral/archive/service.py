@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 
 from sqlalchemy import Select, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from simral.access.policy import (
@@ -53,6 +53,11 @@ from simral.storage.staging import Staging
 log = logging.getLogger(__name__)
 
 Outcome = Literal["stored", "duplicate", "duplicate-conflict", "replaced", "rejected"]
+
+#: The index cannot be reached or written (server down, connection lost, disk full): a transient
+#: failure, answered "Refused: Out of Resources" (PS3.4 B.2.3 status A700) so the sender retries.
+INDEX_UNAVAILABLE = (OperationalError, InterfaceError)
+OUT_OF_RESOURCES = 0xA700
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ def _index_one(
             ctx, header, existing_sha=row[0], new_sha=candidate.stored.sha256, principal=principal
         )
         return decided or IngestResult.of(header, "duplicate", 0x0000)
+    except INDEX_UNAVAILABLE:
+        raise  # the commit's outcome is unknown: the staged copy is left to the recovery sweep
     except BaseException:
         staging.discard(candidate.stored.key)
         raise
@@ -282,7 +289,17 @@ def ingest_files(
     started = time.perf_counter()
     outcomes: list[str] = ["error"] * len(items)
     try:
-        results = _ingest_files(ctx, items, principal=principal, source=source, move=move)
+        try:
+            results = _ingest_files(ctx, items, principal=principal, source=source, move=move)
+        except INDEX_UNAVAILABLE as exc:
+            log.error(
+                "index unavailable, %d instance(s) from %s refused: %s",
+                len(items),
+                source or principal.audit_name,
+                type(exc).__name__,
+            )
+            reason = "archive index temporarily unavailable"
+            results = [IngestResult("rejected", OUT_OF_RESOURCES, reason=reason) for _ in items]
         outcomes = [r.outcome for r in results]
         return results
     finally:
@@ -333,6 +350,10 @@ def _ingest_files(
                 ]
         except IntegrityError:
             pass  # a concurrent store of one of them: fall back to one transaction each
+        except INDEX_UNAVAILABLE:
+            # The connection may have died after the server committed: the staged copies stay,
+            # and the recovery sweep publishes those the index holds and drops the others.
+            raise
         except BaseException:
             for key in keys:
                 staging.discard(key)
@@ -1029,14 +1050,17 @@ def local_copy(ctx: AppContext, key: str) -> Iterator[Path]:
             os.unlink(name)
 
 
-def recover_staged(ctx: AppContext, *, older_than: float = 0.0) -> tuple[int, int]:
-    """Finish or undo ingests interrupted by a crash (see :mod:`simral.storage.staging`)."""
+def recover_staged(
+    ctx: AppContext, *, older_than: float = 0.0, publish_after: float | None = None
+) -> tuple[int, int]:
+    """Finish or undo ingests interrupted by a crash, and publish what an unreachable store could
+    not take (see :mod:`simral.storage.staging`)."""
 
     def indexed(key: str) -> bool:
         with ctx.db.reading() as session:
             return is_indexed(session, key)
 
-    return Staging(ctx.store).recover(indexed, older_than=older_than)
+    return Staging(ctx.store).recover(indexed, older_than=older_than, publish_after=publish_after)
 
 
 def get_instance(session: Session, *, principal: Principal, sop_uid: str) -> StoredInstance | None:

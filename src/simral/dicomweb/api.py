@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections import deque
 from typing import Any
 
@@ -38,9 +39,12 @@ from simral.dicomweb.multipart import (
     request_boundary,
 )
 from simral.dmp import drimm
+from simral.storage.base import StoreUnavailable
 from simral.web.auth import SESSION_COOKIE, client_address, request_principal
 
 DICOM_JSON = "application/dicom+json"
+log = logging.getLogger(__name__)
+
 PREFIX = "/dicom-web"
 #: Batches of one STOW-RS request ingested at the same time.
 STOW_CONCURRENCY = 2
@@ -93,6 +97,13 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
     @web.exception_handler(DicomwebError)
     async def _dicomweb_error(request: Request, exc: DicomwebError) -> Response:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @web.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
+        log.error("store unavailable: %s", exc)
+        return JSONResponse(
+            {"error": "the archive store is unavailable"}, status_code=503, headers={"Retry-After": "10"}
+        )
 
     @web.exception_handler(AccessDenied)
     async def _denied(request: Request, exc: AccessDenied) -> Response:
@@ -211,9 +222,10 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
                     406, f"instance {instance.sop_uid} cannot be sent in any of {', '.join(acceptable)}"
                 )
             plan.append((instance, target))
+        first = wado.first_part(ctx, plan) if plan else None  # StoreUnavailable: 503 (above)
         boundary = new_boundary()
         return StreamingResponse(
-            wado.instances_body(ctx, boundary, plan),
+            wado.instances_body(ctx, boundary, plan, first=first),
             media_type=content_type_header("application/dicom", boundary),
         )
 
@@ -408,6 +420,14 @@ def mount_dicomweb(web: FastAPI, ctx: AppContext) -> None:
             if not outcome.referenced and not outcome.failed:
                 raise DicomwebError(400, str(exc)) from None
             outcome.fail(stow.PROCESSING_FAILURE)
+        except OSError as exc:
+            # A part could not be spooled (disk full): what was received whole is still stored,
+            # the rest is refused "Out of Resources" (PS3.18 10.5.3, PS3.4 B.2.3 A700).
+            log.error("STOW-RS part could not be written: %s", exc.strerror or exc)
+            spooler.discard()
+            launch([], at_least=1)
+            await collect(0)
+            outcome.fail(stow.OUT_OF_RESOURCES)
         except BaseException:
             spooler.discard()
             for part in waiting:

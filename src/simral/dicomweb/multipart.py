@@ -160,8 +160,8 @@ class PartSpooler:
     def feed(self, chunk: bytes) -> None:
         try:
             self._parser.write(chunk)
-        except MultipartError:
-            raise
+        except (MultipartError, OSError):
+            raise  # OSError: a part could not be written (disk full), not a malformed body
         except Exception as exc:
             raise MultipartError(f"malformed multipart body: {exc}") from exc
 

@@ -18,6 +18,7 @@ from simral.dicomweb.multipart import ReceivedPart
 #: PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure and warning reasons used here.
 PROCESSING_FAILURE = 0x0110
 MEDIA_TYPE_REFUSED = 0x0122  # SOP class (here: part media type) not supported
+OUT_OF_RESOURCES = 0xA700  # the archive could not write the part (PS3.4 B.2.3)
 
 
 @dataclass

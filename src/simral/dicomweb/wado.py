@@ -79,17 +79,39 @@ def _load_part(ctx: AppContext, instance: StoredInstance, target: str) -> bytes 
     return read_whole(ctx, instance.blob_key)
 
 
+def first_part(ctx: AppContext, plan: Sequence[tuple[StoredInstance, str]]) -> bytes | None:
+    """The first part's bytes, read before the status line is sent so that a store outage is
+    answered 503 rather than a 200 that breaks off (PS3.18 8.6; None: streamed, but reachable).
+    Raises OSError (:class:`~simral.storage.base.StoreUnavailable` for an unreachable store)."""
+    instance, target = plan[0]
+    data = _load_part(ctx, instance, target)
+    if data is None:
+        open_blob(ctx, instance.blob_key).close()
+    return data
+
+
 async def instances_body(
-    ctx: AppContext, boundary: str, plan: Sequence[tuple[StoredInstance, str]]
+    ctx: AppContext,
+    boundary: str,
+    plan: Sequence[tuple[StoredInstance, str]],
+    *,
+    first: bytes | None = None,
 ) -> AsyncIterator[bytes]:
     """multipart/related of ``application/dicom`` parts, each in its chosen transfer syntax.
 
     Reads (and transcodings) run in worker threads, up to :data:`READ_AHEAD` instances ahead of
     the one being sent, so disk and network overlap and a cold disk sees several reads at once.
+    ``first``: the first part, already read by :func:`first_part`. A read failing once the status
+    line is gone aborts the connection: the client sees a broken transfer, never a short body.
     """
     loop = asyncio.get_running_loop()
     pending: deque[asyncio.Future[bytes | None]] = deque()
     queued = 0
+    if first is not None and plan:
+        done: asyncio.Future[bytes | None] = loop.create_future()
+        done.set_result(first)
+        pending.append(done)
+        queued = 1
 
     def top_up() -> None:
         nonlocal queued
@@ -104,9 +126,9 @@ async def instances_body(
             try:
                 data = await pending.popleft()
             except Exception as exc:
-                # The status line is gone: end the body early so the client sees a broken stream.
+                # The status line is gone: abort the response (no closing boundary, no last chunk).
                 log.error("reading %s as %s failed: %s", instance.sop_uid, target, exc)
-                return
+                raise
             top_up()
             head = part_head(
                 boundary,

@@ -10,6 +10,7 @@ archive and reading services do the work.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import socketserver
 import ssl
@@ -197,6 +198,66 @@ def _install_spool_cleanup() -> None:
     DIMSEMessage.decode_msg = decode_msg
 
 
+class SpoolFile:
+    """The file a C-STORE data set is received into, surviving a full disk.
+
+    pynetdicom writes each received fragment to its spool file as it arrives; a write failing
+    (ENOSPC, EDQUOT, EIO) would end its network reader and leave the sender without an answer.
+    Here the first failure is recorded, the file truncated (its space freed at once) and the rest
+    of the data set read and dropped, so the request is answered "Refused: Out of Resources"
+    (PS3.4 B.2.3 status A700) on an association that stays usable.
+    """
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.error: OSError | None = None
+        self._fd: int | None = None
+        try:
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+        except OSError as exc:
+            self.error = exc
+            self.name = os.path.join(folder or tempfile.gettempdir(), f".unwritable-{id(self)}.dcm")
+
+    @property
+    def file(self) -> SpoolFile:
+        """pynetdicom flushes through ``.file``; writes here are unbuffered."""
+        return self
+
+    def flush(self) -> None:
+        return None
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.error is None and self._fd is not None:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self.error = exc
+                os.ftruncate(self._fd, 0)
+        return len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _spool_file(*_args: Any, **_kwargs: Any) -> SpoolFile:
+    return SpoolFile(tempfile.gettempdir())
+
+
+def _install_spool_file() -> None:
+    """Receive C-STORE data sets into :class:`SpoolFile` (pynetdicom's ``NamedTemporaryFile``)."""
+    import pynetdicom.dimse_messages as dimse_messages
+
+    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]
+
+
+def spool_error(event: evt.Event) -> OSError | None:
+    """The error that kept a C-STORE data set from being received whole to disk, if any."""
+    return getattr(getattr(event.request, "_dataset_file", None), "error", None)
+
+
 def _observed(kind: str, protocol: str, responses: Iterator[Any]) -> Iterator[Any]:
     """Pass a C-FIND/C-GET/C-MOVE handler's responses through to pynetdicom, timing the operation
     and counting its outcome (the last status yielded, PS3.7 Annex C) and, for a retrieve, its
@@ -256,6 +317,7 @@ class DimseService:
         sending.install()
         _tighten_polling()
         _install_spool_cleanup()
+        _install_spool_file()
         # The network reader and the association thread hand data to each other many times per
         # instance; a shorter GIL switch interval than CPython's 5 ms cuts that latency.
         sys.setswitchinterval(0.0005)
@@ -421,6 +483,13 @@ class DimseService:
     def on_store(self, event: evt.Event) -> Dataset | int:
         """C-STORE (PS3.4 B.2.3): acknowledge once the instance is durable and indexed."""
         request = event.request
+        failed = spool_error(event)
+        if failed is not None:
+            log.error("C-STORE data set could not be received to disk: %s", failed.strerror or failed)
+            status = Dataset()
+            status.Status = archive.OUT_OF_RESOURCES
+            status.ErrorComment = "Out of resources: the archive cannot write the data set"
+            return status
         path = Path(event.dataset_path)
         result = archive.ingest_file(
             self.ctx,

@@ -11,6 +11,14 @@ from typing import BinaryIO, Protocol
 CHUNK = 1024 * 1024
 
 
+class StoreUnavailable(OSError):
+    """The store cannot be reached or answers with a server error (an outage, not a missing key).
+
+    Callers answer a transient failure: C-STORE 0xA700 / C-GET sub-operation failure (PS3.4 B.2.3,
+    C.4.3), HTTP 503 (PS3.18 8.6); nothing is acknowledged that is not durable.
+    """
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     """What a write produced: the key and the facts recorded in the index."""

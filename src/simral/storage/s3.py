@@ -8,7 +8,9 @@ the index and in the object's metadata. An object is visible only once its uploa
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -16,10 +18,16 @@ from typing import Any, BinaryIO, cast
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
-from simral.storage.base import CHUNK, StoredBlob
+from simral.storage.base import CHUNK, StoredBlob, StoreUnavailable
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+#: After a failure to reach the store, calls fail at once for this many seconds instead of each
+#: waiting for its own connection retries (a C-STORE publish or a C-GET sub-operation per instance).
+UNREACHABLE_HOLD = 3.0
 
 
 class S3Store:
@@ -58,7 +66,26 @@ class S3Store:
         )
         self._scratch = scratch
         self._scratch.mkdir(parents=True, exist_ok=True)
+        self._unreachable_until = 0.0
         self._transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn connection failures and 5xx answers into :class:`StoreUnavailable` (other client
+        errors, 404 or 403, pass through); fail fast for :data:`UNREACHABLE_HOLD` after one."""
+        if time.monotonic() < self._unreachable_until:
+            raise StoreUnavailable(f"the {self.name} store was unreachable a moment ago")
+        try:
+            yield
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status >= 500:
+                self._unreachable_until = time.monotonic() + UNREACHABLE_HOLD
+                raise StoreUnavailable(f"the {self.name} store answered HTTP {status}") from exc
+            raise
+        except BotoCoreError as exc:
+            self._unreachable_until = time.monotonic() + UNREACHABLE_HOLD
+            raise StoreUnavailable(f"the {self.name} store is unreachable: {type(exc).__name__}") from exc
 
     def ensure_bucket(self) -> None:
         """Create the bucket when it does not exist yet."""
@@ -83,7 +110,7 @@ class S3Store:
                 sha.update(chunk)
                 md5.update(chunk)
         digest = sha.hexdigest()
-        with open(source, "rb") as fh:
+        with open(source, "rb") as fh, self._reachable():
             if size < MULTIPART_THRESHOLD:
                 self.client.put_object(
                     Bucket=self.bucket,
@@ -117,10 +144,9 @@ class S3Store:
 
     def open(self, key: str) -> BinaryIO:
         """The object's body; an absent key raises FileNotFoundError, as on a filesystem store."""
-        from botocore.exceptions import ClientError
-
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with self._reachable():
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 raise FileNotFoundError(f"no object {key!r} in the {self.name} store") from exc
@@ -131,13 +157,13 @@ class S3Store:
         return None
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with self._reachable():
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            with self._reachable():
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return False

@@ -102,31 +102,51 @@ class Staging:
             if path.name.endswith(PENDING_SUFFIX):
                 yield path
 
-    def recover(self, is_indexed: Callable[[str], bool], *, older_than: float = 0.0) -> tuple[int, int]:
+    def recover(
+        self,
+        is_indexed: Callable[[str], bool],
+        *,
+        older_than: float = 0.0,
+        publish_after: float | None = None,
+    ) -> tuple[int, int]:
         """Publish indexed staged files, delete the rest; return (published, deleted).
 
-        With ``older_than`` > 0 only files untouched for that many seconds are considered (safe
-        while ingests are running); with 0 every leftover temporary file is removed too (start-up).
+        With ``older_than`` > 0 only files untouched for that many seconds are deleted (safe while
+        ingests are running: a file being indexed is not indexed yet); with 0 every leftover
+        temporary file is removed too (start-up). Indexed staged files are published once older than
+        ``publish_after`` (default ``older_than``): publishing is always safe, so a store that was
+        down gets its backlog soon after it is back. The first failed publication ends the pass (the
+        store is still unreachable; the next pass tries again).
         """
         published = deleted = 0
         now = time.time()
+        publish_age = older_than if publish_after is None else publish_after
         for path in list(self.folder.iterdir()):
             try:
                 age = now - path.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if older_than and age < older_than:
-                continue
             if path.name.endswith(PENDING_SUFFIX):
+                if older_than and age < min(older_than, publish_age):
+                    continue
                 key = self.key_of(path)
                 if is_indexed(key):
+                    if older_than and age < publish_age:
+                        continue
                     try:
                         self.publish(key)
-                        published += 1
+                    except FileNotFoundError:
+                        continue  # published meanwhile by the ingest that staged it
                     except Exception as exc:
-                        log.error("could not publish a staged blob: %s", exc)
+                        log.error("could not publish a staged blob (will retry): %s", exc)
+                        break
+                    published += 1
                     continue
-            if not older_than or path.name.endswith(PENDING_SUFFIX):
+                if older_than and age < older_than:
+                    continue
+                path.unlink(missing_ok=True)
+                deleted += 1
+            elif not older_than:
                 path.unlink(missing_ok=True)
                 deleted += 1
         return published, deleted
