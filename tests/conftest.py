@@ -68,9 +68,13 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: workers (``--dist loadfile``, files handed out in collection order) finish together.
 SLOW_FILES_FIRST = (
     "test_crash_safety.py",
+    "test_fault_injection.py",
     "test_reports.py",
     "test_bad_input.py",
+    "test_cluster.py",
     "test_worklist_mpps.py",
+    "test_compression_at_rest.py",
+    "test_security_review.py",
     "test_report_browser.py",
     "test_routing.py",
     "test_access_matrix.py",
