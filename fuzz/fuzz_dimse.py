@@ -52,6 +52,16 @@ def setup() -> None:
         _site.scu_port = _peer[0].server_address[1]
 
 
+def teardown() -> None:
+    _oracle.uninstall()
+    for service, _port in _services.values():
+        service.stop()
+    _services.clear()
+    while _peer:
+        _peer.pop().shutdown()
+    _site.close()
+
+
 def _commitment_peer() -> Any:
     """The registered node's own listener: a Storage Commitment SCU taking N-EVENT-REPORTs (the
     reports simral sends on a new association, PS3.4 J.3.3)."""

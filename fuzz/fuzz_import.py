@@ -33,6 +33,11 @@ def setup() -> None:
     _oracle.install()
 
 
+def teardown() -> None:
+    _oracle.uninstall()
+    _site.close()
+
+
 def _check(summary: object) -> None:
     rejected = getattr(summary, "rejected", [])
     for name, reason in rejected:

@@ -29,6 +29,11 @@ def setup() -> None:
     _oracle.install()
 
 
+def teardown() -> None:
+    _oracle.uninstall()
+    _site.close()
+
+
 def test_one_input(data: bytes) -> None:
     site = _site.get()
     scratch = site.scratch

@@ -34,6 +34,14 @@ def setup() -> None:
     _oracle.install()
 
 
+def teardown() -> None:
+    _oracle.uninstall()
+    for client in _clients.values():
+        client.close()
+    _clients.clear()
+    _site.close()
+
+
 def _client(site: harness.Site) -> TestClient:
     client = _clients.get(id(site))
     if client is None:
@@ -45,11 +53,11 @@ def _client(site: harness.Site) -> TestClient:
     return client
 
 
-def split(data: bytes) -> tuple[str, bytes, int]:
+def split(data: bytes) -> tuple[bytes, bytes, int]:
     """(Content-Type, body, chunk size) of an input."""
     head, _, body = data.partition(b"\n")
     chunk = 1 + zlib.crc32(data) % 8192
-    return head.decode("latin-1").strip(), body, chunk
+    return head.strip().replace(b"\r", b""), body, chunk
 
 
 def _chunks(body: bytes, size: int) -> Iterator[bytes]:
@@ -61,9 +69,9 @@ def test_one_input(data: bytes) -> None:
     site = _site.get()
     client = _client(site)
     content_type, body, chunk = split(data)
-    headers = {"Authorization": f"Bearer {site.token}", "Accept": "application/dicom+json"}
+    headers = {b"Authorization": f"Bearer {site.token}".encode(), b"Accept": b"application/dicom+json"}
     if content_type:
-        headers["Content-Type"] = content_type
+        headers[b"Content-Type"] = content_type
     with _oracle.watching(scratch=site.scratch):
         response = client.post("/dicom-web/studies", content=_chunks(body, chunk), headers=headers)
     if response.status_code not in ANSWERS:

@@ -72,11 +72,16 @@ def instrumented(module_name: str) -> contextlib.AbstractContextManager[Any]:
     if fuzzing(module_name):
         import atheris
 
+        if os.environ.get("FUZZ_NO_COVERAGE"):
+            return contextlib.nullcontext()
         return atheris.instrument_imports(include=INSTRUMENTED)  # type: ignore[no-any-return]
     return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------- the oracle
+
+
+_QUIET = ("pydicom", "pynetdicom", "hl7apy", "multipart", "python_multipart", "alembic")
 
 
 class _ErrorRecords(logging.Handler):
@@ -96,15 +101,25 @@ class Oracle:
     thread_failures: list[str] = field(default_factory=list)
     #: Thread failures that are a library's own, known and harmless to simral (each says why).
     tolerated: tuple[re.Pattern[str], ...] = ()
+    _saved: Any = None
 
     def install(self) -> None:
-        logging.getLogger("simral").addHandler(self.errors)
-        logging.getLogger("simral").setLevel(logging.WARNING)
-        # Parsers log warnings about odd values while parsing: only simral's errors matter here.
-        for name in ("pydicom", "pynetdicom", "hl7apy", "multipart", "python_multipart", "alembic"):
+        """Collect simral's errors and thread failures (and quieten the parsers' warnings)."""
+        simral_log = logging.getLogger("simral")
+        self._saved = (
+            threading.excepthook,
+            simral_log.level,
+            simral_log.propagate,
+            {name: logging.getLogger(name).level for name in _QUIET},
+            list(warnings.filters),
+        )
+        simral_log.addHandler(self.errors)
+        simral_log.setLevel(logging.WARNING)
+        simral_log.propagate = False
+        # Parsers log and warn about odd values while parsing: only simral's errors matter here.
+        for name in _QUIET:
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        logging.getLogger("simral").propagate = False
-        warnings.simplefilter("ignore")  # pydicom warns about every odd value it meets
+        warnings.simplefilter("ignore")
 
         def hook(args: threading.ExceptHookArgs) -> None:
             name = args.thread.name if args.thread is not None else "?"
@@ -113,6 +128,21 @@ class Oracle:
                 self.thread_failures.append(failure)
 
         threading.excepthook = hook
+
+    def uninstall(self) -> None:
+        """Put logging, warnings and the thread hook back as :meth:`install` found them."""
+        if self._saved is None:
+            return
+        excepthook, level, propagate, levels, filters = self._saved
+        simral_log = logging.getLogger("simral")
+        simral_log.removeHandler(self.errors)
+        simral_log.setLevel(level)
+        simral_log.propagate = propagate
+        for name, saved in levels.items():
+            logging.getLogger(name).setLevel(saved)
+        warnings.filters[:] = filters
+        threading.excepthook = excepthook
+        self._saved = None
 
     @contextlib.contextmanager
     def watching(self, *, scratch: Path | None = None) -> Iterator[None]:

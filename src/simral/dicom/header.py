@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID
 
@@ -157,17 +156,10 @@ def read_header(path: Path) -> Header:
         dataset = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except InvalidDicomError as exc:
         raise RejectedInstance(f"not a DICOM Part 10 file: {exc}") from None
-    except (
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        OverflowError,
-        BytesLengthException,  # a binary value whose length is no multiple of its VR's size
-        zlib.error,  # a Deflated Explicit VR Little Endian data set that does not inflate (PS3.5 A.5)
-    ) as exc:
+    except Exception as exc:
+        # pydicom reports damaged data in many ways: EOFError, ValueError, KeyError, struct.error,
+        # NotImplementedError (an unknown VR), BytesLengthException (a binary value of the wrong
+        # length), zlib.error (Deflated Explicit VR Little Endian that does not inflate, PS3.5 A.5)...
         raise RejectedInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
     _check_lengths(dataset, file_size)
     meta = dataset.file_meta
