@@ -206,14 +206,14 @@ def iter_sources(paths: Iterable[Path], scratch: Path) -> Iterator[Source]:
                         yield Source(str(file), functools.partial(_as_is, file))
         elif path.name.upper() == "DICOMDIR":
             try:
-                files = _dicomdir_files(path)
+                referenced = _dicomdir_files(path)
             except Exception as exc:  # pydicom raises many kinds on a damaged DICOMDIR
                 yield _unreadable(str(path), f"unreadable DICOMDIR: {type(exc).__name__}")
                 continue
-            for file in files:
-                if file.resolve() not in seen:
-                    seen.add(file.resolve())
-                    yield Source(str(file), functools.partial(_as_is, file))
+            for ref in referenced:
+                if ref.resolve() not in seen:
+                    seen.add(ref.resolve())
+                    yield Source(str(ref), functools.partial(_as_is, ref))
         elif zipfile.is_zipfile(path):
             yield from _zip_sources(path, scratch)
         else:
