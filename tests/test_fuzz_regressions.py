@@ -75,6 +75,7 @@ def _ingest_site() -> harness.Site:
         ("odd-length-group-length.dcm", "unreadable DICOM data: BytesLengthException"),
         ("unknown-vr-in-file-meta.dcm", "unreadable DICOM data: NotImplementedError"),
         ("unknown-transfer-syntax.dcm", "not a transfer syntax known to simral"),
+        ("item-without-tag.dcm", "malformed data: OSError"),
     ],
 )
 def test_damaged_headers_are_refused_at_step_one(regression: str, reason: str, tmp_path: Path) -> None:
