@@ -155,3 +155,17 @@ def test_acceptor_contexts_copy_shares_their_uids() -> None:
         assert len(original.transfer_syntax) > 1
     finally:
         service.stop()
+
+
+def test_multipart_boundary_must_be_rfc_2046() -> None:
+    """A boundary python-multipart cannot take (over 256 characters) made STOW-RS answer 500; any
+    boundary outside RFC 2046 §5.1.1 is now refused as a malformed request (415)."""
+    from simral.dicomweb.multipart import MultipartError, request_boundary
+
+    assert (
+        request_boundary(f'multipart/related; type="application/dicom"; boundary={"b" * 70}')[1] == "b" * 70
+    )
+    assert request_boundary('multipart/related; boundary="a b:c"') == ("", "a b:c")
+    for boundary in ("b" * 71, "B" * 300, '"ends with space "', '"tab\there"'):
+        with pytest.raises(MultipartError):
+            request_boundary(f"multipart/related; boundary={boundary}")
