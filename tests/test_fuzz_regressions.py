@@ -169,3 +169,14 @@ def test_multipart_boundary_must_be_rfc_2046() -> None:
     for boundary in ("b" * 71, "B" * 300, '"ends with space "', '"tab\there"'):
         with pytest.raises(MultipartError):
             request_boundary(f"multipart/related; boundary={boundary}")
+
+
+def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
+    """An ORC-7 / TQ1 date/time whose offset is not digits, or falls outside a day, was an
+    "application internal error" (ERR 207 with a traceback); HL7 v2.5.1 §2.A.22 DTM: no value."""
+    from simral.hl7.orders import _timestamp
+
+    assert str(_timestamp("20260106184418.123-0500")) == "2026-01-06 23:44:18+00:00"
+    assert str(_timestamp("20260106184418")) == "2026-01-06 17:44:18+00:00"  # Europe/Paris
+    for value in ("2026010720+zz", "20260106184418+9999", "20260106184418+12345", "99991231235959-1400"):
+        assert _timestamp(value) is None, value
