@@ -152,7 +152,8 @@ def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch
 def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.infolist() if not m.is_dir()]
+            # A member without a name is nothing to import (and ``ZipInfo.is_dir`` fails on it).
+            members = [m for m in zf.infolist() if m.filename and not m.is_dir()]
     except ZIP_ERRORS as exc:
         yield _unreadable(str(archive), f"unreadable ZIP: {type(exc).__name__}: {exc}")
         return
