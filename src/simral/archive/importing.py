@@ -62,9 +62,11 @@ class Source:
 
 
 #: What reading a damaged ZIP (APPNOTE.TXT) raises besides OSError: bad structure or CRC, a
-#: compression method or encryption :mod:`zipfile` does not support, a truncated or corrupt stream.
+#: compression method or encryption :mod:`zipfile` does not support, a truncated or corrupt stream,
+#: a member name that does not decode.
 ZIP_ERRORS = (
     OSError,
+    ValueError,  # UnicodeDecodeError: a name flagged UTF-8 (APPNOTE 4.4.4 bit 11) that is not
     EOFError,
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
