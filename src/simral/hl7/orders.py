@@ -423,7 +423,7 @@ def _viewer_url(segment: Segment) -> str:
         return data
     try:
         return base64.b64decode(data, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, or non-ASCII text given as base64
         return data
 
 
