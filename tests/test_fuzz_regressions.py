@@ -183,3 +183,16 @@ def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
     assert str(_timestamp("20260106184418")) == "2026-01-06 17:44:18+00:00"  # Europe/Paris
     for value in ("2026010720+zz", "20260106184418+9999", "20260106184418+12345", "99991231235959-1400"):
         assert _timestamp(value) is None, value
+
+
+def test_adt_feed_of_hl7_v2_3_is_applied_without_pid_32() -> None:
+    """hl7apy's v2.3 PID has no field 32 (Identity Reliability Code, v2.4+): reading it was an
+    "application internal error"; an older feed's A28 is now applied with no identity status."""
+    from simral.hl7 import adt
+
+    site = _harness("hl7")._site.get()
+    seed = (harness.CORPUS_DIR / "hl7" / "adt-a28.hl7").read_bytes().strip(b"\x0b\x1c\r")
+    message = seed.replace(b"|P|2.5|", b"|P|2.3|").replace(b"|A28-1|", b"|A28-V23|")
+    message = message.replace(b"IPP-1^^^", b"IPP-V23^^^").rsplit(b"|", 1)[0]  # no PID-32
+    handled = adt.handle(site.ctx, message, peer="127.0.0.1")
+    assert handled.code == "AA", handled.ack
