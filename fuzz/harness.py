@@ -67,14 +67,17 @@ def fuzzing(module_name: str) -> bool:
     return module_name == "__main__"
 
 
-def instrumented(module_name: str) -> contextlib.AbstractContextManager[Any]:
-    """Instrument the imports made in this block for coverage, when fuzzing."""
+def instrumented(
+    module_name: str, include: list[str] | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """Instrument the imports made in this block for coverage (``include``: module prefixes,
+    :data:`INSTRUMENTED` by default), when fuzzing (``FUZZ_NO_COVERAGE`` set: not at all)."""
     if fuzzing(module_name):
         import atheris
 
         if os.environ.get("FUZZ_NO_COVERAGE"):
             return contextlib.nullcontext()
-        return atheris.instrument_imports(include=INSTRUMENTED)  # type: ignore[no-any-return]
+        return atheris.instrument_imports(include=include or INSTRUMENTED)  # type: ignore[no-any-return]
     return contextlib.nullcontext()
 
 
@@ -99,8 +102,9 @@ class Oracle:
 
     errors: _ErrorRecords = field(default_factory=_ErrorRecords)
     thread_failures: list[str] = field(default_factory=list)
-    #: Thread failures that are a library's own, known and harmless to simral (each says why).
-    tolerated: tuple[re.Pattern[str], ...] = ()
+    #: Thread failures that are a library's own, known and harmless to simral (each says why):
+    #: patterns of ``"thread name: ExceptionType: message"``, or predicates on the hook's arguments.
+    tolerated: tuple[re.Pattern[str] | Callable[[threading.ExceptHookArgs], bool], ...] = ()
     _saved: Any = None
 
     def install(self) -> None:
@@ -124,8 +128,10 @@ class Oracle:
         def hook(args: threading.ExceptHookArgs) -> None:
             name = args.thread.name if args.thread is not None else "?"
             failure = f"{name}: {args.exc_type.__name__}: {args.exc_value}"
-            if not any(pattern.search(failure) for pattern in self.tolerated):
-                self.thread_failures.append(failure)
+            for known in self.tolerated:
+                if known(args) if callable(known) else known.search(failure):
+                    return
+            self.thread_failures.append(failure)
 
         threading.excepthook = hook
 
