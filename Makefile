@@ -18,7 +18,7 @@ OHIF_STAMP := $(VENV)/.ohif-$(OHIF_VERSION)
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test test-deps lint typecheck bench clean lock audit
+.PHONY: install run test test-deps lint typecheck bench hardening clean lock audit
 
 install: $(STAMP) $(OHIF_STAMP)
 
@@ -77,14 +77,14 @@ audit: install
 	$(BIN)/pip-audit --requirement requirements.lock --no-deps --disable-pip --strict --progress-spinner off
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff format --check src tests bench fuzz
 
 typecheck: install
 	$(BIN)/mypy
 
 test: install test-deps $(OIDC_PEER) $(AXE_PEER)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
@@ -101,6 +101,14 @@ bench: install test-deps
 .PHONY: load
 load: install
 	$(BIN)/python bench/mixed_load.py $(LOAD_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the DICOM ingest path, HL7 v2, STOW-RS, media import and
+# the DICOM acceptor, one harness after the other (fuzz/README.md): FUZZ_RUNS executions each,
+# FUZZ_MAX_TIME seconds at most each (0: no limit). `make test` replays the corpora and regressions.
+FUZZ_RUNS ?= 1000000
+FUZZ_MAX_TIME ?= 0
+hardening: install
+	$(BIN)/python -m fuzz.run --runs $(FUZZ_RUNS) --max-total-time $(FUZZ_MAX_TIME)
 
 # Regenerate the lock file from pyproject.toml (developers only; needs `uv`).
 lock:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import lzma
 import os
+import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,10 +53,36 @@ class ImportSummary:
 
 @dataclass(frozen=True)
 class Source:
-    """One candidate file: a display name and a function yielding a local path for it."""
+    """One candidate file: a display name and a function yielding a local path for it; or, with
+    ``error``, an entry that could not be read (a broken ZIP or DICOMDIR), counted as rejected."""
 
     name: str
     open_path: Callable[[], contextlib.AbstractContextManager[Path]]
+    error: str = ""
+
+
+#: What reading a damaged ZIP (APPNOTE.TXT) raises besides OSError: bad structure or CRC, a
+#: compression method or encryption :mod:`zipfile` does not support, a truncated or corrupt stream,
+#: a member name that does not decode.
+ZIP_ERRORS = (
+    OSError,
+    ValueError,  # UnicodeDecodeError: a name flagged UTF-8 (APPNOTE 4.4.4 bit 11) that is not
+    EOFError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+class UnreadableEntry(Exception):
+    """A ZIP member that cannot be extracted (its reason is safe to show: no PHI)."""
+
+
+def _unreadable(name: str, reason: str) -> Source:
+    return Source(name, functools.partial(_as_is, Path(name)), error=reason)
 
 
 @contextlib.contextmanager
@@ -62,11 +91,21 @@ def _as_is(path: Path) -> Iterator[Path]:
 
 
 def _referenced_file_ids(dicomdir: Dataset) -> Iterator[list[str]]:
-    """The Referenced File IDs of a DICOMDIR's records, as path components (PS3.3 F.3.2.2)."""
+    """The Referenced File IDs of a DICOMDIR's records, as path components (PS3.3 F.3.2.2).
+
+    A component must be a PS3.10 §8.5 file ID component (upper-case letters, digits, underscore;
+    lower case tolerated as media often differ in case): no ``..``, separators or other characters
+    that would name a file outside the media. Records naming such files are left out.
+    """
     for record in dicomdir.get("DirectoryRecordSequence", []):
         ref = record.get("ReferencedFileID")
         if ref:
-            yield [ref] if isinstance(ref, str) else [str(part) for part in ref]
+            parts = [ref] if isinstance(ref, str) else [str(part) for part in ref]
+            if all(_FILE_ID_COMPONENT.fullmatch(part) for part in parts):
+                yield parts
+
+
+_FILE_ID_COMPONENT = re.compile(r"[A-Za-z0-9_]{1,16}")
 
 
 def _dicomdir_files(dicomdir: Path) -> list[Path]:
@@ -97,7 +136,8 @@ def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch
             continue
         fd, temp = tempfile.mkstemp(prefix=".tmp-dicomdir-", dir=scratch)
         try:
-            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as out:
+            # The descriptor is owned by ``out`` first, so a member that cannot be opened does not leak it.
+            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf, zf.open(member) as src:
                 shutil.copyfileobj(src, out)
             ds = dcmread(temp)
         except Exception:
@@ -112,8 +152,13 @@ def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch
 
 
 def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
-    with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            # A member without a name is nothing to import (and ``ZipInfo.is_dir`` fails on it).
+            members = [m for m in zf.infolist() if m.filename and not m.is_dir()]
+    except ZIP_ERRORS as exc:
+        yield _unreadable(str(archive), f"unreadable ZIP: {type(exc).__name__}: {exc}")
+        return
     referenced = _zip_dicomdir_members(archive, members, scratch)
     for member in members:
         if member.file_size > MAX_ZIP_MEMBER or member.filename.upper().endswith("DICOMDIR"):
@@ -125,8 +170,11 @@ def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
         def extract(member: zipfile.ZipInfo = member) -> Iterator[Path]:
             fd, name = tempfile.mkstemp(prefix=".tmp-import-", suffix=".dcm", dir=scratch)
             try:
-                with zipfile.ZipFile(archive) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
+                try:
+                    with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+                except ZIP_ERRORS as exc:
+                    raise UnreadableEntry(f"{type(exc).__name__}: {exc}") from None
                 yield Path(name)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -160,10 +208,15 @@ def iter_sources(paths: Iterable[Path], scratch: Path) -> Iterator[Source]:
                     else:
                         yield Source(str(file), functools.partial(_as_is, file))
         elif path.name.upper() == "DICOMDIR":
-            for file in _dicomdir_files(path):
-                if file.resolve() not in seen:
-                    seen.add(file.resolve())
-                    yield Source(str(file), functools.partial(_as_is, file))
+            try:
+                referenced = _dicomdir_files(path)
+            except Exception as exc:  # pydicom raises many kinds on a damaged DICOMDIR
+                yield _unreadable(str(path), f"unreadable DICOMDIR: {type(exc).__name__}")
+                continue
+            for ref in referenced:
+                if ref.resolve() not in seen:
+                    seen.add(ref.resolve())
+                    yield Source(str(ref), functools.partial(_as_is, ref))
         elif zipfile.is_zipfile(path):
             yield from _zip_sources(path, scratch)
         else:
@@ -186,6 +239,9 @@ def import_paths(
     summary = ImportSummary()
     scratch = ctx.store.scratch_dir()
     for source in iter_sources(paths, scratch):
+        if source.error:
+            summary.reject(source.name, source.error)
+            continue
         try:
             with source.open_path() as local:
                 if not local.is_file():
@@ -210,7 +266,7 @@ def import_paths(
                             summary.reconciled += 1
                         else:
                             summary.not_reconciled += 1
-        except (OSError, zipfile.BadZipFile) as exc:
+        except (OSError, UnreadableEntry) as exc:
             summary.reject(source.name, f"unreadable: {exc}")
         if progress is not None:
             progress(source.name)

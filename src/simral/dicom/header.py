@@ -6,7 +6,6 @@ PS3.10 §7 (file format), PS3.5 §7.1 (data element encoding), PS3.18 §F.2 (DIC
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +130,18 @@ def _check_structure(path: Path, transfer_syntax: UID, file_size: int) -> None:
             raise
         except EOFError as exc:
             raise RejectedInstance(f"truncated data: {exc}", status=0xC000) from None
-        except (ValueError, KeyError, struct.error, OverflowError, NotImplementedError) as exc:
+        except Exception as exc:  # ValueError, KeyError, struct.error, OSError ("no tag to read")...
             raise RejectedInstance(f"malformed data: {type(exc).__name__}: {exc}", status=0xC000) from None
+
+
+#: The attributes the index reads from every header (``archive.service``):
+#: decoded by :func:`read_header`, so that a malformed value refuses the instance at step 1.
+INDEXED_KEYWORDS = (
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime",
+    "InstanceNumber", "NumberOfFrames", "Rows", "Columns",
+)  # fmt: skip
 
 
 def _valid_uid(value: str) -> bool:
@@ -146,13 +155,22 @@ def read_header(path: Path) -> Header:
         dataset = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except InvalidDicomError as exc:
         raise RejectedInstance(f"not a DICOM Part 10 file: {exc}") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+    except Exception as exc:
+        # pydicom reports damaged data in many ways: EOFError, ValueError, KeyError, struct.error,
+        # NotImplementedError (an unknown VR), BytesLengthException (a binary value of the wrong
+        # length), zlib.error (Deflated Explicit VR Little Endian that does not inflate, PS3.5 A.5)...
         raise RejectedInstance(f"unreadable DICOM data: {type(exc).__name__}: {exc}") from None
     _check_lengths(dataset, file_size)
     meta = dataset.file_meta
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    try:
+        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception as exc:  # a malformed value surfaces only when the element is decoded
+        raise RejectedInstance(f"undecodable Transfer Syntax UID: {type(exc).__name__}") from None
     if not transfer_syntax:
         raise RejectedInstance("file meta information has no Transfer Syntax UID")
+    if not UID(transfer_syntax).is_transfer_syntax:
+        # Another UID, or a private syntax whose encoding is unknown (PS3.5 §10, PS3.10 §7.1).
+        raise RejectedInstance("the Transfer Syntax UID is not a transfer syntax known to simral")
     try:
         uids = {
             "SOPClassUID": str(
@@ -170,7 +188,7 @@ def read_header(path: Path) -> Header:
         if not _valid_uid(value):
             raise RejectedInstance(f"invalid {keyword} (PS3.5 §9.1)", status=0xA900)
     _check_structure(path, UID(transfer_syntax), file_size)
-    return Header(
+    header = Header(
         dataset=dataset,
         transfer_syntax_uid=str(UID(transfer_syntax)),
         sop_class_uid=uids["SOPClassUID"],
@@ -178,3 +196,9 @@ def read_header(path: Path) -> Header:
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
     )
+    for keyword in INDEXED_KEYWORDS:
+        try:
+            header.text(keyword)
+        except Exception as exc:  # decoded here, so the index transaction never meets it
+            raise RejectedInstance(f"undecodable {keyword}: {type(exc).__name__}") from None
+    return header

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,10 @@ def iter_parts(boundary: str, parts: Iterable[tuple[str, Iterable[bytes]]]) -> I
     yield closing(boundary) if not first else f"--{boundary}--\r\n".encode()
 
 
+#: RFC 2046 §5.1.1 ``boundary``: 1 to 70 ``bchars``, the last one not a space.
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
 class MultipartError(ValueError):
     """The request body is not a well-formed multipart/related body."""
 
@@ -67,6 +72,8 @@ def request_boundary(content_type: str) -> tuple[str, str]:
     boundary = message.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise MultipartError("multipart/related without a boundary parameter")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise MultipartError("the boundary is not 1 to 70 characters of RFC 2046 §5.1.1")
     part_type = message.get_param("type")
     return (part_type.lower() if isinstance(part_type, str) else ""), boundary
 

@@ -9,6 +9,7 @@ archive and reading services do the work.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.ae import ApplicationEntity
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
@@ -131,8 +132,35 @@ def _tighten_polling() -> None:
 POLL_INTERVAL = 0.0002
 
 
+class _SupportedContexts(list[PresentationContext]):
+    """The acceptor's supported presentation contexts, cheap to deep-copy.
+
+    pynetdicom deep-copies them for every incoming connection, before anything is negotiated or
+    checked; a deep copy re-creates (and re-validates) each of the ~8000 transfer syntax UIDs of
+    simral's contexts: some 200 ms of CPU per connection, which any peer could ask for in a loop.
+    UIDs are immutable strings: the copy shares them and copies the contexts and their lists.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate.__dict__ = {
+                key: list(value) if isinstance(value, list) else value
+                for key, value in context.__dict__.items()
+            }
+            copies.append(duplicate)
+        return copies
+
+
 class ReusePortServer(ThreadedAssociationServer):
     """Association server binding with SO_REUSEPORT (several acceptor processes share a port)."""
+
+    contexts: list[PresentationContext]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = _SupportedContexts(self.contexts)
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

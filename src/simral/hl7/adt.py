@@ -36,7 +36,7 @@ from typing import Any
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
-from hl7apy.exceptions import HL7apyException, UnsupportedVersion
+from hl7apy.exceptions import ChildNotFound, HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -267,6 +267,15 @@ def _repetitions(field: Any) -> list[str]:
     return [str(rep.to_er7()) for rep in field] if field else []
 
 
+def _field(segment: Any, name: str) -> Any:
+    """Field ``name`` of a parsed segment; None where the message's HL7 version has no such field
+    (PID-32 Identity Reliability Code is HL7 v2.4 and later, PAM France sends v2.5)."""
+    try:
+        return getattr(segment, name)
+    except ChildNotFound:
+        return None
+
+
 def _authority(cx: list[str], enc: Encoding) -> AuthorityRef:
     hd = enc.subcomponents(_at(cx, 3))
     namespace, oid, kind = (enc.unescape(_at(hd, i)).strip() for i in range(3))
@@ -303,11 +312,11 @@ def read_identifier_list(
 def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: bool = True) -> PidIdentity:
     """The identity of a PID segment, French conventions (module docstring); with
     ``require_identifier=False`` a PID-3 carrying only the INS is accepted (ANS Téléradiologie flux)."""
-    identifiers, ins = read_identifier_list(pid.pid_3, enc, f"PID^{index}^3")
+    identifiers, ins = read_identifier_list(_field(pid, "pid_3"), enc, f"PID^{index}^3")
     if not identifiers and (require_identifier or ins is None):
         raise Rejected("AE", "101", "PID-3 has no patient identifier of type PI", f"PID^{index}^3")
     names: dict[str, str] = {}
-    for rep in _repetitions(pid.pid_5):
+    for rep in _repetitions(_field(pid, "pid_5")):
         xpn = enc.components(rep)
         kind = _at(xpn, 6).strip().upper() or "L"
         family = enc.unescape(enc.subcomponents(_at(xpn, 0))[0]).strip()
@@ -318,11 +327,11 @@ def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: boo
         elif kind == "D" and "used_name" not in names:
             names.update(used_name=family, used_given_name=given)
     birth_place = ""
-    for rep in _repetitions(pid.pid_11):
+    for rep in _repetitions(_field(pid, "pid_11")):
         xad = enc.components(rep)
         if _at(xad, 6).strip().upper() == "BDL":
             birth_place = enc.unescape(_at(xad, 8)).strip()
-    codes = [enc.unescape(rep).strip().upper() for rep in _repetitions(pid.pid_32)]
+    codes = [enc.unescape(rep).strip().upper() for rep in _repetitions(_field(pid, "pid_32"))]
     codes = [code for code in codes if code]
     unknown = [code for code in codes if code not in STATUS_CODES and code not in ATTRIBUTE_CODES]
     if unknown:
@@ -330,8 +339,9 @@ def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: boo
     statuses = [STATUS_CODES[code] for code in codes if code in STATUS_CODES]
     attributes = [code for code in codes if code in ATTRIBUTE_CODES]
     status = statuses[0] if statuses else ("PROV" if attributes else None)
-    birth_date = enc.components(str(pid.pid_7.to_er7()) if pid.pid_7 else "")[0][:8]
-    sex = str(pid.pid_8.to_er7()) if pid.pid_8 else ""
+    pid_7, pid_8 = _field(pid, "pid_7"), _field(pid, "pid_8")
+    birth_date = enc.components(str(pid_7.to_er7()) if pid_7 else "")[0][:8]
+    sex = str(pid_8.to_er7()) if pid_8 else ""
     traits = Traits(
         birth_name=names.get("birth_name", ""),
         birth_given_names=names.get("birth_given_names", ""),
@@ -388,7 +398,7 @@ class Feed:
         return primary
 
     def prior(self, mrg: Any, survivor_authority: AuthorityRef, index: int) -> tuple[str, AuthorityRef]:
-        identifiers, _ins = read_identifier_list(mrg.mrg_1, self.encoding, f"MRG^{index}^1")
+        identifiers, _ins = read_identifier_list(_field(mrg, "mrg_1"), self.encoding, f"MRG^{index}^1")
         if not identifiers:
             raise Rejected("AE", "101", "MRG-1 has no prior patient identifier", f"MRG^{index}^1")
         local_id, authority = identifiers[0]

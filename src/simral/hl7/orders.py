@@ -111,7 +111,11 @@ def _segments(message: Message, enc: Encoding) -> list[Segment]:
 
 
 def _timestamp(value: str) -> datetime | None:
-    """An HL7 TS/DTM (``YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]``); without an offset, French local time."""
+    """An HL7 TS/DTM (``YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]``); without an offset, French local time.
+
+    None for a value that is no date/time (HL7 v2.5.1 §2.A.22): an offset that is not digits or not
+    within a day, a date outside what datetime represents once moved to UTC.
+    """
     text = value.split("^")[0].strip()
     if not text:
         return None
@@ -119,15 +123,17 @@ def _timestamp(value: str) -> datetime | None:
     for sign in ("+", "-"):
         if sign in text[8:]:
             text, _, zone = text.rpartition(sign)
+            if not zone.isdigit() or len(zone) > 4:
+                return None
             offset = (1 if sign == "+" else -1) * (int(zone[:2] or 0) * 60 + int(zone[2:4] or 0))
     digits = text.split(".")[0]
     try:
         parsed = datetime.strptime(digits.ljust(14, "0")[:14] if len(digits) >= 8 else "", "%Y%m%d%H%M%S")
-    except ValueError:
+        if offset is None:
+            return parsed.replace(tzinfo=_LOCAL).astimezone(UTC)
+        return parsed.replace(tzinfo=timezone(timedelta(minutes=offset))).astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    if offset is None:
-        return parsed.replace(tzinfo=_LOCAL).astimezone(UTC)
-    return parsed.replace(tzinfo=timezone(timedelta(minutes=offset))).astimezone(UTC)
 
 
 def _number(value: str) -> float | None:
@@ -417,7 +423,7 @@ def _viewer_url(segment: Segment) -> str:
         return data
     try:
         return base64.b64decode(data, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, or non-ASCII text given as base64
         return data
 
 

@@ -1,0 +1,104 @@
+"""Run every harness for N executions, one after the other, and print the figures.
+
+``python -m fuzz.run [--runs N] [--only NAME ...] [--max-total-time S]``; ``make hardening`` runs
+it with ``FUZZ_RUNS`` (default 1 000 000) executions per harness. Each harness runs in its own
+process (libFuzzer exits on the first crash); a crash leaves its input in ``fuzz/.work/NAME/``.
+With ``SIMRAL_CONFORMANCE_DIR`` set, the HL7 harness also reads the ANS Téléradiologie samples
+of the conformance kit as seeds (they are not copied into the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuzz.harness import FUZZ_DIR, WORK_DIR
+
+HARNESSES = ("ingest", "hl7", "stow", "import", "dimse")
+
+
+@dataclass
+class Outcome:
+    name: str
+    runs: int
+    seconds: float
+    crashed: bool
+    artifact: str
+    new_units: int
+    peak_rss_mb: int
+    #: libFuzzer's average executions per second (setup time excluded).
+    per_second: int
+
+
+def _stat(text: str, key: str) -> int:
+    found = re.findall(rf"stat::{key}:\s+(\d+)", text)
+    return int(found[-1]) if found else 0
+
+
+def run_one(name: str, runs: int, max_total_time: int, extra: list[str]) -> Outcome:
+    """One harness in its own process; its libFuzzer log goes to ``fuzz/.work/NAME/log.txt``."""
+    work = WORK_DIR / name
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    root = FUZZ_DIR.parent
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(root / "src"), str(root), env.get("PYTHONPATH", "")])
+    )
+    command = [sys.executable, "-m", f"fuzz.fuzz_{name}", f"-runs={runs}", *extra]
+    if max_total_time:
+        command.append(f"-max_total_time={max_total_time}")
+    conformance = Path(env.get("SIMRAL_CONFORMANCE_DIR", root.parent / "shared" / "conformance"))
+    if name == "hl7" and (conformance / "teleradiologie" / "messages").is_dir():
+        command.append(str(conformance / "teleradiologie" / "messages"))
+    started = time.monotonic()
+    log = work / "log.txt"
+    with log.open("w") as out:
+        result = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    seconds = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    executed = _stat(text, "number_of_executed_units")
+    artifact = re.findall(r"Test unit written to (\S+)", text)
+    return Outcome(
+        name,
+        executed,
+        seconds,
+        crashed=result.returncode != 0 or bool(artifact),
+        artifact=artifact[-1] if artifact else "",
+        new_units=_stat(text, "new_units_added"),
+        peak_rss_mb=_stat(text, "peak_rss_mb"),
+        per_second=_stat(text, "average_exec_per_sec"),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("FUZZ_RUNS", "1000000")))
+    parser.add_argument("--max-total-time", type=int, default=int(os.environ.get("FUZZ_MAX_TIME", "0")))
+    parser.add_argument("--only", nargs="*", default=list(HARNESSES), choices=HARNESSES)
+    parser.add_argument("libfuzzer", nargs="*", help="further libFuzzer flags (after --)")
+    args = parser.parse_args()
+    outcomes = []
+    for name in args.only:
+        print(f"fuzzing {name}: {args.runs} executions ...", flush=True)
+        outcome = run_one(name, args.runs, args.max_total_time, args.libfuzzer)
+        outcomes.append(outcome)
+        state = f"CRASH ({outcome.artifact})" if outcome.crashed else "no crash"
+        print(
+            f"  {outcome.runs} executions in {outcome.seconds:.0f} s ({outcome.per_second}/s), "
+            f"{outcome.new_units} new inputs, peak RSS {outcome.peak_rss_mb} MB: {state}",
+            flush=True,
+        )
+    print("\nharness   executions   exec/s   crashes")
+    for o in outcomes:
+        print(f"{o.name:<9} {o.runs:>10}   {o.per_second:>6}   {int(o.crashed):>7}")
+    return 1 if any(o.crashed for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The short form of the fuzzing campaign (``fuzz/``, ``make hardening`` for the long one): every
+harness replays its seed corpus and the inputs that once broke simral (``fuzz/regressions``)
+against a real in-process site, with the harness's own oracle (the protocol's answer, no error
+logged, no thread failure, no descriptor or scratch file left behind); then the fixes are checked
+on their own terms.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from fuzz import harness
+from pydicom import dcmread
+from pydicom.fileset import FileSet
+from pydicom.uid import generate_uid
+
+HARNESSES = ("ingest", "hl7", "stow", "import", "dimse")
+CASES = [
+    pytest.param(name, path, id=f"{name}:{path.parent.name}/{path.name}")
+    for name in HARNESSES
+    for path in harness.corpus_files(name) + harness.regression_files(name)
+]
+_loaded: dict[str, ModuleType] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _harnesses() -> Iterator[None]:
+    yield
+    for module in _loaded.values():
+        module.teardown()
+
+
+def _harness(name: str) -> ModuleType:
+    module = _loaded.get(name)
+    if module is None:
+        module = importlib.import_module(f"fuzz.fuzz_{name}")
+        module.setup()
+        _loaded[name] = module
+    return module
+
+
+def test_every_harness_has_seeds() -> None:
+    for name in HARNESSES:
+        assert len(harness.corpus_files(name)) >= 4, name
+    size = sum(p.stat().st_size for p in harness.CORPUS_DIR.rglob("*") if p.is_file())
+    assert size < 1024 * 1024
+
+
+@pytest.mark.parametrize(("name", "path"), CASES)
+def test_replay(name: str, path: Path) -> None:
+    """The harness's oracle holds for the input (a failure raises :class:`fuzz.harness.Bug`)."""
+    _harness(name).test_one_input(path.read_bytes())
+
+
+# -------------------------------------------------------------------- the fixes, one by one
+
+
+def _ingest_site() -> harness.Site:
+    site = _harness("ingest")._site.get()
+    assert isinstance(site, harness.Site)
+    return site
+
+
+@pytest.mark.parametrize(
+    ("regression", "reason"),
+    [
+        ("truncated-deflate.dcm", "unreadable DICOM data: error"),
+        ("odd-length-group-length.dcm", "unreadable DICOM data: BytesLengthException"),
+        ("unknown-vr-in-file-meta.dcm", "unreadable DICOM data: NotImplementedError"),
+        ("unknown-transfer-syntax.dcm", "not a transfer syntax known to simral"),
+        ("item-without-tag.dcm", "malformed data: OSError"),
+    ],
+)
+def test_damaged_headers_are_refused_at_step_one(regression: str, reason: str, tmp_path: Path) -> None:
+    """PS3.4 B.2.3: refused with status C000 and a reason, not an exception out of the ingest."""
+    from simral.dicom.header import RejectedInstance, read_header
+
+    path = tmp_path / regression
+    shutil.copy(harness.REGRESSIONS_DIR / "ingest" / regression, path)
+    with pytest.raises(RejectedInstance) as refused:
+        read_header(path)
+    assert reason in refused.value.reason
+    assert refused.value.status == 0xC000
+
+
+def test_damaged_zip_members_are_counted_not_raised(tmp_path: Path) -> None:
+    from simral.archive.importing import import_paths
+
+    site = _ingest_site()
+    principal = _harness("import").IMPORTER
+    for regression in harness.regression_files("import"):
+        if not regression.name.startswith("zip-"):
+            continue
+        upload = tmp_path / regression.stem
+        upload.mkdir()
+        (upload / "upload.zip").write_bytes(regression.read_bytes()[1:])
+        descriptors = len(os.listdir("/proc/self/fd"))
+        summary = import_paths(site.ctx, [upload], principal=principal)
+        if regression.name == "zip-member-without-name.bin":  # skipped; its other members refused
+            assert all(reason for _name, reason in summary.rejected)
+        else:
+            assert summary.outcomes["rejected"] == 1, regression.name
+            assert summary.rejected[0][1].startswith("unreadable"), summary.rejected
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert not [p for p in site.scratch.iterdir() if p.name.startswith(".tmp-import-")]
+
+
+def test_dicomdir_records_cannot_name_files_outside_the_media(tmp_path: Path) -> None:
+    """PS3.10 §8.5 file IDs: a record naming ``../OUTSIDE/IM1`` is not followed by ``simral import
+    DICOMDIR`` (the instance beside the media stays out of the archive)."""
+    from simral.archive.importing import import_paths
+
+    site = _ingest_site()
+    media = tmp_path / "media"
+    instance = dcmread(harness.CORPUS_DIR / "ingest" / "synthetic-explicit-le.dcm")
+    instance.SOPInstanceUID = instance.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    fileset = FileSet()
+    fileset.add(instance)
+    fileset.write(media)
+    dicomdir = dcmread(media / "DICOMDIR")
+    record = next(r for r in dicomdir.DirectoryRecordSequence if "ReferencedFileID" in r)
+    inside = media.joinpath(*record.ReferencedFileID)
+    outside = tmp_path / "OUTSIDE" / "IM1"
+    outside.parent.mkdir()
+    inside.rename(outside)
+    record.ReferencedFileID = ["..", "OUTSIDE", "IM1"]
+    dicomdir.save_as(media / "DICOMDIR")
+    summary = import_paths(site.ctx, [media / "DICOMDIR"], principal=_harness("import").IMPORTER)
+    assert sum(summary.outcomes.values()) == 0
+    with site.ctx.db.reading() as session:
+        from simral.archive.service import existing_blob
+
+        assert existing_blob(session, str(instance.SOPInstanceUID)) is None
+
+
+def test_acceptor_contexts_copy_shares_their_uids() -> None:
+    """pynetdicom deep-copies the supported contexts for every connection: the copy must not
+    rebuild (and re-validate) the thousands of transfer syntax UIDs (some 200 ms per connection)."""
+    from simral.dimse.server import DimseService
+
+    site = _ingest_site()
+    service = DimseService(site.ctx)
+    server = service.start("127.0.0.1", 0)
+    try:
+        copied = copy.deepcopy(server.contexts)
+        assert [c.abstract_syntax for c in copied] == [c.abstract_syntax for c in server.contexts]
+        first, original = copied[0], server.contexts[0]
+        assert first is not original and first.transfer_syntax == original.transfer_syntax
+        assert first.transfer_syntax[0] is original.transfer_syntax[0]
+        first.transfer_syntax = first.transfer_syntax[:1]
+        assert len(original.transfer_syntax) > 1
+    finally:
+        service.stop()
+
+
+def test_multipart_boundary_must_be_rfc_2046() -> None:
+    """A boundary python-multipart cannot take (over 256 characters) made STOW-RS answer 500; any
+    boundary outside RFC 2046 §5.1.1 is now refused as a malformed request (415)."""
+    from simral.dicomweb.multipart import MultipartError, request_boundary
+
+    assert (
+        request_boundary(f'multipart/related; type="application/dicom"; boundary={"b" * 70}')[1] == "b" * 70
+    )
+    assert request_boundary('multipart/related; boundary="a b:c"') == ("", "a b:c")
+    for boundary in ("b" * 71, "B" * 300, '"ends with space "', '"tab\there"'):
+        with pytest.raises(MultipartError):
+            request_boundary(f"multipart/related; boundary={boundary}")
+
+
+def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
+    """An ORC-7 / TQ1 date/time whose offset is not digits, or falls outside a day, was an
+    "application internal error" (ERR 207 with a traceback); HL7 v2.5.1 §2.A.22 DTM: no value."""
+    from simral.hl7.orders import _timestamp
+
+    assert str(_timestamp("20260106184418.123-0500")) == "2026-01-06 23:44:18+00:00"
+    assert str(_timestamp("20260106184418")) == "2026-01-06 17:44:18+00:00"  # Europe/Paris
+    for value in ("2026010720+zz", "20260106184418+9999", "20260106184418+12345", "99991231235959-1400"):
+        assert _timestamp(value) is None, value
+
+
+def test_adt_feed_of_hl7_v2_3_is_applied_without_pid_32() -> None:
+    """hl7apy's v2.3 PID has no field 32 (Identity Reliability Code, v2.4+): reading it was an
+    "application internal error"; an older feed's A28 is now applied with no identity status."""
+    from simral.hl7 import adt
+
+    site = _harness("hl7")._site.get()
+    seed = (harness.CORPUS_DIR / "hl7" / "adt-a28.hl7").read_bytes().strip(b"\x0b\x1c\r")
+    message = seed.replace(b"|P|2.5|", b"|P|2.3|").replace(b"|A28-1|", b"|A28-V23|")
+    message = message.replace(b"IPP-1^^^", b"IPP-V23^^^").rsplit(b"|", 1)[0]  # no PID-32
+    handled = adt.handle(site.ctx, message, peer="127.0.0.1")
+    assert handled.code == "AA", handled.ack
