@@ -32,9 +32,45 @@ _loaded: dict[str, ModuleType] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def _harnesses() -> Iterator[None]:
-    yield
-    for module in _loaded.values():
-        module.teardown()
+    """Tear the harnesses down, and give back the process-wide settings a ``DimseService`` makes
+    for a server process (the temporary folder, pynetdicom's receive mode and spool file, the
+    thread switch interval): the other test files of this pytest worker run after this one."""
+    import sys
+    import tempfile
+
+    import pynetdicom.dimse_messages as dimse_messages
+    from pynetdicom import _config
+
+    saved_tempdir = tempfile.tempdir
+    saved_interval = sys.getswitchinterval()
+    saved_spool = dimse_messages.NamedTemporaryFile
+    saved_config = {
+        name: getattr(_config, name)
+        for name in ("STORE_RECV_CHUNKED_DATASET", "LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS")
+    }
+    try:
+        yield
+    finally:
+        for module in _loaded.values():
+            module.teardown()
+        tempfile.tempdir = saved_tempdir
+        sys.setswitchinterval(saved_interval)
+        dimse_messages.NamedTemporaryFile = saved_spool  # type: ignore[misc]
+        for name, value in saved_config.items():
+            setattr(_config, name, value)
+
+
+@pytest.fixture(autouse=True)
+def _own_temporary_folder() -> Iterator[None]:
+    """A ``DimseService`` (the DIMSE harness) points the process's temporary folder at its store's
+    scratch folder, which its teardown removes: each test gives the folder back."""
+    import tempfile
+
+    saved = tempfile.tempdir
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def _harness(name: str) -> ModuleType:

@@ -177,13 +177,14 @@ def test_deid_data_files() -> None:
 
 
 def test_fast_path_leaves_a_ct_header_raw(tmp_path: Path) -> None:
-    """The CT header is rendered from the raw bytes, not by converting its elements."""
+    """The CT header is rendered from the raw bytes, not by converting its elements (read_header
+    decodes only the attributes the index reads, to refuse a malformed one at step 1)."""
     (path,) = ct_series(tmp_path, slices=1)
     dataset = read_header(path).dataset
     raw_before = sum(isinstance(e, RawDataElement) for e in dataset._dict.values())
     dataset_to_json(dataset)
     raw_after = sum(isinstance(e, RawDataElement) for e in dataset._dict.values())
-    assert raw_before > 50
+    assert raw_before > 30
     assert raw_after == raw_before
 
 
@@ -508,8 +509,9 @@ def _odd_file_cases() -> dict[str, tuple[list[Element], str]]:
         ],
         ExplicitVRLittleEndian,
     )
+    # Bits Allocated: an attribute the index does not read (a malformed Rows refuses the instance).
     cases["wrong_length_number"] = (
-        [(0x00280010, "US", b"\x01\x02\x03\x04\x05\x06\x07")],
+        [(0x00280100, "US", b"\x01\x02\x03\x04\x05\x06\x07")],
         ExplicitVRLittleEndian,
     )
     cases["wrong_length_at"] = ([(0x00209165, "AT", b"\x01\x02\x03\x04\x05\x06")], ExplicitVRLittleEndian)
