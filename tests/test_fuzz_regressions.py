@@ -11,6 +11,8 @@ import copy
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -22,55 +24,33 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 HARNESSES = ("ingest", "hl7", "stow", "import", "dimse")
+#: The DIMSE harness runs a ``DimseService``, which sets process-wide state for a server process
+#: (pynetdicom patches, the temporary folder, the receive mode): it runs in a child process, never in
+#: the pytest worker whose later test files use pynetdicom as a client.
+IN_PROCESS = tuple(name for name in HARNESSES if name != "dimse")
 CASES = [
     pytest.param(name, path, id=f"{name}:{path.parent.name}/{path.name}")
-    for name in HARNESSES
+    for name in IN_PROCESS
     for path in harness.corpus_files(name) + harness.regression_files(name)
 ]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _child(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGV…`` from the repository in a child process (the DIMSE harness's home)."""
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
 _loaded: dict[str, ModuleType] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _harnesses() -> Iterator[None]:
-    """Tear the harnesses down, and give back the process-wide settings a ``DimseService`` makes
-    for a server process (the temporary folder, pynetdicom's receive mode and spool file, the
-    thread switch interval): the other test files of this pytest worker run after this one."""
-    import sys
-    import tempfile
-
-    import pynetdicom.dimse_messages as dimse_messages
-    from pynetdicom import _config
-
-    saved_tempdir = tempfile.tempdir
-    saved_interval = sys.getswitchinterval()
-    saved_spool = dimse_messages.NamedTemporaryFile
-    saved_config = {
-        name: getattr(_config, name)
-        for name in ("STORE_RECV_CHUNKED_DATASET", "LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS")
-    }
-    try:
-        yield
-    finally:
-        for module in _loaded.values():
-            module.teardown()
-        tempfile.tempdir = saved_tempdir
-        sys.setswitchinterval(saved_interval)
-        dimse_messages.NamedTemporaryFile = saved_spool  # type: ignore[misc]
-        for name, value in saved_config.items():
-            setattr(_config, name, value)
-
-
-@pytest.fixture(autouse=True)
-def _own_temporary_folder() -> Iterator[None]:
-    """A ``DimseService`` (the DIMSE harness) points the process's temporary folder at its store's
-    scratch folder, which its teardown removes: each test gives the folder back."""
-    import tempfile
-
-    saved = tempfile.tempdir
-    try:
-        yield
-    finally:
-        tempfile.tempdir = saved
+    yield
+    for module in _loaded.values():
+        module.teardown()
 
 
 def _harness(name: str) -> ModuleType:
@@ -87,6 +67,14 @@ def test_every_harness_has_seeds() -> None:
         assert len(harness.corpus_files(name)) >= 4, name
     size = sum(p.stat().st_size for p in harness.CORPUS_DIR.rglob("*") if p.is_file())
     assert size < 1024 * 1024
+
+
+def test_replay_dimse_in_a_child_process() -> None:
+    """Every DIMSE seed and regression input holds the harness's oracle (``fuzz.replay``)."""
+    inputs = [str(p) for p in harness.corpus_files("dimse") + harness.regression_files("dimse")]
+    replayed = _child("-m", "fuzz.replay", "dimse", *inputs)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert f"{len(inputs)} inputs replayed, 0 failed" in replayed.stdout
 
 
 @pytest.mark.parametrize(("name", "path"), CASES)
@@ -176,24 +164,37 @@ def test_dicomdir_records_cannot_name_files_outside_the_media(tmp_path: Path) ->
         assert existing_blob(session, str(instance.SOPInstanceUID)) is None
 
 
+def acceptor_contexts_copy_check() -> None:
+    """Run in a child process by the test below (it builds a ``DimseService``)."""
+    from fuzz import fuzz_ingest
+
+    from simral.dimse.server import DimseService
+
+    fuzz_ingest.setup()
+    try:
+        site = fuzz_ingest._site.get()
+        assert isinstance(site, harness.Site)
+        service = DimseService(site.ctx)
+        server = service.start("127.0.0.1", 0)
+        try:
+            copied = copy.deepcopy(server.contexts)
+            assert [c.abstract_syntax for c in copied] == [c.abstract_syntax for c in server.contexts]
+            first, original = copied[0], server.contexts[0]
+            assert first is not original and first.transfer_syntax == original.transfer_syntax
+            assert first.transfer_syntax[0] is original.transfer_syntax[0]
+            first.transfer_syntax = first.transfer_syntax[:1]
+            assert len(original.transfer_syntax) > 1
+        finally:
+            service.stop()
+    finally:
+        fuzz_ingest.teardown()
+
+
 def test_acceptor_contexts_copy_shares_their_uids() -> None:
     """pynetdicom deep-copies the supported contexts for every connection: the copy must not
     rebuild (and re-validate) the thousands of transfer syntax UIDs (some 200 ms per connection)."""
-    from simral.dimse.server import DimseService
-
-    site = _ingest_site()
-    service = DimseService(site.ctx)
-    server = service.start("127.0.0.1", 0)
-    try:
-        copied = copy.deepcopy(server.contexts)
-        assert [c.abstract_syntax for c in copied] == [c.abstract_syntax for c in server.contexts]
-        first, original = copied[0], server.contexts[0]
-        assert first is not original and first.transfer_syntax == original.transfer_syntax
-        assert first.transfer_syntax[0] is original.transfer_syntax[0]
-        first.transfer_syntax = first.transfer_syntax[:1]
-        assert len(original.transfer_syntax) > 1
-    finally:
-        service.stop()
+    checked = _child("-c", "from tests.test_fuzz_regressions import acceptor_contexts_copy_check as c; c()")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_multipart_boundary_the_parser_can_take() -> None:
