@@ -165,25 +165,9 @@ def manifest_uids(study_uid: str, version: int) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ reading the index
 
 
-def manifest_content(
-    session: Session,
-    study_uid: str,
-    *,
-    patient: ManifestPatient,
-    order: ManifestOrder,
-    retrieve_base_url: str,
-    institution_name: str = "",
-    principal: Principal = MANIFEST_READER,
-) -> ManifestContent:
-    """Read what the manifest of ``study_uid`` lists from the index (see the module docstring for
-    what is left out); raises :class:`ManifestError` when the study is unknown or nothing is left."""
-    if not (patient.ins and patient.ins_oid):
-        raise ManifestError("the manifest is published under an INS: matricule and OID are required")
-    if not (order.accession_number and order.accession_issuer):
-        raise ManifestError("the manifest needs the accession number and its issuer (referenceIdList)")
-    study = session.scalar(visible_studies(principal, select(Study).where(Study.study_uid == study_uid)))
-    if study is None:
-        raise ManifestError(f"study {study_uid} is not in the archive")
+def _listed(session: Session, study: Study) -> dict[str, tuple[str, list[ManifestInstance]]]:
+    """Series Instance UID → (modality, instances) of what a manifest of ``study`` lists: every
+    instance not rejected, except manifests, IOCM rejection notes and simral's own report PDF."""
     rows = session.execute(
         select(
             Series.series_uid,
@@ -199,7 +183,7 @@ def manifest_content(
         .where(Series.study_pk == study.id, not_rejected())
         .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
     ).all()
-    _, manifest_series = manifest_uids(study_uid, 1)
+    _, manifest_series = manifest_uids(study.study_uid, 1)
     kos_ids = [row.id for row in rows if row.sop_class_uid == KOS_SOP_CLASS]
     withdrawn: set[str] = set()
     if kos_ids:
@@ -220,6 +204,41 @@ def manifest_content(
             continue
         _, instances = listed.setdefault(row.series_uid, (row.modality, []))
         instances.append(ManifestInstance(row.sop_class_uid, row.sop_uid, row.rows, row.columns))
+    return listed
+
+
+def study_references(session: Session, study_uid: str) -> dict[str, frozenset[str]]:
+    """What a manifest of the study would reference now (series → SOP Instance UIDs); empty when
+    the study is unknown. A change of it calls for a new manifest version (DESIGN.md §8)."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return {}
+    return {
+        series_uid: frozenset(i.sop_instance_uid for i in instances)
+        for series_uid, (_, instances) in _listed(session, study).items()
+    }
+
+
+def manifest_content(
+    session: Session,
+    study_uid: str,
+    *,
+    patient: ManifestPatient,
+    order: ManifestOrder,
+    retrieve_base_url: str,
+    institution_name: str = "",
+    principal: Principal = MANIFEST_READER,
+) -> ManifestContent:
+    """Read what the manifest of ``study_uid`` lists from the index (see the module docstring for
+    what is left out); raises :class:`ManifestError` when the study is unknown or nothing is left."""
+    if not (patient.ins and patient.ins_oid):
+        raise ManifestError("the manifest is published under an INS: matricule and OID are required")
+    if not (order.accession_number and order.accession_issuer):
+        raise ManifestError("the manifest needs the accession number and its issuer (referenceIdList)")
+    study = session.scalar(visible_studies(principal, select(Study).where(Study.study_uid == study_uid)))
+    if study is None:
+        raise ManifestError(f"study {study_uid} is not in the archive")
+    listed = _listed(session, study)
     if not listed:
         raise ManifestError(f"study {study_uid} has no instance to list in a manifest")
     series = tuple(

@@ -56,8 +56,8 @@ from simral.dmp.service import (
     REASON_NO_INS,
     REASON_NOT_CONFIGURED,
     WITHDRAW_DELETE,
-    _payload_ids,
-    _set_state,
+    payload_ids,
+    set_state,
 )
 from simral.identity.models import Organisation
 from simral.jobs.runner import Outcomes, PermanentFailure
@@ -588,17 +588,15 @@ def _finish(
 
 def publish_lot(ctx: AppContext, job: ClaimedJob) -> None:
     """Publish one job's documents (see the module docstring); raises to have the job retried."""
-    ids = _payload_ids(job.payload)
+    ids = payload_ids(job.payload)
     if not ctx.settings.dmp_iti41_url:
-        with ctx.db.unit_of_work() as session:
-            _set_state(session, ids, DMP_WAITING, REASON_NOT_CONFIGURED)
+        _mark(ctx, ids, DMP_WAITING, REASON_NOT_CONFIGURED)
         return
     try:
         with ctx.db.reading() as session:
             lot = _read_lot(session, ids, ctx.store)
     except _Wait as wait:
-        with ctx.db.unit_of_work() as session:
-            _set_state(session, ids, DMP_WAITING, str(wait))
+        _mark(ctx, ids, DMP_WAITING, str(wait))
         return
     if lot is None:
         return
@@ -635,7 +633,7 @@ def publish_documents(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
     """Job handler of :data:`~simral.dmp.service.DMP_PUBLISH`: each lot on its own."""
     outcomes: dict[int, str | PermanentFailure | None] = {}
     for job in batch:
-        ids = _payload_ids(job.payload)
+        ids = payload_ids(job.payload)
         try:
             publish_lot(ctx, job)
             outcomes[job.id] = None
@@ -663,7 +661,7 @@ def publish_documents(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
 
 def _mark(ctx: AppContext, ids: list[int], state: str, reason: str) -> None:
     with ctx.db.unit_of_work() as session:
-        _set_state(session, ids, state, reason)
+        set_state(session, ids, state, reason)
 
 
 # ------------------------------------------------------------------------------- withdrawal

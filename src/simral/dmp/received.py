@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from simral.access.policy import Principal
 from simral.audit import service as audit
 from simral.dmp.models import DMP_PENDING, KIND_REPORT, DmpDocument
-from simral.dmp.service import _enqueue, _new_entry_uuid, manifest_document, publishing_organisation
+from simral.dmp.service import enqueue_documents, manifest_document, new_entry_uuid, publishing_organisation
 from simral.patients.models import PatientIdentity
 from simral.patients.service import is_ins_oid
 from simral.storage.base import BlobStore
@@ -421,7 +421,7 @@ def receive_report(
         version=cda.version,
         unique_id=cda.unique_id,
         set_id=cda.set_id,
-        entry_uuid=_new_entry_uuid(),
+        entry_uuid=new_entry_uuid(),
         replaces_id=previous.id if previous is not None else None,
         state=DMP_PENDING,
         content_key=key,
@@ -440,7 +440,7 @@ def receive_report(
         documents.append(manifest)
     session.add_all(documents)
     session.flush()
-    _enqueue(session, documents)
+    enqueue_documents(session, documents)
     audit.record(
         session,
         action="dmp.report-received",

@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_manage
-from simral.archive.models import Instance, Series, Study
+from simral.archive.models import Study
 from simral.audit import service as audit
 from simral.db.base import utcnow
 from simral.dmp.models import (
@@ -142,20 +142,17 @@ def publishing_organisation(session: Session, code: str) -> DmpOrganisation | No
 # ---------------------------------------------------------------------------------- the trigger
 
 
-def _new_entry_uuid() -> str:
+def new_entry_uuid() -> str:
+    """A fresh XDSDocumentEntry.entryUUID (``urn:uuid:…``), chosen before the first try."""
     return f"urn:uuid:{uuid.uuid4()}"
 
 
 def _study_fingerprint(session: Session, study_uid: str) -> tuple[int, str]:
-    """The images a manifest lists: (count, SHA-1 of their sorted SOP Instance UIDs)."""
-    uids = sorted(
-        session.scalars(
-            select(Instance.sop_uid)
-            .join(Series, Series.id == Instance.series_pk)
-            .join(Study, Study.id == Series.study_pk)
-            .where(Study.study_uid == study_uid, Series.modality.not_in(("KO", "DOC", "SR")))
-        )
-    )
+    """The images a manifest lists (:func:`simral.dmp.manifest.study_references`): (count, SHA-1
+    of their sorted SOP Instance UIDs)."""
+    from simral.dmp.manifest import study_references
+
+    uids = sorted(uid for sops in study_references(session, study_uid).values() for uid in sops)
     return len(uids), hashlib.sha1("\n".join(uids).encode()).hexdigest()
 
 
@@ -199,7 +196,7 @@ def enqueue_for_report(session: Session, report: Report, request: ImagingRequest
             request_id=request.id,
             version=report.version,
             unique_id=report.document_uid,
-            entry_uuid=_new_entry_uuid(),
+            entry_uuid=new_entry_uuid(),
             replaces_id=previous.id if previous is not None else None,
             state=DMP_PENDING,
         )
@@ -209,7 +206,7 @@ def enqueue_for_report(session: Session, report: Report, request: ImagingRequest
         documents.append(manifest)
     session.add_all(documents)
     session.flush()
-    return _enqueue(session, documents)
+    return enqueue_documents(session, documents)
 
 
 def manifest_document(
@@ -234,7 +231,7 @@ def manifest_document(
         request_id=request_id,
         version=version,
         unique_id=sop_uid,
-        entry_uuid=_new_entry_uuid(),
+        entry_uuid=new_entry_uuid(),
         replaces_id=previous.id if previous is not None else None,
         state=DMP_PENDING,
         # The images this version lists (what "changed" is measured against); the submitted
@@ -303,12 +300,14 @@ def refresh_manifests(session: Session, *, quiet_since: datetime) -> int:
         replacement.accession_authority = published.accession_authority
         session.add(replacement)
         session.flush()
-        if _enqueue(session, [replacement]) is not None:
+        if enqueue_documents(session, [replacement]) is not None:
             queued += 1
     return queued
 
 
-def _enqueue(session: Session, documents: list[DmpDocument]) -> int | None:
+def enqueue_documents(session: Session, documents: list[DmpDocument]) -> int | None:
+    """Queue one ``dmp.publish`` job for these documents (one ITI-41 submission) in the caller's
+    transaction; ``None`` when the same lot is already queued."""
     ids = sorted(d.id for d in documents)
     return jobs.enqueue(
         session,
@@ -364,7 +363,7 @@ def resume_waiting(session: Session) -> int:
             document.state = DMP_PENDING
             document.reason = ""
             document.updated_at = utcnow()
-        if _enqueue(session, documents) is not None:
+        if enqueue_documents(session, documents) is not None:
             queued += 1
     return queued
 
@@ -392,7 +391,7 @@ def retry(session: Session, document_id: int, *, principal: Principal) -> int | 
         study_uid=document.study_uid,
         detail={"document": document.id, "kind": document.kind},
     )
-    return _enqueue(session, [document])
+    return enqueue_documents(session, [document])
 
 
 def request_withdrawal(
@@ -505,7 +504,8 @@ def counts(session: Session) -> dict[str, int]:
     return dict(session.execute(select(DmpDocument.state, func.count()).group_by(DmpDocument.state)).all())  # type: ignore[arg-type]
 
 
-def _set_state(session: Session, ids: list[int], state: str, reason: str = "") -> None:
+def set_state(session: Session, ids: list[int], state: str, reason: str = "") -> None:
+    """Set the state (and reason) of the documents not yet published nor replaced."""
     for document in session.scalars(select(DmpDocument).where(DmpDocument.id.in_(ids))):
         if document.state in (DMP_PUBLISHED, DMP_REPLACED):
             continue
@@ -514,5 +514,6 @@ def _set_state(session: Session, ids: list[int], state: str, reason: str = "") -
         document.updated_at = utcnow()
 
 
-def _payload_ids(payload: dict[str, Any]) -> list[int]:
+def payload_ids(payload: dict[str, Any]) -> list[int]:
+    """The document ids of a ``dmp.publish`` job."""
     return [int(i) for i in payload.get("documents", [])]

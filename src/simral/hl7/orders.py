@@ -99,7 +99,8 @@ class Segment:
         return f"{self.name}^{self.index}^{n}"
 
 
-def _segments(message: Message, enc: Encoding) -> list[Segment]:
+def order_segments(message: Message, enc: Encoding) -> list[Segment]:
+    """The message's segments as :class:`Segment` rows (fields split with the message's encoding)."""
     counts: dict[str, int] = {}
     out = []
     for child in message.children:
@@ -294,7 +295,7 @@ def _desired_delay(order: Order, now: datetime) -> str:
     return ""
 
 
-def _decoded(segment: Segment, max_bytes: int) -> bytes:
+def decoded_ed(segment: Segment, max_bytes: int) -> bytes:
     """OBX-5 ED data (ED.5) decoded per ED.4 (HL7 table 0299: Base64, Hex); too large a value is
     refused before it is decoded."""
     encoding = segment.component(5, 4).upper()
@@ -324,7 +325,7 @@ def documents(order: Order, *, max_bytes: int) -> list[request_documents.Documen
         code = segment.component(3, 1)
         if segment.component(2, 1).upper() != "ED" or code.upper() in ED_ITEMS:
             continue
-        data = _decoded(segment, max_bytes)
+        data = decoded_ed(segment, max_bytes)
         try:
             found.append(
                 request_documents.read_document(
@@ -535,7 +536,7 @@ def apply(feed: Feed, message: Message, header: Header) -> None:
     site = endpoint.site_code
     principal = replace(feed.principal, organisation=site)
     source = f"hl7:{endpoint.name}"
-    segments = _segments(message, feed.encoding)
+    segments = order_segments(message, feed.encoding)
     orders = _orders(segments)
     if not orders:
         raise Rejected("AR", "100", "the message has no ORC segment", "ORC")

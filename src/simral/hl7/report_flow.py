@@ -30,7 +30,7 @@ from hl7apy.core import Message
 from simral.dmp import received
 from simral.dmp import service as dmp
 from simral.hl7.adt import Feed, Header, Rejected, read_pid
-from simral.hl7.orders import Segment, _decoded, _segments
+from simral.hl7.orders import Segment, decoded_ed, order_segments
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
 from simral.reading import service as reading
@@ -46,7 +46,7 @@ REPORT_MESSAGES = frozenset({"ORU", "MDM"})
 def _document(segment: Segment, max_bytes: int) -> bytes:
     """OBX-5: an ED (``source^type^subtype^encoding^data``), or a bare base64 value."""
     if segment.component(5, 4):
-        return _decoded(segment, max_bytes)
+        return decoded_ed(segment, max_bytes)
     data = "".join(segment.field(5).split())
     if decoded_size(len(data)) > max_bytes + 2:
         raise Rejected("AE", "102", f"document larger than the {max_bytes} bytes accepted", segment.where(5))
@@ -163,7 +163,7 @@ def apply(feed: Feed, message: Message, header: Header) -> bool:
         raise Rejected("AE", "207", f"simral does not publish reports to the DMP for {site}", "MSH^1^3")
     if not publishing:
         return False
-    segments = _segments(message, feed.encoding)
+    segments = order_segments(message, feed.encoding)
     documents = [s for s in segments if s.name == "OBX" and s.component(2, 1).upper() == "ED"]
     if not documents:
         if mdm:
