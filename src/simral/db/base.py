@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
@@ -27,6 +28,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     """``value`` as an aware UTC datetime (SQLite returns stored datetimes naive)."""
     if value is not None and value.tzinfo is None:

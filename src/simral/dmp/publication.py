@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from simral.access.policy import Principal
 from simral.audit import service as audit
 from simral.context import AppContext
-from simral.db.base import utcnow
+from simral.db.base import as_utc, utcnow
 from simral.dmp import manifest as manifests
 from simral.dmp import received as received_reports
 from simral.dmp.models import (
@@ -424,15 +424,10 @@ def _exam_time(lot: _Lot) -> tuple[datetime | None, datetime | None]:
     complement = (lot.request.complement or {}) if lot.request is not None else {}
     performed = complement.get("performed_at") or ""
     try:
-        at = _aware(datetime.fromisoformat(performed)) if performed else None
+        at = as_utc(datetime.fromisoformat(performed)) if performed else None
     except ValueError:
         at = None
     return at, at
-
-
-def _aware(value: datetime) -> datetime:
-    """A database time as UTC (SQLite gives them back without their zone)."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
@@ -457,7 +452,7 @@ def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
             retrieve_base_url=base.removesuffix("/dicom-web"),
             institution_name=lot.site.name,
         )
-    dataset = manifests.build_manifest(content, version=document.version, created=_aware(document.created_at))
+    dataset = manifests.build_manifest(content, version=document.version, created=as_utc(document.created_at))
     manifests.store_manifest(ctx, dataset, organisation_code=lot.organisation.organisation_code)
     return manifests.manifest_bytes(dataset)
 
@@ -518,7 +513,7 @@ def _entry(
         practice_setting=practice,
         event_codes=_event_codes(lot),
         reference_ids=_reference_ids(lot, document),
-        creation_time=_aware(created),
+        creation_time=as_utc(created),
         service_start=exam_start,
         service_stop=exam_stop,
         language="fr-FR",
