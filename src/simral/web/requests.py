@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from simral.access.policy import AccessDenied, Principal, may_request_exam, may_review_requests
@@ -999,49 +1000,58 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
     # ------------------------------------------------------------------------ actions
 
-    @web.post("/requests/{request_id}/accept")
-    async def accept(request: Request, request_id: RowId) -> Response:
+    async def _act(
+        request: Request,
+        request_id: int,
+        notice: str,
+        change: Callable[[Session, Principal, dict[str, str]], object],
+    ) -> Response:
+        """A reviewer's or the site's form action on one request, in one unit of work."""
         principal, form = await _form(request)
         try:
             with ctx.db.unit_of_work() as session:
-                reading.accept_request(
-                    session, request_id, protocol=form.get("protocol", ""), principal=principal
-                )
+                change(session, principal, form)
         except (ReadingError, AccessDenied) as exc:
             return _failure(request, principal, exc)
-        return _redirect(f"/requests/{request_id}", request, "accepted")
+        return _redirect(f"/requests/{request_id}", request, notice)
+
+    @web.post("/requests/{request_id}/accept")
+    async def accept(request: Request, request_id: RowId) -> Response:
+        return await _act(
+            request,
+            request_id,
+            "accepted",
+            lambda session, principal, form: reading.accept_request(
+                session, request_id, protocol=form.get("protocol", ""), principal=principal
+            ),
+        )
 
     @web.post("/requests/{request_id}/refuse")
     async def refuse(request: Request, request_id: RowId) -> Response:
-        principal, form = await _form(request)
-        try:
-            with ctx.db.unit_of_work() as session:
-                reading.refuse_request(
-                    session, request_id, reason=form.get("reason", ""), principal=principal
-                )
-        except (ReadingError, AccessDenied) as exc:
-            return _failure(request, principal, exc)
-        return _redirect(f"/requests/{request_id}", request, "refused")
+        return await _act(
+            request,
+            request_id,
+            "refused",
+            lambda session, principal, form: reading.refuse_request(
+                session, request_id, reason=form.get("reason", ""), principal=principal
+            ),
+        )
 
     @web.post("/requests/{request_id}/subspecialty")
     async def subspecialty(request: Request, request_id: RowId) -> Response:
-        principal, form = await _form(request)
-        try:
-            with ctx.db.unit_of_work() as session:
-                reading.set_subspecialty(
-                    session, request_id, subspecialty=form.get("subspecialty", ""), principal=principal
-                )
-        except (ReadingError, AccessDenied) as exc:
-            return _failure(request, principal, exc)
-        return _redirect(f"/requests/{request_id}", request, "subspecialty")
+        return await _act(
+            request,
+            request_id,
+            "subspecialty",
+            lambda session, principal, form: reading.set_subspecialty(
+                session, request_id, subspecialty=form.get("subspecialty", ""), principal=principal
+            ),
+        )
 
     @web.post("/requests/{request_id}/cancel")
     async def cancel(request: Request, request_id: RowId) -> Response:
-        principal, form = await _form(request)
-        try:
-            with ctx.db.unit_of_work() as session:
-                item = reading.get_request(session, request_id, principal=principal, audited=False)
-                reading.cancel_request(session, item, reason=form.get("reason", ""), principal=principal)
-        except (ReadingError, AccessDenied) as exc:
-            return _failure(request, principal, exc)
-        return _redirect(f"/requests/{request_id}", request, "cancelled")
+        def change(session: Session, principal: Principal, form: dict[str, str]) -> None:
+            item = reading.get_request(session, request_id, principal=principal, audited=False)
+            reading.cancel_request(session, item, reason=form.get("reason", ""), principal=principal)
+
+        return await _act(request, request_id, "cancelled", change)
