@@ -267,9 +267,7 @@ def _endpoint(ctx: AppContext, organisation: DmpOrganisation) -> DmpEndpoint:
         td02_url=settings.dmp_td02_url,
         tls_certificate=Path(organisation.auth_cert_file),
         tls_key=Path(organisation.auth_key_file),
-        ca_bundle=Path(settings.dmp_ca_file)
-        if settings.dmp_ca_file
-        else Path("/etc/ssl/certs/ca-certificates.crt"),
+        ca_bundle=Path(settings.dmp_ca_file) if settings.dmp_ca_file else None,
         timeout=settings.dmp_timeout,
         sender_name=settings.dmp_lps_name,
     )

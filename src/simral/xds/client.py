@@ -75,7 +75,7 @@ class DmpEndpoint:
     td02_url: str
     tls_certificate: Path  # the organisation's TLS client certificate (PEM, chain may follow)
     tls_key: Path
-    ca_bundle: Path  # CAs trusted for the DMP's server certificate
+    ca_bundle: Path | None  # CAs trusted for the DMP's server certificate; None: the system's
     timeout: float = 60.0
     sender_oid: str = "1.2.250.1.999"  # the LPS instance OID used in HL7 v3 message ids (TD0.2)
     sender_name: str = "simral"
@@ -87,7 +87,8 @@ class DmpClient:
     def __init__(self, endpoint: DmpEndpoint, signer: SigningIdentity) -> None:
         self.endpoint = endpoint
         self.signer = signer
-        context = ssl.create_default_context(cafile=str(endpoint.ca_bundle))
+        cafile = str(endpoint.ca_bundle) if endpoint.ca_bundle is not None else None
+        context = ssl.create_default_context(cafile=cafile)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(endpoint.tls_certificate), str(endpoint.tls_key))
         self._http = httpx.Client(verify=context, timeout=endpoint.timeout, trust_env=False)
