@@ -36,12 +36,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
-from bench.common import log, machine_info, reuse_generated, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    busy_jiffies,
+    cpu_seconds,
+    log,
+    machine_info,
+    own_cpu_seconds,
+    process_tree,
+    reuse_generated,
+    write_results,
+)
 from bench.dimse_bench import (  # noqa: E402
-    _busy_jiffies,
-    _cpu_seconds,
-    _own_cpu_seconds,
-    _process_tree,
     dcmtk_version,
     git_commit,
     orthanc_version,
@@ -110,7 +115,7 @@ class Deployment:
 
 def _pin(pid: int, cpu: int) -> None:
     """Pin every thread of ``pid`` and of its descendants to ``cpu`` (the syscall taskset uses)."""
-    for process in _process_tree(pid):
+    for process in process_tree(pid):
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{process}/task"):
                 with contextlib.suppress(OSError):
@@ -207,9 +212,9 @@ class CpuAccount:
         self._start: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        out = {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self.components.items()}
-        out["_busy"] = _busy_jiffies() / os.sysconf("SC_CLK_TCK")
-        out["_own"] = _own_cpu_seconds()  # this process and the storescu it waited for
+        out = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.components.items()}
+        out["_busy"] = busy_jiffies() / os.sysconf("SC_CLK_TCK")
+        out["_own"] = own_cpu_seconds()  # this process and the storescu it waited for
         return out
 
     def start(self) -> None:
@@ -330,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="simral-cluster-bench-"))
     started = time.perf_counter()
     load_before = os.getloadavg()
-    busy0, own0 = _busy_jiffies(), _own_cpu_seconds()
+    busy0, own0 = busy_jiffies(), own_cpu_seconds()
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
@@ -402,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "2 simral nodes / Orthanc": ratio("2nodes", "orthanc"),
     }
     elapsed = time.perf_counter() - started
-    foreign = max(0.0, (_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (_own_cpu_seconds() - own0))
+    foreign = max(0.0, (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_cpu_seconds() - own0))
     report["elapsed_s"] = round(elapsed, 1)
     report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,3 +47,59 @@ def write_results(report: dict[str, Any], output: Path | None, stem: str) -> Pat
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results written to {out}")
     return out
+
+
+# ------------------------------------------------------------ CPU and memory of processes (/proc)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM); 0 if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (via /proc/PID/task/TID/children)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree rooted at ``pid`` (live processes only)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def busy_jiffies() -> int:
+    """CPU time (clock ticks) the whole machine spent busy since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for descendants (servers, dcmtk tools)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system

@@ -39,13 +39,18 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import pydicom  # noqa: E402
 import requests  # noqa: E402
-from bench.common import log, machine_info, reuse_generated, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    busy_jiffies,
+    cpu_seconds,
+    log,
+    machine_info,
+    own_cpu_seconds,
+    process_tree,
+    reuse_generated,
+    status_kb,
+    write_results,
+)
 from bench.dimse_bench import (  # noqa: E402
-    _busy_jiffies,
-    _cpu_seconds,
-    _own_cpu_seconds,
-    _process_tree,
-    _status_kb,
     git_commit,
     orthanc_version,
 )
@@ -336,9 +341,9 @@ def timed_stow(server: Server, files: Sequence[Path], per_request: int, clients:
     content_type, bodies = stow_bodies(files, per_request)
     before = server.count()
     os.sync()  # no write-back of earlier runs' dirty pages during the measurement
-    cpu0 = _cpu_seconds(server.pid())
+    cpu0 = cpu_seconds(server.pid())
     seconds = stow(server, content_type, bodies, clients)
-    cpu = _cpu_seconds(server.pid()) - cpu0
+    cpu = cpu_seconds(server.pid()) - cpu0
     stored = server.count() - before
     if stored != len(files):
         raise RuntimeError(f"{server.name}: {stored} of {len(files)} instances stored")
@@ -374,7 +379,7 @@ def qido_latency(server: Server, queries: Sequence[dict[str, str]], repeats: int
     """``repeats`` study-level QIDO-RS requests over one keep-alive connection (10 untimed first)."""
     latencies: list[float] = []
     per_query: dict[str, set[int]] = {}
-    cpu0 = _cpu_seconds(server.pid())
+    cpu0 = cpu_seconds(server.pid())
     with _http() as client:
         for i in range(repeats + 10):
             params = queries[i % len(queries)]
@@ -385,7 +390,7 @@ def qido_latency(server: Server, queries: Sequence[dict[str, str]], repeats: int
             if i >= 10:
                 latencies.append(elapsed * 1000)
                 per_query.setdefault(json.dumps(params), set()).add(n)
-    cpu = _cpu_seconds(server.pid()) - cpu0
+    cpu = cpu_seconds(server.pid()) - cpu0
     median, p95 = _median_p95(latencies)
     return {
         "queries": len(latencies),
@@ -441,7 +446,7 @@ class PartCounter:
 
 def retrieve(session: requests.Session, url: str, pid: int | None = None) -> dict[str, Any]:
     """Stream a WADO-RS retrieve, counting bytes and parts; seconds from request to last byte."""
-    cpu0 = _cpu_seconds(pid) if pid else 0.0
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     t0 = time.perf_counter()
     headers = {"Accept": DICOM_PARTS, "Accept-Encoding": "identity"}
     with session.get(url, headers=headers, stream=True, timeout=600) as r:
@@ -451,7 +456,7 @@ def retrieve(session: requests.Session, url: str, pid: int | None = None) -> dic
         for chunk in r.raw.stream(CHUNK, decode_content=False):
             counter.feed(chunk)
     seconds = time.perf_counter() - t0
-    cpu = _cpu_seconds(pid) - cpu0 if pid else 0.0
+    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     return {
         "seconds": round(seconds, 3),
         "bytes": counter.bytes,
@@ -577,9 +582,9 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
 
     def sample(self) -> None:
-        tree = _process_tree(self.pid)
-        self.hwm_kb = max(self.hwm_kb, sum(_status_kb(p, "VmHWM") for p in tree))
-        self.rss_kb = max(self.rss_kb, sum(_status_kb(p, "VmRSS") for p in tree))
+        tree = process_tree(self.pid)
+        self.hwm_kb = max(self.hwm_kb, sum(status_kb(p, "VmHWM") for p in tree))
+        self.rss_kb = max(self.rss_kb, sum(status_kb(p, "VmRSS") for p in tree))
         self.pss_kb = max(self.pss_kb, sum(_pss_kb(p) for p in tree))
 
     def _run(self) -> None:
@@ -627,7 +632,7 @@ def big_retrieve(server: Server, corpus: Corpus) -> dict[str, Any]:
     server.restart()
     drop_page_cache()
     pid = server.pid()
-    baseline = sum(_status_kb(p, "VmRSS") for p in _process_tree(pid)) / 1024
+    baseline = sum(status_kb(p, "VmRSS") for p in process_tree(pid)) / 1024
     with TreeMemory(pid) as memory, _session() as session:
         run = retrieve(session, f"{server.root}/studies/{corpus.big_study_uid}", pid)
     if run["parts"] != len(corpus.big):
@@ -638,7 +643,7 @@ def big_retrieve(server: Server, corpus: Corpus) -> dict[str, Any]:
         "peak_hwm_mib": round(memory.hwm_kb / 1024, 1),
         "peak_rss_sampled_mib": round(memory.rss_kb / 1024, 1),
         "peak_pss_sampled_mib": round(memory.pss_kb / 1024, 1),
-        "processes": len(_process_tree(pid)),
+        "processes": len(process_tree(pid)),
     }
 
 
@@ -843,7 +848,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus_dir = args.corpus_dir or work / "corpus"
     started = time.perf_counter()
     load_before = os.getloadavg()
-    busy0, own0 = _busy_jiffies(), _own_cpu_seconds()
+    busy0, own0 = busy_jiffies(), own_cpu_seconds()
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
@@ -873,7 +878,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"kept {work}")
     elapsed = time.perf_counter() - started
     foreign = (
-        max(0.0, (_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (_own_cpu_seconds() - own0)) / elapsed
+        max(0.0, (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_cpu_seconds() - own0)) / elapsed
     )
     report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     report["machine"]["other_cpu_load"] = round(foreign, 2)

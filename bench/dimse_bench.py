@@ -37,7 +37,18 @@ if str(ROOT) not in sys.path:
 
 import pydicom  # noqa: E402
 import pynetdicom  # noqa: E402
-from bench.common import log, machine_info, reuse_generated, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    CLK_TCK,
+    busy_jiffies,
+    cpu_seconds,
+    log,
+    machine_info,
+    own_cpu_seconds,
+    process_tree,
+    reuse_generated,
+    status_kb,
+    write_results,
+)
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
@@ -69,47 +80,6 @@ QUICK = Sizes(ct=100, small=200, move=50, finds=50, move_repeats=2)
 
 
 # --------------------------------------------------------------------------------------------- /proc
-
-
-def _status_kb(pid: int, key: str) -> int:
-    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM); 0 if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (via /proc/PID/task/TID/children)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-    return found
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of the process tree rooted at ``pid`` (live processes only)."""
-    total = 0
-    for p in _process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _CLK_TCK
 
 
 class RssSampler:
@@ -152,8 +122,8 @@ class RssSampler:
             pid = self.pids.get(label)
             if pid is None:
                 return
-            hwm = _status_kb(pid, "VmHWM")
-            tree = sum(_status_kb(p, "VmRSS") for p in _process_tree(pid))
+            hwm = status_kb(pid, "VmHWM")
+            tree = sum(status_kb(p, "VmRSS") for p in process_tree(pid))
             self.hwm_kb[label] = max(self.hwm_kb.get(label, 0), hwm)
             self.tree_kb[label] = max(self.tree_kb.get(label, 0), tree)
 
@@ -375,9 +345,9 @@ def timed_store(target: Target, files: Sequence[Path], associations: int) -> dic
     """Store ``files`` over ``associations`` concurrent storescu processes; check they all arrived."""
     before = target.count()
     os.sync()  # no write-back of earlier runs' dirty pages during the measurement
-    cpu0 = _cpu_seconds(target.pid)
+    cpu0 = cpu_seconds(target.pid)
     seconds = store(target.ae, target.port, split(files, associations))
-    cpu = _cpu_seconds(target.pid) - cpu0
+    cpu = cpu_seconds(target.pid) - cpu0
     stored = target.count() - before
     if stored != len(files):
         raise RuntimeError(f"{target.name}: {stored} of {len(files)} instances stored")
@@ -437,7 +407,7 @@ def find_latency(target: Target, patient_ids: Sequence[str], repeats: int) -> di
     latencies: list[float] = []
     matches = 0
     per_patient: dict[str, set[int]] = {}  # PatientID -> the numbers of matches seen
-    cpu0 = _cpu_seconds(target.pid)
+    cpu0 = cpu_seconds(target.pid)
     try:
         for i in range(repeats + 10):  # the first 10 warm the path up and are not counted
             query = _study_query(patient_ids[i % len(patient_ids)])
@@ -453,7 +423,7 @@ def find_latency(target: Target, patient_ids: Sequence[str], repeats: int) -> di
                 per_patient.setdefault(query.PatientID, set()).add(len(responses) - 1)
     finally:
         assoc.release()
-    cpu = _cpu_seconds(target.pid) - cpu0
+    cpu = cpu_seconds(target.pid) - cpu0
     latencies.sort()
     return {
         "queries": len(latencies),
@@ -493,11 +463,11 @@ def timed_move(target: Target, dest: StoreSCP, corpus: Corpus) -> tuple[float, f
         str(target.port),
     ]
     os.sync()
-    cpu0 = _cpu_seconds(target.pid)
+    cpu0 = cpu_seconds(target.pid)
     t0 = time.perf_counter()
     result = _run_tool(argv)
     seconds = time.perf_counter() - t0
-    cpu = _cpu_seconds(target.pid) - cpu0
+    cpu = cpu_seconds(target.pid) - cpu0
     received = len(dest.files())
     if result.returncode != 0 or received != len(corpus.move):
         raise RuntimeError(
@@ -561,19 +531,6 @@ def print_table(rows: Sequence[Row]) -> None:
     print("sender max: the same storescu runs against a dcmtk storescp that discards the data (--ignore).")
 
 
-def _busy_jiffies() -> int:
-    """CPU time (clock ticks) the whole machine spent busy since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
-def _own_cpu_seconds() -> float:
-    """CPU time of this process and of its waited-for descendants (servers, dcmtk tools)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def store_phase(
     targets: Sequence[Target], sink: StoreSCP, corpus: Corpus, files: Sequence[Path], n_assoc: int
 ) -> dict[str, Any]:
@@ -632,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus_dir = args.corpus_dir or work / "corpus"
     started = time.perf_counter()
     load_before = os.getloadavg()
-    busy0, own0 = _busy_jiffies(), _own_cpu_seconds()
+    busy0, own0 = busy_jiffies(), own_cpu_seconds()
     report: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
@@ -691,7 +648,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"kept {work}")
     elapsed = time.perf_counter() - started
     # CPU used on this machine by processes other than this benchmark and what it started.
-    foreign = max(0.0, (_busy_jiffies() - busy0) / _CLK_TCK - (_own_cpu_seconds() - own0)) / elapsed
+    foreign = max(0.0, (busy_jiffies() - busy0) / CLK_TCK - (own_cpu_seconds() - own0)) / elapsed
     report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     report["machine"]["other_cpu_load"] = round(foreign, 2)
     report["elapsed_s"] = round(elapsed, 1)

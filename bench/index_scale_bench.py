@@ -47,8 +47,7 @@ import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 import pydicom  # noqa: E402
 import pynetdicom  # noqa: E402
-from bench.common import log, machine_info, write_results  # noqa: E402
-from bench.dimse_bench import _busy_jiffies, _cpu_seconds, _own_cpu_seconds  # noqa: E402
+from bench.common import busy_jiffies, cpu_seconds, log, machine_info, own_cpu_seconds, write_results  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
@@ -735,9 +734,9 @@ class CpuMeter:
         self.totals: dict[str, dict[str, float]] = {}
 
     def _now(self) -> dict[str, float]:
-        out = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
-        out["busy"] = _busy_jiffies() / os.sysconf("SC_CLK_TCK")
-        out["own"] = _own_cpu_seconds()
+        out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        out["busy"] = busy_jiffies() / os.sysconf("SC_CLK_TCK")
+        out["own"] = own_cpu_seconds()
         out["wall"] = time.perf_counter()
         return out
 

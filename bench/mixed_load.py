@@ -39,13 +39,17 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import pydicom  # noqa: E402
-from bench.common import log, machine_info, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    busy_jiffies,
+    cpu_seconds,
+    log,
+    machine_info,
+    own_cpu_seconds,
+    process_tree,
+    status_kb,
+    write_results,
+)
 from bench.dimse_bench import (  # noqa: E402
-    _busy_jiffies,
-    _cpu_seconds,
-    _own_cpu_seconds,
-    _process_tree,
-    _status_kb,
     git_commit,
 )
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -449,9 +453,9 @@ class RssLog:
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
     def sample(self) -> None:
-        tree = _process_tree(self.pid)
+        tree = process_tree(self.pid)
         self.processes = max(self.processes, len(tree))
-        mib = sum(_status_kb(p, "VmRSS") for p in tree) / 1024
+        mib = sum(status_kb(p, "VmRSS") for p in tree) / 1024
         self.samples.append((round(time.monotonic() - self.t0, 1), round(mib, 1)))
 
     def _run(self) -> None:
@@ -685,7 +689,7 @@ def run(args: argparse.Namespace) -> Outcome:
                 ),
             ]
             t0 = time.monotonic()
-            busy0, own0, server0 = _busy_jiffies(), _own_cpu_seconds(), _cpu_seconds(pid)
+            busy0, own0, server0 = busy_jiffies(), own_cpu_seconds(), cpu_seconds(pid)
             with RssLog(pid, 5.0, t0) as rss:
                 for t in threads:
                     t.start()
@@ -700,8 +704,8 @@ def run(args: argparse.Namespace) -> Outcome:
                 for t in threads:
                     t.join(120)
             wall = time.monotonic() - t0
-            busy = (_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
-            own, server_cpu = _own_cpu_seconds() - own0, _cpu_seconds(pid) - server0
+            busy = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
+            own, server_cpu = own_cpu_seconds() - own0, cpu_seconds(pid) - server0
             time.sleep(1.0)  # the server counts a request just after its answer is sent
             check = metrics_check(scrape(simral.http_url), rec)
         except BaseException:
