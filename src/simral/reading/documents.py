@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from simral.access.policy import AccessDenied, Principal, may_request_exam
 from simral.db.base import utcnow
 from simral.reading.models import ImagingRequest, RequestDocument
-from simral.reading.service import ReadingError, _audit, get_request
+from simral.reading.service import ReadingError, audit_request, get_request
 from simral.storage.base import BlobStore
 
 KIND_REQUEST = "demande"
@@ -227,7 +227,7 @@ def attach_documents(
         attached.append(row)
     if attached:
         session.flush()
-        _audit(
+        audit_request(
             session,
             "imaging-request.document-add",
             request,
@@ -263,7 +263,7 @@ def get_document(
     document = session.get(RequestDocument, document_id)
     if document is None or document.request_id != request.id:
         raise ReadingError(f"no document {document_id} on imaging request {request_id}", code="204")
-    _audit(
+    audit_request(
         session,
         "imaging-request.document-read",
         request,

@@ -492,9 +492,10 @@ def _resolve_patient(
     return known[0] if known else None
 
 
-def _audit(
+def audit_request(
     session: Session, action: str, request: ImagingRequest, *, principal: Principal, detail: dict[str, Any]
 ) -> None:
+    """Audit an action on an imaging request, naming its patient (the request's IPP and INS)."""
     patient = request.patient or {}
     audit.record(
         session,
@@ -616,7 +617,7 @@ def receive_request(
     )
     session.add(request)
     session.flush()
-    _audit(
+    audit_request(
         session,
         "imaging-request.receive",
         request,
@@ -643,7 +644,7 @@ def get_request(
     ):
         raise AccessDenied(f"{principal.audit_name} may not see imaging request {request_id}")
     if audited:
-        _audit(session, "imaging-request.read", request, principal=principal, detail={})
+        audit_request(session, "imaging-request.read", request, principal=principal, detail={})
     return request
 
 
@@ -797,7 +798,7 @@ def accept_request(
     session.add(step)
     session.flush()
     job = _send_answer(session, request, principal=principal)
-    _audit(
+    audit_request(
         session,
         "imaging-request.accept",
         request,
@@ -820,7 +821,7 @@ def refuse_request(session: Session, request_id: int, *, reason: str, principal:
     request.answered_at = now
     request.updated_at = now
     job = _send_answer(session, request, principal=principal)
-    _audit(session, "imaging-request.refuse", request, principal=principal, detail={"answer_job": job})
+    audit_request(session, "imaging-request.refuse", request, principal=principal, detail={"answer_job": job})
     return request
 
 
@@ -876,7 +877,7 @@ def cancel_request(
     for task in tasks:
         task.state = TASK_CANCELLED
         task.updated_at = now
-    _audit(
+    audit_request(
         session,
         "imaging-request.cancel",
         request,
@@ -948,7 +949,7 @@ def record_complement(
         request_id=request.id,
         subspecialty=request.subspecialty,
     )
-    _audit(
+    audit_request(
         session,
         "imaging-request.complement",
         request,
@@ -988,7 +989,7 @@ def set_subspecialty(
     for task in tasks:
         task.subspecialty = code
         task.updated_at = now
-    _audit(
+    audit_request(
         session,
         "imaging-request.subspecialty",
         request,
