@@ -341,14 +341,21 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallDisk]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_refuses_with_out_of_resources(small_disk: SmallDisk, tmp_path: Path) -> None:
+@pytest.mark.parametrize("room_kib", [0, 300], ids=["no-room", "room-for-two"])
+def test_disk_full_refuses_with_out_of_resources(
+    small_disk: SmallDisk, tmp_path: Path, room_kib: int
+) -> None:
     simral = small_disk.simral
-    study_uid, paths = _study(tmp_path, "full", 10, seed=304, size=256)  # ~130 KiB each
+    study_uid, paths = _study(tmp_path, "full", 10, seed=304 + room_kib, size=256)  # ~130 KiB each
     first = _burst(simral, paths[:2])
     assert not first.refused
-    filler = small_disk.fill(leave=300 * 1024)  # room for about two more instances
+    auth_headers = simral.auth_headers  # the token is made by the CLI, which needs room for it
+    filler = small_disk.fill(leave=room_kib * 1024)
 
     burst = _burst(simral, paths[2:])
+    # A full disk must not kill the server: sparse memory-mapped files written on it (metrics
+    # values) once ended it with SIGBUS, leaving senders waiting until their timeout.
+    assert simral.proc is not None and simral.proc.poll() is None, simral.log_tail(30)
     refused = burst.refused
     assert refused, "no C-STORE failed on a full disk"
     assert set(refused.values()) == {OUT_OF_RESOURCES}, {f"0x{s:04X}" for s in refused.values()}
@@ -363,7 +370,7 @@ def test_disk_full_refuses_with_out_of_resources(small_disk: SmallDisk, tmp_path
         + f"--{boundary}--\r\n".encode()
     )
     stow_headers = {
-        **simral.auth_headers,
+        **auth_headers,
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
     }
@@ -373,9 +380,11 @@ def test_disk_full_refuses_with_out_of_resources(small_disk: SmallDisk, tmp_path
     assert any(item.get("00081197", {}).get("Value") == [OUT_OF_RESOURCES] for item in failed), stow.text[
         :300
     ]
-    # Everything acknowledged is there; nothing half-written stays behind.
-    received, _ = _c_get_study(simral.dicom_port, study_uid)
-    assert first.acked | burst.acked <= set(received)
+    # A retrieve on the full disk gets an answer (its audit record may not fit: then it is refused)
+    # and the server lives on.
+    _, full_disk_status = _c_get_study(simral.dicom_port, study_uid)
+    assert full_disk_status is not None and simral.proc.poll() is None, simral.log_tail(30)
+    # Nothing half-written stays behind.
     deadline = time.monotonic() + 15
     while small_disk.temporaries() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -384,6 +393,9 @@ def test_disk_full_refuses_with_out_of_resources(small_disk: SmallDisk, tmp_path
     # Space freed: the same instances are accepted, by C-STORE and STOW-RS, without a restart.
     filler.unlink()
     freed = time.monotonic()
+    # Everything acknowledged is there.
+    received, _ = _c_get_study(simral.dicom_port, study_uid)
+    assert first.acked | burst.acked <= set(received)
     retry = [p for p in paths[2:-2] if str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) in refused]
     again = _burst(simral, retry)
     assert not again.refused, again.refused
@@ -393,7 +405,7 @@ def test_disk_full_refuses_with_out_of_resources(small_disk: SmallDisk, tmp_path
     assert final == 0x0000 and len(received) == len(paths)
     _check_clean(simral)
     _report(
-        "disk full (tmpfs 24 MiB)",
+        f"disk full (tmpfs 24 MiB, {room_kib} KiB left)",
         instances=len(paths),
         acknowledged_while_filling=len(burst.acked),
         refused_A700=len(refused),

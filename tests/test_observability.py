@@ -389,3 +389,24 @@ def test_phi_guard_redacts_and_drops_extra_fields() -> None:
     for secret in ("VIGIELOG", "BERENICE", "IPP-OBS-4242", "DUPONT", "JEAN", "279035121518989"):
         assert secret not in line["message"], line["message"]
     assert "ADT^A28 kept" in line["message"] and line["level"] == "WARNING"
+
+
+def test_metrics_values_live_in_ram_with_their_blocks_reserved(tmp_path: Path) -> None:
+    """The per-run metrics folder is off the archive's disk (/dev/shm), its memory-mapped files
+    have every block allocated (a full filesystem cannot end the server with SIGBUS: see
+    test_fault_injection), and it is removed when the server stops."""
+    simral = SimralProcess(tmp_path / "data", extra_env={"SIMRAL_WORKERS": "2"})
+    with simral:
+        assert simral.proc is not None
+        folders = list(Path("/dev/shm").glob(f"simral-metrics-{simral.proc.pid}-*"))
+        assert len(folders) == 1, folders
+        assert not any(p.name.startswith("simral-metrics") for p in simral.data_dir.iterdir())
+        for _ in range(3):  # both workers count some requests
+            httpx.get(f"{simral.http_url}/healthz", timeout=10)
+            httpx.get(f"{simral.dicomweb_url}/studies", headers=simral.auth_headers, timeout=10)
+        files = list(folders[0].glob("*.db"))
+        assert files, "no values written"
+        for path in files:
+            info = path.stat()
+            assert info.st_blocks * 512 >= info.st_size, (path.name, info.st_blocks, info.st_size)
+    assert not folders[0].exists()

@@ -139,7 +139,15 @@ def run_server(settings: Settings) -> int:
         return 2
     check_ports_free(settings)
     # Before anything is counted: every worker's metrics in one per-run folder, merged at scrape.
-    metrics.use_multiprocess_directory(settings.data_dir / "metrics")
+    metrics.use_multiprocess_directory(metrics.run_directory(settings.data_dir))
+    try:
+        return _run_node(settings)
+    finally:
+        metrics.end_multiprocess_directory()
+
+
+def _run_node(settings: Settings) -> int:
+    """:func:`run_server` once the ports are checked and the metrics folder is set."""
     ctx = open_app(settings)
     _first_start(settings, ctx)
     published, deleted = recover_staged(ctx)

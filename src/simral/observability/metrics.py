@@ -30,13 +30,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, mmap_dict, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -103,6 +104,56 @@ _HL7_TYPE = re.compile(r"^[A-Z]{3}\^[A-Z0-9]{3}$")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+class ReservedMmapedDict(mmap_dict.MmapedDict):  # type: ignore[misc]
+    """prometheus-client's value file with its disk blocks reserved before they are written.
+
+    The library grows its files sparse (``truncate``) and writes through ``mmap``: on a full
+    filesystem the first write into a page without a block behind it kills the process with
+    SIGBUS. Reserving the blocks first (``posix_fallocate``) turns that into an ``OSError``.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        encoded = len(key.encode("utf-8"))
+        size = 4 + encoded + (8 - (encoded + 4) % 8) + 16  # as the library lays an entry out
+        capacity = self._capacity
+        while self._used + size > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+#: Where per-run folders go: RAM (tmpfs), off the archive's disk, when the machine has it.
+RUN_ROOT = Path("/dev/shm")
+_RUN_PREFIX = "simral-metrics-"
+
+
+def run_directory(fallback: Path) -> Path:
+    """A new per-run folder for :func:`use_multiprocess_directory`, named after this process.
+
+    In :data:`RUN_ROOT` when it is a writable folder, else under ``fallback``: values are
+    per run, and the archive's disk filling up must end in refusals (PS3.4 B.2.3 A700), never
+    in a metrics write failing. Folders of earlier runs whose process is gone are removed.
+    """
+    root = RUN_ROOT if RUN_ROOT.is_dir() and os.access(RUN_ROOT, os.W_OK) else fallback
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(_RUN_PREFIX + "*"):
+        pid = old.name[len(_RUN_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{os.getpid()}-", dir=root))
+
+
 def use_multiprocess_directory(folder: Path) -> None:
     """Keep this process's values, and those of the processes it forks, in ``folder`` (emptied).
 
@@ -114,7 +165,15 @@ def use_multiprocess_directory(folder: Path) -> None:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(folder)
+    values.MmapedDict = ReservedMmapedDict  # type: ignore[misc]
     values.ValueClass = values.MultiProcessValue()
+
+
+def end_multiprocess_directory() -> None:
+    """Remove this run's folder (at exit of the process that made it)."""
+    folder = multiprocess_directory()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def multiprocess_directory() -> Path | None:
