@@ -718,6 +718,60 @@ def batch_items(session: Session, batch_id: int, *, principal: Principal) -> lis
     )
 
 
+@dataclass(frozen=True)
+class ReviewLine:
+    """One item of a deletion batch with what an administrator needs to decide on it."""
+
+    item: DeletionItem
+    patient_name: str
+    patient_id: str
+    study_date: str
+    description: str
+    modalities: str
+    instances: int
+
+
+def review_lines(session: Session, batch_id: int, *, principal: Principal) -> list[ReviewLine]:
+    """:func:`batch_items` with each study's patient and description, for the approval page.
+
+    Reading them is access to patient data: audited (``retention.batch.view``, one record per
+    study, PS3.15 A.5.3.10 "Patient Record")."""
+    items = batch_items(session, batch_id, principal=principal)
+    found = {
+        study.study_uid: (study, patient)
+        for study, patient in session.execute(
+            select(Study, Patient)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Study.study_uid.in_([item.study_uid for item in items]))
+        )
+    }
+    lines = []
+    for item in items:
+        study, patient = found.get(item.study_uid, (None, None))
+        lines.append(
+            ReviewLine(
+                item,
+                patient.name if patient is not None else "",
+                patient.patient_id if patient is not None else "",
+                study.study_date if study is not None else "",
+                study.description if study is not None else "",
+                study.modalities if study is not None else "",
+                len(item.sop_uids) if item.scope == SCOPE_REJECTED else (study.num_instances if study else 0),
+            )
+        )
+        if patient is not None:
+            audit.record(
+                session,
+                action="retention.batch.view",
+                principal=principal,
+                study_uid=item.study_uid,
+                patient_id=patient.patient_id,
+                patient_issuer=patient.issuer,
+                detail={"batch": batch_id, "item": item.id},
+            )
+    return lines
+
+
 # ------------------------------------------------------------------------------ execution (jobs)
 
 

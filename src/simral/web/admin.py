@@ -54,6 +54,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "national_id": "Identifiant national",
         "exchange": "Échanges : règles de routage et file des transferts",
         "monitoring": "Supervision : activité, files, stockage, intégrité",
+        "retention": "Conservation des dossiers : lots de suppression à valider, gels juridiques",
     },
     "en": {
         "admin": "Administration",
@@ -85,6 +86,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "national_id": "National id",
         "exchange": "Exchange: routing rules and the transfer queue",
         "monitoring": "Monitoring: activity, queues, storage, integrity",
+        "retention": "Record retention: deletion batches to approve, legal holds",
     },
 }
 
@@ -165,6 +167,7 @@ def mount_admin(web: FastAPI, ctx: AppContext) -> None:
         if managed is None:
             body += f'<p><a href="/admin/jobs">{escape(text["exchange"])}</a></p>'
             body += f'<p><a href="/admin/metrics">{escape(text["monitoring"])}</a></p>'
+        body += f'<p><a href="/admin/retention">{escape(text["retention"])}</a></p>'
         body += f"<h2>{escape(text['alerts'])}</h2>" + _table(
             ["", text["organisation"], "", "", ""],
             [

@@ -31,6 +31,7 @@ from simral.web.reading import mount_reading
 from simral.web.report_documents import mount_report_documents
 from simral.web.reports import mount_reports
 from simral.web.requests import mount_requests
+from simral.web.retention_admin import mount_retention_admin
 from simral.web.route_rules import install_openapi_security
 from simral.web.security_headers import SecurityHeaders
 from simral.web.shares import mount_patient_pages, mount_shares
@@ -71,6 +72,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_portal(web, ctx)
     mount_admin(web, ctx)
     mount_jobs_admin(web, ctx)
+    mount_retention_admin(web, ctx)
     mount_sharing_api(web, ctx)
     mount_shares(web, ctx)
     mount_patient_pages(web, ctx)

@@ -196,6 +196,16 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/account/tokens"): authenticated("a token for oneself only (identity.issue_token); CSRF token"),
     ("GET", "/admin/jobs"): policy("may_manage"),
     ("POST", "/admin/jobs/{job_id}/{verb}"): policy("may_manage", note="retry/cancel; CSRF token"),
+    ("GET", "/admin/retention"): policy(
+        "may_manage_retention", note="batches of the caller's organisations; legal holds: regional"
+    ),
+    ("GET", "/admin/retention/batches/{batch_id}"): policy(
+        "may_manage_retention", note="patients of the batch: audited (retention.batch.view)"
+    ),
+    ("POST", "/admin/retention/review"): policy("may_manage_retention", note="audited; CSRF token"),
+    ("POST", "/admin/retention/batches/{batch_id}/{verb}"): policy(
+        "may_manage_retention", note="approve/cancel, audited; CSRF token"
+    ),
     ("GET", "/import"): policy("may_store", note="a professional acting for an organisation"),
     ("POST", "/import"): policy("may_store", note="multipart upload: X-CSRF-Token header with a session"),
     ("GET", "/static/media-import.js"): public("script of the import page"),
