@@ -525,7 +525,7 @@ def group_radiologists(session: Session, group_code: str) -> list[tuple[str, str
             Professional.active.is_(True),
         )
         .order_by(Professional.display_name, Professional.login)
-    ).tuples()
+    )
     return [(login, name or login) for login, name in rows]
 
 
@@ -660,7 +660,7 @@ def recent_reports(session: Session, principal: Principal, *, limit: int = 50) -
         .outerjoin(ReadingTask, ReadingTask.id == Report.task_id)
         .order_by(Report.updated_at.desc(), Report.id.desc())
         .limit(limit)
-    ).tuples()
+    )
     out = []
     for report, request, modality in rows:
         patient = (request.patient if request is not None else None) or {}

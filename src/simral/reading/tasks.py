@@ -398,7 +398,7 @@ def due_work(session: Session, *, now: datetime, quiet: timedelta, warn_before: 
             .where(ReadingTask.state == TASK_WAITING)
             .order_by(ReadingTask.id)
             .limit(500)
-        ).tuples()
+        )
     )
     work.ready_tasks = [
         task_id
@@ -600,7 +600,7 @@ def list_tasks(
         .where(ReadingTask.group_code == group, ReadingTask.state.in_(states))
         .order_by(*_order())
         .limit(limit)
-    ).tuples()
+    )
     out = []
     for task, request, study, site_name, holder, assigned in rows:
         patient = (request.patient if request is not None else None) or {}

@@ -392,7 +392,7 @@ def find(session: Session, query: Dataset, *, principal: Principal) -> Iterator[
         if modality.kind == "single":
             statement = statement.where(ScheduledProcedure.modality == modality.values[0])
     statement = statement.order_by(ScheduledProcedure.start_at, ScheduledProcedure.id)
-    for step, request in session.execute(statement).tuples():
+    for step, request in session.execute(statement):
         identity = session.get(PatientIdentity, request.identity_id) if request.identity_id else None
         patient = (
             _patient_from_identity(session, identity) if identity is not None else dict(request.patient or {})
