@@ -154,6 +154,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             "SIMRAL_WORKERS": "2",
             "SIMRAL_LOG_FORMAT": "json",
             "SIMRAL_METRICS_CACHE_SECONDS": "0",
+            "SIMRAL_STORES": json.dumps({"cold": {"kind": "filesystem"}}),  # a tier for the rules page
         },
     )
     technologist, admin = _directory(simral.data_dir)
@@ -298,7 +299,14 @@ def test_healthz_and_readyz_follow_the_blob_store(node: Node) -> None:
     ready = node.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["status"] == "ready"
-    assert set(ready.json()["checks"]) == {"database", "migrations", "blob_store", "shutting_down"}
+    # one blob-store check per configured store (the default one, and the "cold" tier here)
+    assert set(ready.json()["checks"]) == {
+        "database",
+        "migrations",
+        "blob_store",
+        "blob_store_cold",
+        "shutting_down",
+    }
     blobs = node.simral.data_dir / "blobs"
     away = node.simral.data_dir / "blobs-away"
     blobs.rename(away)
@@ -333,6 +341,16 @@ def test_admin_figures_page(node: Node, artifacts_dir: Path) -> None:
     from tests.test_portal_accessibility import assert_accessible
     from tests.test_viewer_browser import CHROMIUM, CHROMIUM_ARGS
 
+    # Rules too far in the past to act on anything here: the page lists them.
+    data_dir = ("--data-dir", str(node.simral.data_dir))
+    node.simral.cli(
+        "tiers", "rule", "add", "--to", "cold", "--older-than-days", "3650", "--modality", "CT", *data_dir
+    )
+    node.simral.cli(
+        "compression", "rule", "add", "--syntax", "jpeg-ls", "--older-than-days", "4000", "--organisation",
+        TEST_ORGANISATION,
+    )  # fmt: skip
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         context = browser.new_context(
@@ -354,7 +372,12 @@ def test_admin_figures_page(node: Node, artifacts_dir: Path) -> None:
         ):
             assert heading in main, heading
         assert "forward.dimse" in main and TEST_ORGANISATION in main and "qido" in main
-        assert "disponible" in main and "indisponible" not in main
+        assert "disponible" in main and "indisponible" not in main and "Stockage des images (cold)" in main
+        tier_rules = page.locator("h2:has-text('hiérarchisation') + table").inner_text()
+        assert "plus de 3650 jours, modalité CT" in tier_rules and "cold" in tier_rules, tier_rules
+        compression_rules = page.locator("h2:has-text('compression') + table").inner_text()
+        assert f"plus de 4000 jours, structure {TEST_ORGANISATION}" in compression_rules, compression_rules
+        assert "jpeg-ls" in compression_rules.lower(), compression_rules
         page.screenshot(path=str(artifacts_dir / "admin-metrics.png"), full_page=True)
         assert_accessible(page, "monitoring page")
         browser.close()

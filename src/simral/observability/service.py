@@ -24,10 +24,14 @@ from sqlalchemy.orm import Session
 
 from simral.access.policy import AccessDenied, Principal, may_read_metrics
 from simral.archive.models import Blob, Instance, Series, Study, StudyOrganisation
+from simral.compression import service as compression
+from simral.compression.models import CompressionRule
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
 from simral.jobs.models import DEAD, QUEUED, RUNNING, Job
+from simral.preservation import tiers
 from simral.preservation.fixity import fixity_counts
+from simral.preservation.models import TierRule
 
 #: Job states whose counts are the queue: waiting, being run, dead-lettered.
 QUEUE_STATES = (QUEUED, RUNNING, DEAD)
@@ -79,6 +83,16 @@ class Figures:
     @property
     def dead_jobs(self) -> int:
         return sum(j.count for j in self.jobs if j.state == DEAD)
+
+
+@dataclass(frozen=True)
+class StorageRules:
+    """The rules that move (tiers) and re-encode (lossless compression) stored blobs, and what
+    compression achieved so far."""
+
+    tier_rules: list[TierRule]
+    compression_rules: list[CompressionRule]
+    compressed: compression.Summary
 
 
 def _require(principal: Principal) -> None:
@@ -163,3 +177,11 @@ def current(ctx: AppContext, *, principal: Principal) -> Figures:
             cache.value = measure(session, principal=principal)
         cache.expires = time.monotonic() + ctx.settings.metrics_cache_seconds
         return cache.value
+
+
+def storage_rules(session: Session, *, principal: Principal) -> StorageRules:
+    """The tier and compression rules in force, for the administration's monitoring page."""
+    _require(principal)
+    return StorageRules(
+        tiers.list_rules(session), compression.list_rules(session), compression.summary(session)
+    )

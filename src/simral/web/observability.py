@@ -37,7 +37,7 @@ from simral.access.policy import AccessDenied, Principal, may_read_metrics
 from simral.context import AppContext
 from simral.observability import health, metrics
 from simral.observability import service as figures_service
-from simral.observability.service import Figures
+from simral.observability.service import Figures, StorageRules
 from simral.web.auth import LoginRequired, client_address, request_principal
 from simral.web.layout import Language, page, request_language, table, text_rows
 
@@ -239,6 +239,22 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "mismatches": "Alertes d'intégrité",
         "never": "jamais",
         "measured": "Chiffres lus dans l'index à {at} UTC ; données brutes pour Prometheus : /metrics.",
+        "tier_rules": "Règles de hiérarchisation du stockage",
+        "compression_rules": "Règles de compression sans perte",
+        "rule": "N°",
+        "criteria": "Critères",
+        "target": "Destination",
+        "syntax": "Syntaxe de transfert",
+        "older_than": "plus de {days} jours",
+        "modality": "modalité {value}",
+        "of_organisation": "structure {value}",
+        "everything": "toutes les études",
+        "enabled": "Active",
+        "yes": "oui",
+        "no": "non",
+        "no_rules": "Aucune règle (simral tiers rule add, simral compression rule add).",
+        "compressed": "Compression : {count} instances, {before} → {after} (gain ×{ratio}) ; "
+        "{skipped} laissées telles quelles.",
     },
     "en": {
         "title": "Monitoring: activity, queues, storage, integrity",
@@ -284,6 +300,22 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "mismatches": "Integrity alarms",
         "never": "never",
         "measured": "Figures read from the index at {at} UTC; raw data for Prometheus: /metrics.",
+        "tier_rules": "Storage tier rules",
+        "compression_rules": "Lossless compression rules",
+        "rule": "No.",
+        "criteria": "Criteria",
+        "target": "Target",
+        "syntax": "Transfer syntax",
+        "older_than": "older than {days} days",
+        "modality": "modality {value}",
+        "of_organisation": "organisation {value}",
+        "everything": "every study",
+        "enabled": "Enabled",
+        "yes": "yes",
+        "no": "no",
+        "no_rules": "No rule (simral tiers rule add, simral compression rule add).",
+        "compressed": "Compression: {count} instances, {before} → {after} (×{ratio} smaller); "
+        "{skipped} left as they were.",
     },
 }
 
@@ -315,14 +347,25 @@ def _moment(value: datetime | None, text: Mapping[str, str]) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else text["never"]
 
 
+def _check_label(name: str, text: Mapping[str, str]) -> str:
+    """A readiness check's label; ``blob_store_NAME`` is the store of tier NAME."""
+    if name.startswith("blob_store_"):
+        return f"{text['blob_store']} ({name.removeprefix('blob_store_')})"
+    return text.get(name, name)
+
+
 def _figures_page(
-    request: Request, figures: Figures, activity: list[metrics.Activity], checks: list[health.Check]
+    request: Request,
+    figures: Figures,
+    activity: list[metrics.Activity],
+    checks: list[health.Check],
+    rules: StorageRules,
 ) -> str:
     language = request_language(request)
     text = TEXT[language]
     body = f"<h2>{escape(text['readiness'])}</h2>" + table(
         [text["check"], text["state"]],
-        text_rows([[text.get(c.name, c.name), text["ok"] if c.ok else text["ko"]] for c in checks]),
+        text_rows([[_check_label(c.name, text), text["ok"] if c.ok else text["ko"]] for c in checks]),
     )
     body += f"<h2>{escape(text['activity'])}</h2>"
     if activity:
@@ -386,8 +429,64 @@ def _figures_page(
             ]
         ),
     )
+    body += _rules_section(rules, language)
     measured = figures.measured_at.strftime("%Y-%m-%d %H:%M:%S")
     body += f'<p class="hint">{escape(text["measured"].format(at=measured))}</p>'
+    return body
+
+
+def _criteria(text: Mapping[str, str], *, days: int | None, modalities: str, organisation: str) -> str:
+    parts = [text["older_than"].format(days=days)] if days else []
+    parts += [text["modality"].format(value=modalities)] if modalities else []
+    parts += [text["of_organisation"].format(value=organisation)] if organisation else []
+    return ", ".join(parts) or text["everything"]
+
+
+def _rules_section(rules: StorageRules, language: Language) -> str:
+    text = TEXT[language]
+    body = f"<h2>{escape(text['tier_rules'])}</h2>"
+    rows = [
+        [
+            str(r.id),
+            _criteria(text, days=r.older_than_days, modalities=r.modality, organisation=r.organisation_code),
+            r.target_store,
+            text["yes"] if r.enabled else text["no"],
+        ]
+        for r in rules.tier_rules
+    ]
+    body += (
+        table([text["rule"], text["criteria"], text["target"], text["enabled"]], text_rows(rows))
+        if rows
+        else f"<p>{escape(text['no_rules'])}</p>"
+    )
+    body += f"<h2>{escape(text['compression_rules'])}</h2>"
+    rows = [
+        [
+            str(r.id),
+            _criteria(
+                text, days=r.older_than_days, modalities=r.modalities, organisation=r.organisation_code
+            ),
+            r.syntax,
+            text["yes"] if r.enabled else text["no"],
+        ]
+        for r in rules.compression_rules
+    ]
+    body += (
+        table([text["rule"], text["criteria"], text["syntax"], text["enabled"]], text_rows(rows))
+        if rows
+        else f"<p>{escape(text['no_rules'])}</p>"
+    )
+    done = rules.compressed
+    if done.compressed or done.skipped:
+        ratio = f"{done.ratio:.2f}"
+        line = text["compressed"].format(
+            count=_number(done.compressed, language),
+            before=_size(done.bytes_before, language),
+            after=_size(done.bytes_after, language),
+            ratio=ratio.replace(".", ",") if language == "fr" else ratio,
+            skipped=_number(done.skipped, language),
+        )
+        body += f"<p>{escape(line)}</p>"
     return body
 
 
@@ -444,5 +543,7 @@ def mount_observability(web: FastAPI, ctx: AppContext) -> None:
             return page(request, text["title"], body, principal=principal, status=403)
         figures = figures_service.current(ctx, principal=principal)
         activity = metrics.activity(metrics.scrape_registry())
-        body = _figures_page(request, figures, activity, health.readiness(ctx))
+        with ctx.db.reading() as session:
+            rules = figures_service.storage_rules(session, principal=principal)
+        body = _figures_page(request, figures, activity, health.readiness(ctx), rules)
         return page(request, text["title"], body, principal=principal)
