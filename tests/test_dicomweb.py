@@ -151,6 +151,18 @@ def test_qido_matching_wildcards_ranges_lists(web: Web) -> None:
     # Date range: samples 1..3 have months 02..04.
     ranged = client.search_for_studies(search_filters={"StudyDate": "20240201-20240415", "PatientID": "DW0*"})
     assert {h["00100020"]["Value"][0] for h in ranged} == {"DW001", "DW002", "DW003"}
+    # A date range is answered in StudyDate order (the index's), and pages walk it without overlap.
+    dates = [h["00080020"]["Value"][0] for h in ranged]
+    assert dates == sorted(dates) and len(set(dates)) == 3, dates
+    ranged_uids = [h["0020000D"]["Value"][0] for h in ranged]
+    paged = [
+        h["0020000D"]["Value"][0]
+        for offset in range(3)
+        for h in client.search_for_studies(
+            search_filters={"StudyDate": "20240201-20240415", "PatientID": "DW0*"}, limit=1, offset=offset
+        )
+    ]
+    assert paged == ranged_uids
     # UID list matching, comma-separated (PS3.18 8.3.4.1).
     uids = [web.samples["rle"].uids[0], web.samples["jpeg-ls"].uids[0]]
     listed = client.search_for_studies(search_filters={"StudyInstanceUID": ",".join(uids)})
