@@ -729,3 +729,56 @@ def test_a_radiologist_accepts_a_request_in_the_browser(platform: Platform, arti
         "^"
     )[4]
     assert base64.b64decode(data).decode("utf-8") == protocol
+
+
+def test_a_ris_bound_to_its_host_or_certificate_is_not_believed_from_elsewhere(platform: Platform) -> None:
+    """A RIS registered with --check-host (or --tls-subject) is only believed from its host (or
+    over TLS with its client certificate): a message naming it from another connection is refused
+    (AR, ERR 204), applies nothing, does not take its control id, and is a security event."""
+    data = ["--data-dir", str(platform.simral.data_dir)]
+    platform.simral.cli(
+        "ris", "add", "RIS_CHX_BOUND", "--organisation", "CHX", "--host", "192.0.2.10", "--port", "2575",
+        "--application", "BoundRis", "--facility", RIS_FACILITY, "--check-host", *data,
+    )  # fmt: skip
+    platform.simral.cli(
+        "ris", "add", "RIS_CHX_CERT", "--organisation", "CHX", "--host", "127.0.0.1", "--port", "2576",
+        "--application", "CertRis", "--facility", RIS_FACILITY, "--tls-subject", "ris-chx.example", *data,
+    )  # fmt: skip
+    for application in ("BoundRis", "CertRis"):
+        forged = flux1(f"FORGED-{application}", f"OPN-{application}").replace(
+            f"|{RIS_APP}|".encode(), f"|{application}|".encode(), 1
+        )
+        (ack,) = platform.send(forged)
+        assert _ack(ack) == ("AR", f"FORGED-{application}")
+        assert _err(ack) == ("204", "sender not accepted from this connection")
+        with platform.ctx.db.reading() as session:
+            placer = f"OPN-{application}"
+            assert (
+                session.scalar(select(ImagingRequest).where(ImagingRequest.placer_number == placer)) is None
+            )
+    trail = platform.simral.cli("audit", "search", "--action", "hl7.refused", "--limit", "10").stdout
+    assert "registered host only" in trail and "client certificate only" in trail, trail
+    # The rule itself, for the certificate's three cases.
+    from simral.reading import service as reading
+
+    with platform.ctx.db.reading() as session:
+
+        def refusal(subject: str | None) -> str:
+            return reading.ris_sender_refusal(
+                session,
+                application="CertRis",
+                facility=RIS_FACILITY,
+                address="127.0.0.1",
+                tls_subject=subject,
+            )
+
+        assert "client certificate only" in refusal(None)
+        assert "another subject" in refusal("intruder.example")
+        assert refusal("ris-chx.example") == ""
+        # The RIS registered without a binding is believed from anywhere (the network admits it).
+        assert (
+            reading.ris_sender_refusal(
+                session, application=RIS_APP, facility=RIS_FACILITY, address="198.51.100.7", tls_subject=None
+            )
+            == ""
+        )

@@ -39,6 +39,15 @@ def ris_add(
         str, typer.Option("--facility", help="Its MSH-4 sending facility (default: any).")
     ] = "",
     tls: Annotated[bool, typer.Option("--tls", help="MLLP over TLS.")] = False,
+    check_host: Annotated[
+        bool, typer.Option("--check-host", help="Accept its messages from HOST only.")
+    ] = False,
+    tls_subject: Annotated[
+        str,
+        typer.Option(
+            "--tls-subject", help="Accept its messages over TLS with a client certificate of this CN only."
+        ),
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -56,6 +65,8 @@ def ris_add(
             application=application,
             facility=facility,
             tls=tls,
+            check_host=check_host,
+            tls_subject=tls_subject,
             principal=cli_principal(),
         )
     out.print(f"RIS {name} added for {organisation}")

@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from simral.access.policy import Principal
+from simral.audit import service as audit
 from simral.context import AppContext
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
@@ -468,9 +469,13 @@ def _encode(text: str, header: Header | None) -> bytes:
     return text.encode("utf-8")
 
 
-def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
+def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | None = None) -> Handled:
     """Process one framed message; return its acknowledgement, which may be sent only now: the
-    message (and, for AA, what it changed) is committed."""
+    message (and, for AA, what it changed) is committed.
+
+    ``tls_subject``: the CN of the verified client certificate of an MLLP TLS connection. A
+    message naming a registered RIS bound to its host or certificate from elsewhere is refused
+    (AR, ERR 204 on MSH-3) and audited as a security event, before anything else is looked at."""
     application, facility = "SIMRAL", ctx.settings.ae_title
     text = decode(raw)
     header: Header | None = None
@@ -484,6 +489,26 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
         via="mllp",
         address=peer[:64],
     )
+    sender_refused = _sender_refusal(ctx, header, peer=peer, tls_subject=tls_subject)
+    if sender_refused:
+        log.warning("HL7 message refused: %s", sender_refused)
+        audit.record_now(
+            ctx,
+            action="hl7.refused",
+            principal=principal,
+            outcome="failure",
+            detail={
+                "reason": sender_refused,
+                "control_id": header.control_id[:64],
+                "message_type": f"{header.message_type}^{header.event}",
+                "certificate_cn": tls_subject or "",
+            },
+        )
+        not_accepted = Rejected("AR", "204", "sender not accepted from this connection", "MSH^1^3")
+        # Kept for review without its duplicate key: a forged copy must not shadow the real one.
+        return _keep(
+            ctx, header, text, peer, not_accepted, application=application, facility=facility, keyed=False
+        )
     key = header.dedup_key
     if key is not None:
         with ctx.db.reading() as session:
@@ -608,6 +633,19 @@ def _parse(text: str, header: Header) -> Message:
         raise Rejected("AR", "102", f"malformed message: {exc}"[:200]) from None
 
 
+def _sender_refusal(ctx: AppContext, header: Header, *, peer: str, tls_subject: str | None) -> str:
+    from simral.reading import service as reading
+
+    with ctx.db.reading() as session:
+        return reading.ris_sender_refusal(
+            session,
+            application=header.sending_application,
+            facility=header.sending_facility,
+            address=peer,
+            tls_subject=tls_subject,
+        )
+
+
 def _keep(
     ctx: AppContext,
     header: Header | None,
@@ -617,13 +655,15 @@ def _keep(
     *,
     application: str,
     facility: str,
+    keyed: bool = True,
 ) -> Handled:
     """Keep a message that was not applied (for review), then give its AE/AR acknowledgement.
 
-    An internal error (207) is kept without its duplicate key: the sender's retry is applied anew.
+    An internal error (207) is kept without its duplicate key: the sender's retry is applied anew;
+    so is a message refused for its sender (``keyed=False``).
     """
     ack = build_ack(header, rejected.ack, application=application, facility=facility, error=rejected)
-    key = header.dedup_key if header is not None and rejected.code != "207" else None
+    key = header.dedup_key if header is not None and rejected.code != "207" and keyed else None
     principal = Principal(
         kind="system",
         name=(f"hl7:{header.sending_application}^{header.sending_facility}" if header else "hl7:unknown")[

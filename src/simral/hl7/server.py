@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from simral import tls
 from simral.context import AppContext
 from simral.hl7 import adt, mllp, pdq
 from simral.observability import metrics
@@ -53,6 +54,7 @@ class _Handler(socketserver.BaseRequestHandler):
             except (ssl.SSLError, OSError) as exc:
                 log.warning("MLLP TLS handshake with %s failed: %s", peer, exc)
                 return
+        tls_subject = tls.peer_common_name(sock)
         reader = mllp.FrameReader(sock, max_size=max_message_size(self.server.ctx))
         while True:
             try:
@@ -66,7 +68,7 @@ class _Handler(socketserver.BaseRequestHandler):
             if pdq.is_query(message):  # QBP^Q22 (IHE PDQ ITI-21); everything else is the ADT feed
                 handled = pdq.handle(self.server.ctx, message, peer=peer)
             else:
-                handled = adt.handle(self.server.ctx, message, peer=peer)
+                handled = adt.handle(self.server.ctx, message, peer=peer, tls_subject=tls_subject)
             metrics.record_hl7(_message_type(message), handled.code, time.perf_counter() - started)
             try:
                 mllp.send(sock, handled.ack)

@@ -116,6 +116,10 @@ class RisEndpoint(Base):
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Messages naming this RIS (MSH-3/MSH-4) are refused unless they come from ``host``.
+    check_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: ... or unless the MLLP TLS connection presented a verified certificate of this subject CN.
+    tls_subject: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

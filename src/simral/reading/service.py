@@ -185,9 +185,14 @@ def add_ris_endpoint(
     application: str = "",
     facility: str = "",
     tls: bool = False,
+    check_host: bool = False,
+    tls_subject: str = "",
     principal: Principal,
 ) -> RisEndpoint:
-    """Register a site's RIS: the HL7 sender it is known by (MSH-3/MSH-4) and where answers go."""
+    """Register a site's RIS: the HL7 sender it is known by (MSH-3/MSH-4) and where answers go.
+
+    With ``check_host`` its messages are accepted from ``host`` only; with ``tls_subject`` only over
+    MLLP TLS with a verified client certificate of that subject CN (:func:`ris_sender_refusal`)."""
     _may_configure(principal, site_code)
     _organisation(session, site_code)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
@@ -204,6 +209,8 @@ def add_ris_endpoint(
         host=host,
         port=port,
         tls=tls,
+        check_host=check_host,
+        tls_subject=tls_subject.strip(),
         created_at=utcnow(),
     )
     session.add(endpoint)
@@ -212,7 +219,15 @@ def add_ris_endpoint(
         session,
         action="ris-endpoint.create",
         principal=principal,
-        detail={"name": name, "site": site_code, "host": host, "port": port, "tls": tls},
+        detail={
+            "name": name,
+            "site": site_code,
+            "host": host,
+            "port": port,
+            "tls": tls,
+            "check_host": check_host,
+            "tls_subject": tls_subject.strip(),
+        },
     )
     return endpoint
 
@@ -235,6 +250,25 @@ def remove_ris_endpoint(session: Session, name: str, *, principal: Principal) ->
         principal=principal,
         detail={"name": name, "site": endpoint.site_code},
     )
+
+
+def ris_sender_refusal(
+    session: Session, *, application: str, facility: str, address: str, tls_subject: str | None
+) -> str:
+    """Why a message naming ``application``/``facility`` (MSH-3/MSH-4) may not be taken from this
+    connection, or "" when it may: a registered RIS bound to its host (``check_host``) or to a
+    client certificate (``tls_subject``) is only believed from there. A sender that is no
+    registered RIS is the network's to admit (the listener's exposure and TLS)."""
+    endpoint = find_ris_endpoint(session, application, facility)
+    if endpoint is None:
+        return ""
+    if endpoint.check_host and endpoint.host != address:
+        return f"RIS {endpoint.name} sends from its registered host only"
+    if endpoint.tls_subject and tls_subject != endpoint.tls_subject:
+        if tls_subject is None:
+            return f"RIS {endpoint.name} sends over TLS with its client certificate only"
+        return f"RIS {endpoint.name}: client certificate of another subject"
+    return ""
 
 
 def find_ris_endpoint(session: Session, application: str, facility: str) -> RisEndpoint | None:

@@ -326,7 +326,8 @@ DIMSE_RULES: dict[tuple[str, str], Rule] = {
 
 _HL7_SENDER = (
     "no per-message credential: hl7_host (loopback by default), MLLP/TLS client certificates "
-    "(hl7_tls, tls_ca_file); MSH-3/MSH-4 are claimed, not proven"
+    "(hl7_tls, tls_ca_file); MSH-3/MSH-4 are claimed, not proven, except for a registered RIS "
+    "bound to its host or certificate (ris add --check-host / --tls-subject): AR 204 from elsewhere"
 )
 _RIS = "MSH-3^MSH-4 must be a registered RIS (simral ris add), acting for its site"
 
