@@ -161,11 +161,14 @@ def test_replication_then_fixity_detects_and_repairs(ctx: AppContext, files: dic
     report = fixity.sweep(ctx, limit=100)
     assert report.checked == len(files)
     assert report.intact == len(files) - 3
-    outcomes = {(a.blob_id, a.problem, a.outcome) for a in report.alarms}
+    # The replica copies are verified too: the hopeless one's copy cannot be made again either.
+    assert (report.replicas_checked, report.replicas_intact) == (len(files), len(files) - 1)
+    outcomes = {(a.blob_id, a.store, a.problem, a.outcome) for a in report.alarms}
     assert outcomes == {
-        (corrupted.id, "mismatch", "repaired"),
-        (deleted.id, "missing", "repaired"),
-        (hopeless.id, "mismatch", "unrepaired"),
+        (corrupted.id, "hot", "mismatch", "repaired"),
+        (deleted.id, "hot", "missing", "repaired"),
+        (hopeless.id, "hot", "mismatch", "unrepaired"),
+        (hopeless.id, "replica", "mismatch", "unrepaired"),
     }
     assert hot_path.read_bytes() == files[ct].read_bytes()
     assert deleted_path.read_bytes() == files[mr].read_bytes()
@@ -174,15 +177,18 @@ def test_replication_then_fixity_detects_and_repairs(ctx: AppContext, files: dic
     assert _blob(ctx, plan).verified_at is None
     with ctx.db.reading() as session:
         counts = fixity.fixity_counts(session)
-        assert (counts.alarms, counts.repaired, counts.unrepaired) == (3, 2, 1)
+        assert (counts.alarms, counts.repaired, counts.unrepaired) == (4, 2, 2)
         assert counts.verified == len(files) - 1
         alarm = session.scalar(select(FixityAlarm).where(FixityAlarm.blob_pk == corrupted.id))
         assert alarm is not None and alarm.found_sha256 not in ("", corrupted.sha256)
         alerts = list(session.scalars(select(AdminAlert).where(AdminAlert.kind == "fixity")))
-        assert len(alerts) == 3
+        # The hopeless blob alerts the platform and the study's organisation; its copy, the platform.
         assert sum("restauré depuis la réplique" in a.message for a in alerts) == 2
+        assert (
+            sum("copie de secours" in a.message and "pas pu être refaite" in a.message for a in alerts) == 1
+        )
         audited = list(session.scalars(select(AuditEvent).where(AuditEvent.action == "storage.fixity")))
-        assert sorted(e.outcome for e in audited) == ["failure", "warning", "warning"]
+        assert sorted(e.outcome for e in audited) == ["failure", "failure", "warning", "warning"]
     # The unrepaired blob waits for the next interval instead of alarming at every look; the
     # background sweep takes blobs last verified (or written) more than an interval ago.
     two_days_ago = utcnow() - timedelta(days=2)
@@ -198,6 +204,44 @@ def test_replication_then_fixity_detects_and_repairs(ctx: AppContext, files: dic
     # Restore it from the original file (an operator's backup) so the other tests start clean.
     hopeless_path.write_bytes(files[plan].read_bytes())
     replica.put_stream(hopeless.key, io.BytesIO(files[plan].read_bytes()))
+    with ctx.db.unit_of_work() as session:
+        assert replication.enqueue_missing(session, replica_store="replica") == 1  # its forgotten copy
+    _run_jobs(ctx)
+
+
+def test_fixity_remakes_a_bad_replica_copy_from_the_blob(ctx: AppContext, files: dict[str, Path]) -> None:
+    """A copy in the replica store altered (or lost) at rest is found by the sweep and made again
+    from the intact blob, verified; the alarm names the replica store and tells the platform only."""
+    with ctx.db.unit_of_work() as session:
+        replication.follow_changes(session)
+    _run_jobs(ctx)
+    ct = next(s for s, p in files.items() if p.name == "CT_small.dcm")
+    blob = _blob(ctx, ct)
+    replica = ctx.store_named("replica")
+    altered = bytearray(files[ct].read_bytes())
+    altered[-1] ^= 0x01  # one flipped bit, same size
+    replica.put_stream(blob.key, io.BytesIO(bytes(altered)))
+    report = fixity.sweep(ctx, limit=1000)
+    replica_alarms = [a for a in report.alarms if a.store == "replica"]
+    assert [(a.blob_id, a.problem, a.outcome) for a in replica_alarms] == [(blob.id, "mismatch", "repaired")]
+    with replica.open(blob.key) as stream:
+        assert stream.read() == files[ct].read_bytes()
+    with ctx.db.reading() as session:
+        copy = replication.current_copy(session, blob.id, "replica", blob.sha256)
+        assert copy is not None and copy.verified_at is not None
+        alert = session.scalars(
+            select(AdminAlert).where(AdminAlert.kind == "fixity").order_by(AdminAlert.id.desc())
+        ).first()
+        assert alert is not None and alert.organisation_code == ""
+        assert "refaite depuis le fichier principal" in alert.message
+        # Verified copies wait for the next interval.
+        assert (
+            fixity.due_replica_copies(
+                session, replica_store="replica", cutoff=utcnow() - timedelta(hours=1), limit=10
+            )
+            == []
+        )
+
     assert check(ctx).clean
 
 

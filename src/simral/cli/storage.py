@@ -181,12 +181,15 @@ def fixity_run(
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """Re-hash blobs now (oldest-verified first), repair from the replica; exit 1 if one is unrepaired."""
+    """Re-hash blobs and their replica copies now (oldest-verified first), repair each from the
+    other; exit 1 if one is unrepaired."""
     from simral.preservation import fixity
 
     ctx = _open(config, data_dir)
     report = fixity.sweep(ctx, limit=limit)
     out.print(f"verified {report.checked} blobs: {report.intact} intact")
+    if report.replicas_checked:
+        out.print(f"verified {report.replicas_checked} replica copies: {report.replicas_intact} intact")
     for alarm in report.alarms:
         out.print(f"{alarm.problem}: {alarm.store}:{alarm.key} → {alarm.outcome}")
     if report.unrepaired:

@@ -13,6 +13,13 @@ missing or altered is, in this order:
    audit event ``storage.fixity`` and an admin alert (platform administrators; the study's
    organisations too when no intact copy is left).
 
+The copies in the replica store are verified the same way, on the same schedule (their
+``blob_replica.verified_at``, else when they were made): a copy missing or altered is made again
+from the blob, which the replication job checks against its SHA-256 before writing and reads back
+after (:func:`simral.preservation.replication.replicate_one`); the alarm names the replica store.
+When the blob itself is not intact the copy cannot be remade: that alarm stays unrepaired and the
+blob's own alarm says what is left.
+
 A blob left unrepaired is looked at again one interval later, not at every look. The serving
 process runs sweeps as durable jobs (:data:`FIXITY_SWEEP`, one active at a time across nodes);
 ``simral fixity run`` runs one at once for operators.
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from simral.access.policy import Principal
@@ -41,7 +48,8 @@ from simral.db.base import utcnow
 from simral.identity.models import AdminAlert
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
-from simral.preservation.models import MISMATCH, MISSING, REPAIRED, UNREPAIRED, FixityAlarm
+from simral.preservation import replication
+from simral.preservation.models import MISMATCH, MISSING, REPAIRED, UNREPAIRED, BlobReplica, FixityAlarm
 from simral.storage.base import CHUNK, sha256_of_stream
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,9 @@ class FixityReport:
     intact: int = 0
     #: Missing or altered but moved or replaced meanwhile: nothing wrong.
     skipped: int = 0
+    #: Copies in the replica store verified, and found intact.
+    replicas_checked: int = 0
+    replicas_intact: int = 0
     alarms: list[Alarm] = field(default_factory=list)
 
     @property
@@ -130,6 +141,49 @@ def fixity_due(session: Session, *, interval: timedelta) -> bool:
     return bool(due_blobs(session, cutoff=utcnow() - interval, limit=1))
 
 
+def due_replica_copies(
+    session: Session, *, replica_store: str, cutoff: datetime, limit: int
+) -> list[_Located]:
+    """Current copies in ``replica_store`` last verified (or, never verified, made) before
+    ``cutoff``, oldest first, located in the replica store."""
+    last = func.coalesce(BlobReplica.verified_at, BlobReplica.replicated_at)
+    rows = session.execute(
+        select(Blob.id, BlobReplica.store, BlobReplica.key, Blob.sha256, Blob.size)
+        .join(Blob, Blob.id == BlobReplica.blob_pk)
+        .where(BlobReplica.store == replica_store, BlobReplica.sha256 == Blob.sha256, last <= cutoff)
+        .order_by(last, BlobReplica.id)
+        .limit(limit)
+    ).all()
+    return [_Located(*row) for row in rows]
+
+
+def _hash_copy(ctx: AppContext, copy: _Located) -> tuple[str, str]:
+    """(problem, SHA-256 found) of a copy in the replica store: problem "" when intact."""
+    try:
+        with ctx.store_named(copy.store).open(copy.key) as stream:
+            sha, size = sha256_of_stream(stream)
+    except FileNotFoundError:
+        return MISSING, ""
+    if sha != copy.sha256 or size != copy.size:
+        return MISMATCH, sha
+    return "", sha
+
+
+def _remake_copy(ctx: AppContext, copy: _Located) -> bool:
+    """Forget the bad copy and make it again from the blob (verified before and after writing);
+    whether a current copy exists now."""
+    with ctx.db.unit_of_work() as session:
+        session.execute(
+            delete(BlobReplica).where(BlobReplica.blob_pk == copy.id, BlobReplica.store == copy.store)
+        )
+    error = replication.replicate_one(ctx, copy.id, copy.store)
+    if error is not None:
+        log.error("fixity: the replica copy of blob %d could not be made again: %s", copy.id, error)
+        return False
+    with ctx.db.reading() as session:
+        return replication.current_copy(session, copy.id, copy.store, copy.sha256) is not None
+
+
 def _hash(ctx: AppContext, blob: _Located) -> tuple[str, str]:
     """(problem, SHA-256 found): problem "" when intact."""
     try:
@@ -173,7 +227,19 @@ def _repair(ctx: AppContext, blob: _Located) -> bool:
     return sha == blob.sha256 and size == blob.size
 
 
-def _message(blob: _Located, problem: str, repaired: bool, study_uid: str, replica: str) -> str:
+def _message(
+    blob: _Located, problem: str, repaired: bool, study_uid: str, replica: str, *, replica_copy: bool = False
+) -> str:
+    if replica_copy:
+        what = "était absente" if problem == MISSING else "ne correspondait plus à son empreinte SHA-256"
+        head = f"Intégrité des images : la copie de secours d'un fichier de l'examen {study_uid} {what}"
+        where = f"(réplique « {blob.store} »)"
+        if repaired:
+            return f"{head} {where} ; elle a été refaite depuis le fichier principal et vérifiée."
+        return (
+            f"{head} {where} ; elle n'a pas pu être refaite : le fichier principal "
+            "n'est pas intact non plus (voir son alerte)."
+        )
     what = (
         "était absent du stockage"
         if problem == MISSING
@@ -189,8 +255,14 @@ def _message(blob: _Located, problem: str, repaired: bool, study_uid: str, repli
     )
 
 
-def _record(ctx: AppContext, blob: _Located, problem: str, found: str, repaired: bool) -> Alarm:
-    """The alarm row, the audit event, the admin alerts; a repaired blob is marked verified."""
+def _record(
+    ctx: AppContext, blob: _Located, problem: str, found: str, repaired: bool, *, replica_copy: bool = False
+) -> Alarm:
+    """The alarm row, the audit event, the admin alerts; a repaired blob is marked verified.
+
+    ``replica_copy``: the problem is the blob's copy in the replica store (``blob.store``), remade
+    from the blob when ``repaired``; the platform's administrators are told, not the study's
+    organisations (their images are intact)."""
     now = utcnow()
     outcome = REPAIRED if repaired else UNREPAIRED
     replica = ctx.settings.replica_store
@@ -219,7 +291,13 @@ def _record(ctx: AppContext, blob: _Located, problem: str, found: str, repaired:
                 repaired_at=now if repaired else None,
             )
         )
-        if repaired:
+        if repaired and replica_copy:
+            session.execute(
+                update(BlobReplica)
+                .where(BlobReplica.blob_pk == blob.id, BlobReplica.store == blob.store)
+                .values(verified_at=now)
+            )
+        elif repaired:
             session.execute(update(Blob).where(Blob.id == blob.id).values(verified_at=now))
         audit.record(
             session,
@@ -233,14 +311,15 @@ def _record(ctx: AppContext, blob: _Located, problem: str, found: str, repaired:
                 "problem": problem,
                 "expected_sha256": blob.sha256,
                 "found_sha256": found,
-                "repaired_from": replica if repaired else "",
+                "repaired_from": ("primary" if replica_copy else replica) if repaired else "",
+                "replica_copy": replica_copy,
             },
         )
         recipients = [PLATFORM]
-        if not repaired and study_uid:
+        if not repaired and study_uid and not replica_copy:
             holders = archive.study_holders(session, study_uid)
             recipients += holders[1] if holders is not None else []
-        message = _message(blob, problem, repaired, study_uid, replica)
+        message = _message(blob, problem, repaired, study_uid, replica, replica_copy=replica_copy)
         for code in recipients:
             session.add(
                 AdminAlert(
@@ -288,7 +367,43 @@ def sweep(ctx: AppContext, *, limit: int, interval: timedelta | None = None) -> 
                     update(Blob).where(Blob.id.in_(intact[start : start + 500])).values(verified_at=now)
                 )
     report.intact = len(intact)
+    if ctx.replica is not None:
+        _sweep_replica_copies(ctx, report, cutoff=cutoff, limit=limit)
     return report
+
+
+def _sweep_replica_copies(ctx: AppContext, report: FixityReport, *, cutoff: datetime, limit: int) -> None:
+    replica = ctx.settings.replica_store
+    with ctx.db.reading() as session:
+        copies = due_replica_copies(session, replica_store=replica, cutoff=cutoff, limit=limit)
+    intact: list[int] = []
+    for copy in copies:
+        report.replicas_checked += 1
+        problem, found = _hash_copy(ctx, copy)
+        if not problem:
+            intact.append(copy.id)
+            continue
+        with ctx.db.reading() as session:
+            if replication.current_copy(session, copy.id, copy.store, copy.sha256) is None:
+                report.skipped += 1  # replaced or re-replicated meanwhile
+                continue
+        log.error("fixity: the copy of blob %d in the replica store %s is %s", copy.id, copy.store, problem)
+        try:
+            repaired = _remake_copy(ctx, copy)
+        except Exception as exc:
+            log.error("fixity: remaking the copy of blob %d failed: %s: %s", copy.id, type(exc).__name__, exc)
+            repaired = False
+        report.alarms.append(_record(ctx, copy, problem, found, repaired, replica_copy=True))
+    if intact:
+        now = utcnow()
+        with ctx.db.unit_of_work() as session:
+            for start in range(0, len(intact), 500):
+                session.execute(
+                    update(BlobReplica)
+                    .where(BlobReplica.store == replica, BlobReplica.blob_pk.in_(intact[start : start + 500]))
+                    .values(verified_at=now)
+                )
+    report.replicas_intact = len(intact)
 
 
 def run_sweep(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:

@@ -55,6 +55,8 @@ class BlobReplica(Base):
     key: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     replicated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: When the fixity sweep last found the copy intact (None: not since it was made).
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class FixityAlarm(Base):

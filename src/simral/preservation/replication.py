@@ -130,7 +130,7 @@ def current_copy(session: Session, blob_pk: int, replica_store: str, sha256: str
     )
 
 
-def _replicate_one(ctx: AppContext, blob_id: int, replica_name: str) -> str | None:
+def replicate_one(ctx: AppContext, blob_id: int, replica_name: str) -> str | None:
     """Copy one blob to the replica and record it; an error text, or None when done or not needed."""
     with ctx.db.reading() as session:
         row = session.execute(select(Blob.key, Blob.sha256, Blob.size).where(Blob.id == blob_id)).first()
@@ -187,7 +187,7 @@ def replicate_blobs(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:
         errors: list[str] = []
         for blob_id in job.payload.get("blobs", []):
             try:
-                error = _replicate_one(ctx, int(blob_id), replica_name)
+                error = replicate_one(ctx, int(blob_id), replica_name)
             except Exception as exc:
                 error = f"blob {blob_id}: {type(exc).__name__}: {exc}"
             if error is not None:
