@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from tests.peers import PostgresServer, SeaweedS3
 
+from simral.app import open_app
+from simral.config import load_settings
+from simral.context import AppContext
+
 BACKENDS = ["sqlite-fs", "postgres-s3"]
 _counter = itertools.count()
 
@@ -50,6 +54,16 @@ def backend_env(name: str, request: pytest.FixtureRequest) -> dict[str, str]:
         "SIMRAL_S3_SECRET_KEY": s3.secret_key,
         "SIMRAL_S3_REGION": s3.region,
     }
+
+
+@pytest.fixture(params=BACKENDS)
+def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
+    """An in-process platform on a fresh database and store, once per backend (embedded SQLite +
+    filesystem, PostgreSQL + S3). Modules needing another set-up define their own ``ctx``."""
+    env = {**backend_env(request.param, request), "SIMRAL_DATA_DIR": str(tmp_path / "data")}
+    context = open_app(load_settings(environ=env))
+    yield context
+    context.db.dispose()
 
 
 @pytest.fixture(scope="session")

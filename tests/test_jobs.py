@@ -10,7 +10,6 @@ for what arrived after the rule was made. The migrations describe the same schem
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,14 +17,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, update
-from tests.conftest import BACKENDS, backend_env
 from tests.corpus import ct_series
 
 from simral.access.policy import AccessDenied, Principal
-from simral.app import open_app
 from simral.archive import service as archive
 from simral.audit import service as audit
-from simral.config import load_settings
 from simral.context import AppContext
 from simral.db.base import utcnow
 from simral.db.registry import Base
@@ -41,14 +37,6 @@ OPERATOR = Principal(kind="system", name="cli:test", archive_wide=True, via="cli
 TECHNOLOGIST = Principal(
     kind="user", name="tech", organisation="CHA", memberships=frozenset({("CHA", "technologist")})
 )
-
-
-@pytest.fixture(params=BACKENDS)
-def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
-    env = {**backend_env(request.param, request), "SIMRAL_DATA_DIR": str(tmp_path / "data")}
-    context = open_app(load_settings(environ=env))
-    yield context
-    context.db.dispose()
 
 
 def _enqueue(ctx: AppContext, n: int = 1, **kwargs: object) -> list[int]:

@@ -15,7 +15,6 @@ Policy Expired" (IOCM 113039) are proposed alone and deleted alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -25,17 +24,14 @@ from pydicom import dcmread
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from tests.conftest import BACKENDS, backend_env
 from tests.corpus import ct_series
 
 from simral.access.policy import AccessDenied, Principal
-from simral.app import open_app
 from simral.archive import service as archive
 from simral.archive.consistency import check
 from simral.archive.models import Blob, ChangeEvent, Instance, Series, Study
 from simral.audit import service as audit
 from simral.audit.models import AuditEvent
-from simral.config import load_settings
 from simral.context import AppContext
 from simral.jobs.runner import JobRunner
 from simral.lifecycle import service as lifecycle
@@ -163,14 +159,6 @@ def test_organisation_term_replaces_the_twenty_years_only() -> None:
 
 
 # ------------------------------------------------------------------------------ the review flow
-
-
-@pytest.fixture(params=BACKENDS)
-def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
-    env = {**backend_env(request.param, request), "SIMRAL_DATA_DIR": str(tmp_path / "data")}
-    context = open_app(load_settings(environ=env))
-    yield context
-    context.db.dispose()
 
 
 def _store(

@@ -5,31 +5,18 @@ so limit/offset pages never overlap."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from tests.conftest import BACKENDS, backend_env
 from tests.corpus import ct_series
 
 from simral.access.policy import Principal
-from simral.app import open_app
 from simral.archive import query
 from simral.archive import service as archive
-from simral.config import load_settings
 from simral.context import AppContext
 
 OPERATOR = Principal(kind="system", name="cli:test", archive_wide=True, via="cli")
-
-
-@pytest.fixture(params=BACKENDS)
-def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
-    env = {**backend_env(request.param, request), "SIMRAL_DATA_DIR": str(tmp_path / "data")}
-    context = open_app(load_settings(environ=env))
-    yield context
-    context.db.dispose()
 
 
 def _store(ctx: AppContext, folder: Path, study_date: str, seed: int) -> str:

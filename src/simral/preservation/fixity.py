@@ -157,18 +157,6 @@ def due_replica_copies(
     return [_Located(*row) for row in rows]
 
 
-def _hash_copy(ctx: AppContext, copy: _Located) -> tuple[str, str]:
-    """(problem, SHA-256 found) of a copy in the replica store: problem "" when intact."""
-    try:
-        with ctx.store_named(copy.store).open(copy.key) as stream:
-            sha, size = sha256_of_stream(stream)
-    except FileNotFoundError:
-        return MISSING, ""
-    if sha != copy.sha256 or size != copy.size:
-        return MISMATCH, sha
-    return "", sha
-
-
 def _remake_copy(ctx: AppContext, copy: _Located) -> bool:
     """Forget the bad copy and make it again from the blob (verified before and after writing);
     whether a current copy exists now."""
@@ -184,10 +172,14 @@ def _remake_copy(ctx: AppContext, copy: _Located) -> bool:
         return replication.current_copy(session, copy.id, copy.store, copy.sha256) is not None
 
 
-def _hash(ctx: AppContext, blob: _Located) -> tuple[str, str]:
-    """(problem, SHA-256 found): problem "" when intact."""
+def _hash(ctx: AppContext, blob: _Located, *, replica_copy: bool = False) -> tuple[str, str]:
+    """(problem, SHA-256 found): problem "" when intact. The blob as readers get it, or
+    (``replica_copy``) its copy in the replica store ``blob.store``."""
     try:
-        with archive.open_blob(ctx, blob.key) as stream:
+        opened = (
+            ctx.store_named(blob.store).open(blob.key) if replica_copy else archive.open_blob(ctx, blob.key)
+        )
+        with opened as stream:
             sha, size = sha256_of_stream(stream)
     except FileNotFoundError:
         return MISSING, ""
@@ -334,76 +326,65 @@ def _record(
 
 
 def sweep(ctx: AppContext, *, limit: int, interval: timedelta | None = None) -> FixityReport:
-    """Verify up to ``limit`` blobs due for verification (``interval`` None: the oldest-verified
-    ones whatever their age, as ``simral fixity run`` does); alarm and repair what is wrong."""
+    """Verify up to ``limit`` blobs due for verification, then up to ``limit`` of their copies in
+    the replica store (``interval`` None: the oldest-verified ones whatever their age, as
+    ``simral fixity run`` does); alarm and repair what is wrong."""
     report = FixityReport()
     cutoff = utcnow() - interval if interval is not None else utcnow()
     with ctx.db.reading() as session:
         blobs = due_blobs(session, cutoff=cutoff, limit=limit)
-    intact: list[int] = []
-    for blob in blobs:
-        report.checked += 1
-        problem, found = _hash(ctx, blob)
-        if not problem:
-            intact.append(blob.id)
-            continue
-        with ctx.db.reading() as session:
-            now_row = session.execute(select(*_COLUMNS).where(Blob.id == blob.id)).first()
-        if now_row is None or _Located(*now_row) != blob:
-            report.skipped += 1
-            continue
-        log.error("fixity: blob %d in the %s store is %s", blob.id, blob.store, problem)
-        try:
-            repaired = _repair(ctx, blob)
-        except Exception as exc:
-            log.error("fixity: repairing blob %d failed: %s: %s", blob.id, type(exc).__name__, exc)
-            repaired = False
-        report.alarms.append(_record(ctx, blob, problem, found, repaired))
-    if intact:
-        now = utcnow()
-        with ctx.db.unit_of_work() as session:
-            for start in range(0, len(intact), 500):
-                session.execute(
-                    update(Blob).where(Blob.id.in_(intact[start : start + 500])).values(verified_at=now)
-                )
-    report.intact = len(intact)
+    report.checked = len(blobs)
+    report.intact = _verify(ctx, blobs, report, replica_copy=False)
     if ctx.replica is not None:
-        _sweep_replica_copies(ctx, report, cutoff=cutoff, limit=limit)
+        with ctx.db.reading() as session:
+            copies = due_replica_copies(session, replica_store=ctx.replica.name, cutoff=cutoff, limit=limit)
+        report.replicas_checked = len(copies)
+        report.replicas_intact = _verify(ctx, copies, report, replica_copy=True)
     return report
 
 
-def _sweep_replica_copies(ctx: AppContext, report: FixityReport, *, cutoff: datetime, limit: int) -> None:
-    replica = ctx.settings.replica_store
+def _still_current(ctx: AppContext, located: _Located, *, replica_copy: bool) -> bool:
+    """Whether the index still describes ``located`` so (not moved, replaced or re-copied meanwhile)."""
     with ctx.db.reading() as session:
-        copies = due_replica_copies(session, replica_store=replica, cutoff=cutoff, limit=limit)
+        if replica_copy:
+            return replication.current_copy(session, located.id, located.store, located.sha256) is not None
+        row = session.execute(select(*_COLUMNS).where(Blob.id == located.id)).first()
+        return row is not None and _Located(*row) == located
+
+
+def _verify(ctx: AppContext, located: list[_Located], report: FixityReport, *, replica_copy: bool) -> int:
+    """Hash each blob (or replica copy), repair and alarm the bad ones, mark the rest verified;
+    how many were intact."""
     intact: list[int] = []
-    for copy in copies:
-        report.replicas_checked += 1
-        problem, found = _hash_copy(ctx, copy)
+    what = "the replica copy of blob" if replica_copy else "blob"
+    for item in located:
+        problem, found = _hash(ctx, item, replica_copy=replica_copy)
         if not problem:
-            intact.append(copy.id)
+            intact.append(item.id)
             continue
-        with ctx.db.reading() as session:
-            if replication.current_copy(session, copy.id, copy.store, copy.sha256) is None:
-                report.skipped += 1  # replaced or re-replicated meanwhile
-                continue
-        log.error("fixity: the copy of blob %d in the replica store %s is %s", copy.id, copy.store, problem)
+        if not _still_current(ctx, item, replica_copy=replica_copy):
+            report.skipped += 1
+            continue
+        log.error("fixity: %s %d in the %s store is %s", what, item.id, item.store, problem)
         try:
-            repaired = _remake_copy(ctx, copy)
+            repaired = _remake_copy(ctx, item) if replica_copy else _repair(ctx, item)
         except Exception as exc:
-            log.error("fixity: remaking the copy of blob %d failed: %s: %s", copy.id, type(exc).__name__, exc)
+            log.error("fixity: repairing %s %d failed: %s: %s", what, item.id, type(exc).__name__, exc)
             repaired = False
-        report.alarms.append(_record(ctx, copy, problem, found, repaired, replica_copy=True))
-    if intact:
-        now = utcnow()
-        with ctx.db.unit_of_work() as session:
-            for start in range(0, len(intact), 500):
-                session.execute(
-                    update(BlobReplica)
-                    .where(BlobReplica.store == replica, BlobReplica.blob_pk.in_(intact[start : start + 500]))
-                    .values(verified_at=now)
+        report.alarms.append(_record(ctx, item, problem, found, repaired, replica_copy=replica_copy))
+    now = utcnow()
+    with ctx.db.unit_of_work() as session:
+        for start in range(0, len(intact), 500):
+            chunk = intact[start : start + 500]
+            statement = (
+                update(BlobReplica).where(
+                    BlobReplica.store == ctx.settings.replica_store, BlobReplica.blob_pk.in_(chunk)
                 )
-    report.replicas_intact = len(intact)
+                if replica_copy
+                else update(Blob).where(Blob.id.in_(chunk))
+            )
+            session.execute(statement.values(verified_at=now))
+    return len(intact)
 
 
 def run_sweep(ctx: AppContext, batch: list[ClaimedJob]) -> Outcomes:

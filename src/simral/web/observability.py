@@ -444,38 +444,40 @@ def _criteria(text: Mapping[str, str], *, days: int | None, modalities: str, org
 
 def _rules_section(rules: StorageRules, language: Language) -> str:
     text = TEXT[language]
-    body = f"<h2>{escape(text['tier_rules'])}</h2>"
-    rows = [
-        [
-            str(r.id),
-            _criteria(text, days=r.older_than_days, modalities=r.modality, organisation=r.organisation_code),
-            r.target_store,
-            text["yes"] if r.enabled else text["no"],
-        ]
-        for r in rules.tier_rules
-    ]
-    body += (
-        table([text["rule"], text["criteria"], text["target"], text["enabled"]], text_rows(rows))
-        if rows
-        else f"<p>{escape(text['no_rules'])}</p>"
+    tables = (
+        (
+            "tier_rules",
+            "target",
+            [
+                (r.id, r.older_than_days, r.modality, r.organisation_code, r.target_store, r.enabled)
+                for r in rules.tier_rules
+            ],
+        ),
+        (
+            "compression_rules",
+            "syntax",
+            [
+                (r.id, r.older_than_days, r.modalities, r.organisation_code, r.syntax, r.enabled)
+                for r in rules.compression_rules
+            ],
+        ),
     )
-    body += f"<h2>{escape(text['compression_rules'])}</h2>"
-    rows = [
-        [
-            str(r.id),
-            _criteria(
-                text, days=r.older_than_days, modalities=r.modalities, organisation=r.organisation_code
-            ),
-            r.syntax,
-            text["yes"] if r.enabled else text["no"],
+    body = ""
+    for heading, outcome, described in tables:
+        rows = [
+            [
+                str(rule_id),
+                _criteria(text, days=days, modalities=modalities, organisation=organisation),
+                result,
+                text["yes"] if enabled else text["no"],
+            ]
+            for rule_id, days, modalities, organisation, result, enabled in described
         ]
-        for r in rules.compression_rules
-    ]
-    body += (
-        table([text["rule"], text["criteria"], text["syntax"], text["enabled"]], text_rows(rows))
-        if rows
-        else f"<p>{escape(text['no_rules'])}</p>"
-    )
+        body += f"<h2>{escape(text[heading])}</h2>" + (
+            table([text["rule"], text["criteria"], text[outcome], text["enabled"]], text_rows(rows))
+            if rows
+            else f"<p>{escape(text['no_rules'])}</p>"
+        )
     done = rules.compressed
     if done.compressed or done.skipped:
         ratio = f"{done.ratio:.2f}"

@@ -145,12 +145,16 @@ def _with_lang(request: Request, path: str, **params: str) -> str:
     return path + (f"?{urlencode(query)}" if query else "")
 
 
-def _denied(request: Request, principal: Principal, text: Mapping[str, str]) -> HTMLResponse | None:
+def _administrator(request: Request) -> tuple[Principal, Language, HTMLResponse | None]:
+    """The caller, the page language, and a 403 page unless the caller administers something."""
+    principal = request_principal(request)
+    language = request_language(request)
     managed = managed_organisations(principal)
     if managed is not None and not managed:
+        text = TEXT[language]
         body = f'<p class="error" role="alert">{escape(text["denied"])}</p>'
-        return page(request, text["title"], body, principal=principal, status=403)
-    return None
+        return principal, language, page(request, text["title"], body, principal=principal, status=403)
+    return principal, language, None
 
 
 def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
@@ -158,12 +162,10 @@ def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
 
     @web.get("/admin/retention", response_class=HTMLResponse)
     def retention_page(request: Request, notice: str = "", batch: int = 0) -> HTMLResponse:
-        principal = request_principal(request)
-        language = request_language(request)
-        text = TEXT[language]
-        refused = _denied(request, principal, text)
+        principal, language, refused = _administrator(request)
         if refused is not None:
             return refused
+        text = TEXT[language]
         managed = managed_organisations(principal)
         with ctx.db.reading() as session:
             batches = lifecycle.list_batches(session, principal=principal)
@@ -223,12 +225,10 @@ def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
 
     @web.get("/admin/retention/batches/{batch_id}", response_class=HTMLResponse)
     def batch_page(request: Request, batch_id: RowId, jobs: int = -1) -> HTMLResponse:
-        principal = request_principal(request)
-        language = request_language(request)
-        text = TEXT[language]
-        refused = _denied(request, principal, text)
+        principal, language, refused = _administrator(request)
         if refused is not None:
             return refused
+        text = TEXT[language]
         try:
             with ctx.db.unit_of_work() as session:  # reading the lines is audited
                 summary = next(
