@@ -6,8 +6,8 @@ Every peer listens on 127.0.0.1 on a free port and is stopped at the end of the 
 
 from __future__ import annotations
 
-import itertools
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from simral.config import load_settings
 from simral.context import AppContext
 
 BACKENDS = ["sqlite-fs", "postgres-s3"]
-_counter = itertools.count()
 
 os.environ.setdefault("TCP_NODELAY", "1")
 
@@ -40,7 +39,9 @@ def backend_env(name: str, request: pytest.FixtureRequest) -> dict[str, str]:
     """SIMRAL_* variables selecting a fresh database and store for backend ``name``."""
     if name == "sqlite-fs":
         return {}
-    n = next(_counter)
+    # Unique without a counter: pytest loads this file as ``conftest`` while test modules import it
+    # as ``tests.conftest``, two module objects that would each count from 0.
+    n = uuid.uuid4().hex[:16]
     pg: PostgresServer = request.getfixturevalue("postgres")
     s3: SeaweedS3 = request.getfixturevalue("seaweed")
     bucket = f"simral-test-{n}"
