@@ -9,6 +9,7 @@ Sequence. A post without the CSRF header and a user who may not store are refuse
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from pydicom import dcmread
 from sqlalchemy import select
 from tests.corpus import ct_series
@@ -132,9 +133,9 @@ def _stored_patient_ids(site: Site, study_uid: str) -> list[tuple[str, list[str]
 
 def _wait_for_outcome(page: Page) -> None:
     """Until the status line says how the import ended (finished or failed)."""
-    page.wait_for_function(
-        "() => /Import terminé|import a échoué/.test(document.getElementById('import-status').textContent)",
-        timeout=60000,
+    # A locator assertion, not wait_for_function: its in-page polling is eval, which the CSP refuses.
+    expect(page.locator("#import-status")).to_have_text(
+        re.compile("Import terminé|import a échoué"), timeout=60000
     )
 
 

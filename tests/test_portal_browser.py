@@ -9,6 +9,7 @@ the emergency access, its author and its reason in the audit trail. Screenshots 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +155,14 @@ def test_technologist_break_glass_and_audit(browser: Browser, portal: Portal, ar
     page.wait_for_load_state("domcontentloaded")
     assert page.url.endswith(f"/studies/{portal.study_b}")
     assert "PAT-B" in page.content() and "BETA BRUNO" in page.content()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth > 0)"
+    # Polled from here: wait_for_function's in-page polling is eval, which the portal's CSP refuses.
+    thumbnails_shown = (
+        "() => [...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth > 0)"
     )
+    deadline = time.monotonic() + 30
+    while not page.evaluate(thumbnails_shown):
+        assert time.monotonic() < deadline, "thumbnails not shown"
+        time.sleep(0.1)
     page.screenshot(path=str(artifacts_dir / "portal-study-break-glass.png"))
     # Only that study was opened: the list now shows it too, and still nothing else of CLINB.
     page.goto(portal.url + "/")
