@@ -673,6 +673,26 @@ class BatchSummary:
     items: Mapping[str, int]
 
 
+def _summary(session: Session, batch: DeletionBatch) -> BatchSummary:
+    counts = {
+        state: int(n)
+        for state, n in session.execute(
+            select(DeletionItem.state, func.count())
+            .where(DeletionItem.batch_id == batch.id)
+            .group_by(DeletionItem.state)
+        )
+    }
+    return BatchSummary(
+        batch.id,
+        batch.organisation_code,
+        batch.state,
+        batch.reviewed_on,
+        batch.created_by,
+        batch.approved_by,
+        counts,
+    )
+
+
 def list_batches(
     session: Session, *, principal: Principal, organisation: str | None = None
 ) -> list[BatchSummary]:
@@ -680,30 +700,19 @@ def list_batches(
     query = select(DeletionBatch).order_by(DeletionBatch.id.desc())
     if organisation is not None:
         query = query.where(DeletionBatch.organisation_code == organisation)
-    summaries = []
-    for batch in session.scalars(query):
-        if not may_manage_retention(principal, batch.organisation_code):
-            continue
-        counts = {
-            state: int(n)
-            for state, n in session.execute(
-                select(DeletionItem.state, func.count())
-                .where(DeletionItem.batch_id == batch.id)
-                .group_by(DeletionItem.state)
-            )
-        }
-        summaries.append(
-            BatchSummary(
-                batch.id,
-                batch.organisation_code,
-                batch.state,
-                batch.reviewed_on,
-                batch.created_by,
-                batch.approved_by,
-                counts,
-            )
-        )
-    return summaries
+    return [
+        _summary(session, batch)
+        for batch in session.scalars(query)
+        if may_manage_retention(principal, batch.organisation_code)
+    ]
+
+
+def batch_summary(session: Session, batch_id: int, *, principal: Principal) -> BatchSummary:
+    """One batch with its items' states (for whoever may approve it)."""
+    batch = _batch_or_raise(session, batch_id)
+    if not may_manage_retention(principal, batch.organisation_code):
+        raise AccessDenied(f"{principal.audit_name} may not see deletion batch {batch_id}")
+    return _summary(session, batch)
 
 
 def batch_items(session: Session, batch_id: int, *, principal: Principal) -> list[DeletionItem]:

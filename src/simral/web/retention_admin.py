@@ -231,13 +231,10 @@ def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
         text = TEXT[language]
         try:
             with ctx.db.unit_of_work() as session:  # reading the lines is audited
-                summary = next(
-                    (b for b in lifecycle.list_batches(session, principal=principal) if b.id == batch_id),
-                    None,
-                )
+                summary = lifecycle.batch_summary(session, batch_id, principal=principal)
                 lines = lifecycle.review_lines(session, batch_id, principal=principal)
         except (lifecycle.LifecycleError, AccessDenied):
-            summary = None
+            summary, lines = None, []
         title = text["batch_title"].format(id=batch_id)
         back_link = escape(_with_lang(request, "/admin/retention"))
         back = f'<p><a href="{back_link}">{escape(text["back"])}</a></p>'
