@@ -35,6 +35,7 @@ _DATA_DIR_COMMANDS = {
     "jobs",
     "compression",
     "export",
+    "retention",
 }
 
 

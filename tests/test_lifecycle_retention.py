@@ -235,6 +235,15 @@ def test_review_proposes_what_is_due_and_approval_deletes_it(ctx: AppContext, tm
         lifecycle.add_hold(
             session, reason="recours gracieux", principal=OPERATOR, patient_id="IPP-F", authority=CHA_IPP
         )
+    # The holds are listed to whoever may lift them: CHA's administrators and the region, not CHB's.
+    with ctx.db.reading() as session:
+        for principal, expected in ((ADMIN_CHA, 2), (REGIONAL, 2), (OPERATOR, 2), (ADMIN_CHB, 0)):
+            listed = lifecycle.list_holds(session, principal)
+            assert len(listed) == expected, principal.name
+        assert {h.study_uid or h.patient for h in lifecycle.list_holds(session, ADMIN_CHA)} == {
+            held,
+            "IPP-F (CHA)",
+        }
     with ctx.db.reading() as session:
         dates = {
             uid: lifecycle.study_retention(session, uid)

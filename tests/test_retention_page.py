@@ -56,6 +56,8 @@ def test_site_admin_reviews_reads_and_approves_a_deletion_batch(tmp_path: Path, 
             "users", "add", login, "--organisation", organisation, "--role", "site-admin",
             "--rpps", rpps, "--name", login, "--password-stdin", input=TEST_PASSWORD + "\n",
         )  # fmt: skip
+    # A legal hold on the recent study: listed to its site's administrator, not to another site's.
+    simral.cli("retention", "hold", "add", "--study", recent_uid, "--reason", "recours contentieux 2026-04")
     with simral:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -68,6 +70,7 @@ def test_site_admin_reviews_reads_and_approves_a_deletion_batch(tmp_path: Path, 
             page.click("a[href='/admin/retention']")
             page.wait_for_load_state("domcontentloaded")
             assert page.locator("tbody tr[data-batch]").count() == 0
+            assert "recours contentieux 2026-04" in page.locator("main").inner_text()
             # Her scope is her organisation (no region-wide review for a site administrator).
             assert page.locator("select[name=organisation] option").all_inner_texts() == [TEST_ORGANISATION]
             page.click("form[action^='/admin/retention/review'] button")
@@ -97,6 +100,7 @@ def test_site_admin_reviews_reads_and_approves_a_deletion_batch(tmp_path: Path, 
             login_page(other, simral.http_url, OTHER_ADMIN, TEST_PASSWORD, TotpDevice())
             other.goto(simral.http_url + "/admin/retention")
             assert other.locator("tbody tr[data-batch]").count() == 0
+            assert "recours contentieux" not in other.content()
             response = other.goto(f"{simral.http_url}/admin/retention/batches/{batch_id}")
             assert response is not None and response.status == 404
             assert "ANCIEN" not in other.content()

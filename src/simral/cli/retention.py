@@ -190,7 +190,7 @@ def hold_list(
 
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
-        rows = lifecycle.list_holds(session, include_released=include_released)
+        rows = lifecycle.list_holds(session, cli_principal(), include_released=include_released)
     table = Table("id", "target", "study / patient", "reason", "by", "since", "lifted")
     for row in rows:
         table.add_row(

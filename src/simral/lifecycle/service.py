@@ -346,6 +346,14 @@ def _may_hold_study(principal: Principal, organisations: Iterable[str]) -> bool:
     return may_manage_retention(principal) or any(may_manage_retention(principal, o) for o in organisations)
 
 
+def _hold_organisations(session: Session, hold: LegalHold) -> list[str]:
+    """The organisations whose records ``hold`` concerns (their administrators may see and lift it)."""
+    if hold.target == HOLD_STUDY:
+        return _study_organisations(session, hold.study_uid) or []
+    identity = session.get(PatientIdentity, hold.identity_id)
+    return _patient_organisations(session, identity) if identity is not None else []
+
+
 def add_hold(
     session: Session,
     *,
@@ -400,12 +408,7 @@ def remove_hold(session: Session, hold_id: int, *, reason: str, principal: Princ
     hold = session.get(LegalHold, hold_id)
     if hold is None or hold.released_at is not None:
         raise LifecycleError(f"no active legal hold {hold_id}")
-    if hold.target == HOLD_STUDY:
-        organisations = _study_organisations(session, hold.study_uid) or []
-    else:
-        identity = session.get(PatientIdentity, hold.identity_id)
-        organisations = _patient_organisations(session, identity) if identity is not None else []
-    if not _may_hold_study(principal, organisations):
+    if not _may_hold_study(principal, _hold_organisations(session, hold)):
         raise AccessDenied(f"{principal.audit_name} may not lift legal hold {hold_id}")
     hold.released_at = utcnow()
     hold.released_by = principal.audit_name[:128]
@@ -434,13 +437,20 @@ class HoldView:
     released_at: datetime | None
 
 
-def list_holds(session: Session, *, include_released: bool = False) -> list[HoldView]:
-    """Legal holds, newest first."""
+def list_holds(
+    session: Session, principal: Principal, *, include_released: bool = False
+) -> list[HoldView]:
+    """The legal holds ``principal`` may manage, newest first: every hold for regional
+    administrators and the platform, a site administrator's those concerning the site's records
+    (the rule that lets them place and lift holds)."""
     query = select(LegalHold).order_by(LegalHold.id.desc())
     if not include_released:
         query = query.where(LegalHold.released_at.is_(None))
+    regional = may_manage_retention(principal)
     views = []
     for hold in session.scalars(query):
+        if not regional and not _may_hold_study(principal, _hold_organisations(session, hold)):
+            continue
         patient = ""
         if hold.identity_id is not None:
             identity = session.get(PatientIdentity, hold.identity_id)

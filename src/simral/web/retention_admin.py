@@ -3,8 +3,9 @@
 CSP R.1112-7 (DESIGN.md §9): a review lists the studies past their retention date that no legal
 hold covers into a deletion batch; an administrator reads the batch (patients, dates, exams) and
 approves it, which queues the deletions, or rejects it. Site administrators see and decide the
-batches of their organisations, regional administrators all of them and the legal holds. The
-lifecycle service checks every right again and audits each step; forms carry the CSRF token.
+batches and the legal holds concerning their organisations' records, regional administrators all
+of them; the lifecycle service decides what each may see, checks every right again and audits each
+step; forms carry the CSRF token.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
         managed = managed_organisations(principal)
         with ctx.db.reading() as session:
             batches = lifecycle.list_batches(session, principal=principal)
-            holds = lifecycle.list_holds(session) if managed is None else []
+            holds = lifecycle.list_holds(session, principal)
         body = f"<p>{escape(text['intro'])}</p>"
         if notice == "nothing":
             body += f'<p class="notice" role="status">{escape(text["nothing_due"])}</p>'
@@ -204,23 +205,22 @@ def mount_retention_admin(web: FastAPI, ctx: AppContext) -> None:
             )
         columns = ("id", "organisation", "state", "reviewed_on", "by", "approved_by", "items", "open")
         body += f"<h2>{escape(text['batches'])}</h2>" + table([text[c] for c in columns], lines)
-        if managed is None:
-            body += f"<h2>{escape(text['holds'])}</h2>" + table(
-                [text["id"], text["target"], text["patient"], text["reason"], text["by"], text["since"]],
-                text_rows(
+        body += f"<h2>{escape(text['holds'])}</h2>" + table(
+            [text["id"], text["target"], text["patient"], text["reason"], text["by"], text["since"]],
+            text_rows(
+                [
                     [
-                        [
-                            str(h.id),
-                            h.study_uid or h.target,
-                            h.patient,
-                            h.reason,
-                            h.created_by,
-                            h.created_at.strftime("%Y-%m-%d %H:%M"),
-                        ]
-                        for h in holds
+                        str(h.id),
+                        h.study_uid or h.target,
+                        h.patient,
+                        h.reason,
+                        h.created_by,
+                        h.created_at.strftime("%Y-%m-%d %H:%M"),
                     ]
-                ),
-            )
+                    for h in holds
+                ]
+            ),
+        )
         return page(request, text["title"], body, principal=principal)
 
     @web.get("/admin/retention/batches/{batch_id}", response_class=HTMLResponse)
