@@ -437,9 +437,7 @@ class HoldView:
     released_at: datetime | None
 
 
-def list_holds(
-    session: Session, principal: Principal, *, include_released: bool = False
-) -> list[HoldView]:
+def list_holds(session: Session, principal: Principal, *, include_released: bool = False) -> list[HoldView]:
     """The legal holds ``principal`` may manage, newest first: every hold for regional
     administrators and the platform, a site administrator's those concerning the site's records
     (the rule that lets them place and lift holds)."""
