@@ -197,7 +197,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/admin/jobs"): policy("may_manage"),
     ("POST", "/admin/jobs/{job_id}/{verb}"): policy("may_manage", note="retry/cancel; CSRF token"),
     ("GET", "/admin/retention"): policy(
-        "may_manage_retention", note="batches of the caller's organisations; legal holds: regional"
+        "may_manage_retention", note="batches and legal holds of the caller's organisations"
     ),
     ("GET", "/admin/retention/batches/{batch_id}"): policy(
         "may_manage_retention", note="patients of the batch: audited (retention.batch.view)"
