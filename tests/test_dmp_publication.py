@@ -7,17 +7,23 @@ value sets, hash and size — and answers from a scripted queue. The report is s
 signing code does it (the report's own publication then queues the DMP's).
 
 - The patient's INS is not yet qualified: the report and manifest *wait*, with the reason on the
-  site's request page; once the identity is QUAL they are published in one submission (TD0.2 first)
-  whose KOS passes ``validate.py kos`` and is stored in the study.
+  site's request page; once the identity is QUAL they are published in one submission (TD0.2 first,
+  from the configured sender OID; the VIHF's LPS_ID is the configured instance id) whose KOS passes
+  ``validate.py kos`` and is stored in the study, whose report CDA — signed while the INS was not
+  qualified — names the patient by the qualified INS and passes ``validate.py cda``, both entries with
+  the signer as legal authenticator, and whose shape (slots, classifications, external identifiers,
+  associations) is the DRIM-M samples'.
 - An addendum meets a registry error, then no answer, then success: it ends published, replacing
   the first version (RPLC association), and the unchanged images are not published again.
 - A new series arrives in the study: a new manifest version listing both series replaces the first.
 - The site withdraws entries (``simral dmp withdraw``): ITI-57 logical deletion, and masking to
-  professionals (confidentialityCode MASQUE_PS).
+  professionals (confidentialityCode MASQUE_PS, a new version of the registered entry: PreviousVersion
+  is its registry version, 1, whatever the manifest's version).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,12 +36,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+from lxml import etree
 from pydicom import dcmread
 from sqlalchemy import select
 from tests.report_setup import ReportText, sign_report
 from tests.simral_proc import SimralProcess
 from tests.test_reading_browser import _store
-from tests.xds_registry import Failure, NoAnswer, Pki, Success, TestDmp, make_pki
+from tests.xds_registry import (
+    DRIMM_SAMPLES,
+    Failure,
+    NoAnswer,
+    Pki,
+    Success,
+    TestDmp,
+    event_codes,
+    make_pki,
+    record_target_ins,
+    shape_differences,
+)
 
 from simral.access.policy import SYSTEM
 from simral.app import open_app
@@ -62,6 +80,10 @@ OID_SITE = "1.2.250.1.999.7.1"
 ACCESSION_OID = "1.2.250.1.999.7.2"
 PLACER_OID = "1.2.250.1.999.7.3"
 PASSWORD = "Publication-DMP-2026!"
+#: Configuration: the TD0.2 sender OID and the VIHF LPS_ID of this installation.
+SENDER_OID = "1.2.250.1.999.7.9"
+LPS_INSTANCE_ID = "SIMRAL-REGION-TEST-01"
+CDA = "urn:hl7-org:v3"
 
 
 @dataclass
@@ -104,6 +126,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             "SIMRAL_DMP_TIMEOUT": "3",
             "SIMRAL_DMP_CHECK_SECONDS": "0.5",
             "SIMRAL_DMP_LPS_ID": "HOMOLOGATION-TEST-1",
+            "SIMRAL_DMP_SENDER_OID": SENDER_OID,
+            "SIMRAL_DMP_LPS_INSTANCE_ID": LPS_INSTANCE_ID,
         },
     )
     simral.cli(
@@ -248,6 +272,7 @@ def test_waits_for_a_qualified_ins_then_publishes_report_and_manifest(setup: Set
     )
     td02 = setup.dmp.last("TD0.2")
     assert not td02.problems, td02.problems
+    assert td02.td02_sender() == SENDER_OID
     iti41 = setup.dmp.last("ITI-41")
     assert not iti41.problems, iti41.problems
     assert iti41.answered == "success"
@@ -258,6 +283,7 @@ def test_waits_for_a_qualified_ins_then_publishes_report_and_manifest(setup: Set
         f"{NIR}^^^&{INS_TEST_OID}&ISO^NH"
     ]
     assert iti41.vihf["LPS_ID_HOMOLOGATION_DMP"] == ["HOMOLOGATION-TEST-1"]
+    assert iti41.vihf["LPS_ID"] == [LPS_INSTANCE_ID]
 
     documents = _documents(setup)
     report_doc, manifest_doc = documents
@@ -281,7 +307,51 @@ def test_waits_for_a_qualified_ins_then_publishes_report_and_manifest(setup: Set
             select(Instance.id).where(Instance.sop_uid == manifest_doc.unique_id)
         )
     assert manifest_stored is not None
-    assert cda in attached.values()
+    # Signed while the INS was VALI, the report's CDA names the patient by IPP only; the DMP's copy
+    # names them by the qualified INS (the XDS patientId), and is otherwise the signed document.
+    ins = f"{NIR}^^^&{INS_TEST_OID}&ISO^NH"
+    report_entry_id = by_unique[report_doc.unique_id].get("id", "")
+    sent = attached[report_entry_id]
+    assert record_target_ins(cda) == []
+    assert record_target_ins(sent) == [ins]
+    ids = etree.fromstring(sent).findall(f"{{{CDA}}}recordTarget/{{{CDA}}}patientRole/{{{CDA}}}id")
+    assert [(i.get("root"), i.get("extension")) for i in ids] == [
+        (INS_TEST_OID, NIR),
+        (OID_SITE, "IPP-DMP-1"),
+    ]
+
+    def without_patient(document: bytes) -> bytes:
+        root = etree.fromstring(document)
+        record_target = root.find(f"{{{CDA}}}recordTarget")
+        assert record_target is not None
+        root.remove(record_target)
+        return bytes(etree.tostring(root, method="c14n"))
+
+    assert without_patient(sent) == without_patient(cda)
+    assert etree.fromstring(sent).find(f"{{{CDA}}}id").get("root") == report_doc.unique_id  # type: ignore[union-attr]
+    assert "[SCH] CI-SIS_IMG-CR-IMG_2024.01.sch: PASS" in iti41.cda_output[report_entry_id]
+    assert (report_doc.size, report_doc.sha1) == (len(sent), hashlib.sha1(sent).hexdigest())
+    # Both entries name the signing radiologist as legal authenticator (as the DRIM-M sample's KOS).
+    legal = {
+        uid: [
+            v.text
+            for v in element.iterfind(
+                f"{{{md.RIM}}}Slot[@name='legalAuthenticator']/{{{md.RIM}}}ValueList/{{{md.RIM}}}Value"
+            )
+        ]
+        for uid, element in by_unique.items()
+    }
+    assert legal[manifest_doc.unique_id] == legal[report_doc.unique_id]
+    assert str(legal[manifest_doc.unique_id][0]).startswith(f"{first.author_national_id}^")
+    # The eventCodeList in the CI-SIS value sets, as the DRIM-M samples code them.
+    for uid in (report_doc.unique_id, manifest_doc.unique_id):
+        assert event_codes(by_unique[uid]) == {
+            ("CT", "1.2.250.1.213.1.1.5.618"),
+            ("51185008", "1.2.250.1.213.1.1.5.695"),
+        }
+    # The body actually sent has the shape of the DRIM-M samples.
+    for sample in DRIMM_SAMPLES:
+        assert shape_differences(iti41.envelope, etree.parse(str(sample)).getroot()) == [], sample
     kos = next(b for b in attached.values() if b[128:132] == b"DICM")
     kos_path = setup.base / "published-kos.dcm"
     kos_path.write_bytes(kos)
@@ -403,6 +473,16 @@ def test_site_withdraws_entries_through_iti57(setup: Setup) -> None:
         if c.get("classificationScheme") == md.DE_CONFIDENTIALITY
     }
     assert codes == {"N", "MASQUE_PS"}
+    # A new version of the registered entry (its logicalId): PreviousVersion is the entry's registry
+    # version (1, the test DMP checks it), not the manifest's version (2).
+    new_version = masking.objects("ExtrinsicObject")[0]
+    assert new_version.get("lid") == manifest.entry_uuid and manifest.version == 2
+    member = next(a for a in masking.objects("Association") if a.get("associationType") == md.HAS_MEMBER)
+    previous = member.findtext(
+        f"{{{md.RIM}}}Slot[@name='PreviousVersion']/{{{md.RIM}}}ValueList/{{{md.RIM}}}Value"
+    )
+    assert previous == "1"
+    assert setup.dmp.registry[manifest.entry_uuid] == 2
     with setup.ctx.db.reading() as session:
         actions = [
             (e.action, e.detail.get("action"))

@@ -25,7 +25,17 @@ from lxml import etree
 from signxml import SignatureConfiguration, XMLVerifier
 from signxml.exceptions import InvalidDigest, InvalidSignature
 from signxml.xades import XAdESVerifier
-from tests.xds_registry import CONFORMANCE_DIR, VALIDATE, Failure, NoAnswer, Pki, TestDmp, make_pki
+from tests.xds_registry import (
+    CONFORMANCE_DIR,
+    DRIMM_SAMPLES,
+    VALIDATE,
+    Failure,
+    NoAnswer,
+    Pki,
+    TestDmp,
+    make_pki,
+    shape_differences,
+)
 
 from simral.xds import metadata as md
 from simral.xds import soap
@@ -36,10 +46,6 @@ from simral.xds.xades import DS, SigningIdentity
 
 CDA_PATH = CONFORMANCE_DIR / "ans-cisis" / "ExemplesCDA" / "IMG_CR_IMG_2024.01.xml"
 KOS_PATH = CONFORMANCE_DIR / "drim-m" / "drimbox-test-resources" / "kos.dcm"
-SAMPLES = [
-    CONFORMANCE_DIR / "drim-m" / "validateur-xds" / "XDS.xml",
-    CONFORMANCE_DIR / "drim-m" / "cross-validateur" / "XDS.xml",
-]
 RIM = f"{{{md.RIM}}}"
 INS_TEST_OID = "1.2.250.1.213.1.4.10"
 SITE_OID = "1.2.250.1.999.9.2"
@@ -276,67 +282,15 @@ def test_iti41_body_passes_validate_xds(kind: str, signer: SigningIdentity, tmp_
     assert elapsed < 30, f"validate.py xds took {elapsed:.1f} s"
 
 
-def _shape(extrinsic_or_package: etree._Element) -> tuple[set[str], set[str], set[str], set[str]]:
-    """Direct slot names, classification schemes (or nodes), external identifier schemes, author slots."""
-    slots = {s.get("name", "") for s in extrinsic_or_package.iterfind(f"{RIM}Slot")}
-    schemes = {
-        c.get("classificationScheme") or c.get("classificationNode") or ""
-        for c in extrinsic_or_package.iterfind(f"{RIM}Classification")
-    }
-    externals = {
-        e.get("identificationScheme", "") for e in extrinsic_or_package.iterfind(f"{RIM}ExternalIdentifier")
-    }
-    author_slots = {
-        s.get("name", "")
-        for c in extrinsic_or_package.iterfind(f"{RIM}Classification")
-        if c.get("classificationScheme") in (md.SS_AUTHOR, md.DE_AUTHOR)
-        for s in c.iterfind(f"{RIM}Slot")
-    }
-    return slots, schemes, externals, author_slots
-
-
-def _by_class(root: etree._Element, class_code: str) -> etree._Element:
-    for eo in root.iter(f"{RIM}ExtrinsicObject"):
-        for cl in eo.iterfind(f"{RIM}Classification[@classificationScheme='{md.DE_CLASS}']"):
-            if cl.get("nodeRepresentation") == class_code:
-                return eo
-    raise AssertionError(f"no ExtrinsicObject with classCode {class_code}")
-
-
-@pytest.mark.parametrize("sample", SAMPLES, ids=["validateur-xds", "cross-validateur"])
+@pytest.mark.parametrize("sample", DRIMM_SAMPLES, ids=["validateur-xds", "cross-validateur"])
 def test_shape_matches_the_drim_m_sample(sample: Path, signer: SigningIdentity) -> None:
     reference = etree.parse(str(sample)).getroot()
     ours = md.provide_and_register(submission(), [kos_entry()], signer=signer).request
     report = md.provide_and_register(submission(), [report_entry()], signer=signer).request
-    # The URI slot of the validateur sample is XDM's (ITI TF-3 §4.2.3.2.26), never sent in ITI-41; the
-    # cross-validateur sample leaves out hash and size, which ITI-41 sources may send and we do.
-    sample_slots_extra = {"URI"}
-    our_slots_extra = (
-        set() if "hash" in {s.get("name") for s in reference.iter(f"{RIM}Slot")} else {"hash", "size"}
-    )
-
-    ref_ss, our_ss = next(reference.iter(f"{RIM}RegistryPackage")), next(ours.iter(f"{RIM}RegistryPackage"))
-    ref_shape, our_shape = _shape(ref_ss), _shape(our_ss)
-    assert our_shape[:3] == ref_shape[:3]
-    assert our_shape[3] >= ref_shape[3]  # authorPerson, authorInstitution (+ authorSpecialty)
-
-    cases = (
-        (ours, md.KOS_CLASS.code, md.KOS_CLASS.code),  # our KOS entry vs the sample's KOS entry
-        (ours, md.SIGNATURE_CLASS.code, md.SIGNATURE_CLASS.code),  # signature document entries
-        (report, md.REPORT_CLASS.code, md.KOS_CLASS.code),  # our report entry: same slots and schemes
-    )
-    for request, our_class, sample_class in cases:
-        ref_shape = _shape(_by_class(reference, sample_class))
-        our_shape = _shape(_by_class(request, our_class))
-        assert our_shape[0] - our_slots_extra == ref_shape[0] - sample_slots_extra, our_class
-        assert our_shape[1] == ref_shape[1], our_class
-        assert our_shape[2] == ref_shape[2], our_class
-        assert our_shape[3] >= ref_shape[3], our_class
-
-    def association_types(root: etree._Element) -> set[str]:
-        return {a.get("associationType", "") for a in root.iter(f"{RIM}Association")}
-
-    assert association_types(ours) == association_types(reference) == {md.HAS_MEMBER, md.SIGNS}
+    assert shape_differences(ours, reference) == []
+    assert shape_differences(report, reference) == []
+    association_types = {a.get("associationType", "") for a in ours.iter(f"{RIM}Association")}
+    assert association_types == {md.HAS_MEMBER, md.SIGNS}
 
 
 def test_rplc_replaces_the_previous_entry(signer: SigningIdentity) -> None:
@@ -529,8 +483,11 @@ def test_rplc_submissions_are_recorded(client: DmpClient, dmp: TestDmp, signer: 
     assert dmp.last("ITI-41").associations(md.RPLC) == [(new_kos.entry_uuid, kos.entry_uuid)]
 
 
-def test_iti57_deletion_and_masking(client: DmpClient, dmp: TestDmp) -> None:
+def test_iti57_deletion_and_masking(client: DmpClient, dmp: TestDmp, signer: SigningIdentity) -> None:
     kos = kos_entry()
+    client.provide_and_register(
+        md.provide_and_register(submission(), [kos], signer=signer), vihf_context(kos)
+    )
     response = client.update_status(
         submission(),
         vihf_context(kos),
@@ -553,6 +510,12 @@ def test_iti57_deletion_and_masking(client: DmpClient, dmp: TestDmp) -> None:
             Code("MASQUE_PS", "1.2.250.1.213.1.1.4.13", "Masqué aux professionnels de santé"),
         ),
     )
+    # The registry version of an entry is 1 once registered: another PreviousVersion is refused.
+    stale = md.metadata_update(submission(), masked, logical_id=kos.entry_uuid, previous_version="2")
+    with pytest.raises(XdsRegistryError) as raised:
+        client.update_metadata(stale, vihf_context(kos))
+    assert raised.value.codes == ("XDSRegistryMetadataError",)
+    assert any("XDSMetadataVersionError" in p for p in dmp.last("ITI-57").problems)
     body = md.metadata_update(submission(), masked, logical_id=kos.entry_uuid, previous_version="1")
     assert client.update_metadata(body, vihf_context(kos)).success
     received = dmp.last("ITI-57")
@@ -563,6 +526,7 @@ def test_iti57_deletion_and_masking(client: DmpClient, dmp: TestDmp) -> None:
         if c.get("classificationScheme") == md.DE_CONFIDENTIALITY
     }
     assert codes == {"N", "MASQUE_PS"}
+    assert dmp.registry[kos.entry_uuid] == 2
 
 
 def test_code_outside_the_value_sets_is_refused(
@@ -576,3 +540,28 @@ def test_code_outside_the_value_sets_is_refused(
     problems = dmp.last("ITI-41").problems
     assert any("IMG-XXX" in p and "J07" in p for p in problems), problems  # validate.py's advisory WARN
     assert any("typeCode IMG-XXX" in p for p in problems), problems  # the test DMP's own check
+
+
+def test_report_not_naming_the_patient_by_ins_is_refused(
+    client: DmpClient, dmp: TestDmp, signer: SigningIdentity
+) -> None:
+    # The CR-IMG example with its recordTarget naming the patient by IPP only (as a report signed
+    # before the INS was qualified): the DMP refuses it although the XDS patientId is the INS.
+    original = CDA_PATH.read_bytes()
+    ipp_only = original.replace(b'<id extension="279035121518989" root="1.2.250.1.213.1.4.10"/>', b"", 1)
+    assert ipp_only != original
+    entry = dataclasses.replace(report_entry(), content=ipp_only)
+    with pytest.raises(XdsRegistryError):
+        client.provide_and_register(
+            md.provide_and_register(submission(), [entry], signer=signer), vihf_context(entry)
+        )
+    problems = dmp.last("ITI-41").problems
+    assert any("recordTarget does not name the SubmissionSet's patient" in p for p in problems), problems
+    # The example as published (INS in the recordTarget) passes, validate.py cda included.
+    entry = report_entry()
+    assert client.provide_and_register(
+        md.provide_and_register(submission(), [entry], signer=signer), vihf_context(entry)
+    ).success
+    received = dmp.last("ITI-41")
+    assert received.problems == [], received.problems
+    assert "[SCH] CI-SIS_IMG-CR-IMG_2024.01.sch: PASS" in received.cda_output[entry.entry_uuid]

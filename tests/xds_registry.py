@@ -11,7 +11,14 @@ DMP does before answering:
   J02, J04, J07, J08, J231 reference id types), each document's ``hash`` (SHA-1) and ``size`` match
   its MTOM attachment, the XAdES signature document verifies with signxml against the test CA, its
   manifest digests every other document, and a ``signs`` association ties it to the SubmissionSet;
-* ITI-57: the ``lcm:SubmitObjectsRequest`` is schema-valid (ebRS 3.0 ``lcm.xsd`` of the kit).
+  an eventCode in JDV_ModaliteAcquisition_CISIS (1.2.250.1.213.1.1.5.618) is one of its codes; a
+  CR-IMG report (text/xml, typeCode 18748-4) names the SubmissionSet's patient by INS in its
+  recordTarget (1.2.250.1.213.1.4.8 … .11) and passes ``validate.py cda`` (the CR-IMG schematron for
+  structured headings, the XSD only for a level 1 document);
+* TD0.2: the sender device id (and the message id's root) is an OID;
+* ITI-57: the ``lcm:SubmitObjectsRequest`` is schema-valid (ebRS 3.0 ``lcm.xsd`` of the kit); a
+  metadata update names (``lid``) an entry the test DMP registered and its PreviousVersion is that
+  entry's current version (XDSMetadataVersionError otherwise), which the update then increments.
 
 It then answers like the DMP: from a scripted behaviour queue (:class:`Success`, :class:`Failure` with
 registry errors, :class:`NoAnswer` until the client gives up), a Failure
@@ -67,6 +74,14 @@ CONFORMANCE_DIR = Path(os.environ.get("SIMRAL_CONFORMANCE_DIR", REPO.parent / "s
 VALIDATE = CONFORMANCE_DIR / "validate.py"
 JDV = CONFORMANCE_DIR / "ans-cisis" / "jeuxDeValeurs"
 LCM_XSD = CONFORMANCE_DIR / "ihe-xds" / "schema" / "ebRS30" / "lcm.xsd"
+#: The DRIM-M ITI-41 samples of the kit (the shape our submissions are compared with).
+DRIMM_SAMPLES = [
+    CONFORMANCE_DIR / "drim-m" / "validateur-xds" / "XDS.xml",
+    CONFORMANCE_DIR / "drim-m" / "cross-validateur" / "XDS.xml",
+]
+CDA_NS = "urn:hl7-org:v3"
+#: eventCodeList codingScheme of the acquisition modality (JDV_ModaliteAcquisition_CISIS).
+MODALITY_JDV = "1.2.250.1.213.1.1.5.618"
 RIM = f"{{{md.RIM}}}"
 DS = "http://www.w3.org/2000/09/xmldsig#"
 INS_OIDS = {"1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"}
@@ -234,6 +249,10 @@ class Received:
     problems: list[str] = field(default_factory=list)
     validate_output: str = ""
     validate_seconds: float = 0.0
+    #: ``validate.py cda`` output for each CR-IMG report attached (by DocumentEntry id).
+    cda_output: dict[str, str] = field(default_factory=dict)
+    #: Metadata updates (ITI-57) to apply once accepted: logicalId → new version.
+    updates: dict[str, int] = field(default_factory=dict)
     answered: str = ""
 
     def objects(self, tag: str) -> list[etree._Element]:
@@ -246,6 +265,11 @@ class Received:
             for a in self.objects("Association")
             if a.get("associationType") == kind
         ]
+
+    def td02_sender(self) -> str:
+        """TD0.2: the sender device's id root."""
+        found = self.envelope.find(f".//{{{soap.HL7}}}sender/{{{soap.HL7}}}device/{{{soap.HL7}}}id")
+        return found.get("root", "") if found is not None else ""
 
     def documents(self) -> dict[str, bytes]:
         """Attachment bytes by DocumentEntry id (``xdsb:Document/@id``)."""
@@ -284,6 +308,7 @@ class _ValueSets:
         self.reference_id_types = {
             code for code, _ in _jdv("JDV_J231_XdsTypesIdentifiantsReferenceId_DMP.xml")
         }
+        self.modalities = {code for code, _ in _jdv("JDV_ModaliteAcquisition_CISIS.xml")}
 
 
 def _slot_values(element: etree._Element, name: str) -> list[str]:
@@ -304,6 +329,107 @@ def _ins_ok(value: str) -> bool:
     return match is not None and match.group(2) in INS_OIDS
 
 
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def record_target_ins(cda: bytes) -> list[str]:
+    """The INS ids of a CDA's recordTarget, as XDS patientIds (``matricule^^^&OID&ISO^NH``)."""
+    root = etree.fromstring(cda, etree.XMLParser(resolve_entities=False, no_network=True))
+    return [
+        f"{element.get('extension', '')}^^^&{element.get('root', '')}&ISO^NH"
+        for element in root.iterfind(f"{{{CDA_NS}}}recordTarget/{{{CDA_NS}}}patientRole/{{{CDA_NS}}}id")
+        if element.get("root") in INS_OIDS
+    ]
+
+
+def shape(element: etree._Element) -> tuple[set[str], set[str], set[str], set[str]]:
+    """Of an ExtrinsicObject or RegistryPackage: its direct slot names, classification schemes (or
+    nodes), external identifier schemes and author slot names."""
+    slots = {s.get("name", "") for s in element.iterfind(f"{RIM}Slot")}
+    schemes = {
+        c.get("classificationScheme") or c.get("classificationNode") or ""
+        for c in element.iterfind(f"{RIM}Classification")
+    }
+    externals = {e.get("identificationScheme", "") for e in element.iterfind(f"{RIM}ExternalIdentifier")}
+    author_slots = {
+        s.get("name", "")
+        for c in element.iterfind(f"{RIM}Classification")
+        if c.get("classificationScheme") in (md.SS_AUTHOR, md.DE_AUTHOR)
+        for s in c.iterfind(f"{RIM}Slot")
+    }
+    return slots, schemes, externals, author_slots
+
+
+def entry_by_class(root: etree._Element, class_code: str) -> etree._Element:
+    """The ExtrinsicObject of ``root`` with this classCode."""
+    for eo in root.iter(f"{RIM}ExtrinsicObject"):
+        for cl in eo.iterfind(f"{RIM}Classification[@classificationScheme='{md.DE_CLASS}']"):
+            if cl.get("nodeRepresentation") == class_code:
+                return eo
+    raise AssertionError(f"no ExtrinsicObject with classCode {class_code}")
+
+
+def shape_differences(ours: etree._Element, sample: etree._Element) -> list[str]:
+    """How an ITI-41 request (``ours``: its body or SOAP envelope) differs in shape from a DRIM-M
+    sample: the SubmissionSet's, and each of our KOS, signature and report entries' against the
+    sample's KOS or signature entry — slot names, classification schemes, external identifier schemes
+    (equal), author slots (at least the sample's) — and the association types (the sample's, plus RPLC
+    when we replace an entry). The sample's URI slot is XDM's (ITI TF-3 §4.2.3.2.26), never sent in
+    ITI-41; the cross-validateur sample leaves out hash and size, which ITI-41 sources may send."""
+    found: list[str] = []
+    sample_extra = {"URI"}
+    ours_extra = set() if "hash" in {s.get("name") for s in sample.iter(f"{RIM}Slot")} else {"hash", "size"}
+
+    def compare(label: str, mine: etree._Element, theirs: etree._Element, extra: set[str]) -> None:
+        our_shape, their_shape = shape(mine), shape(theirs)
+        if our_shape[0] - extra != their_shape[0] - sample_extra:
+            found.append(
+                f"{label}: slots {sorted(our_shape[0] - extra)} vs {sorted(their_shape[0] - sample_extra)}"
+            )
+        for index, what in ((1, "classifications"), (2, "external identifiers")):
+            if our_shape[index] != their_shape[index]:
+                found.append(f"{label}: {what} {sorted(our_shape[index] ^ their_shape[index])} differ")
+        if not our_shape[3] >= their_shape[3]:
+            found.append(f"{label}: author slots {sorted(their_shape[3] - our_shape[3])} missing")
+
+    compare(
+        "SubmissionSet",
+        next(ours.iter(f"{RIM}RegistryPackage")),
+        next(sample.iter(f"{RIM}RegistryPackage")),
+        set(),
+    )
+    classes = {
+        cl.get("nodeRepresentation", "")
+        for cl in ours.iter(f"{RIM}Classification")
+        if cl.get("classificationScheme") == md.DE_CLASS
+    }
+    for our_class, sample_class in (
+        (md.KOS_CLASS.code, md.KOS_CLASS.code),
+        (md.SIGNATURE_CLASS.code, md.SIGNATURE_CLASS.code),
+        (md.REPORT_CLASS.code, md.KOS_CLASS.code),  # a report entry: the same slots and schemes
+    ):
+        if our_class in classes:
+            compare(
+                f"classCode {our_class}",
+                entry_by_class(ours, our_class),
+                entry_by_class(sample, sample_class),
+                ours_extra,
+            )
+    our_types = {a.get("associationType", "") for a in ours.iter(f"{RIM}Association")} - {md.RPLC}
+    sample_types = {a.get("associationType", "") for a in sample.iter(f"{RIM}Association")}
+    if our_types != sample_types:
+        found.append(f"association types {sorted(our_types)} vs {sorted(sample_types)}")
+    return found
+
+
+def event_codes(entry: etree._Element) -> set[tuple[str, str]]:
+    """(code, codingScheme) of an ExtrinsicObject's eventCodeList."""
+    return {
+        (cl.get("nodeRepresentation", ""), (_slot_values(cl, "codingScheme") or [""])[0])
+        for cl in entry.iterfind(f"{RIM}Classification[@classificationScheme='{md.DE_EVENT}']")
+    }
+
+
 class TestDmp:
     """The test DMP server; a context manager (``start()`` / ``stop()`` may also be called again)."""
 
@@ -322,6 +448,8 @@ class TestDmp:
         self._thread: threading.Thread | None = None
         self._value_sets = _ValueSets()
         self._lcm_schema: etree.XMLSchema | None = None
+        #: The entries registered (accepted ITI-41): logicalId → metadata version (ITI TF-3 §4.1.16).
+        self.registry: dict[str, int] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="simral-test-dmp-"))
 
     # ------------------------------------------------------------------ lifecycle
@@ -413,6 +541,8 @@ class TestDmp:
             self._check_iti41(received)
         elif transaction == "ITI-57":
             self._check_iti57(received)
+        elif transaction == "TD0.2":
+            self._check_td02(received)
         elif transaction == "?":
             received.problems.append(f"unknown WS-Addressing Action {action!r}")
         if transaction == "TD0.2":
@@ -480,6 +610,10 @@ class TestDmp:
             received.answered = "success"
             errors = tuple(soap.RegistryError(c, soap.SEVERITY_WARNING, t, "") for c, t in behaviour.warnings)
             status = soap.STATUS_SUCCESS
+            with self._lock:
+                if received.transaction == "ITI-41":
+                    self.registry.update((eo.get("id", ""), 1) for eo in received.objects("ExtrinsicObject"))
+                self.registry.update(received.updates)
         env = self._reply(received, response_action, soap.registry_response_element(status, errors))
         if received.transaction == "ITI-41":  # answered as MTOM, as CXF-based registries do
             message = soap.mtom_encode(env, {}, action=response_action)
@@ -650,7 +784,50 @@ class TestDmp:
             for value in _slot_values(eo, "urn:ihe:iti:xds:2013:referenceIdList"):
                 if value.rsplit("^", 1)[-1] not in self._value_sets.reference_id_types:
                     problems.append(f"{entry_id}: referenceIdList type of {value} not in J231")
+            for code, scheme in event_codes(eo):
+                if scheme == MODALITY_JDV and code not in self._value_sets.modalities:
+                    problems.append(f"{entry_id}: eventCode {code} not in JDV_ModaliteAcquisition_CISIS")
+            if eo.get("mimeType") == "text/xml" and any(
+                cl.get("classificationScheme") == md.DE_TYPE
+                and cl.get("nodeRepresentation") == md.REPORT_TYPE.code
+                for cl in eo.iterfind(f"{RIM}Classification")
+            ):
+                self._check_report_cda(received, entry_id, eo, content, ss_patient)
         self._check_signature(received, entries, unique_ids, documents, submission.get("id", ""))
+
+    def _check_report_cda(
+        self, received: Received, entry_id: str, eo: etree._Element, content: bytes, ss_patient: str
+    ) -> None:
+        """A CR-IMG report: its recordTarget names the SubmissionSet's patient by INS, and it passes
+        ``validate.py cda`` (the CR-IMG 2024.01 schematron, or only the XSD for a level 1 document)."""
+        try:
+            named = record_target_ins(content)
+        except etree.XMLSyntaxError as exc:
+            received.problems.append(f"{entry_id}: the CDA is not well-formed: {exc}")
+            return
+        if ss_patient not in named:
+            received.problems.append(
+                f"{entry_id}: the CDA's recordTarget does not name the SubmissionSet's patient by INS"
+                f" (found {named or 'no INS'})"
+            )
+        format_code = next(
+            (
+                cl.get("nodeRepresentation", "")
+                for cl in eo.iterfind(f"{RIM}Classification[@classificationScheme='{md.DE_FORMAT}']")
+            ),
+            "",
+        )
+        path = self.dir / f"cda-{time.time_ns()}.xml"
+        path.write_bytes(content)
+        command = [sys.executable, str(VALIDATE), "cda", str(path)]
+        if format_code != md.REPORT_FORMAT_STRUCTURED.code:
+            command += ["--sch", "none"]  # CDA R2 level 1: the volet schematron applies to level 3 only
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=self.validate_timeout, check=False
+        )
+        received.cda_output[entry_id] = result.stdout + result.stderr
+        if result.returncode != 0:
+            received.problems.append(f"{entry_id}: validate.py cda failed: {received.cda_output[entry_id]}")
 
     def _check_signature(
         self,
@@ -721,3 +898,35 @@ class TestDmp:
         ss_patient = _external_id(packages[0], md.SS_PATIENT_ID) if packages else None
         if ss_patient != received.vihf.get(ATTR_RESOURCE_ID, [""])[0]:
             received.problems.append("VIHF resource-id differs from the SubmissionSet patientId")
+        previous = {
+            a.get("targetObject", ""): _slot_values(a, "PreviousVersion")
+            for a in received.objects("Association")
+            if a.get("associationType") == md.HAS_MEMBER
+        }
+        for eo in received.objects("ExtrinsicObject"):
+            lid = eo.get("lid", "")
+            with self._lock:
+                current = self.registry.get(lid)
+            if current is None:
+                received.problems.append(f"XDSUnknownDocumentEntry: no registered entry {lid!r}")
+                continue
+            versions = previous.get(eo.get("id", ""), [])
+            if versions != [str(current)]:
+                received.problems.append(
+                    f"XDSMetadataVersionError: PreviousVersion {versions} for {lid}, at version {current}"
+                )
+                continue
+            received.updates[lid] = current + 1
+
+    def _check_td02(self, received: Received) -> None:
+        try:
+            message = soap.body_of(received.envelope)
+        except soap.SoapFormatError as exc:
+            received.problems.append(str(exc))
+            return
+        sender = received.td02_sender()
+        message_id = message.find(f"{{{soap.HL7}}}id")
+        if not _OID.fullmatch(sender):
+            received.problems.append(f"TD0.2: the sender device id {sender!r} is not an OID")
+        if message_id is None or message_id.get("root") != sender:
+            received.problems.append("TD0.2: the message id's root is not the sender's OID")

@@ -172,6 +172,13 @@ class Settings:
     dmp_lps_name: str = "simral"
     dmp_lps_version: str = "0.1.0"
     dmp_lps_id: str = ""
+    #: VIHF ``LPS_ID``: this installation of the software ("" = ``dmp_lps_name`` + ``-`` + the
+    #: publishing organisation's code).
+    dmp_lps_instance_id: str = ""
+    #: OID of this installation as the sender device of HL7 v3 messages (TD0.2: message and query ids,
+    #: ``sender/device/id``); "" = the publishing organisation's OID (its patient-id authority, else a
+    #: UUID-derived OID of its code, as the SubmissionSet's sourceId).
+    dmp_sender_oid: str = ""
     #: The WADO-RS root put in the KOS Retrieve URLs (what DRIM-M consumers call); "" = ``public_url``
     #: + ``/dicom-web``.
     dmp_retrieve_url: str = ""

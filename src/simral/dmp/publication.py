@@ -7,15 +7,23 @@ For the documents of one job, in order:
 2. TD0.2: the patient's DMP must exist and the professional be authorised; otherwise they wait.
 3. The KOS manifest version is built (:mod:`simral.dmp.manifest`) with the time the document was
    queued (a retry rebuilds the same bytes) and stored in the study through the ingest path.
-4. The report entry carries the CR-IMG CDA the report's publication produced; each entry replacing
-   a published one has its RPLC association; the XAdES signature document signs the lot.
+4. The report entry carries the CR-IMG CDA the report's publication produced. That CDA was frozen at
+   signing from the request's copy of the patient, which names the INS only if it was QUAL then; the
+   DMP's copy must name the patient by the now-qualified INS (CI-SIS "Volet Structuration minimale"
+   §2.3.1, Référentiel INS): when its recordTarget lacks the identity's INS, the recordTarget is
+   rebuilt from the qualified identity (INS, IPP, INS traits), everything else kept (same
+   ClinicalDocument/id = the entry's uniqueId; hash, size and signature over the bytes sent). Each
+   entry replacing a published one has its RPLC association; the XAdES signature document signs the
+   lot.
 5. The DMP's answer: success → published (the replaced entries are marked replaced); a registry
    error or no answer → the job is retried with backoff, and the documents are marked failed with
    the DMP's error after the last attempt (an operator may retry).
 
 Everything the DMP needs to know about the professional is the signing radiologist (VIHF NameID,
-author, legal authenticator); the organisation's certificates authenticate (mutual TLS) and sign
-(VIHF, XAdES). A report received from the site's RIS (:mod:`simral.dmp.received`) is published as
+author, legal authenticator of the report and of the KOS, as in the DRIM-M ``XDS.xml`` sample); the
+organisation's certificates authenticate (mutual TLS) and sign (VIHF, XAdES). The installation is
+named by configuration: ``dmp_sender_oid`` (TD0.2 sender) and ``dmp_lps_*`` (VIHF LPS fields). A
+report received from the site's RIS (:mod:`simral.dmp.received`) is published as
 received: its CDA bytes, with the author, legal authenticator, format, exam and patient the CDA and
 the document entry carry (no imaging request needed).
 """
@@ -24,11 +32,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -63,6 +73,7 @@ from simral.identity.models import Organisation
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.patients.models import STATUS_QUAL, AssigningAuthority, PatientIdentity
+from simral.reading import cda as cda_document
 from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
 from simral.storage.base import BlobStore
 from simral.xds.client import DmpClient, DmpEndpoint, XdsRegistryError, XdsUnavailable
@@ -116,9 +127,17 @@ SECTOR_LABELS = {
     "SA08": "Cabinet de groupe",
     "SA25": "Laboratoire de biologie médicale",
 }
-#: eventCodeList: the acquisition modality (DICOM CID 29, DCM) and the anatomic region (SNOMED CT).
+#: Code systems of the modality (DICOM CID 29, DCM) and of the anatomic region (SNOMED CT).
 MODALITY_SYSTEM = "1.2.840.10008.2.16.4"
 SNOMED_SYSTEM = "2.16.840.1.113883.6.96"
+#: eventCodeList codingSchemes, as the DRIM-M ``XDS.xml`` samples give them: the CI-SIS value sets
+#: JDV_ModaliteAcquisition_CISIS (1.2.250.1.213.1.1.5.618, DCM codes) and JDV_RegionAnatomique_CISIS
+#: (1.2.250.1.213.1.1.5.695, SNOMED CT codes; DESIGN.md §7).
+EVENT_MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"
+EVENT_REGION_SCHEME = "1.2.250.1.213.1.1.5.695"
+#: The registry version of an entry simral registered (ITI TF-3 §4.1.16: 1 at registration). An entry
+#: is updated at most once through simral: masking (ITI-57) moves it out of ``published``.
+REGISTERED_ENTRY_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -259,7 +278,9 @@ def _signer(organisation: DmpOrganisation) -> SigningIdentity:
     )
 
 
-def _endpoint(ctx: AppContext, organisation: DmpOrganisation) -> DmpEndpoint:
+def _endpoint(ctx: AppContext, organisation: DmpOrganisation, organisation_site: Organisation) -> DmpEndpoint:
+    """The DMP's endpoints, the organisation's TLS certificate and the TD0.2 sender: the configured
+    ``dmp_sender_oid``, else the organisation's OID (as the SubmissionSet's sourceId)."""
     settings = ctx.settings
     return DmpEndpoint(
         iti41_url=settings.dmp_iti41_url,
@@ -269,6 +290,7 @@ def _endpoint(ctx: AppContext, organisation: DmpOrganisation) -> DmpEndpoint:
         tls_key=Path(organisation.auth_key_file),
         ca_bundle=Path(settings.dmp_ca_file) if settings.dmp_ca_file else None,
         timeout=settings.dmp_timeout,
+        sender_oid=settings.dmp_sender_oid or _source_oid(organisation_site),
         sender_name=settings.dmp_lps_name,
     )
 
@@ -306,7 +328,8 @@ def _vihf(ctx: AppContext, lot: _Lot) -> VihfContext:
         patient_ins=_ins(lot.identity),
         lps_name=settings.dmp_lps_name,
         lps_version=settings.dmp_lps_version,
-        lps_id=f"{settings.dmp_lps_name}-{lot.organisation.organisation_code}",
+        lps_id=settings.dmp_lps_instance_id
+        or f"{settings.dmp_lps_name}-{lot.organisation.organisation_code}",
         lps_homologation_id=settings.dmp_lps_id,
     )
 
@@ -344,9 +367,22 @@ def _author(lot: _Lot) -> Author:
     )
 
 
+def _event_code(code: Code) -> Code:
+    """An eventCodeList value with its CI-SIS codingScheme: a DCM modality in JDV 5.618, a SNOMED CT
+    region in JDV 5.695 (French label of the value set for a modality); other codes as they are."""
+    if code.scheme == MODALITY_SYSTEM:
+        return Code(code.code, EVENT_MODALITY_SCHEME, cda_document.modality_name(code.code))
+    if code.scheme == SNOMED_SYSTEM:
+        return Code(code.code, EVENT_REGION_SCHEME, code.display or code.code)
+    return code
+
+
 def _event_codes(lot: _Lot) -> tuple[Code, ...]:
+    """eventCodeList: the exam's acquisition modality and anatomic regions (the received CDA's
+    serviceEvent translations, else the request's), each once."""
     if lot.received is not None and lot.received.cda.event_codes:
-        return lot.received.cda.event_codes
+        found = [_event_code(code) for code in lot.received.cda.event_codes]
+        return tuple(dict.fromkeys(found))
     request = lot.request
     if request is None:
         return ()
@@ -358,7 +394,7 @@ def _event_codes(lot: _Lot) -> tuple[Code, ...]:
         if region.get("code") and (system.replace(".", "").isdigit() or system.upper().startswith("SNOMED")):
             scheme = system if system.replace(".", "").isdigit() else SNOMED_SYSTEM
             codes.append(Code(str(region["code"]), scheme, str(region.get("display", region["code"]))))
-    return tuple(codes)
+    return tuple(dict.fromkeys(_event_code(code) for code in codes))
 
 
 def _order(lot: _Lot, document: DmpDocument) -> manifests.ManifestOrder:
@@ -455,6 +491,50 @@ def _manifest(ctx: AppContext, lot: _Lot, document: DmpDocument) -> bytes:
     return manifests.manifest_bytes(dataset)
 
 
+def _qualified_patient(lot: _Lot) -> dict[str, Any]:
+    """The patient as the DMP's CDA names them: the qualified identity (INS, its traits) and the IPP
+    the request named (else the identity's own local id), in the shape of the request's copy."""
+    identity = lot.identity
+    named: Mapping[str, Any] = (lot.request.patient if lot.request is not None else None) or {}
+    ipp, ipp_oid = named.get("ipp", ""), named.get("ipp_oid", "")
+    if not ipp:
+        ipp, ipp_oid = identity.local_id, lot.identity_authority
+    return {
+        "ipp": ipp,
+        "ipp_oid": ipp_oid,
+        "ins": identity.ins_matricule,
+        "ins_oid": identity.ins_oid,
+        "status": identity.status,
+        "birth_name": identity.birth_name,
+        "birth_given_names": identity.birth_given_names,
+        "first_birth_given_name": identity.first_birth_given_name,
+        "used_name": identity.used_name,
+        "used_given_name": identity.used_given_name,
+        "sex": identity.sex,
+        "birth_date": identity.birth_date,
+        "birth_place_code": identity.birth_place_code,
+    }
+
+
+def _report_cda(lot: _Lot, cda: bytes) -> bytes:
+    """The report's CDA as the DMP gets it: as published when its recordTarget names the identity's
+    qualified INS, else with the recordTarget rebuilt from the qualified identity (see the module
+    docstring, step 4)."""
+    identity = lot.identity
+    try:
+        root = etree.fromstring(cda, etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as exc:
+        raise PermanentFailure(f"the report's published CDA is not well-formed: {exc}") from None
+    ns = {"cda": cda_document.CDA_NS}
+    named = {
+        (element.get("root"), element.get("extension"))
+        for element in root.iterfind("cda:recordTarget/cda:patientRole/cda:id", ns)
+    }
+    if (identity.ins_oid, identity.ins_matricule) in named:
+        return cda
+    return cda_document.with_record_target(cda, _qualified_patient(lot))
+
+
 def _entry(
     ctx: AppContext,
     lot: _Lot,
@@ -486,7 +566,7 @@ def _entry(
         cda = str((report.published or {}).get("cda", "")) if report is not None else ""
         if report is None or not cda:
             raise PermanentFailure(f"report {document.report_id} has no published CDA")
-        content = cda.encode("utf-8")
+        content = _report_cda(lot, cda.encode("utf-8"))
         mime = "text/xml"
         codes = (REPORT_CLASS, REPORT_TYPE, REPORT_FORMAT_STRUCTURED)
         created = report.signed_at or report.updated_at
@@ -496,7 +576,10 @@ def _entry(
         mime, title = "application/dicom", "Manifeste d'imagerie (KOS)"
         codes = (KOS_CLASS, KOS_TYPE, KOS_FORMAT)
         created = document.created_at
-        legal = None
+        # The professional responsible for the exam, as for the report (DRIM-M XDS.xml: the KOS
+        # entry has a legalAuthenticator): the received CDA's legal authenticator, else the signer.
+        signer = lot.received.cda.legal_authenticator if lot.received is not None else None
+        legal = _cda_author(lot, signer) if signer else author
     return DocumentEntry(
         entry_uuid=document.entry_uuid,
         unique_id=document.unique_id,
@@ -595,7 +678,7 @@ def publish_lot(ctx: AppContext, job: ClaimedJob) -> None:
         return
     vihf = _vihf(ctx, lot)
     signer = _signer(lot.organisation)
-    with DmpClient(_endpoint(ctx, lot.organisation), signer) as client:
+    with DmpClient(_endpoint(ctx, lot.organisation, lot.site), signer) as client:
         status = client.check_patient(vihf, ins=lot.identity.ins_matricule, ins_oid=lot.identity.ins_oid)
         if not status.exists or not status.authorised:
             reason = (
@@ -687,7 +770,7 @@ def withdraw_one(ctx: AppContext, document_id: int, action: str) -> None:
         return
     document = lot.documents[0]
     signer = _signer(lot.organisation)
-    with DmpClient(_endpoint(ctx, lot.organisation), signer) as client:
+    with DmpClient(_endpoint(ctx, lot.organisation, lot.site), signer) as client:
         if action == WITHDRAW_DELETE:
             client.update_status(
                 _submission(lot, "Suppression d'un document"),
@@ -705,7 +788,7 @@ def withdraw_one(ctx: AppContext, document_id: int, action: str) -> None:
                 _submission(lot, "Masquage d'un document"),
                 entry,
                 logical_id=document.entry_uuid,
-                previous_version="1",
+                previous_version=REGISTERED_ENTRY_VERSION,
             )
             client.update_metadata(body, _vihf(ctx, lot))
             state = DMP_MASKED

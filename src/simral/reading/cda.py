@@ -428,6 +428,24 @@ def _record_target(root: etree._Element, patient: dict[str, Any]) -> None:
         _el(address, "county", str(patient["birth_place_code"]))
 
 
+def with_record_target(data: bytes, patient: dict[str, Any]) -> bytes:
+    """The CDA ``data`` with its recordTarget rebuilt from ``patient`` (the shape of
+    :attr:`ReportDocument.patient`), every other node as it was: the DMP's copy of a report signed
+    before the patient's INS was qualified (:mod:`simral.dmp.publication`)."""
+    root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+    old = root.find(f"{{{CDA_NS}}}recordTarget")
+    if old is None:
+        raise ValueError("not a CDA document: no recordTarget")
+    scratch = etree.Element(f"{{{CDA_NS}}}ClinicalDocument", nsmap=NSMAP)  # type: ignore[arg-type]
+    _record_target(scratch, patient)
+    new = scratch[0]
+    new.tail = old.tail
+    old.addprevious(new)
+    root.remove(old)
+    etree.cleanup_namespaces(root)
+    return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+
+
 def _modality_translation(parent: etree._Element, modality: str) -> None:
     translation = _code(parent, "translation", modality, DCM, modality_name(modality), codeSystemName="DCM")
     qualifier = _el(translation, "qualifier")

@@ -76,8 +76,9 @@ class DmpEndpoint:
     tls_certificate: Path  # the organisation's TLS client certificate (PEM, chain may follow)
     tls_key: Path
     ca_bundle: Path | None  # CAs trusted for the DMP's server certificate; None: the system's
+    #: The sender device's OID in HL7 v3 messages (TD0.2 message, query and device ids): configuration.
+    sender_oid: str
     timeout: float = 60.0
-    sender_oid: str = "1.2.250.1.999"  # the LPS instance OID used in HL7 v3 message ids (TD0.2)
     sender_name: str = "simral"
 
 
