@@ -54,6 +54,7 @@ from simral.reading.models import (
 from simral.reading.service import PatientRef, ReadingError, RequestDetails
 from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
+from simral.web.dmp import state_label as dmp_state_label
 from simral.web.layout import Language, csrf_field, display_date, lang_param, page, request_language, table
 from simral.web.params import RowId
 
@@ -184,11 +185,6 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_section": "Publication au DMP",
         "dmp_report": "Compte rendu v{version}",
         "dmp_manifest": "Manifeste d'images (KOS) v{version}",
-        "dmp_pending": "en attente d'envoi",
-        "dmp_waiting": "en attente",
-        "dmp_published": "publié le {when}",
-        "dmp_failed": "échec",
-        "dmp_replaced": "remplacé par une version plus récente",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
         "documents": "Documents joints",
@@ -321,11 +317,6 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_section": "DMP publication",
         "dmp_report": "Report v{version}",
         "dmp_manifest": "Image manifest (KOS) v{version}",
-        "dmp_pending": "queued",
-        "dmp_waiting": "waiting",
-        "dmp_published": "published on {when}",
-        "dmp_failed": "failed",
-        "dmp_replaced": "replaced by a newer version",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
         "documents": "Attached documents",
@@ -454,12 +445,10 @@ def _dmp_publications(ctx: AppContext, request_id: int, text: Mapping[str, str],
     items = []
     for row in reversed(rows):
         label = text["dmp_report" if row.kind == "report" else "dmp_manifest"].format(version=row.version)
-        state = text[f"dmp_{row.state}"]
-        if row.state == "published":
-            state = state.format(when=_when(row.published_at, language))
+        state = dmp_state_label(row, language)
         reason = f" — {escape(row.reason)}" if row.reason else ""
         items.append(
-            f'<tr data-dmp="{row.id}" data-state="{row.state}"><th scope="row">{escape(label)}</th>'
+            f'<tr data-dmp="{row.id}" data-state="{escape(row.state)}"><th scope="row">{escape(label)}</th>'
             f"<td>{escape(state)}{reason}</td></tr>"
         )
     return f'<h2>{escape(text["dmp_section"])}</h2><table class="dmp">{"".join(items)}</table>'
