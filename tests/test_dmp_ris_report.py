@@ -14,6 +14,7 @@ identity is QUAL through the ADT feed.
   ``simral check`` counts it; the reception is audited.
 - MDM^T10 with version 2 of the same setId → published, replacing version 1 (RPLC); the unchanged
   study is not published again.
+- MDM^T02 with another report of the study (a new setId) → published as a first version.
 - CHNORD's RIS: a level 1 report for one of its requests is kept as a prior document and a structured
   one refused, as before; nothing goes to the DMP.
 - A CDA that is not well-formed, lacks its author's RPPS id, or names another patient → AE.
@@ -414,6 +415,33 @@ def test_a_second_version_replaces_the_first(setup: Setup) -> None:
     code, location, reason = _err(ack)
     assert _ack(ack) == "AE" and code == "102" and location == "OBX^1^5" and "not newer" in reason
     assert len(_documents(setup)) == 3
+
+
+def test_an_original_report_in_mdm_t02_is_published(setup: Setup) -> None:
+    """MDM^T02 (original document notification and content) carrying another report of the study (a
+    new setId): ACK AA, published as a first version of its own (no RPLC); the unchanged study's
+    manifest is not published again."""
+    before = len(_iti41(setup))
+    known = len(_documents(setup))
+    cda, document_id = adapted_report(setup.study_uid, set_id=str(generate_uid()), version=1)
+    ack = setup.ris.send(report_mdm("MDM-RIS-T02", cda, event="T02", document_id=document_id))
+    assert _ack(ack) == "AA", ack.to_er7()
+    documents = _documents(setup)
+    assert [(d.kind, d.version, d.source) for d in documents[known:]] == [("report", 1, "ris:RIS_SUD")]
+    report = documents[known]
+    assert report.unique_id == document_id and report.replaces_id is None
+    _wait(
+        lambda: next(d.state for d in _documents(setup) if d.id == report.id) == "published",
+        what="the MDM^T02 report published",
+    )
+    (submission,) = _iti41(setup)[before:]
+    assert not submission.problems, submission.problems
+    assert not submission.associations(md.RPLC)
+    entries = _entries_by_unique_id(submission)
+    assert submission.documents()[entries[document_id].get("id")] == cda
+    # The report and the signature document: no manifest again.
+    assert len(submission.objects("ExtrinsicObject")) == 2
+    assert all(e.get("mimeType") != "application/dicom" for e in entries.values())
 
 
 def test_a_site_that_does_not_publish_keeps_its_request_documents(setup: Setup) -> None:
