@@ -18,6 +18,8 @@ identity is QUAL through the ADT feed.
 - CHNORD's RIS: a level 1 report for one of its requests is kept as a prior document and a structured
   one refused, as before; nothing goes to the DMP.
 - A CDA that is not well-formed, lacks its author's RPPS id, or names another patient → AE.
+- ``/dmp``: CHSUD's clinical members see all its DMP entries (these reports have no request page),
+  with state, patient and exam, audited; CHNORD's members see none of them.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import base64
 import copy
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -523,3 +527,63 @@ def test_a_malformed_report_is_refused(setup: Setup) -> None:
     code, location, reason = _err(ack)
     assert _ack(ack) == "AE" and code == "204" and "INS" in reason
     assert len(_documents(setup)) == before
+
+
+def test_the_site_follows_its_dmp_documents_on_the_dmp_page(setup: Setup) -> None:
+    """The RIS's reports name no imaging request, so no request page shows them: ``/dmp`` lists
+    every DMP entry of the organisation acted for — kind and version, state and reason, source,
+    patient, exam, dates — to its clinical members only; the patients shown are audited."""
+    for login, organisation, role in (
+        ("manip_sud", "CHSUD", "technologist"),
+        ("manip_nord", "CHNORD", "technologist"),
+        ("admin_sud", "CHSUD", "site-admin"),
+    ):
+        setup.simral.cli(
+            "users", "add", login, "--organisation", organisation, "--role", role,
+            "--password-stdin", input="Suivi-DMP-2026!\n",
+        )  # fmt: skip
+
+    def dmp_page(login: str, **params: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {setup.simral.token_for(login)}"}
+        return httpx.get(f"{setup.simral.http_url}/dmp", params=params, headers=headers, timeout=30)
+
+    documents = _documents(setup)
+    assert documents and all(d.organisation_code == "CHSUD" and d.request_id is None for d in documents)
+    answer = dmp_page("manip_sud")
+    assert answer.status_code == 200, answer.text
+    page = answer.text
+    assert "Publications au DMP" in page
+    rows = re.findall(r'<tr data-dmp="(\d+)" data-state="(\w+)">', page)
+    assert rows == [(str(d.id), d.state) for d in reversed(documents)]  # newest first
+    assert "remplacé par une version plus récente" in page and "publié le " in page
+    assert "Compte rendu v2" in page and "Manifeste d&#x27;images (KOS) v1" in page
+    assert "reçu du RIS RIS_SUD" in page
+    assert "PAT-TROIS DOMINIQUE" in page and f"({IPP})" in page and "ACC-RIS-1" in page
+    assert setup.study_uid in page
+    english = dmp_page("manip_sud", lang="en").text
+    assert "DMP publications" in english and "replaced by a newer version" in english
+    assert "received from the RIS RIS_SUD" in english
+    replaced = dmp_page("manip_sud", state="replaced").text
+    assert re.findall(r'data-dmp="(\d+)"', replaced) == [
+        str(d.id) for d in documents if d.state == "replaced"
+    ]
+
+    # Another site's member sees none of CHSUD's; an administrator without a clinical role, nothing.
+    other = dmp_page("manip_nord")
+    assert other.status_code == 200 and "data-dmp=" not in other.text and IPP not in other.text
+    assert "Aucun document" in other.text
+    admin = dmp_page("admin_sud")
+    assert admin.status_code == 403 and IPP not in admin.text
+
+    with setup.ctx.db.reading() as session:
+        viewed = list(
+            session.scalars(
+                select(AuditEvent).where(AuditEvent.action == "dmp.status.view").order_by(AuditEvent.id)
+            )
+        )
+        session.expunge_all()
+    assert viewed and {e.actor for e in viewed} == {"user:manip_sud"}
+    assert {(e.study_uid, e.patient_id, e.patient_issuer) for e in viewed} == {
+        (setup.study_uid, IPP, OID_SUD)
+    }
+    assert all(e.detail == {"organisation": "CHSUD"} for e in viewed)
