@@ -416,6 +416,7 @@ def test_site_withdraws_entries_through_iti57(setup: Setup) -> None:
     assert "masqué aux professionnels de santé le " in page
     english = _request_page(setup, lang="en")
     assert "withdrawn from the DMP on " in english and "masked to health professionals on " in english
+    assert '<a href="/dmp">Toutes les publications au DMP du site</a>' in page
     with setup.ctx.db.reading() as session:
         actions = [
             (e.action, e.detail.get("action"))
@@ -471,3 +472,13 @@ def test_a_publication_that_fails_for_good_shows_the_failure_and_its_reason(setu
     assert f'data-dmp="{failed.id}" data-state="failed"' in page
     assert f"échec — {failed.reason}" in page
     assert f"failed — {failed.reason}" in _request_page(setup, lang="en")
+    # The site's list of its DMP entries shows it too.
+    listed = httpx.get(
+        f"{setup.simral.http_url}/dmp",
+        params={"state": "failed"},
+        headers={"Authorization": f"Bearer {setup.site_token}"},
+        timeout=30,
+    )
+    assert listed.status_code == 200
+    assert f'data-dmp="{failed.id}" data-state="failed"' in listed.text
+    assert f"échec — {failed.reason}" in listed.text
