@@ -241,9 +241,14 @@ def _states(setup: Setup) -> list[tuple[str, int, str]]:
     return [(d.kind, d.version, d.state) for d in _documents(setup)]
 
 
-def _request_page(setup: Setup) -> str:
+def _request_page(setup: Setup, *, lang: str = "fr") -> str:
     headers = {"Authorization": f"Bearer {setup.site_token}"}
-    page = httpx.get(f"{setup.simral.http_url}/requests/{setup.request_id}", headers=headers, timeout=30)
+    page = httpx.get(
+        f"{setup.simral.http_url}/requests/{setup.request_id}",
+        params={"lang": lang},
+        headers=headers,
+        timeout=30,
+    )
     assert page.status_code == 200
     return page.text
 
@@ -483,6 +488,15 @@ def test_site_withdraws_entries_through_iti57(setup: Setup) -> None:
     )
     assert previous == "1"
     assert setup.dmp.registry[manifest.entry_uuid] == 2
+    # The site's request page says what became of each withdrawn entry (French, then English).
+    page = _request_page(setup)
+    assert f'data-dmp="{report.id}" data-state="deleted"' in page
+    assert f'data-dmp="{manifest.id}" data-state="masked"' in page
+    assert "retiré du DMP le " in page and "(suppression logique)" in page
+    assert "masqué aux professionnels de santé le " in page
+    english = _request_page(setup, lang="en")
+    assert "withdrawn from the DMP on " in english and "masked to health professionals on " in english
+    assert '<a href="/dmp">Toutes les publications au DMP du site</a>' in page
     with setup.ctx.db.reading() as session:
         actions = [
             (e.action, e.detail.get("action"))
@@ -494,3 +508,57 @@ def test_site_withdraws_entries_through_iti57(setup: Setup) -> None:
         ("dmp.withdraw-request", "mask"),
         ("dmp.withdraw", "mask"),
     ]
+
+
+def test_a_publication_that_fails_for_good_shows_the_failure_and_its_reason(setup: Setup) -> None:
+    """A report version meets registry errors (retried, the reason on the page), then the site stops
+    publishing through simral before the next try: the publication fails for good (no retry helps),
+    and the site's request page says "échec" with the reason."""
+    with setup.ctx.db.reading() as session:
+        latest = session.scalar(
+            select(Report)
+            .where(Report.request_id == setup.request_id)
+            .order_by(Report.version.desc())
+            .limit(1)
+        )
+        assert latest is not None
+        session.expunge(latest)
+    setup.dmp.behaviours.extend([Failure([("XDSRegistryError", "Erreur interne du registre")])] * 8)
+    try:
+        signed = _sign(setup, previous=latest)
+
+        def document() -> DmpDocument | None:
+            return next((d for d in _documents(setup) if d.unique_id == signed.document_uid), None)
+
+        def retried() -> bool:
+            found = document()
+            return found is not None and found.state == "pending" and "Erreur du DMP" in found.reason
+
+        _wait(retried, what="a registry error, to be retried")
+        page = _request_page(setup)
+        assert "en attente d&#x27;envoi — Erreur du DMP : XDSRegistryError" in page
+        setup.simral.cli("dmp", "disable", "CHSUD")
+        _wait(lambda: (found := document()) is not None and found.state == "failed", what="the failure")
+    finally:
+        setup.dmp.behaviours.clear()
+        setup.simral.cli(
+            "dmp", "enable", "CHSUD", "--auth-cert", str(setup.pki.org_cert),
+            "--auth-key", str(setup.pki.org_key), "--signing-cert", str(setup.pki.org_cert),
+            "--signing-key", str(setup.pki.org_key),
+        )  # fmt: skip
+    failed = document()
+    assert failed is not None and failed.reason == "CHSUD no longer publishes to the DMP through simral"
+    page = _request_page(setup)
+    assert f'data-dmp="{failed.id}" data-state="failed"' in page
+    assert f"échec — {failed.reason}" in page
+    assert f"failed — {failed.reason}" in _request_page(setup, lang="en")
+    # The site's list of its DMP entries shows it too.
+    listed = httpx.get(
+        f"{setup.simral.http_url}/dmp",
+        params={"state": "failed"},
+        headers={"Authorization": f"Bearer {setup.site_token}"},
+        timeout=30,
+    )
+    assert listed.status_code == 200
+    assert f'data-dmp="{failed.id}" data-state="failed"' in listed.text
+    assert f"échec — {failed.reason}" in listed.text

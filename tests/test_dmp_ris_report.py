@@ -14,9 +14,12 @@ identity is QUAL through the ADT feed.
   ``simral check`` counts it; the reception is audited.
 - MDM^T10 with version 2 of the same setId → published, replacing version 1 (RPLC); the unchanged
   study is not published again.
+- MDM^T02 with another report of the study (a new setId) → published as a first version.
 - CHNORD's RIS: a level 1 report for one of its requests is kept as a prior document and a structured
   one refused, as before; nothing goes to the DMP.
 - A CDA that is not well-formed, lacks its author's RPPS id, or names another patient → AE.
+- ``/dmp``: CHSUD's clinical members see all its DMP entries (these reports have no request page),
+  with state, patient and exam, audited; CHNORD's members see none of them.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import base64
 import copy
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -416,6 +421,33 @@ def test_a_second_version_replaces_the_first(setup: Setup) -> None:
     assert len(_documents(setup)) == 3
 
 
+def test_an_original_report_in_mdm_t02_is_published(setup: Setup) -> None:
+    """MDM^T02 (original document notification and content) carrying another report of the study (a
+    new setId): ACK AA, published as a first version of its own (no RPLC); the unchanged study's
+    manifest is not published again."""
+    before = len(_iti41(setup))
+    known = len(_documents(setup))
+    cda, document_id = adapted_report(setup.study_uid, set_id=str(generate_uid()), version=1)
+    ack = setup.ris.send(report_mdm("MDM-RIS-T02", cda, event="T02", document_id=document_id))
+    assert _ack(ack) == "AA", ack.to_er7()
+    documents = _documents(setup)
+    assert [(d.kind, d.version, d.source) for d in documents[known:]] == [("report", 1, "ris:RIS_SUD")]
+    report = documents[known]
+    assert report.unique_id == document_id and report.replaces_id is None
+    _wait(
+        lambda: next(d.state for d in _documents(setup) if d.id == report.id) == "published",
+        what="the MDM^T02 report published",
+    )
+    (submission,) = _iti41(setup)[before:]
+    assert not submission.problems, submission.problems
+    assert not submission.associations(md.RPLC)
+    entries = _entries_by_unique_id(submission)
+    assert submission.documents()[entries[document_id].get("id")] == cda
+    # The report and the signature document: no manifest again.
+    assert len(submission.objects("ExtrinsicObject")) == 2
+    assert all(e.get("mimeType") != "application/dicom" for e in entries.values())
+
+
 def test_a_site_that_does_not_publish_keeps_its_request_documents(setup: Setup) -> None:
     patient = reading.PatientRef(
         traits=Traits(birth_name="PAT-TROIS", first_birth_given_name="DOMINIQUE",
@@ -495,3 +527,63 @@ def test_a_malformed_report_is_refused(setup: Setup) -> None:
     code, location, reason = _err(ack)
     assert _ack(ack) == "AE" and code == "204" and "INS" in reason
     assert len(_documents(setup)) == before
+
+
+def test_the_site_follows_its_dmp_documents_on_the_dmp_page(setup: Setup) -> None:
+    """The RIS's reports name no imaging request, so no request page shows them: ``/dmp`` lists
+    every DMP entry of the organisation acted for — kind and version, state and reason, source,
+    patient, exam, dates — to its clinical members only; the patients shown are audited."""
+    for login, organisation, role in (
+        ("manip_sud", "CHSUD", "technologist"),
+        ("manip_nord", "CHNORD", "technologist"),
+        ("admin_sud", "CHSUD", "site-admin"),
+    ):
+        setup.simral.cli(
+            "users", "add", login, "--organisation", organisation, "--role", role,
+            "--password-stdin", input="Suivi-DMP-2026!\n",
+        )  # fmt: skip
+
+    def dmp_page(login: str, **params: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {setup.simral.token_for(login)}"}
+        return httpx.get(f"{setup.simral.http_url}/dmp", params=params, headers=headers, timeout=30)
+
+    documents = _documents(setup)
+    assert documents and all(d.organisation_code == "CHSUD" and d.request_id is None for d in documents)
+    answer = dmp_page("manip_sud")
+    assert answer.status_code == 200, answer.text
+    page = answer.text
+    assert "Publications au DMP" in page
+    rows = re.findall(r'<tr data-dmp="(\d+)" data-state="(\w+)">', page)
+    assert rows == [(str(d.id), d.state) for d in reversed(documents)]  # newest first
+    assert "remplacé par une version plus récente" in page and "publié le " in page
+    assert "Compte rendu v2" in page and "Manifeste d&#x27;images (KOS) v1" in page
+    assert "reçu du RIS RIS_SUD" in page
+    assert "PAT-TROIS DOMINIQUE" in page and f"({IPP})" in page and "ACC-RIS-1" in page
+    assert setup.study_uid in page
+    english = dmp_page("manip_sud", lang="en").text
+    assert "DMP publications" in english and "replaced by a newer version" in english
+    assert "received from the RIS RIS_SUD" in english
+    replaced = dmp_page("manip_sud", state="replaced").text
+    assert re.findall(r'data-dmp="(\d+)"', replaced) == [
+        str(d.id) for d in documents if d.state == "replaced"
+    ]
+
+    # Another site's member sees none of CHSUD's; an administrator without a clinical role, nothing.
+    other = dmp_page("manip_nord")
+    assert other.status_code == 200 and "data-dmp=" not in other.text and IPP not in other.text
+    assert "Aucun document" in other.text
+    admin = dmp_page("admin_sud")
+    assert admin.status_code == 403 and IPP not in admin.text
+
+    with setup.ctx.db.reading() as session:
+        viewed = list(
+            session.scalars(
+                select(AuditEvent).where(AuditEvent.action == "dmp.status.view").order_by(AuditEvent.id)
+            )
+        )
+        session.expunge_all()
+    assert viewed and {e.actor for e in viewed} == {"user:manip_sud"}
+    assert {(e.study_uid, e.patient_id, e.patient_issuer) for e in viewed} == {
+        (setup.study_uid, IPP, OID_SUD)
+    }
+    assert all(e.detail == {"organisation": "CHSUD"} for e in viewed)

@@ -5,8 +5,11 @@ A loopback RFC 7662 introspection endpoint written here plays Pro Santé Connect
 platform's client credentials (HTTP Basic), answers ``active`` with PSC-style claims
 (``SubjectNameID``, names) for one token and ``{"active": false}`` for another, and counts calls.
 The archive holds a two-series CT study of the ANS test patient (INS on the test OID
-1.2.250.1.213.1.4.10, qualified) and a manifest (KOS, made with highdicom) referencing its first
-series only.
+1.2.250.1.213.1.4.10, qualified) and manifests (KOS, made with highdicom) referencing its first
+series only: the current one, which simral published to the DMP (its ``DmpDocument`` in the
+published state, as the publication job leaves it), and others that must grant nothing — its
+previous version (replaced), one deleted and one masked through ITI-57, and a KOS simral never
+published (imported like a modality's).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from tests.corpus import multi_series_study
 from tests.peers import free_port
 from tests.portal_login import TotpDevice
@@ -47,7 +52,9 @@ from simral.archive import service as archive
 from simral.audit.models import AuditEvent
 from simral.config import load_settings
 from simral.context import AppContext
+from simral.db.base import utcnow
 from simral.dmp import drimm
+from simral.dmp.models import DmpDocument
 from simral.patients import service as patients
 from simral.patients.models import STATUS_QUAL
 
@@ -115,6 +122,8 @@ class Source:
     #: SOP Instance UIDs by Series Instance UID (the two image series, in order).
     series: dict[str, list[str]]
     kos_uid: str
+    #: KOS SOP Instance UIDs referencing the first series that grant nothing, by why (see above).
+    refused: dict[str, str] = field(default_factory=dict)
     devices: dict[str, TotpDevice] = field(default_factory=dict)
 
     @property
@@ -156,8 +165,13 @@ def _patient(ds: Dataset) -> None:
     ds.PatientBirthDate = "19790328"
 
 
-def _study(folder: Path) -> tuple[str, dict[str, list[str]], str]:
-    """Write the study and its manifest; return (study UID, SOP UIDs by series, KOS UID)."""
+#: The manifests besides the current one (all reference the first series).
+OTHER_MANIFESTS = ("replaced", "deleted", "masked", "foreign")
+
+
+def _study(folder: Path) -> tuple[str, dict[str, list[str]], dict[str, str]]:
+    """Write the study and its manifests; return (study UID, SOP UIDs by series, KOS UIDs by name:
+    ``current`` and :data:`OTHER_MANIFESTS`)."""
     images: list[Dataset] = []
     for path in multi_series_study(folder, series=2, per_series=2, rows=32, cols=32, seed=808):
         ds = pydicom.dcmread(path)
@@ -168,20 +182,47 @@ def _study(folder: Path) -> tuple[str, dict[str, list[str]], str]:
     for ds in images:
         series.setdefault(str(ds.SeriesInstanceUID), []).append(str(ds.SOPInstanceUID))
     first = [ds for ds in images if ds.SeriesInstanceUID == images[0].SeriesInstanceUID]
-    kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=first,
-        content=hd.ko.KeyObjectSelection(
-            document_title=codes.DCM.Manifest,
-            referenced_objects=first,
-        ),
-        series_instance_uid=generate_uid(),
-        series_number=99,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="simral tests",
-    )
-    kos.save_as(folder / "kos.dcm", enforce_file_format=True)
-    return str(images[0].StudyInstanceUID), series, str(kos.SOPInstanceUID)
+    manifests: dict[str, str] = {}
+    for number, name in enumerate(("current", *OTHER_MANIFESTS), start=1):
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=first,
+            content=hd.ko.KeyObjectSelection(
+                document_title=codes.DCM.Manifest,
+                referenced_objects=first,
+            ),
+            series_instance_uid=generate_uid(),
+            series_number=98 + number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="simral tests",
+        )
+        kos.save_as(folder / f"kos-{name}.dcm", enforce_file_format=True)
+        manifests[name] = str(kos.SOPInstanceUID)
+    return str(images[0].StudyInstanceUID), series, manifests
+
+
+def _dmp_entries(session: Session, study_uid: str, manifests: dict[str, str]) -> None:
+    """The DMP entries of the manifests simral published (as :mod:`simral.dmp.publication` leaves
+    them): version 1 replaced by the current version 2, one deleted and one masked (ITI-57); the
+    ``foreign`` KOS has none."""
+    rows: dict[str, DmpDocument] = {}
+    for version, (name, state) in enumerate(
+        (("replaced", "replaced"), ("current", "published"), ("deleted", "deleted"), ("masked", "masked")),
+        start=1,
+    ):
+        rows[name] = DmpDocument(
+            organisation_code=TEST_ORGANISATION,
+            kind="manifest",
+            study_uid=study_uid,
+            version=version,
+            unique_id=manifests[name],
+            entry_uuid=f"urn:uuid:{uuid.uuid4()}",
+            state=state,
+            published_at=utcnow(),
+        )
+        session.add(rows[name])
+        session.flush()
+    rows["current"].replaces_id = rows["replaced"].id
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +253,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
         )  # fmt: skip
     files = base / "files"
     files.mkdir()
-    study_uid, series, kos_uid = _study(files)
+    study_uid, series, manifests = _study(files)
     simral.cli("import", str(files))
-    made = Source(simral, study_uid, series, kos_uid)
+    made = Source(
+        simral, study_uid, series, manifests["current"], {name: manifests[name] for name in OTHER_MANIFESTS}
+    )
     made.devices = {login: TotpDevice(secret=pyotp.random_base32()) for login in (RADIOLOGIST, OUTSIDER)}
     ctx = made.context()
     try:
@@ -222,6 +265,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
             enrol_totp(session, made.devices)
             (identity,) = patients.identities_by_ins(session, patients.Ins(INS, INS_TEST_OID))
             patients.set_status(session, identity, status=STATUS_QUAL, principal=SYSTEM, source="test:insi")
+            _dmp_entries(session, study_uid, manifests)
     finally:
         ctx.db.dispose()
     simral.start()
@@ -303,6 +347,40 @@ def test_consumer_refusals(source: Source) -> None:
     assert denied.study_uid == source.study_uid and denied.patient_id == IPP
     for row in refused:
         assert ACTIVE_TOKEN not in json.dumps(row.detail) and INACTIVE_TOKEN not in json.dumps(row.detail)
+
+
+def test_only_a_current_manifest_simral_published_grants_access(source: Source) -> None:
+    """Manifests in the archive that reference the series but are not simral's current DMP entry —
+    its previous version (replaced), one deleted or masked through ITI-57, a KOS simral never
+    published — are refused (403), each refusal audited with the consumer and the manifest."""
+    reasons = {
+        "replaced": "manifest replaced by a newer version",
+        "deleted": "manifest deleted from the DMP",
+        "masked": "manifest masked to professionals in the DMP",
+        "foreign": "manifest not published by this platform",
+    }
+    for name, reason in reasons.items():
+        kos_uid = source.refused[name]
+        series = httpx.get(
+            source.url(source.referenced), headers=_consumer(ACTIVE_TOKEN, kos_uid), timeout=30
+        )
+        assert series.status_code == 403 and series.json()["error"] == reason, name
+        sop = source.series[source.referenced][0]
+        instance = httpx.get(
+            source.url(source.referenced, sop), headers=_consumer(ACTIVE_TOKEN, kos_uid), timeout=30
+        )
+        assert instance.status_code == 403 and instance.json()["error"] == reason, name
+    refused = {
+        row.detail["kos_sop_instance_uid"]: row
+        for row in _audit(source, "drimm.retrieve")
+        if row.outcome == "failure" and row.detail["reason"] in reasons.values()
+    }
+    assert set(refused) == set(source.refused.values())
+    for name, kos_uid in source.refused.items():
+        row = refused[kos_uid]
+        assert row.detail["reason"] == reasons[name]
+        assert row.actor_national_id == CONSUMER_ID and row.detail["series_uid"] == source.referenced
+        assert row.study_uid == source.study_uid and row.patient_id == IPP
 
 
 def test_consumer_reads_the_manifest_series(source: Source) -> None:

@@ -14,8 +14,13 @@ consommatrice") retrieves a series we published in a DMP manifest with::
 - the consumer is who the answer names: PSC's ``SubjectNameID`` (national id, ``8`` + RPPS), else
   ``preferred_username``, else ``sub``; ``given_name`` / ``family_name`` when present;
 - the manifest must be in the archive, be a Key Object Selection Document (PS3.3 A.35.4, SOP Class
-  1.2.840.10008.5.1.4.1.1.88.59) of the requested study, and reference the requested series (and
-  instance) in its Current Requested Procedure Evidence Sequence (0040,A375) (PS3.3 C.17.2.1);
+  1.2.840.10008.5.1.4.1.1.88.59) of the requested study, be one that simral itself published to the
+  DMP and that is still current there — its :class:`~simral.dmp.models.DmpDocument` of kind
+  ``manifest`` (uniqueId = the KOS SOP Instance UID) is ``published``: not replaced by a newer
+  version (RPLC), deleted or masked to professionals (ITI-57), nor never sent — so that no other
+  KOS of the archive (a modality's, an imported one, an IOCM rejection note) opens the images; and
+  reference the requested series (and instance) in its Current Requested Procedure Evidence
+  Sequence (0040,A375) (PS3.3 C.17.2.1);
 - the consumer then reads, for that request only, the series that manifest references
   (:class:`~simral.access.policy.Principal` of kind ``drimm``); every decision, granted or refused,
   is audited with the consumer's identity and the manifest's UID.
@@ -47,6 +52,7 @@ import orjson
 from joserfc import jws
 from joserfc.errors import JoseError
 from pydicom import dcmread
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from simral.access.policy import SYSTEM, Principal
@@ -55,6 +61,7 @@ from simral.audit import service as audit
 from simral.config import Settings
 from simral.context import AppContext
 from simral.dmp.manifest import manifest_references
+from simral.dmp.models import DMP_DELETED, DMP_MASKED, DMP_PUBLISHED, DMP_REPLACED, KIND_MANIFEST, DmpDocument
 from simral.identity.service import TOKEN_ISSUER, get_organisation
 from simral.patients import service as patients
 from simral.patients.models import INS_OIDS, INS_TEST_OIDS, STATUS_QUAL, AssigningAuthority, PatientIdentity
@@ -241,6 +248,7 @@ def check_manifest(
         raise DrimmRefused(403, "not a Key Object Selection document")
     if kos.study_uid != study_uid:
         raise DrimmRefused(403, "manifest of another study")
+    _check_published(session, kos_uid=kos_uid, study_uid=study_uid)
     with archive.local_copy(ctx, kos.blob_key) as path:
         dataset = dcmread(path, stop_before_pixels=True)
     references = manifest_references(dataset, study_uid)
@@ -249,6 +257,36 @@ def check_manifest(
     if sop_uid is not None and sop_uid not in references[series_uid]:
         raise DrimmRefused(403, "instance not referenced by the manifest")
     return ManifestGrant(kos_uid=kos_uid, study_uid=study_uid, series=frozenset(references))
+
+
+#: Why a manifest in the archive grants nothing, by the state of its DMP entry.
+_NOT_CURRENT = {
+    DMP_REPLACED: "manifest replaced by a newer version",
+    DMP_DELETED: "manifest deleted from the DMP",
+    DMP_MASKED: "manifest masked to professionals in the DMP",
+}
+
+
+def _check_published(session: Session, *, kos_uid: str, study_uid: str) -> None:
+    """Refuse (403) a KOS that is not a manifest simral published to the DMP and that is still
+    current there: only such an entry is what a consumer may have found in the patient's DMP."""
+    states = set(
+        session.scalars(
+            select(DmpDocument.state).where(
+                DmpDocument.kind == KIND_MANIFEST,
+                DmpDocument.unique_id == kos_uid,
+                DmpDocument.study_uid == study_uid,
+            )
+        )
+    )
+    if DMP_PUBLISHED in states:
+        return
+    if not states:
+        raise DrimmRefused(403, "manifest not published by this platform")
+    for state, reason in _NOT_CURRENT.items():
+        if state in states:
+            raise DrimmRefused(403, reason)
+    raise DrimmRefused(403, "manifest not published to the DMP")
 
 
 def consumer_principal(consumer: Consumer, grant: ManifestGrant, *, address: str) -> Principal:

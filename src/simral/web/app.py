@@ -20,6 +20,7 @@ from simral.sharing.api import mount_sharing_api
 from simral.web.admin import mount_admin
 from simral.web.auth import install_auth_handlers, request_principal
 from simral.web.dashboard import mount_dashboard
+from simral.web.dmp import mount_dmp
 from simral.web.drimm import mount_drimm
 from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.media_import import mount_media_import
@@ -85,6 +86,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_vigilance(web, ctx)
     mount_fhir(web, ctx)
     mount_requests(web, ctx)
+    mount_dmp(web, ctx)  # /dmp: the site's DMP publications
     mount_reports(web, ctx)  # before mount_reading: its /reading/tasks/{id}/{action} would match
     mount_reading(web, ctx)
     install_openapi_security(web)

@@ -54,6 +54,8 @@ from simral.reading.models import (
 from simral.reading.service import PatientRef, ReadingError, RequestDetails
 from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
+from simral.web.dmp import DMP_PATH
+from simral.web.dmp import state_label as dmp_state_label
 from simral.web.layout import Language, csrf_field, display_date, lang_param, page, request_language, table
 from simral.web.params import RowId
 
@@ -184,11 +186,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_section": "Publication au DMP",
         "dmp_report": "Compte rendu v{version}",
         "dmp_manifest": "Manifeste d'images (KOS) v{version}",
-        "dmp_pending": "en attente d'envoi",
-        "dmp_waiting": "en attente",
-        "dmp_published": "publié le {when}",
-        "dmp_failed": "échec",
-        "dmp_replaced": "remplacé par une version plus récente",
+        "dmp_all": "Toutes les publications au DMP du site",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
         "documents": "Documents joints",
@@ -321,11 +319,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dmp_section": "DMP publication",
         "dmp_report": "Report v{version}",
         "dmp_manifest": "Image manifest (KOS) v{version}",
-        "dmp_pending": "queued",
-        "dmp_waiting": "waiting",
-        "dmp_published": "published on {when}",
-        "dmp_failed": "failed",
-        "dmp_replaced": "replaced by a newer version",
+        "dmp_all": "All the site's DMP publications",
         "report_pdf": "PDF",
         "report_cda": "CDA (CR-IMG)",
         "documents": "Attached documents",
@@ -444,9 +438,11 @@ def _report_versions(ctx: AppContext, request_id: int, text: Mapping[str, str], 
     return f'<h2>{escape(text["report_section"])}</h2><table class="reports">{"".join(rows)}</table>'
 
 
-def _dmp_publications(ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language) -> str:
+def _dmp_publications(
+    ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language, *, site_member: bool
+) -> str:
     """Where the DMP publication of the request's documents stands (DESIGN.md §8), with the reason
-    when a document waits or failed."""
+    when a document waits or failed; for the site's members, the link to all the site's (``/dmp``)."""
     with ctx.db.reading() as session:
         rows = dmp.statuses(session, request_id=request_id)
     if not rows:
@@ -454,15 +450,14 @@ def _dmp_publications(ctx: AppContext, request_id: int, text: Mapping[str, str],
     items = []
     for row in reversed(rows):
         label = text["dmp_report" if row.kind == "report" else "dmp_manifest"].format(version=row.version)
-        state = text[f"dmp_{row.state}"]
-        if row.state == "published":
-            state = state.format(when=_when(row.published_at, language))
+        state = dmp_state_label(row, language)
         reason = f" — {escape(row.reason)}" if row.reason else ""
         items.append(
-            f'<tr data-dmp="{row.id}" data-state="{row.state}"><th scope="row">{escape(label)}</th>'
+            f'<tr data-dmp="{row.id}" data-state="{escape(row.state)}"><th scope="row">{escape(label)}</th>'
             f"<td>{escape(state)}{reason}</td></tr>"
         )
-    return f'<h2>{escape(text["dmp_section"])}</h2><table class="dmp">{"".join(items)}</table>'
+    more = f'<p><a href="{DMP_PATH}">{escape(text["dmp_all"])}</a></p>' if site_member else ""
+    return f'<h2>{escape(text["dmp_section"])}</h2><table class="dmp">{"".join(items)}</table>{more}'
 
 
 def _documents(ctx: AppContext, request_id: int, text: Mapping[str, str], language: Language) -> str:
@@ -955,7 +950,9 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
         if item.accession_number and item.complement:
             body += _complement_rows(item, text, language)
         body += _report_versions(ctx, item.id, text, language)
-        body += _dmp_publications(ctx, item.id, text, language)
+        body += _dmp_publications(
+            ctx, item.id, text, language, site_member=may_request_exam(principal, item.site_code)
+        )
         if item.state == REQUEST_RECEIVED and may_review_requests(principal, item.group_code):
             body += _answer_forms(request, item, text)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_PERFORMED) and may_review_requests(

@@ -242,6 +242,10 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/reports/{report_id}/report.pdf"): policy("simral.reading.reports.may_see"),
     ("GET", "/reports/{report_id}/report.xml"): policy("simral.reading.reports.may_see"),
     ("GET", "/requests"): policy("may_request_exam", "may_review_requests", note="the workspace's requests"),
+    ("GET", "/dmp"): policy(
+        "simral.dmp.views.may_follow_dmp",
+        note="the organisation acted for: its DMP entries; the patients shown audited (dmp.status.view)",
+    ),
     ("GET", "/requests/new"): policy("may_request_exam"),
     ("POST", "/requests"): policy("may_request_exam", note="ANS Téléradiologie flux 1 from the portal; CSRF"),
     ("GET", "/requests/{request_id}"): policy("may_request_exam", "may_review_requests"),
