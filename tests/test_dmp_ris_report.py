@@ -553,6 +553,7 @@ def test_the_site_follows_its_dmp_documents_on_the_dmp_page(setup: Setup) -> Non
     assert answer.status_code == 200, answer.text
     page = answer.text
     assert "Publications au DMP" in page
+    assert '<a href="/dmp">DMP</a>' in page  # in the navigation of the site's clinical members
     rows = re.findall(r'<tr data-dmp="(\d+)" data-state="(\w+)">', page)
     assert rows == [(str(d.id), d.state) for d in reversed(documents)]  # newest first
     assert "remplacé par une version plus récente" in page and "publié le " in page
@@ -574,6 +575,7 @@ def test_the_site_follows_its_dmp_documents_on_the_dmp_page(setup: Setup) -> Non
     assert "Aucun document" in other.text
     admin = dmp_page("admin_sud")
     assert admin.status_code == 403 and IPP not in admin.text
+    assert '<a href="/dmp">' not in admin.text
 
     with setup.ctx.db.reading() as session:
         viewed = list(

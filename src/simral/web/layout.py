@@ -68,6 +68,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "turnaround": "Délais",
         "requests": "Demandes",
         "reading": "Lecture",
+        "dmp": "DMP",
         "audit": "Traçabilité",
         "vigilance": "Identitovigilance",
         "admin": "Administration",
@@ -84,6 +85,7 @@ NAV_TEXT: Mapping[Language, Mapping[str, str]] = {
         "turnaround": "Turnaround",
         "requests": "Requests",
         "reading": "Reading",
+        "dmp": "DMP",
         "audit": "Audit trail",
         "vigilance": "Identity vigilance",
         "admin": "Administration",
@@ -229,6 +231,8 @@ def page(
             links.append(f'<a href="/requests">{escape(text["requests"])}</a>')
         if principal.kind == "user" and may_review_requests(principal, principal.organisation):
             links.append(f'<a href="/reading">{escape(text["reading"])}</a>')
+        if principal.kind == "user" and may_request_exam(principal, principal.organisation):
+            links.append(f'<a href="/dmp">{escape(text["dmp"])}</a>')
         if principal.kind == "user" and dashboard_scope(principal) != (frozenset(), frozenset()):
             links.append(f'<a href="/reading/dashboard">{escape(text["turnaround"])}</a>')
         if may_read_audit(principal):
