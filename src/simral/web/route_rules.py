@@ -158,8 +158,10 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{_DW}/workitems/{{uid}}"): policy("may_review_requests", "may_assign_reading"),
     ("PUT", f"{_DW}/workitems/{{uid}}/state"): policy("may_review_requests", note="claim/complete a task"),
     ("POST", f"{_DW}/workitems"): _UPS_NOT_SUPPORTED,
-    ("POST", f"{_DW}/workitems/{{uid}}"): _UPS_NOT_SUPPORTED,
-    ("POST", f"{_DW}/workitems/{{uid}}/cancelrequest"): _UPS_NOT_SUPPORTED,
+    ("POST", f"{_DW}/workitems/{{uid}}"): policy("may_review_requests", note="the performer's progress"),
+    ("POST", f"{_DW}/workitems/{{uid}}/cancelrequest"): authenticated(
+        "then 501: a reading task is cancelled with its request, by the requesting site"
+    ),
     ("POST", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}"): _UPS_NOT_SUPPORTED,
     ("DELETE", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}"): _UPS_NOT_SUPPORTED,
     ("POST", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}/suspend"): _UPS_NOT_SUPPORTED,
