@@ -211,6 +211,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/import"): policy("may_store", note="a professional acting for an organisation"),
     ("POST", "/import"): policy("may_store", note="multipart upload: X-CSRF-Token header with a session"),
     ("GET", "/static/media-import.js"): public("script of the import page"),
+    ("GET", "/static/reading-countdown.js"): public("countdown script of the reading worklist"),
     # -- export, sharing ------------------------------------------------------------------------
     ("GET", "/studies/{study_uid}/export.zip"): policy(
         "visible_studies", note="PDI ZIP; 404 when not visible"
