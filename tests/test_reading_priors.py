@@ -7,6 +7,11 @@ study with it (the site's contract covers it), not the other patient's; "Ouvrir"
 with both Study Instance UIDs, the current one first. The group's own workstation (a dcmtk storescp
 registered as a node, with a prefetch rule ``simral routes add --prefetch-for TLR``) receives the
 exam and the prior over C-STORE, and nothing of the other patient.
+
+Across sites: the patient (qualified INS, ANS test NIR) also has a study at the practice CLINB under
+its IPP and one at CLINC under another: the identity service links the three identities by INS at
+ingest. Once CLINB shares its study with the reading group (a share, the access policy), "Ouvrir"
+adds it to the viewer; CLINC's, not shared, stays out.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from tests.corpus import ct_series
 from tests.peers import StoreSCP
 from tests.report_setup import OID_SITE, PASSWORD, _schedule
@@ -29,7 +35,11 @@ from tests.test_reading_browser import _store
 from simral.access.policy import SYSTEM
 from simral.app import open_app
 from simral.config import load_settings
+from simral.patients.models import INS_TEST_OID
 from simral.reading import service as reading
+
+NIR = "279035121518989"  # ANS test NIR (key checked)
+OID_CLINB, OID_CLINC = "1.2.250.1.999.9.2", "1.2.250.1.999.9.3"
 
 
 @dataclass
@@ -40,6 +50,9 @@ class Exam:
     prior_uid: str
     other_uid: str
     workstation: StoreSCP
+    #: The patient's studies at CLINB and CLINC (other IPPs, same INS).
+    clinb_uid: str
+    clinc_uid: str
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(
@@ -54,9 +67,23 @@ class Exam:
 def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
     base = tmp_path_factory.mktemp("priors")
     simral = SimralProcess(
-        base / "data", extra_env={"SIMRAL_READING_QUIET_SECONDS": "1", "SIMRAL_READING_CHECK_SECONDS": "0.3"}
+        base / "data",
+        extra_env={
+            "SIMRAL_READING_QUIET_SECONDS": "1",
+            "SIMRAL_READING_CHECK_SECONDS": "0.3",
+            "SIMRAL_INS_TEST_OIDS_ALLOWED": "true",
+        },
     )
     simral.cli("organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE)
+    for code, oid in (("CLINB", OID_CLINB), ("CLINC", OID_CLINC)):
+        simral.cli(
+            "organisations", "add", code, "--name", f"Cabinet {code[-1]}", "--kind", "practice",
+            "--patient-id-oid", oid,
+        )  # fmt: skip
+    simral.cli(
+        "users", "add", "manip_b", "--organisation", "CLINB", "--role", "technologist", "--rpps",
+        "10009000003", "--name", "Manip B", "--password-stdin", input=PASSWORD + "\n",
+    )  # fmt: skip
     simral.cli("organisations", "add", "TLR", "--name", "Téléradiologie", "--kind", "teleradiology-group")
     simral.cli(
         "users", "add", "dr_roux", "--organisation", "TLR", "--role", "radiologist", "--rpps", "10009000001",
@@ -68,7 +95,13 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
     simral.cli("routes", "add", "prefetch-tlr", "--to", "lecture_tlr", "--prefetch-for", "TLR")
     prior = ct_series(base / "prior", slices=1, rows=32, cols=32, patient_id="IPP-PRI1", seed=111)
     other = ct_series(base / "other", slices=1, rows=32, cols=32, patient_id="IPP-AUTRE", seed=112)
+    clinb = ct_series(base / "clinb", slices=1, rows=32, cols=32, patient_id="IPP-B77", seed=114)
+    clinc = ct_series(base / "clinc", slices=1, rows=32, cols=32, patient_id="IPP-C55", seed=115)
+    for paths in (prior, clinb, clinc):
+        _with_ins(paths)
     simral.cli("import", str(base / "prior"), str(base / "other"), "--organisation", "CHSUD")
+    simral.cli("import", str(base / "clinb"), "--organisation", "CLINB")
+    simral.cli("import", str(base / "clinc"), "--organisation", "CLINC")
     ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
     try:
         with ctx.db.unit_of_work() as session:
@@ -86,7 +119,30 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exam]:
             str(dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID),
             str(dcmread(other[0], stop_before_pixels=True).StudyInstanceUID),
             workstation,
+            str(dcmread(clinb[0], stop_before_pixels=True).StudyInstanceUID),
+            str(dcmread(clinc[0], stop_before_pixels=True).StudyInstanceUID),
         )
+
+
+def _with_ins(paths: list[Path]) -> None:
+    """The patient's traits (those of the request) and qualified INS, in Other Patient IDs Sequence
+    as a French modality worklist fills it (DESIGN.md §6)."""
+    for path in paths:
+        ds = dcmread(path)
+        ds.PatientName = "MARTIN^Lou"
+        ds.PatientBirthName = "MARTIN^Lou"
+        ds.PatientBirthDate = "19580304"
+        ds.PatientSex = "F"
+        item = Dataset()
+        item.PatientID = NIR
+        item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+        qualifier = Dataset()
+        qualifier.UniversalEntityID = INS_TEST_OID
+        qualifier.UniversalEntityIDType = "ISO"
+        item.IssuerOfPatientIDQualifiersSequence = [qualifier]
+        item.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = [item]
+        ds.save_as(path)
 
 
 def _ready_task(exam: Exam) -> int:
@@ -140,3 +196,27 @@ def test_a_radiologist_of_no_group_cannot_open_it(exam: Exam, tmp_path: Path) ->
         timeout=30,
     )
     assert stranger.status_code == 404
+
+
+def _viewer_studies(exam: Exam, task: int) -> list[str]:
+    opened = exam.get(f"/reading/tasks/{task}/viewer", follow_redirects=False)
+    assert opened.status_code == 303
+    return parse_qs(urlparse(opened.headers["location"]).query)["StudyInstanceUIDs"][0].split(",")
+
+
+def test_priors_from_another_site_follow_the_access_policy(exam: Exam) -> None:
+    task = _ready_task(exam)
+    # The identity service linked the three sites' identities by INS; the group sees none of the
+    # practices' studies yet (neither the contract nor a share covers them).
+    assert _viewer_studies(exam, task) == [exam.study_uid, exam.prior_uid]
+    shared = httpx.post(
+        f"{exam.simral.http_url}/studies/{exam.clinb_uid}/shares",
+        data={"grantee_kind": "organisation", "grantee": "TLR", "purpose": "Antériorités", "duration": "7d"},
+        headers={"Authorization": f"Bearer {exam.simral.token_for('manip_b')}"},
+        timeout=30,
+    )
+    assert shared.status_code == 303, shared.text
+    studies = _viewer_studies(exam, task)
+    assert studies[0] == exam.study_uid
+    assert sorted(studies[1:]) == sorted([exam.prior_uid, exam.clinb_uid])  # CLINB's, under IPP-B77
+    assert exam.clinc_uid not in studies  # the same person at CLINC, not shared: not shown

@@ -46,6 +46,38 @@ def _new_page(browser: Browser) -> Page:
     return context.new_page()
 
 
+def test_worklist_deadline_counts_down_with_the_clock(browser: Browser, platform: Platform) -> None:
+    """The time left ticks in the page (``/static/reading-countdown.js``, every 30 s, from the row's
+    ``data-deadline``): Playwright's clock jumps ahead; the urgent task (60 min contract deadline)
+    is marked near its deadline, then overdue, without a reload."""
+    page = _new_page(browser)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on(
+        "console",
+        lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    login_page(page, platform.url, "dr_roux", PASSWORD, platform.devices["dr_roux"])
+    page.clock.install()
+    page.goto(platform.url + "/reading")
+    row = page.locator("table.reading tbody tr:has-text('DUBOIS HELENE')")
+    due = row.locator("[data-deadline]")
+    expect(due).to_have_text(re.compile(r"^dans [45]\d min$"))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", due.get_attribute("data-deadline") or "")
+    expect(row).not_to_have_class(re.compile(r"due-soon|overdue"))
+    page.clock.fast_forward("40:00")
+    expect(due).to_have_text(re.compile(r"^dans (\d|1\d) min$"))
+    expect(row).to_have_class(re.compile(r"\bdue-soon\b"))
+    page.clock.fast_forward("30:00")
+    expect(due).to_have_text(re.compile(r"^en retard de \d+ min$"))
+    expect(row).to_have_class(re.compile(r"\boverdue\b"))
+    expect(row).not_to_have_class(re.compile(r"due-soon"))
+    page.clock.fast_forward("03:00:00")
+    expect(due).to_have_text(re.compile(r"^en retard de [23] h( \d\d)?$"))
+    assert not errors, errors  # no CSP violation, no script error
+    page.context.close()
+
+
 def test_radiologist_writes_signs_and_completes_a_report(
     browser: Browser, platform: Platform, artifacts_dir: Path
 ) -> None:

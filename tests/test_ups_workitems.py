@@ -2,8 +2,9 @@
 
 Site CHSUD's exams are read by group TLR (dr_roux, dr_blanc); dr_noir reads for TLR2. The
 ready tasks are SCHEDULED workitems of TLR only; IN PROGRESS with a Transaction UID is the
-exclusive claim of the reading worklist; COMPLETED needs that Transaction UID and the signed report;
-CANCELED gives the task back to the group.
+exclusive claim of the reading worklist; Update (N-SET) by the holder with that Transaction UID sets
+the progress, comments and outputs Retrieve then returns; COMPLETED needs that Transaction UID and
+the signed report; CANCELED gives the task back to the group.
 """
 
 from __future__ import annotations
@@ -59,6 +60,71 @@ def _put_state(platform: Platform, login: str, uid: str, state: str, transaction
         content=Dataset.from_json(payload).to_json(),
         timeout=30,
     )
+
+
+def _update(
+    platform: Platform, login: str, uid: str, payload: dict[str, Any], transaction: str = ""
+) -> httpx.Response:
+    """Update Workitem (PS3.18 11.6), the Transaction UID as the query parameter."""
+    return httpx.post(
+        f"{platform.url}/dicom-web/workitems/{uid}",
+        params={"transaction": transaction} if transaction else None,
+        headers={**platform.headers(login), "Content-Type": "application/dicom+json"},
+        content=Dataset.from_json(payload).to_json(),
+        timeout=30,
+    )
+
+
+def _transaction(platform: Platform, task_id: int) -> str:
+    ctx = platform.context()
+    try:
+        with ctx.db.reading() as session:
+            stored = session.get(ReadingTask, task_id)
+            assert stored is not None and stored.ups_transaction_uid
+            return stored.ups_transaction_uid
+    finally:
+        ctx.db.dispose()
+
+
+KEY_IMAGE = (str(generate_uid()), str(generate_uid()), str(generate_uid()))
+PROGRESS: dict[str, Any] = {
+    "00741002": {
+        "vr": "SQ",
+        "Value": [
+            {
+                "00741004": {"vr": "DS", "Value": [40]},
+                "00741006": {"vr": "ST", "Value": ["Comparaison avec l'examen antérieur"]},
+            }
+        ],
+    },
+    "00400400": {"vr": "LT", "Value": ["Lecture en cours sur la console 2"]},
+    "00741216": {
+        "vr": "SQ",
+        "Value": [
+            {
+                "00404033": {
+                    "vr": "SQ",
+                    "Value": [
+                        {
+                            "0040E020": {"vr": "CS", "Value": ["DICOM"]},
+                            "0020000D": {"vr": "UI", "Value": [KEY_IMAGE[0]]},
+                            "0020000E": {"vr": "UI", "Value": [KEY_IMAGE[1]]},
+                            "00081199": {
+                                "vr": "SQ",
+                                "Value": [
+                                    {
+                                        "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.59"]},
+                                        "00081155": {"vr": "UI", "Value": [KEY_IMAGE[2]]},
+                                    }
+                                ],
+                            },
+                        }
+                    ],
+                }
+            }
+        ],
+    },
+}
 
 
 def _workitem(platform: Platform, login: str, placer: str) -> Dataset:
@@ -156,6 +222,65 @@ def test_in_progress_claims_the_task(platform: Platform) -> None:
         ctx.db.dispose()
 
 
+def test_update_by_the_performer_is_returned_by_retrieve(platform: Platform) -> None:
+    uid = _workitem(platform, "dr_roux", FIRST).SOPInstanceUID
+    task = platform.task_of("dr_roux", FIRST)
+    transaction = _transaction(platform, task["id"])
+    # The Transaction UID of the performer: missing or incorrect is a 400 (PS3.18 11.6.3.1).
+    missing = _update(platform, "dr_roux", uid, PROGRESS)
+    assert missing.status_code == 400 and "Transaction UID is missing" in missing.headers["warning"]
+    wrong = _update(platform, "dr_roux", uid, PROGRESS, str(generate_uid()))
+    assert wrong.status_code == 400 and "Transaction UID is incorrect" in wrong.headers["warning"]
+    # A colleague of the group, even with the right Transaction UID, is not the performer.
+    assert _update(platform, "dr_blanc", uid, PROGRESS, transaction).status_code == 403
+    # Another group does not see the workitem.
+    assert _update(platform, "dr_noir", uid, PROGRESS, transaction).status_code == 404
+    # Attributes an Update may not set (PS3.4 Table CC.2.5-3): the state, the patient.
+    state = _update(platform, "dr_roux", uid, {"00741000": {"vr": "CS", "Value": ["COMPLETED"]}}, transaction)
+    assert state.status_code == 400 and "ProcedureStepState" in state.headers["warning"]
+    patient = _update(platform, "dr_roux", uid, {"00100020": {"vr": "LO", "Value": ["X"]}}, transaction)
+    assert patient.status_code == 400 and "PatientID" in patient.headers["warning"]
+    percent = {"00741002": {"vr": "SQ", "Value": [{"00741004": {"vr": "DS", "Value": [140]}}]}}
+    assert _update(platform, "dr_roux", uid, percent, transaction).status_code == 400
+    untouched = _retrieve(platform, "dr_roux", uid)
+    assert untouched.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress == 0
+    # Accepted, with an optional attribute simral does not keep (the worklist label is its own).
+    label = {"00741202": {"vr": "LO", "Value": ["Mine"]}}
+    done = _update(platform, "dr_roux", uid, {**PROGRESS, **label}, transaction)
+    assert done.status_code == 200, done.text
+    assert "optional Attributes are not supported: WorklistLabel" in done.headers["warning"]
+    item = _retrieve(platform, "dr_roux", uid)
+    assert item.ProcedureStepState == "IN PROGRESS" and item.WorklistLabel == "Reading TLR"
+    (progress,) = item.ProcedureStepProgressInformationSequence
+    assert float(progress.ProcedureStepProgress) == 40
+    assert progress.ProcedureStepProgressDescription == "Comparaison avec l'examen antérieur"
+    assert item.CommentsOnTheScheduledProcedureStep == "Lecture en cours sur la console 2"
+    (performed,) = item.UnifiedProcedureStepPerformedProcedureSequence
+    (output,) = performed.OutputInformationSequence
+    assert (output.StudyInstanceUID, output.SeriesInstanceUID) == KEY_IMAGE[:2]
+    assert output.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == KEY_IMAGE[2]
+    assert str(performed.ActualHumanPerformersSequence[0].HumanPerformerName) == "Dr Claire Roux"
+    assert "TransactionUID" not in item
+    # N-SET semantics: what a later update does not carry is kept; the same on Search.
+    later = {"00741002": {"vr": "SQ", "Value": [{"00741004": {"vr": "DS", "Value": [75]}}]}}
+    assert _update(platform, "dr_roux", uid, later, transaction).status_code == 200
+    (found,) = _datasets(_get(platform, "dr_roux", f"/workitems?StudyInstanceUID={platform.studies[FIRST]}"))
+    assert float(found.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress) == 75
+    assert found.CommentsOnTheScheduledProcedureStep == "Lecture en cours sur la console 2"
+    assert found.to_json_dict() == _retrieve(platform, "dr_roux", uid).to_json_dict()
+    ctx = platform.context()
+    try:
+        with ctx.db.reading() as session:
+            events = list(
+                session.scalars(select(AuditEvent).where(AuditEvent.action == "reading-task.ups-update"))
+            )
+    finally:
+        ctx.db.dispose()
+    assert [e.actor for e in events] == ["user:dr_roux", "user:dr_roux"]
+    assert events[0].detail["workitem"] == uid and events[0].detail["ignored"] == ["WorklistLabel"]
+    assert transaction not in str(events[0].detail)  # the performer's token is not recorded
+
+
 def test_completed_needs_the_signed_report_and_the_transaction(platform: Platform) -> None:
     uid = _workitem(platform, "dr_roux", FIRST).SOPInstanceUID
     task = platform.task_of("dr_roux", FIRST)
@@ -186,6 +311,11 @@ def test_completed_needs_the_signed_report_and_the_transaction(platform: Platfor
     assert str(performed.ActualHumanPerformersSequence[0].HumanPerformerName) == "Dr Claire Roux"
     assert performed.PerformedProcedureStepEndDateTime and performed.PerformedProcedureStepStartDateTime
     assert performed.PerformedWorkitemCodeSequence[0].CodeValue == "110005"
+    # The outputs the performer reported go with the completed step.
+    assert performed.OutputInformationSequence[0].StudyInstanceUID == KEY_IMAGE[0]
+    # Final: no more updates (PS3.18 11.6.2).
+    final = _update(platform, "dr_roux", uid, PROGRESS, transaction)
+    assert final.status_code == 400 and "inconsistent with the current state" in final.headers["warning"]
     completed = _datasets(_get(platform, "dr_roux", "/workitems?ProcedureStepState=COMPLETED"))
     assert [i.SOPInstanceUID for i in completed] == [uid]
     # Final: it cannot be cancelled.
@@ -213,16 +343,23 @@ def test_canceled_releases_the_claim(platform: Platform) -> None:
     assert task["state"] == "ready" and task["claimed_by"] == ""
     item = _retrieve(platform, "dr_blanc", uid)
     assert item.ProcedureStepState == "SCHEDULED" and len(item.ScheduledHumanPerformersSequence) == 0
+    # A SCHEDULED workitem is not updated: it is nobody's (409).
+    scheduled = _update(platform, "dr_blanc", uid, PROGRESS, transaction)
+    assert scheduled.status_code == 409 and "did not reference a claimed" in scheduled.headers["warning"]
     # Free again: another radiologist of the group takes it.
     assert _put_state(platform, "dr_roux", uid, "IN PROGRESS", str(generate_uid())).status_code == 200
 
 
-def test_other_transactions_are_not_implemented(platform: Platform) -> None:
+def test_create_cancel_request_and_subscriptions_are_not_implemented(platform: Platform) -> None:
     uid = _workitem(platform, "dr_roux", SECOND).SOPInstanceUID
     subscribe = httpx.post(
         f"{platform.url}/dicom-web/workitems/{uid}/subscribers/READER1", headers=platform.headers("dr_roux")
     )
     assert subscribe.status_code == 501
+    cancel = httpx.post(
+        f"{platform.url}/dicom-web/workitems/{uid}/cancelrequest", headers=platform.headers("dr_roux")
+    )
+    assert cancel.status_code == 501
     assert (
         httpx.post(f"{platform.url}/dicom-web/workitems", headers=platform.headers("dr_roux")).status_code
         == 501

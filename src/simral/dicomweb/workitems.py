@@ -4,12 +4,22 @@ Procedure Steps for external reading tools (UPS Pull, PS3.4 Annex CC).
 - Search (11.9) ``GET /workitems``: matching on ProcedureStepState, ScheduledProcedureStepPriority,
   PatientID and the Study Instance UID of the Input Information Sequence; ``limit`` / ``offset``.
 - Retrieve (11.5) ``GET /workitems/{uid}``.
+- Update (11.6) ``POST /workitems/{uid}`` (``application/dicom+json``): the performer of an IN
+  PROGRESS workitem, with its Transaction UID (query parameter ``transaction``, ``00081195`` or the
+  bare UID, or Transaction UID in the payload), sets the progress, comments and outputs; the
+  attributes and answers are :func:`simral.reading.workitems.update_workitem`'s.
 - Change State (11.7) ``PUT /workitems/{uid}/state``: IN PROGRESS, COMPLETED, CANCELED with the
   Transaction UID (the mapping onto the reading tasks is :mod:`simral.reading.workitems`).
 
-Create (11.4), Update (11.6), Request Cancellation (11.8) and the subscriptions (11.10-11.11) are
-answered 501: workitems are made by the teleradiology flows, not by clients. The reading service
-decides who sees and changes what, and writes the audit records.
+Create (11.4) and the subscriptions (11.10-11.11) are answered 501: workitems are made by the
+teleradiology flows, not by clients, and no event reports are sent. Request Cancellation (11.8) is
+answered 501 too, as it does not map onto the reading tasks: a SCHEDULED reading task is cancelled
+only with its request, by the requesting site (ANS flux 2, :mod:`simral.reading.service`), never by
+a reading tool; for an IN PROGRESS one the standard has the SCP forward the request to the performer
+(PS3.4 CC.2.2.3, "UPS Cancel Requested" event), which simral cannot do without subscriptions, and a
+group administrator takes a task back with the worklist's release, which schedules it again rather
+than cancelling it. The reading service decides who sees and changes what, and writes the audit
+records.
 """
 
 from __future__ import annotations
@@ -113,6 +123,14 @@ def parse_search(params: list[tuple[str, str]]) -> tuple[workitems.Match, int, i
 
 def parse_state_request(body: bytes) -> tuple[str, str]:
     """The Procedure Step State and Transaction UID of a Change State payload (PS3.18 11.7.2)."""
+    dataset = parse_dataset(body)
+    state = str(dataset.get("ProcedureStepState", "") or "").strip()
+    transaction = str(dataset.get("TransactionUID", "") or "").strip()
+    return state, transaction
+
+
+def parse_dataset(body: bytes) -> Dataset:
+    """The one dataset of a DICOM JSON payload (PS3.18 F.2): an object or an array of one."""
     try:
         decoded = orjson.loads(body)
         if isinstance(decoded, list):
@@ -121,12 +139,30 @@ def parse_state_request(body: bytes) -> tuple[str, str]:
             decoded = decoded[0]
         if not isinstance(decoded, dict):
             raise ValueError("a DICOM JSON object expected")
-        dataset = Dataset.from_json(decoded)
-    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
+        return Dataset.from_json(decoded)
+    except (ValueError, TypeError, KeyError, AttributeError, orjson.JSONDecodeError) as exc:
         raise ValueError(f"the payload is not DICOM JSON: {exc}") from None
-    state = str(dataset.get("ProcedureStepState", "") or "").strip()
-    transaction = str(dataset.get("TransactionUID", "") or "").strip()
-    return state, transaction
+
+
+#: Query parameters that carry the Transaction UID of an Update (PS3.18 11.6.1.2: the standard
+#: names it ``{transaction-uid}``; clients use these names, or give the bare UID).
+TRANSACTION_PARAMETERS = ("transaction", "transactionuid", "00081195")
+
+
+def update_transaction(params: list[tuple[str, str]], dataset: Dataset) -> str:
+    """The Transaction UID of an Update: the query parameter, or Transaction UID (0008,1195) in the
+    payload as in the N-SET (PS3.4 CC.2.6); both must agree."""
+    given: set[str] = set()
+    for key, value in params:
+        if key.lower() in TRANSACTION_PARAMETERS:
+            given.add(value.strip())
+        elif not value and key[:1].isdigit():  # ``?{transaction-uid}``
+            given.add(key.strip())
+    inline = str(dataset.get("TransactionUID", "") or "").strip()
+    values = {v for v in (*given, inline) if v}
+    if len(values) > 1:
+        raise ValueError("The Transaction UID is incorrect")
+    return next(iter(values), "")
 
 
 def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
@@ -208,6 +244,33 @@ def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
             return _error(404, "The Target Workitem was not found")
         return Response(status_code=200, headers=_warning(warning) if warning else None)
 
+    @web.post(PREFIX + "/workitems/{uid}")
+    async def update_workitem(request: Request, uid: str) -> Response:
+        """Update Workitem Transaction (PS3.18 11.6; PS3.4 CC.2.6 N-SET) by the performer."""
+        principal = request_principal(request)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in {DICOM_JSON, "application/json"}:
+            return _error(415, "the payload must be application/dicom+json")
+        try:
+            dataset = parse_dataset(await request.body())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            transaction = update_transaction(list(request.query_params.multi_items()), dataset)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            with ctx.db.unit_of_work() as session:
+                result = workitems.update_workitem(
+                    session, principal, uid, payload=dataset, transaction_uid=transaction
+                )
+                warning = result.warning if result is not None else ""
+        except workitems.WorkitemError as exc:
+            return _error(exc.status, exc.warning)
+        if result is None:
+            return _error(404, "The Target Workitem was not found")
+        return Response(status_code=200, headers=_warning(warning) if warning else None)
+
     def not_implemented(request: Request) -> Response:
         request_principal(request)  # 401 first: an anonymous caller learns nothing of the service
         return _error(
@@ -217,7 +280,6 @@ def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
 
     for path, methods in (
         ("/workitems", ["POST"]),  # Create (11.4)
-        ("/workitems/{uid}", ["POST"]),  # Update (11.6)
         ("/workitems/{uid}/cancelrequest", ["POST"]),  # Request Cancellation (11.8)
         ("/workitems/{uid}/subscribers/{aet}", ["POST", "DELETE"]),  # (Un)subscribe (11.10-11)
         ("/workitems/{uid}/subscribers/{aet}/suspend", ["POST"]),  # Suspend Global Subscription

@@ -29,12 +29,33 @@ Table CC.2.4-1) maps onto the reading task operations:
   radiologist gives the task back and it is SCHEDULED again for the group (a reading task is not
   abandoned because one reader withdraws; only the requesting site cancels the request itself).
 
+Update (PS3.4 CC.2.6 N-SET, PS3.18 11.6) is the performer's: only an IN PROGRESS workitem, with the
+stored Transaction UID (400 when missing or incorrect), by the radiologist holding the task (403
+for anyone else); a SCHEDULED workitem is nobody's to update (409, its scheduling is the request's
+and the worklist's), a COMPLETED or CANCELED one is final (400). It stores (PS3.4 Table CC.2.5-3):
+
+- Procedure Step Progress Information Sequence: Procedure Step Progress (0-100), Procedure Step
+  Progress Description, Procedure Step Communications URI Sequence;
+- Comments on the Scheduled Procedure Step;
+- Unified Procedure Step Performed Procedure Sequence: Performed Procedure Step Description,
+  Comments on the Performed Procedure Step and the Output Information Sequence (DICOM references:
+  study, series, SOP class and instance), shown with the completed step too.
+
+The state, the SOP Common identifiers, the patient, the request, the input and the schedule
+(:data:`NOT_SETTABLE`) are refused (400); any other attribute is ignored with the "optional
+Attributes are not supported" warning. The reading task has no column for these values: the audit
+record of each update (:data:`UPDATE_ACTION`, written in the same transaction, without the
+Transaction UID) holds them, and Retrieve and Search merge those of the current claim (N-SET
+semantics: an attribute an update does not carry keeps its value). Releasing the task leaves them
+behind: the next claim starts afresh.
+
 Who sees a workitem is who sees the task on ``/api/reading/tasks``: the radiologists and
 administrators of the reading group the principal acts for.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -49,6 +70,7 @@ from sqlalchemy.orm import Session
 from simral.access.policy import AccessDenied, Principal, may_assign_reading, may_review_requests
 from simral.archive.models import Patient, Study
 from simral.audit import service as audit
+from simral.audit.models import AuditEvent
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Organisation, Professional
 from simral.reading import tasks
@@ -269,7 +291,8 @@ def _dataset(
     if task.due_at is not None:
         ds.ExpectedCompletionDateTime = _dt(task.due_at)
     ds.ScheduledWorkitemCodeSequence = Sequence([_code(*INTERPRETATION)])
-    ds.CommentsOnTheScheduledProcedureStep = ""
+    updates = _updates(session, task) if state in (IN_PROGRESS, COMPLETED) else {}
+    ds.CommentsOnTheScheduledProcedureStep = str(updates.get("comments") or "")
     ds.InputReadinessState = "READY"
     study_input = Dataset()
     study_input.TypeOfInstances = "DICOM"
@@ -304,8 +327,20 @@ def _dataset(
     ds.ProcedureStepState = state
     progress = Dataset()
     if state == IN_PROGRESS:
-        progress.ProcedureStepProgress = 0
-        progress.ProcedureStepProgressDescription = "Claimed for interpretation"
+        reported = updates.get("progress") or {}
+        percent = reported.get("percent")
+        progress.ProcedureStepProgress = 0 if percent is None else percent
+        progress.ProcedureStepProgressDescription = (
+            reported.get("description") or "Claimed for interpretation"
+        )
+        contacts = []
+        for uri, name in reported.get("contacts") or []:
+            contact = Dataset()
+            contact.ContactURI = uri
+            contact.ContactDisplayName = name
+            contacts.append(contact)
+        if contacts:
+            progress.ProcedureStepCommunicationsURISequence = Sequence(contacts)
     elif state == COMPLETED:
         progress.ProcedureStepProgress = 100
         progress.ProcedureStepProgressDescription = "Report signed"
@@ -315,7 +350,8 @@ def _dataset(
     ds.ProcedureStepProgressInformationSequence = Sequence([progress] if state != SCHEDULED else [])
     # Unified Procedure Step Performed Procedure Information
     performed: list[Dataset] = []
-    if state == COMPLETED:
+    reported_performed = updates.get("performed")
+    if state == COMPLETED or reported_performed:
         done = Dataset()
         done.ActualHumanPerformersSequence = Sequence(
             [_performer(session, task.claimed_by, task.group_code)] if task.claimed_by else []
@@ -323,11 +359,34 @@ def _dataset(
         done.PerformedStationNameCodeSequence = Sequence()
         done.PerformedProcedureStepStartDateTime = _dt(task.claimed_at or task.ready_at)
         done.PerformedWorkitemCodeSequence = Sequence([_code(*INTERPRETATION)])
-        done.PerformedProcedureStepEndDateTime = _dt(_signed_at(session, task.id) or task.updated_at)
-        done.OutputInformationSequence = Sequence()
+        if state == COMPLETED:
+            done.PerformedProcedureStepEndDateTime = _dt(_signed_at(session, task.id) or task.updated_at)
+        if reported_performed and reported_performed.get("description"):
+            done.PerformedProcedureStepDescription = reported_performed["description"]
+        if reported_performed and reported_performed.get("comments"):
+            done.CommentsOnThePerformedProcedureStep = reported_performed["comments"]
+        done.OutputInformationSequence = Sequence(
+            [_output(item) for item in (reported_performed or {}).get("outputs") or []]
+        )
         performed.append(done)
     ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence(performed)
     return ds
+
+
+def _output(stored: dict[str, Any]) -> Dataset:
+    """An Output Information Sequence item (PS3.4 Table CC.2.5-3) as an Update gave it."""
+    item = Dataset()
+    item.TypeOfInstances = "DICOM"
+    item.StudyInstanceUID = stored.get("study", "")
+    item.SeriesInstanceUID = stored.get("series", "")
+    references = []
+    for sop_class, sop_instance in stored.get("instances") or []:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = sop_class
+        reference.ReferencedSOPInstanceUID = sop_instance
+        references.append(reference)
+    item.ReferencedSOPSequence = Sequence(references)
+    return item
 
 
 def to_json(items: Seq[Dataset]) -> list[dict[str, Any]]:
@@ -438,3 +497,250 @@ def _start(
     started = tasks.get_or_raise(session, task.id)
     _audit(session, "reading-task.ups-start", started, principal)
     return StateChange(started)
+
+
+# ------------------------------------------------------------------------------------ update
+
+#: Update (N-SET) attributes the SCU may never set (PS3.4 Table CC.2.5-3, N-SET "Not allowed":
+#: the SOP Common identifiers and the Procedure Step State, changed by Change State only) and those
+#: simral derives from the request and the task (the patient and the request are the requesting
+#: site's, the schedule and the performers the worklist's): refused, 400.
+NOT_SETTABLE = frozenset(
+    {
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "ProcedureStepState",
+        "ScheduledProcedureStepPriority",
+        "ScheduledProcedureStepStartDateTime",
+        "ScheduledProcedureStepExpirationDateTime",
+        "ExpectedCompletionDateTime",
+        "ScheduledHumanPerformersSequence",
+        "ScheduledWorkitemCodeSequence",
+        "InputInformationSequence",
+        "InputReadinessState",
+        "StudyInstanceUID",
+        "ReferencedRequestSequence",
+        "ReplacedProcedureStepSequence",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "OtherPatientIDsSequence",
+        "PatientBirthDate",
+        "PatientSex",
+    }
+)
+#: What an Update stores (PS3.4 Table CC.2.5-3, N-SET 3/1 or 2/2); any other attribute is
+#: ignored with the "optional Attributes are not supported" warning (PS3.18 11.6.3.2).
+SETTABLE = frozenset(
+    {
+        "ProcedureStepProgressInformationSequence",
+        "CommentsOnTheScheduledProcedureStep",
+        "UnifiedProcedureStepPerformedProcedureSequence",
+    }
+)
+#: Attributes of the request that are not workitem content.
+_CONTROL = frozenset({"TransactionUID", "SpecificCharacterSet"})
+#: Within the Procedure Step Progress Information Sequence and the Performed Procedure Sequence.
+_PROGRESS_KEYS = frozenset(
+    {"ProcedureStepProgress", "ProcedureStepProgressDescription", "ProcedureStepCommunicationsURISequence"}
+)
+_PERFORMED_KEYS = frozenset(
+    {"OutputInformationSequence", "CommentsOnThePerformedProcedureStep", "PerformedProcedureStepDescription"}
+)
+#: The audit action whose records hold the accepted updates (the task has no column for them).
+UPDATE_ACTION = "reading-task.ups-update"
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_OPTIONAL_WARNING = "Requested optional Attributes are not supported"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """An accepted Update: the task, and the warning to answer with the 200 (empty: none)."""
+
+    task: ReadingTask
+    warning: str = ""
+
+
+def _text(value: Any, keyword: str, limit: int) -> str:
+    text = str(value or "").strip()
+    if len(text) > limit:
+        raise WorkitemError(400, f"The dataset did not conform to the requirements: {keyword} is too long")
+    return text
+
+
+def _uid(value: Any, keyword: str) -> str:
+    uid = str(value or "").strip()
+    if len(uid) > 64 or not _UID.match(uid):
+        raise WorkitemError(400, f"The dataset did not conform to the requirements: {keyword} is not a UID")
+    return uid
+
+
+def _one_item(ds: Dataset, keyword: str) -> Dataset | None:
+    items = list(ds.get(keyword) or [])
+    if len(items) > 1:
+        raise WorkitemError(400, f"The dataset did not conform to the requirements: one {keyword} item")
+    return items[0] if items else None
+
+
+def _progress(item: Dataset | None, ignored: set[str]) -> dict[str, Any]:
+    """The progress (PS3.4 Table CC.2.5-3 Progress Information) of one Update, replacing the last."""
+    out: dict[str, Any] = {"percent": None, "description": "", "contacts": []}
+    if item is None:
+        return out
+    ignored.update(e.keyword or str(e.tag) for e in item if e.keyword not in _PROGRESS_KEYS)
+    raw = item.get("ProcedureStepProgress")
+    if raw not in (None, ""):
+        try:
+            percent = float(raw)
+        except (TypeError, ValueError):
+            percent = -1.0
+        if not 0 <= percent <= 100:
+            raise WorkitemError(
+                400, "The dataset did not conform to the requirements: ProcedureStepProgress is 0 to 100"
+            )
+        out["percent"] = percent
+    out["description"] = _text(
+        item.get("ProcedureStepProgressDescription"), "ProcedureStepProgressDescription", 1024
+    )
+    for contact in list(item.get("ProcedureStepCommunicationsURISequence") or [])[:8]:
+        uri = _text(contact.get("ContactURI"), "ContactURI", 1024)
+        if uri:
+            out["contacts"].append([uri, _text(contact.get("ContactDisplayName"), "ContactDisplayName", 64)])
+    return out
+
+
+def _outputs(performed: Dataset, ignored: set[str]) -> list[dict[str, Any]]:
+    """The Output Information Sequence items: DICOM references (study, series, SOP instances)."""
+    outputs: list[dict[str, Any]] = []
+    for item in list(performed.get("OutputInformationSequence") or [])[:32]:
+        known = {"TypeOfInstances", "StudyInstanceUID", "SeriesInstanceUID", "ReferencedSOPSequence"}
+        ignored.update(e.keyword or str(e.tag) for e in item if e.keyword not in known)
+        kind = _text(item.get("TypeOfInstances") or "DICOM", "TypeOfInstances", 16).upper()
+        if kind != "DICOM":
+            ignored.add("OutputInformationSequence.TypeOfInstances")
+            continue
+        references = [
+            [
+                _uid(ref.get("ReferencedSOPClassUID"), "ReferencedSOPClassUID"),
+                _uid(ref.get("ReferencedSOPInstanceUID"), "ReferencedSOPInstanceUID"),
+            ]
+            for ref in list(item.get("ReferencedSOPSequence") or [])[:1000]
+        ]
+        outputs.append(
+            {
+                "study": _uid(item.get("StudyInstanceUID"), "StudyInstanceUID"),
+                "series": _uid(item.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+                "instances": references,
+            }
+        )
+    return outputs
+
+
+def parse_update(payload: Dataset) -> tuple[dict[str, Any], list[str]]:
+    """What an Update payload sets (only the keys it carries: N-SET leaves the others as they are)
+    and the attributes ignored; :class:`WorkitemError` (400) for an attribute that may not be set or
+    a value that does not conform."""
+    refused = sorted(e.keyword for e in payload if e.keyword in NOT_SETTABLE)
+    if refused:
+        raise WorkitemError(
+            400,
+            "The dataset did not conform to the requirements: these attributes may not be updated: "
+            + ", ".join(refused),
+        )
+    ignored: set[str] = {
+        e.keyword or str(e.tag) for e in payload if e.keyword not in SETTABLE and e.keyword not in _CONTROL
+    }
+    changes: dict[str, Any] = {}
+    if "ProcedureStepProgressInformationSequence" in payload:
+        changes["progress"] = _progress(
+            _one_item(payload, "ProcedureStepProgressInformationSequence"), ignored
+        )
+    if "CommentsOnTheScheduledProcedureStep" in payload:
+        changes["comments"] = _text(
+            payload.get("CommentsOnTheScheduledProcedureStep"), "CommentsOnTheScheduledProcedureStep", 10240
+        )
+    if "UnifiedProcedureStepPerformedProcedureSequence" in payload:
+        performed = _one_item(payload, "UnifiedProcedureStepPerformedProcedureSequence") or Dataset()
+        ignored.update(e.keyword or str(e.tag) for e in performed if e.keyword not in _PERFORMED_KEYS)
+        changes["performed"] = {
+            "description": _text(
+                performed.get("PerformedProcedureStepDescription"), "PerformedProcedureStepDescription", 64
+            ),
+            "comments": _text(
+                performed.get("CommentsOnThePerformedProcedureStep"),
+                "CommentsOnThePerformedProcedureStep",
+                10240,
+            ),
+            "outputs": _outputs(performed, ignored),
+        }
+    return changes, sorted(ignored)
+
+
+def update_workitem(
+    session: Session, principal: Principal, uid: str, *, payload: Dataset, transaction_uid: str
+) -> UpdateResult | None:
+    """Update Workitem (PS3.18 11.6; PS3.4 CC.2.6, N-SET) by its performer: None when ``principal``
+    may not see ``uid``. A SCHEDULED workitem is not updated (its scheduling is the request's and
+    the worklist's: 409); a COMPLETED or CANCELED one is final (400, PS3.18 11.6.2); an IN PROGRESS
+    one needs the Transaction UID given to Change State (400 when missing or incorrect) and its
+    holder (:class:`AccessDenied` for anyone else). The accepted values are kept in the audit record
+    of the update (:data:`UPDATE_ACTION`), which Retrieve and Search read back."""
+    task = find(session, principal, uid)
+    if task is None:
+        return None
+    current = STATE_OF_TASK[task.state]
+    if current in (COMPLETED, CANCELED):
+        raise WorkitemError(
+            400, f"The submitted request is inconsistent with the current state of the Workitem ({current})"
+        )
+    if current == SCHEDULED:
+        raise WorkitemError(409, "The target URI did not reference a claimed Workitem")
+    if not transaction_uid:
+        raise WorkitemError(400, "The Transaction UID is missing")
+    if task.ups_transaction_uid != transaction_uid:
+        raise WorkitemError(400, "The Transaction UID is incorrect")
+    if not _reader(principal, task.group_code) or task.claimed_by != principal.name:
+        raise AccessDenied(f"{principal.audit_name} does not hold reading task {task.id}")
+    changes, ignored = parse_update(payload)
+    warning = f"{_OPTIONAL_WARNING}: {', '.join(ignored)[:200]}" if ignored else ""
+    if not changes:
+        return UpdateResult(task, warning=warning)
+    result = session.execute(
+        update(ReadingTask)
+        .where(
+            ReadingTask.id == task.id,
+            ReadingTask.state == TASK_CLAIMED,
+            ReadingTask.claimed_by == principal.name,
+            ReadingTask.ups_transaction_uid == transaction_uid,
+        )
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        raise WorkitemError(
+            409, "The submitted request is inconsistent with the current state of the Workitem"
+        )
+    updated = tasks.get_or_raise(session, task.id)
+    _audit(session, UPDATE_ACTION, updated, principal, set=changes, ignored=ignored)
+    return UpdateResult(updated, warning=warning)
+
+
+def _updates(session: Session, task: ReadingTask) -> dict[str, Any]:
+    """The values set by Update since the task was claimed, the later ones replacing the earlier."""
+    since = task.claimed_at
+    if since is None:
+        return {}
+    merged: dict[str, Any] = {}
+    for detail in session.scalars(
+        select(AuditEvent.detail)
+        .where(
+            AuditEvent.action == UPDATE_ACTION,
+            AuditEvent.study_uid == task.study_uid,
+            AuditEvent.at >= since,
+        )
+        .order_by(AuditEvent.id)
+    ):
+        if isinstance(detail, dict) and detail.get("task") == task.id:
+            merged.update(detail.get("set") or {})
+    return merged

@@ -157,7 +157,8 @@ span.nowrap{white-space:nowrap}
 a.button{display:inline-block;padding:.35rem .8rem;background:#1d4ed8;color:#fff;text-decoration:none}
 table.reading td{vertical-align:middle}.sub{display:block;font-size:.8rem;color:#4b5563}
 .late{color:#b91c1c;font-weight:600}.left{font-weight:600}.sub.alerted{color:#92400e}
-tr.overdue td{background:#fff1f2}form.assign label{flex-direction:row;align-items:center;gap:.3rem}
+tr.overdue td{background:#fff1f2}tr.due-soon td{background:#fffbeb}.left.soon{color:#92400e}
+form.assign label{flex-direction:row;align-items:center;gap:.3rem}
 table.reading .buttons{align-items:center}
 table.reading button,table.reading a.button{padding:.35rem .8rem;font-size:.95rem}
 """

@@ -1,8 +1,12 @@
 """The reading worklist (DESIGN.md §7): ``/reading`` for the radiologists of a teleradiology group.
 
 The group's ready and claimed tasks, urgent first then by deadline, with the time left ("dans
-35 min", "en retard de 10 min"); a radiologist claims a ready task (exclusive: the second claim of
-the same task is answered 409 with who holds it), opens the study in the viewer, or releases it.
+35 min", "en retard de 10 min"), counted down in the page every 30 s by ``/static/reading-countdown.js``
+(a static script: the Content-Security-Policy allows no inline script) from each row's
+``data-deadline`` (ISO 8601, UTC); rows whose deadline is within ``reading_escalate_minutes`` are
+marked ``due-soon``, passed ones ``overdue``. A radiologist claims a ready task (exclusive: the
+second claim of the same task is answered 409 with who holds it), opens the study in the viewer, or
+releases it.
 The group's administrators release or hand a task to a named radiologist. A ready task pre-assigned
 to the radiologist on call shows "de garde : Dr X" (:mod:`simral.reading.routing`); the on-call
 radiologist sees how many are theirs and which deadlines they were alerted of. The same operations
@@ -12,8 +16,9 @@ token). The reading task service checks every right and writes the audit records
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -145,6 +150,49 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
     },
 }
 
+#: The worklist's countdown (``/static/reading-countdown.js``): every 30 s, each ``[data-deadline]``
+#: of ``table.reading`` says the time left as :func:`delay_text` does, with the templates and the
+#: day unit of the table's ``data-countdown``, and its row is marked ``due-soon`` (within
+#: ``data-warn-seconds``) or ``overdue``.
+COUNTDOWN_SCRIPT = """(function () {
+  "use strict";
+  var table = document.querySelector("table.reading[data-countdown]");
+  if (!table) { return; }
+  var text = JSON.parse(table.getAttribute("data-countdown"));
+  var warn = Number(table.getAttribute("data-warn-seconds")) || 0;
+  function amount(minutes) {
+    if (minutes < 60) { return minutes + " min"; }
+    if (minutes < 48 * 60) {
+      var hours = Math.floor(minutes / 60), rest = minutes % 60;
+      return rest ? hours + " h " + (rest < 10 ? "0" : "") + rest : hours + " h";
+    }
+    return Math.floor(minutes / (24 * 60)) + " " + text.day;
+  }
+  function tick() {
+    var now = Date.now();
+    table.querySelectorAll("[data-deadline]").forEach(function (cell) {
+      var due = Date.parse(cell.getAttribute("data-deadline"));
+      if (isNaN(due)) { return; }
+      var seconds = (due - now) / 1000;
+      var overdue = seconds < 0;
+      var soon = !overdue && seconds <= warn;
+      var delay = amount(Math.floor(Math.abs(seconds) / 60));
+      cell.textContent = (overdue ? text.late : text["in"]).replace("{delay}", delay);
+      cell.classList.toggle("late", overdue);
+      cell.classList.toggle("left", !overdue);
+      cell.classList.toggle("soon", soon);
+      var row = cell.closest("tr");
+      if (row) {
+        row.classList.toggle("overdue", overdue);
+        row.classList.toggle("due-soon", soon);
+      }
+    });
+  }
+  tick();
+  window.setInterval(tick, 30000);
+})();
+"""
+
 #: Messages shown after a redirect (``?done=``).
 DONE = ("claimed", "released", "assigned")
 
@@ -210,6 +258,12 @@ def task_json(row: tasks.TaskRow, *, now: datetime) -> dict[str, Any]:
 def mount_reading(web: FastAPI, ctx: AppContext) -> None:
     """Add ``/reading`` and ``/api/reading/tasks`` to ``web``."""
 
+    @web.get("/static/reading-countdown.js", include_in_schema=False)
+    def countdown_script() -> Response:
+        return Response(
+            COUNTDOWN_SCRIPT, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"}
+        )
+
     @web.get("/reading/tasks/{task_id}/viewer")
     def open_viewer(request: Request, task_id: RowId) -> Response:
         """The viewer on the task's study with the patient's earlier studies the radiologist may see
@@ -223,6 +277,9 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         return RedirectResponse(
             viewer_url(task.study_uid, explicit_language(request), priors=priors), status_code=303
         )
+
+    #: How near a deadline marks a row (the escalation's, :mod:`simral.reading.routing`).
+    warn_before = timedelta(minutes=ctx.settings.reading_escalate_minutes)
 
     def _suffix(request: Request, **params: str) -> str:
         explicit = explicit_language(request)
@@ -257,7 +314,14 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
             else f'<span class="priority routine">{escape(text["routine"])}</span>'
         )
         delay, overdue = delay_text(task.due_at, now, language)
-        due = f'<span class="{"late" if overdue else "left"}">{escape(delay)}</span>'
+        deadline = as_utc(task.due_at)
+        soon = deadline is not None and not overdue and deadline - now <= warn_before
+        if deadline is not None:
+            css = "late" if overdue else "left soon" if soon else "left"
+            iso = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+            due = f'<span class="{css}" data-deadline="{iso}">{escape(delay)}</span>'
+        else:
+            due = f'<span class="left">{escape(delay)}</span>'
         if task.due_at is not None:
             due += f'<span class="sub">{escape(_local_time(task.due_at, language))}</span>'
         if task.oncall_alerted_at is not None:
@@ -338,7 +402,11 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
                 f'<label>{escape(text["assign"])} <select name="login">{options}</select></label>'
                 f'<button type="submit">{escape(text["do_assign"])}</button></form>'
             )
-        css = " ".join(c for c in ("urgent" if urgent else "", "overdue" if overdue else "") if c)
+        css = " ".join(
+            c
+            for c in ("urgent" if urgent else "", "overdue" if overdue else "", "due-soon" if soon else "")
+            if c
+        )
         return (
             f'<tr data-task="{task.id}" data-state="{escape(task.state)}"'
             + (f' class="{css}"' if css else "")
@@ -396,10 +464,17 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
                     _row(request, principal, row, now=now, admin=admin, radiologists=radiologists)
                     for row in rows
                 ],
-            ).replace("<table>", '<table class="reading">', 1)
+            ).replace("<table>", f'<table class="reading" {_countdown_attributes(language)}>', 1)
+            body += '<script src="/static/reading-countdown.js" defer></script>'
         else:
             body += f"<p>{escape(text['none'])}</p>"
         return page(request, text["title"], body, principal=principal)
+
+    def _countdown_attributes(language: Language) -> str:
+        text = TEXT[language]
+        templates = {"in": text["in"], "late": text["late"], "day": "j" if language == "fr" else "d"}
+        warn = int(warn_before.total_seconds())
+        return f'data-countdown="{escape(json.dumps(templates))}" data-warn-seconds="{warn}"'
 
     def _conflict_page(request: Request, principal: Principal, message: str, status: int) -> HTMLResponse:
         text = TEXT[request_language(request)]

@@ -158,8 +158,10 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{_DW}/workitems/{{uid}}"): policy("may_review_requests", "may_assign_reading"),
     ("PUT", f"{_DW}/workitems/{{uid}}/state"): policy("may_review_requests", note="claim/complete a task"),
     ("POST", f"{_DW}/workitems"): _UPS_NOT_SUPPORTED,
-    ("POST", f"{_DW}/workitems/{{uid}}"): _UPS_NOT_SUPPORTED,
-    ("POST", f"{_DW}/workitems/{{uid}}/cancelrequest"): _UPS_NOT_SUPPORTED,
+    ("POST", f"{_DW}/workitems/{{uid}}"): policy("may_review_requests", note="the performer's progress"),
+    ("POST", f"{_DW}/workitems/{{uid}}/cancelrequest"): authenticated(
+        "then 501: a reading task is cancelled with its request, by the requesting site"
+    ),
     ("POST", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}"): _UPS_NOT_SUPPORTED,
     ("DELETE", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}"): _UPS_NOT_SUPPORTED,
     ("POST", f"{_DW}/workitems/{{uid}}/subscribers/{{aet}}/suspend"): _UPS_NOT_SUPPORTED,
@@ -209,6 +211,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/import"): policy("may_store", note="a professional acting for an organisation"),
     ("POST", "/import"): policy("may_store", note="multipart upload: X-CSRF-Token header with a session"),
     ("GET", "/static/media-import.js"): public("script of the import page"),
+    ("GET", "/static/reading-countdown.js"): public("countdown script of the reading worklist"),
     # -- export, sharing ------------------------------------------------------------------------
     ("GET", "/studies/{study_uid}/export.zip"): policy(
         "visible_studies", note="PDI ZIP; 404 when not visible"
