@@ -44,6 +44,8 @@ from simral.db.base import utcnow
 from simral.jobs.models import Job
 from simral.patients.service import AuthorityRef, Traits
 from simral.reading import service as reading
+from simral.reading.cda import Organisation as CdaOrganisation
+from simral.reading.cda import ReportDocument, build_cda
 from simral.reading.models import ImagingRequest, Report
 from simral.reading.publication import enqueue_publication
 
@@ -86,11 +88,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     )
     simral.cli("organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE)
     simral.cli(
-        "organisations", "add", "TLR", "--name", "Téléradiologie Occitanie", "--kind", "teleradiology-group"
-    )
+        "organisations", "add", "TLR", "--name", "Téléradiologie Occitanie", "--kind", "teleradiology-group",
+        "--activity-sector", "SA09", "--siret", "12345678900017",  # the custodian's national id
+    )  # fmt: skip
+    # The site's secteur d'activité as its CDA documents name it (healthCareFacility/code).
+    updated = simral.cli("organisations", "update", "CHSUD", "--activity-sector", "sa04")
+    assert "SA04" in updated.stdout and "ETABLISSEMENT" in updated.stdout
     simral.cli(
         "users", "add", "dr_roux", "--organisation", "TLR", "--role", "radiologist", "--rpps", "10008000001",
-        "--name", "Claire Roux", "--password-stdin", input=PASSWORD + "\n",
+        "--name", "Dr Claire Roux", "--password-stdin", input=PASSWORD + "\n",
     )  # fmt: skip
     simral.cli(
         "users", "add", "manip_sud", "--organisation", "CHSUD", "--role", "technologist",
@@ -210,8 +216,10 @@ def _cda_of(message_text: str) -> bytes:
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    """The conformance kit's CDA check: XSD, the CR-IMG schematron and (``--profiles``) the generic
+    ANS ones (Structuration minimale, IHE, CI-SIS content modules)."""
     return subprocess.run(
-        [sys.executable, str(VALIDATE), "cda", str(path)],
+        [sys.executable, str(VALIDATE), "cda", str(path), "--profiles"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -259,7 +267,19 @@ def test_ris_receives_oru_with_a_valid_cda(setup: Setup, first: int, tmp_path: P
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CI-SIS_IMG-CR-IMG_2024.01.sch: PASS" in result.stdout
+    assert "ASIP-STRUCT-MIN-StrucMin.sch: PASS" in result.stdout and "FAIL" not in result.stdout
     root = etree.fromstring(cda)
+    # The performer's organisation (the group) by its practice setting (JDV_J04, the default of a
+    # group), the site by its secteur d'activité (JDV_J02, set with `organisations update`).
+    performer = "cda:documentationOf/cda:serviceEvent/cda:performer/cda:assignedEntity"
+    industry = root.find(f"{performer}/cda:representedOrganization/cda:standardIndustryClassCode", CDA_NS)
+    assert (industry.get("code"), industry.get("codeSystem")) == ("AMBULATOIRE", "1.2.250.1.213.1.1.4.9")
+    facility = root.find(
+        "cda:componentOf/cda:encompassingEncounter/cda:location/cda:healthCareFacility/cda:code", CDA_NS
+    )
+    assert (facility.get("code"), facility.get("codeSystem")) == ("SA04", "1.2.250.1.71.4.2.4")
+    name = root.find(f"{performer}/cda:assignedPerson/cda:name", CDA_NS)
+    assert [(part.tag.split("}")[1], part.text) for part in name] == [("given", "Claire"), ("family", "Roux")]
     assert root.find("cda:id", CDA_NS).get("root") == report.document_uid
     assert root.find("cda:versionNumber", CDA_NS).get("value") == "1"
     order = root.find("cda:inFulfillmentOf/cda:order/cda:id", CDA_NS)
@@ -270,6 +290,55 @@ def test_ris_receives_oru_with_a_valid_cda(setup: Setup, first: int, tmp_path: P
         for i in root.findall("cda:recordTarget/cda:patientRole/cda:id", CDA_NS)
     ]
     assert ids == [(OID_SITE, "IPP-PUB-1")]
+
+
+@pytest.mark.parametrize(
+    ("display_name", "parts"),
+    [
+        ("Dr Claire Roux", [("given", "Claire"), ("family", "Roux"), ("suffix", "DR")]),
+        ("Professeur Jean de La Tour", [("given", "Jean"), ("family", "de La Tour"), ("suffix", "PR")]),
+        ("Roux", [("family", "Roux")]),
+    ],
+)
+def test_professional_names_carry_their_title_as_the_cisis_suffix(
+    display_name: str, parts: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    """A title the display name starts with (Dr, Pr, Docteur, Professeur) is the CI-SIS ``suffix``
+    code (JDV_J246-Titre: DR, PR), not a given name; ``prefix`` is the civilité (JDV_J245: M, MME),
+    which accounts do not record. A site and a group given no codes get those of their kind."""
+    document = ReportDocument(
+        document_uid="1.2.250.1.999.9.10.1",
+        set_id="1.2.250.1.999.9.10.2",
+        version=1,
+        signed_at=utcnow(),
+        author_name=display_name,
+        author_national_id="810008000001",
+        indications="Dyspnée.",
+        technique="Scanner thoracique.",
+        results="Pas d'anomalie.",
+        conclusion="Normal.",
+        patient={"ipp": "IPP-PUB-9", "ipp_oid": OID_SITE, "birth_name": "MARTIN",
+                 "first_birth_given_name": "Élise", "sex": "F", "birth_date": "19620514"},
+        study_uid="1.2.250.1.999.9.10.3",
+        modality="CT",
+        group=CdaOrganisation("TLR", "Téléradiologie Occitanie", siret="12345678900017",
+                              activity_sector="SA08", practice_setting="AMBULATOIRE"),
+        site=CdaOrganisation("CHSUD", "CH Sud", finess="990000041"),
+    )  # fmt: skip
+    root = etree.fromstring(build_cda(document))
+    for path in ("cda:author/cda:assignedAuthor", "cda:legalAuthenticator/cda:assignedEntity"):
+        name = root.find(f"{path}/cda:assignedPerson/cda:name", CDA_NS)
+        assert [(part.tag.split("}")[1], part.text) for part in name] == parts
+    facility = root.find(
+        "cda:componentOf/cda:encompassingEncounter/cda:location/cda:healthCareFacility/cda:code", CDA_NS
+    )
+    assert (facility.get("code"), facility.get("displayName")) == ("SA01", "Etablissement public de santé")
+    if display_name.startswith("Dr"):  # the whole kit once is enough (~15 s)
+        path = tmp_path / "cr-img.xml"
+        path.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+        result = _validate(path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ASIP-STRUCT-MIN-StrucMin.sch: PASS" in result.stdout
 
 
 def test_encapsulated_pdf_over_wado_rs_passes_dciodvfy(setup: Setup, first: int, tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ TLRG (``simral contracts add``); TLR2 is another group. In order:
 
 1. the RIS test client sends an IHE OMI^O23 ORC-1 NW (hl7apy, ANS test INS only) over MLLP;
 2. radio_t (TLRG) accepts it with a protocol through the portal (bearer token); the RIS listener
-   receives the answer — an ORU^R01 ORC-1 OK with the protocol: the ANS guide's flux 3 is an
-   ORU^R01, not the ORL^O22 of IHE RAD-2/RAD-4, and simral answers every RIS that way;
+   receives the answer to its OMI^O23: an ORL^O22 (MSA AA with the order's control id, ORC-1 OK,
+   the protocol in NTE) — the ANS flux 3 ORU^R01 is for the guide's ORM^O01 requesters;
 3. dcmtk ``findscu -W`` from the site's scanner sees the worklist item;
 4. the scanner starts its MPPS (pynetdicom N-CREATE IN PROGRESS: dcmtk has no MPPS SCU), stores
    CT images with dcmtk ``storescu`` under the worklist's Study Instance UID, accession number and
@@ -23,7 +23,6 @@ TLRG (``simral contracts add``); TLR2 is another group. In order:
 
 from __future__ import annotations
 
-import base64
 import re
 import socket
 import subprocess
@@ -282,16 +281,18 @@ def test_request_to_published_report(e2e: EndToEnd) -> None:
         follow_redirects=False,
     )
     assert accepted.status_code == 303, accepted.text
-    # The answer the RIS receives. The issue says "ORL": the ANS guide's flux 3 (réponse à la
-    # demande) is an ORU^R01 ORC-1 OK with the protocol (base64 ED), and that is what simral sends
-    # every RIS for an accepted request, IHE OMI senders included (no ORL^O22).
-    answer = e2e.ris.wait_for(lambda text: PLACER in text and "CISIS_TLR_HL7_V2" in text, timeout=60)
-    assert answer.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
-    order = answer.oru_r01_patient_result.oru_r01_order_observation
+    # The answer the RIS receives: an ORL^O22 answering its OMI^O23 (simral.hl7.answers), with the
+    # protocol; not the ANS flux 3 ORU^R01, which the guide's ORM^O01 requesters get.
+    answer = e2e.ris.wait_for(lambda text: PLACER in text and "ORL^O22" in text, timeout=60)
+    assert answer.msh.msh_9.to_er7() == "ORL^O22^ORL_O22"
+    assert (answer.msa.msa_1.to_er7(), answer.msa.msa_2.to_er7()) == ("AA", "E2E-1")
+    order = answer.orl_o22_response.orl_o22_patient.orl_o22_order
     assert order.orc.orc_1.to_er7() == "OK" and order.orc.orc_2.to_er7().startswith(f"{PLACER}^")
-    ed = order.oru_r01_observation.obx.obx_5.to_er7().split("^")
-    assert base64.b64decode(ed[4]).decode("utf-8") == PROTOCOL
-    assert not any("ORL^O22" in text for text in e2e.ris.received)
+    assert order.orc.orc_5.to_er7() == "SC"
+    assert order.orl_o22_observation_request.obr.obr_4.to_er7() == "24627-2^TDM thorax^LN"
+    assert answer.nte.nte_4.to_er7().startswith("PROTOCOLE_IMAGERIE^")
+    assert [rep.to_er7() for rep in answer.nte.nte_3] == PROTOCOL.splitlines()
+    assert not any(PLACER in text and "ORU^R01" in text for text in e2e.ris.received)
 
     # 3. The scanner's worklist query (dcmtk findscu -W) sees the scheduled item.
     found = findscu_worklist(e2e.simral, e2e.base, SCANNER_AE, IssuerOfPatientIDQualifiersSequence="")

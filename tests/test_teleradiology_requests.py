@@ -655,6 +655,51 @@ def test_ihe_omi_orders_are_accepted_too(platform: Platform) -> None:
     assert _ack(cancel) == ("AA", "TLR-31") and platform.request("OMI201").state == "cancelled"
 
 
+def test_an_ihe_omi_sender_gets_orl_o22_answers(platform: Platform) -> None:
+    """A RIS that ordered with IHE OMI^O23 gets ORL^O22 (HL7 v2.5.1 §4.4) answers, durable like flux
+    3: accepted (ORC-1 OK, the protocol in NTE) and refused (ORC-1 UA per table 0119, ORC-16)."""
+    for control_id, placer in (("TLR-40", "OMI401"), ("TLR-41", "OMI402")):
+        (ack,) = platform.send(ihe_omi(control_id, "NW", placer, accession=f"AC{placer}", study_uid=""))
+        assert _ack(ack) == ("AA", control_id)
+    protocol = "TDM thoracique sans injection\nCoupes fines 1 mm | filtre parenchymateux"
+    accepted = platform.request("OMI401")
+    assert accepted.hl7_order["message"] == "OMI^O23" and accepted.hl7_order["control_id"] == "TLR-40"
+    assert (
+        platform.post("radio_t", f"/requests/{accepted.id}/accept", {"protocol": protocol}).status_code == 303
+    )
+    orl = platform.ris.wait_for(lambda text: "ORL^O22" in text and "OMI401" in text)
+    assert orl.msh.msh_9.to_er7() == "ORL^O22^ORL_O22" and orl.msh.msh_12.to_er7() == "2.5.1"
+    assert (orl.msa.msa_1.to_er7(), orl.msa.msa_2.to_er7()) == ("AA", "TLR-40")
+    order = orl.orl_o22_response.orl_o22_patient.orl_o22_order
+    assert (order.orc.orc_1.to_er7(), order.orc.orc_5.to_er7()) == ("OK", "SC")
+    assert order.orc.orc_2.to_er7() == f"OMI401^^{PLACER_OID}^ISO"
+    assert order.orc.orc_3.to_er7() == f"{accepted.id}^SIMRAL"
+    assert order.orc.orc_12.to_er7().startswith("801234567897^Hoda^Adam")  # the requester, as ordered
+    assert order.orc.orc_19.to_er7().startswith("810006000001^Radio T")  # who accepted
+    assert order.orl_o22_timing.tq1.tq1_9.to_er7() == "S"
+    assert order.orl_o22_observation_request.obr.obr_4.to_er7() == "24627-2^TDM thorax^LN"
+    assert orl.nte.nte_4.to_er7().split("^")[0] == "PROTOCOLE_IMAGERIE"
+    assert [line.to_er7() for line in orl.nte.nte_3] == [
+        "TDM thoracique sans injection",
+        "Coupes fines 1 mm \\F\\ filtre parenchymateux",
+    ]
+    assert orl.orl_o22_response.orl_o22_patient.pid.pid_3.to_er7().startswith(NIR)
+    _wait(lambda: [j.state for j in platform.jobs_for(accepted.id)] == ["done"], what="ORL job done")
+
+    refused = platform.request("OMI402")
+    reason = "Examen non indiqué : échographie d'abord"
+    assert platform.post("radio_t", f"/requests/{refused.id}/refuse", {"reason": reason}).status_code == 303
+    orl = platform.ris.wait_for(lambda text: "ORL^O22" in text and "OMI402" in text)
+    assert (orl.msa.msa_1.to_er7(), orl.msa.msa_2.to_er7()) == ("AA", "TLR-41")
+    order = orl.orl_o22_response.orl_o22_patient.orl_o22_order
+    assert (order.orc.orc_1.to_er7(), order.orc.orc_5.to_er7()) == ("UA", "CA")
+    assert order.orc.orc_16.to_er7() == f"^{reason}"
+    assert "NTE|" not in orl.to_er7() and "TQ1|" not in orl.to_er7()
+    _wait(lambda: [j.state for j in platform.jobs_for(refused.id)] == ["done"], what="ORL job done")
+    # Neither got the ANS flux 3 answer, which stays for the ORM^O01 requesters.
+    assert not any("ORU^R01" in text and "OMI40" in text for text in platform.ris.received)
+
+
 def test_a_site_without_ris_requests_through_the_portal(platform: Platform) -> None:
     form = {
         "ipp": "IPP-CHX-77",

@@ -25,6 +25,13 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 
 
+SECTOR_HELP = (
+    "Secteur d'activité (TRE_R02, JDV_J02 healthcare facility type of its CDA documents: SA01 public "
+    "hospital, SA04 private, SA07/SA08 individual/group practice…); default by kind."
+)
+SETTING_HELP = "Practice setting (JDV_J04: ETABLISSEMENT, AMBULATOIRE…); default by kind."
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
@@ -43,6 +50,8 @@ def organisations_add(
     accession_oid: Annotated[
         str, typer.Option(help="OID of the authority assigning its accession numbers.")
     ] = "",
+    activity_sector: Annotated[str, typer.Option(help=SECTOR_HELP)] = "",
+    practice_setting: Annotated[str, typer.Option(help=SETTING_HELP)] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -60,9 +69,37 @@ def organisations_add(
             siret=siret,
             patient_id_oid=patient_id_oid,
             accession_oid=accession_oid,
+            activity_sector=activity_sector,
+            practice_setting=practice_setting,
             principal=cli_principal(),
         )
     out.print(f"organisation {code} added")
+
+
+@organisations_app.command("update")
+def organisations_update(
+    code: str,
+    name: Annotated[str | None, typer.Option("--name", help="Display name.")] = None,
+    activity_sector: Annotated[str | None, typer.Option(help=SECTOR_HELP)] = None,
+    practice_setting: Annotated[str | None, typer.Option(help=SETTING_HELP)] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Change an organisation's name, secteur d'activité or practice setting."""
+    from simral.identity import service as identity
+
+    ctx = _open(config, data_dir)
+    with reported(identity.IdentityError), ctx.db.unit_of_work() as session:
+        organisation = identity.update_organisation(
+            session,
+            code,
+            name=name,
+            activity_sector=activity_sector,
+            practice_setting=practice_setting,
+            principal=cli_principal(),
+        )
+        sector, setting = identity.organisation_sector(organisation)
+    out.print(f"organisation {code} updated (activity sector {sector}, practice setting {setting})")
 
 
 @organisations_app.command("list")
@@ -73,9 +110,12 @@ def organisations_list(data_dir: DataDir = None, config: ConfigFile = None) -> N
     ctx = _open(config, data_dir)
     with ctx.db.reading() as session:
         rows = identity.list_organisations(session)
-    table = Table("code", "name", "kind", "FINESS", "SIRET", "patient ID OID")
+    table = Table("code", "name", "kind", "FINESS", "SIRET", "patient ID OID", "sector", "setting")
     for org in rows:
-        table.add_row(org.code, org.name, org.kind, org.finess, org.siret, org.patient_id_oid)
+        sector, setting = identity.organisation_sector(org)
+        table.add_row(
+            org.code, org.name, org.kind, org.finess, org.siret, org.patient_id_oid, sector, setting
+        )
     out.print(table)
 
 

@@ -39,6 +39,7 @@ import binascii
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hl7apy.core import Message
@@ -520,6 +521,22 @@ def _attach(feed: Feed, request: ImagingRequest, order: Order, principal: Princi
     _store(feed, request, uploads, principal)
 
 
+def _hl7_order(header: Header, order: Order) -> dict[str, Any]:
+    """What the answer needs of the order message (:mod:`simral.hl7.answers`): its type (MSH-9),
+    its control id (MSH-10, for MSA-2 of an ORL^O22) and the ordered service (OBR-4)."""
+    obr = order.first("OBR")
+    service = (
+        {"code": obr.component(4, 1), "text": obr.component(4, 2), "system": obr.component(4, 3)}
+        if obr is not None
+        else {}
+    )
+    return {
+        "message": f"{header.message_type}^{header.event}",
+        "control_id": header.control_id,
+        "service": {key: value for key, value in service.items() if value},
+    }
+
+
 def apply(feed: Feed, message: Message, header: Header) -> None:
     """Apply one ORM^O01 / OMI^O23 message (or an ORU^R01 carrying documents for a request) in the
     caller's transaction (one call per ORDER group)."""
@@ -550,7 +567,7 @@ def apply(feed: Feed, message: Message, header: Header) -> None:
             elif header.message_type == "ORU":
                 _attach(feed, _existing(feed, order, site), order, principal)
             elif control == "NW":
-                details = request_details(order)
+                details = replace(request_details(order), hl7_order=_hl7_order(header, order))
                 attached = documents(order, max_bytes=feed.document_max_bytes)
                 created = reading.receive_request(
                     session,

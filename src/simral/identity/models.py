@@ -20,6 +20,46 @@ from simral.db.base import Base, utcnow
 OrganisationKind = Literal["hospital", "practice", "teleradiology-group", "regional-operator"]
 ORGANISATION_KINDS: tuple[str, ...] = ("hospital", "practice", "teleradiology-group", "regional-operator")
 
+#: Secteurs d'activité (TRE_R02-SecteurActivite, code system 1.2.250.1.71.4.2.4) of the CI-SIS
+#: healthcare facility types (JDV_J02-XdsHealthcareFacilityTypeCode-CISIS) that imaging sites and
+#: reading groups are, with their labels.
+ACTIVITY_SECTORS: dict[str, str] = {
+    "SA01": "Etablissement public de santé",
+    "SA02": "Hôpital militaire du Service de santé des armées",
+    "SA03": "Etablissement privé PSPH",
+    "SA04": "Etablissement privé non PSPH",
+    "SA05": "Centre de santé",
+    "SA07": "Cabinet individuel",
+    "SA08": "Cabinet de groupe",
+    "SA09": "Exercice en société",
+    "SA30": "Autre établissement sanitaire",
+    "SA36": "Centre anti-cancer",
+    "SA43": "Secteur non défini",
+    "SA51": "Structure de coopération avec autorisation de soins",
+    "SA52": "Maison de santé ou Pôle de santé",
+    "SA54": "Centre de dépistage et de prévention",
+}
+#: Practice settings (JDV_J04-XdsPracticeSettingCode-CISIS, code system 1.2.250.1.213.1.1.4.9).
+PRACTICE_SETTINGS: dict[str, str] = {
+    "AMBULATOIRE": "Ambulatoire",
+    "AMO": "Organisme d'assurance maladie obligatoire",
+    "DEPISTAGE": "Dépistage",
+    "ESSMS": "Etablissement ou Service Social ou Médico-Social",
+    "ETABLISSEMENT": "Etablissement de santé",
+    "HAD": "Hospitalisation à domicile",
+    "MAD": "Maintien à domicile",
+    "PALLIATIF": "Soins palliatifs",
+    "SAD": "Soins à domicile",
+    "SAMU_SMUR": "SAMU/SMUR",
+}
+#: What an organisation that was given neither is taken to be, by kind (secteur, practice setting).
+DEFAULT_SECTORS: dict[str, tuple[str, str]] = {
+    "hospital": ("SA01", "ETABLISSEMENT"),
+    "practice": ("SA08", "AMBULATOIRE"),
+    "teleradiology-group": ("SA08", "AMBULATOIRE"),
+    "regional-operator": ("SA43", "AMBULATOIRE"),
+}
+
 Role = Literal[
     "technologist", "radiologist", "referring-physician", "site-admin", "regional-admin", "auditor"
 ]
@@ -49,6 +89,12 @@ class Organisation(Base):
     patient_id_oid: Mapped[str] = mapped_column(String(64), default="")
     #: OID of the authority assigning its accession numbers (Issuer of Accession Number Sequence).
     accession_oid: Mapped[str] = mapped_column(String(64), default="")
+    #: Secteur d'activité (TRE_R02, JDV_J02 XdsHealthcareFacilityTypeCode, e.g. SA01, SA08) and
+    #: practice setting (JDV_J04 XdsPracticeSettingCode, e.g. ETABLISSEMENT, AMBULATOIRE) its CDA
+    #: documents name (healthCareFacility/code, representedOrganization/standardIndustryClassCode);
+    #: empty: the default of its kind (:func:`simral.identity.service.organisation_sector`).
+    activity_sector: Mapped[str] = mapped_column(String(8), default="")
+    practice_setting: Mapped[str] = mapped_column(String(32), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -36,7 +36,10 @@ from simral.access.policy import AccessDenied, Principal, may_break_glass, may_m
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import (
+    ACTIVITY_SECTORS,
+    DEFAULT_SECTORS,
     ORGANISATION_KINDS,
+    PRACTICE_SETTINGS,
     ROLES,
     AdminAlert,
     ApiToken,
@@ -84,10 +87,12 @@ def create_organisation(
     siret: str = "",
     patient_id_oid: str = "",
     accession_oid: str = "",
+    activity_sector: str = "",
+    practice_setting: str = "",
     principal: Principal,
 ) -> Organisation:
-    """Register an organisation with its national ids and the OIDs of its ID authorities (regional
-    administrators and the platform operator only)."""
+    """Register an organisation with its national ids, the OIDs of its ID authorities and its
+    secteur d'activité / practice setting (regional administrators and the platform operator only)."""
     if not may_manage(principal):
         raise AccessDenied(f"{principal.audit_name} may not create organisations")
     if not _CODE.match(code):
@@ -100,6 +105,7 @@ def create_organisation(
         raise IdentityError(f"SIRET {siret!r} is not 14 digits")
     _check_oid(patient_id_oid, "patient ID authority")
     _check_oid(accession_oid, "accession number authority")
+    _check_sector(activity_sector, practice_setting)
     if get_organisation(session, code) is not None:
         raise IdentityError(f"an organisation with code {code!r} already exists")
     organisation = Organisation(
@@ -110,6 +116,8 @@ def create_organisation(
         siret=siret,
         patient_id_oid=patient_id_oid,
         accession_oid=accession_oid,
+        activity_sector=activity_sector.upper(),
+        practice_setting=practice_setting.upper(),
     )
     session.add(organisation)
     audit.record(
@@ -118,6 +126,57 @@ def create_organisation(
         principal=principal,
         detail={"code": code, "name": name, "kind": kind, "finess": finess},
     )
+    return organisation
+
+
+_SECTOR = re.compile(r"^SA[0-9]{2}$")
+
+
+def _check_sector(activity_sector: str, practice_setting: str) -> None:
+    """TRE_R02 secteur d'activité (``SAnn``) and JDV_J04 practice setting codes, when given."""
+    if activity_sector and not _SECTOR.match(activity_sector.upper()):
+        raise IdentityError(
+            f"activity sector {activity_sector!r} is not a TRE_R02 code (SA01, SA08…; "
+            f"JDV_J02: {', '.join(ACTIVITY_SECTORS)})"
+        )
+    if practice_setting and practice_setting.upper() not in PRACTICE_SETTINGS:
+        raise IdentityError(
+            f"practice setting {practice_setting!r} is not in JDV_J04 ({', '.join(PRACTICE_SETTINGS)})"
+        )
+
+
+def organisation_sector(organisation: Organisation) -> tuple[str, str]:
+    """The organisation's secteur d'activité (TRE_R02, JDV_J02) and practice setting (JDV_J04): as
+    set, else the default of its kind (:data:`simral.identity.models.DEFAULT_SECTORS`)."""
+    sector, setting = DEFAULT_SECTORS.get(organisation.kind, DEFAULT_SECTORS["hospital"])
+    return organisation.activity_sector or sector, organisation.practice_setting or setting
+
+
+def update_organisation(
+    session: Session,
+    code: str,
+    *,
+    name: str | None = None,
+    activity_sector: str | None = None,
+    practice_setting: str | None = None,
+    principal: Principal,
+) -> Organisation:
+    """Change an organisation's name, secteur d'activité or practice setting (``None`` keeps it,
+    ``""`` returns a code to its kind's default); regional administrators and the operator only."""
+    if not may_manage(principal):
+        raise AccessDenied(f"{principal.audit_name} may not change organisations")
+    organisation = get_organisation(session, code)
+    if organisation is None:
+        raise IdentityError(f"unknown organisation {code!r}")
+    _check_sector(activity_sector or "", practice_setting or "")
+    changed: dict[str, str] = {}
+    if name is not None and name.strip():
+        organisation.name = changed["name"] = name.strip()[:200]
+    if activity_sector is not None:
+        organisation.activity_sector = changed["activity_sector"] = activity_sector.upper()
+    if practice_setting is not None:
+        organisation.practice_setting = changed["practice_setting"] = practice_setting.upper()
+    audit.record(session, action="organisation.update", principal=principal, detail={"code": code, **changed})
     return organisation
 
 

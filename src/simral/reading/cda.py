@@ -27,6 +27,7 @@ from typing import Any
 
 from lxml import etree
 
+from simral.identity.models import ACTIVITY_SECTORS, PRACTICE_SETTINGS
 from simral.patients.models import STATUS_QUAL
 
 CDA_NS = "urn:hl7-org:v3"
@@ -41,6 +42,9 @@ CCAM = "1.2.250.1.215.300.1"
 #: National ids of professionals (PS_IdNat, "8" + RPPS) and of structures (Struct_IdNat).
 PS_ROOT = "1.2.250.1.71.4.2.1"
 STRUCTURE_ROOT = "1.2.250.1.71.4.2.2"
+#: Secteur d'activité (TRE_R02, healthcare facility types of JDV_J02) and practice settings (JDV_J04).
+SECTOR_SYSTEM = "1.2.250.1.71.4.2.4"
+PRACTICE_SETTING_SYSTEM = "1.2.250.1.213.1.1.4.9"
 #: Nomenclature des professions de santé (TRE_G15 / R38 specialities, JDV J01).
 PROFESSION_SYSTEM = "1.2.250.1.213.1.1.4.5"
 RADIOLOGIST_CODE = ("G15_10/SM44", "Médecin - Radio-diagnostic (SM)")
@@ -122,12 +126,16 @@ PREGNANCY_STATUS = {
 
 @dataclass(frozen=True)
 class Organisation:
-    """An organisation named in the document (FINESS géographique, else SIRET)."""
+    """An organisation named in the document (FINESS géographique, else SIRET), with its secteur
+    d'activité (TRE_R02, JDV_J02: healthCareFacility/code) and practice setting (JDV_J04:
+    representedOrganization/standardIndustryClassCode)."""
 
     code: str
     name: str
     finess: str = ""
     siret: str = ""
+    activity_sector: str = "SA01"
+    practice_setting: str = "ETABLISSEMENT"
 
 
 @dataclass(frozen=True)
@@ -238,22 +246,46 @@ def _structure_id(parent: etree._Element, organisation: Organisation, *, require
 
 
 def _organisation(parent: etree._Element, tag: str, organisation: Organisation) -> etree._Element:
+    """A representedOrganization (with its JDV_J04 practice setting as standardIndustryClassCode,
+    CI-SIS Structuration minimale) or a representedCustodianOrganization (which has none)."""
     element = _el(parent, tag)
     _structure_id(element, organisation, required=tag == "representedCustodianOrganization")
     _el(element, "name", organisation.name or organisation.code)
+    if tag == "representedOrganization":
+        setting = organisation.practice_setting
+        _code(
+            element,
+            "standardIndustryClassCode",
+            setting,
+            PRACTICE_SETTING_SYSTEM,
+            PRACTICE_SETTINGS.get(setting, setting),
+        )
     return element
 
 
+#: Titles a display name may start with, as the CI-SIS ``suffix`` codes (JDV_J246-Titre-CISIS: DR
+#: Docteur, PR Professeur). The ``prefix`` is the civilité (JDV_J245: M, MME), which accounts do
+#: not record: none is written.
+NAME_TITLES = {"dr": "DR", "dr.": "DR", "docteur": "DR", "pr": "PR", "pr.": "PR", "professeur": "PR"}
+
+
 def _person_name(parent: etree._Element, display_name: str) -> None:
-    """A professional's name: the display name as family name, the first word as given name
-    when there are several (accounts keep one display name)."""
+    """A professional's name (accounts keep one display name): a leading title (Dr, Pr, Docteur,
+    Professeur) as the ``suffix`` code (CI-SIS Structuration minimale, JDV_J246), then the first
+    word as given name and the rest as family name when there are several, else the one word as
+    family name."""
     name = _el(parent, "name")
     words = display_name.split()
+    title = NAME_TITLES.get(words[0].lower()) if len(words) > 1 else None
+    if title:
+        words.pop(0)
     if len(words) > 1:
         _el(name, "given", words[0])
         _el(name, "family", " ".join(words[1:]))
     else:
-        _el(name, "family", display_name or "Radiologue")
+        _el(name, "family", " ".join(words) or "Radiologue")
+    if title:
+        _el(name, "suffix", title)
 
 
 def _professional(
@@ -384,6 +416,8 @@ def _header(root: etree._Element, doc: ReportDocument) -> None:
     _el(when, "low", value=ts(doc.exam_at or doc.signed_at))
     facility = _el(_el(encounter, "location"), "healthCareFacility")
     _structure_id(facility, doc.site)
+    sector = doc.site.activity_sector
+    _code(facility, "code", sector, SECTOR_SYSTEM, ACTIVITY_SECTORS.get(sector, sector))
     place = _el(facility, "location")
     _el(place, "name", doc.site.name or doc.site.code)
 
@@ -458,8 +492,8 @@ def _service_code(event: etree._Element, doc: ReportDocument) -> None:
     exam = _exam_code(doc)
     if exam is not None:
         code = _code(event, "code", exam["code"], LOINC, exam.get("display", ""), codeSystemName="LOINC")
-    else:
-        code = _el(event, "code", nullFlavor="UNK")
+    else:  # OTH: not coded in LOINC; originalText and translations allowed (CI-SIS dtr1-1)
+        code = _el(event, "code", nullFlavor="OTH")
         _el(code, "originalText", doc.requested_procedure or doc.exam_title or "Examen d'imagerie")
     ccam = _ccam_code(doc)
     if ccam is not None:

@@ -190,6 +190,10 @@ class ImagingRequest(Base):
     complement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Where it came from: ``hl7:<RIS endpoint name>`` (the RIS answers go to) or ``portal``.
     source: Mapped[str] = mapped_column(String(128), default="")
+    #: The HL7 order that brought it, for the answer's shape (:mod:`simral.hl7.answers`):
+    #: {"message": "ORM^O01" or "OMI^O23" (MSH-9), "control_id": MSH-10, "service": {"code",
+    #: "text", "system"} (OBR-4)}; empty for a portal request.
+    hl7_order: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

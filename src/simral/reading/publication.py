@@ -41,6 +41,7 @@ from simral.dmp import service as dmp
 from simral.hl7.answers import Party, Responder
 from simral.hl7.client import enqueue_message
 from simral.hl7.report_message import ReportMessage, build_report_message
+from simral.identity import service as identity
 from simral.identity.models import Organisation
 from simral.jobs import service as jobs
 from simral.jobs.runner import Outcomes, PermanentFailure
@@ -119,7 +120,15 @@ def _organisation(session: Session, code: str) -> CdaOrganisation:
     found = session.scalar(select(Organisation).where(Organisation.code == code))
     if found is None:
         return CdaOrganisation(code=code, name=code)
-    return CdaOrganisation(code=code, name=found.name, finess=found.finess, siret=found.siret)
+    sector, setting = identity.organisation_sector(found)
+    return CdaOrganisation(
+        code=code,
+        name=found.name,
+        finess=found.finess,
+        siret=found.siret,
+        activity_sector=sector,
+        practice_setting=setting,
+    )
 
 
 def _exam_time(request: ImagingRequest | None, study: Study | None) -> datetime | None:

@@ -9,8 +9,8 @@ sites without a RIS):
   schedule) and given a deadline; :func:`set_subspecialty` corrects the subspecialty;
 - :func:`accept_request` / :func:`refuse_request` (flux 3 RéponseDemandeIMG): a radiologist of the
   group answers; an accepted request becomes a Scheduled Procedure Step (Modality Worklist, PS3.4
-  K.6.1.2). A request that came from a RIS gets its answer (ORU^R01) through the job queue, in the
-  same transaction;
+  K.6.1.2). A request that came from a RIS gets its answer (ORU^R01, or ORL^O22 for an IHE OMI^O23
+  order) through the job queue, in the same transaction;
 - :func:`cancel_request` (flux 2 AnnulationDemandeIMG): allowed until the post-exam complement
   arrived; the scheduled step is DISCONTINUED and any open reading task cancelled;
 - :func:`record_complement` (flux 4): accession number, Study Instance UID, exam codes, equipment,
@@ -136,6 +136,9 @@ class RequestDetails:
     #: The subspecialty chosen by the requester (:data:`simral.reading.routing.SUBSPECIALTIES`);
     #: empty: derived from ``anatomy``.
     subspecialty: str = ""
+    #: The HL7 order it came in (:attr:`ImagingRequest.hl7_order`: message type, control id, OBR-4),
+    #: which shapes its answer (:mod:`simral.hl7.answers`); empty for the portal form.
+    hl7_order: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -646,6 +649,7 @@ def receive_request(
         accession_authority=details.accession_authority[:64],
         study_uid=details.study_uid[:64],
         source=source[:128],
+        hl7_order=dict(details.hl7_order),
         created_at=now,
         updated_at=now,
     )
@@ -751,9 +755,16 @@ def _for_review(session: Session, request_id: int, principal: Principal) -> Imag
     return request
 
 
-def _send_answer(session: Session, request: ImagingRequest, *, principal: Principal) -> int | None:
-    """Queue the answer (flux 3 ORU^R01) for the RIS the request came from, in this transaction;
-    None for a portal request (the site reads the answer in the portal)."""
+def _send_answer(
+    session: Session,
+    request: ImagingRequest,
+    *,
+    principal: Principal,
+    step: ScheduledProcedure | None = None,
+) -> int | None:
+    """Queue the answer for the RIS the request came from, in this transaction: flux 3 ORU^R01, or
+    ORL^O22 for an IHE OMI^O23 order (:mod:`simral.hl7.answers`); None for a portal request (the
+    site reads the answer in the portal)."""
     if not request.source.startswith("hl7:"):
         return None
     name = request.source[4:]
@@ -766,8 +777,9 @@ def _send_answer(session: Session, request: ImagingRequest, *, principal: Princi
         )
     group = session.scalar(select(Organisation).where(Organisation.code == request.group_code))
     control_id = f"TLR{request.id}{uuid.uuid4().hex[:10].upper()}"
-    message = answers.build_answer(
+    message = answers.build(
         request,
+        step=step,
         control_id=control_id,
         receiver=answers.Party(application=endpoint.application, facility=endpoint.facility),
         platform=answers.Party(
@@ -831,7 +843,7 @@ def accept_request(
     )
     session.add(step)
     session.flush()
-    job = _send_answer(session, request, principal=principal)
+    job = _send_answer(session, request, principal=principal, step=step)
     audit_request(
         session,
         "imaging-request.accept",
@@ -843,7 +855,8 @@ def accept_request(
 
 
 def refuse_request(session: Session, request_id: int, *, reason: str, principal: Principal) -> ImagingRequest:
-    """Refuse a request with its reason (flux 3, ORC-1 OC, ORC-16); the answer is queued for the RIS."""
+    """Refuse a request with its reason (flux 3 ORC-1 OC, or ORL^O22 ORC-1 UA; ORC-16); the answer is
+    queued for the RIS."""
     request = _for_review(session, request_id, principal)
     text = reason.strip()
     if not text:
