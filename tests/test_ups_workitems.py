@@ -279,6 +279,9 @@ def test_update_by_the_performer_is_returned_by_retrieve(platform: Platform) -> 
     assert [e.actor for e in events] == ["user:dr_roux", "user:dr_roux"]
     assert events[0].detail["workitem"] == uid and events[0].detail["ignored"] == ["WorklistLabel"]
     assert transaction not in str(events[0].detail)  # the performer's token is not recorded
+    # The trail names what was set; the values (free text) are kept with the task, not in the trail.
+    assert events[1].detail["set"] == ["progress"]
+    assert "console 2" not in str([e.detail for e in events])
 
 
 def test_completed_needs_the_signed_report_and_the_transaction(platform: Platform) -> None:

@@ -299,6 +299,10 @@ class ReadingTask(Base):
     #: The Transaction UID (0008,1195) of the UPS-RS performer that set the workitem IN PROGRESS
     #: (PS3.4 CC.1.1, :mod:`simral.reading.workitems`); empty when not claimed through UPS-RS.
     ups_transaction_uid: Mapped[str] = mapped_column(String(64), default="")
+    #: What the performer set with UPS-RS Update Workitem (PS3.18 11.6) under that Transaction UID:
+    #: ``{"transaction": uid, "set": {...}}`` (progress, comments, outputs); a later claim has another
+    #: Transaction UID, so earlier values no longer apply.
+    ups_updates: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: When the group was alerted that the deadline was near or passed.
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: The on-call radiologist the task is pre-assigned to (login; shown "de garde : Dr X", still

@@ -70,7 +70,6 @@ from sqlalchemy.orm import Session
 from simral.access.policy import AccessDenied, Principal, may_assign_reading, may_review_requests
 from simral.archive.models import Patient, Study
 from simral.audit import service as audit
-from simral.audit.models import AuditEvent
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Organisation, Professional
 from simral.reading import tasks
@@ -291,7 +290,7 @@ def _dataset(
     if task.due_at is not None:
         ds.ExpectedCompletionDateTime = _dt(task.due_at)
     ds.ScheduledWorkitemCodeSequence = Sequence([_code(*INTERPRETATION)])
-    updates = _updates(session, task) if state in (IN_PROGRESS, COMPLETED) else {}
+    updates = _updates(task) if state in (IN_PROGRESS, COMPLETED) else {}
     ds.CommentsOnTheScheduledProcedureStep = str(updates.get("comments") or "")
     ds.InputReadinessState = "READY"
     study_input = Dataset()
@@ -548,7 +547,7 @@ _PROGRESS_KEYS = frozenset(
 _PERFORMED_KEYS = frozenset(
     {"OutputInformationSequence", "CommentsOnThePerformedProcedureStep", "PerformedProcedureStepDescription"}
 )
-#: The audit action whose records hold the accepted updates (the task has no column for them).
+#: The audit action recording each accepted update (who, which attributes).
 UPDATE_ACTION = "reading-task.ups-update"
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _OPTIONAL_WARNING = "Requested optional Attributes are not supported"
@@ -684,8 +683,9 @@ def update_workitem(
     may not see ``uid``. A SCHEDULED workitem is not updated (its scheduling is the request's and
     the worklist's: 409); a COMPLETED or CANCELED one is final (400, PS3.18 11.6.2); an IN PROGRESS
     one needs the Transaction UID given to Change State (400 when missing or incorrect) and its
-    holder (:class:`AccessDenied` for anyone else). The accepted values are kept in the audit record
-    of the update (:data:`UPDATE_ACTION`), which Retrieve and Search read back."""
+    holder (:class:`AccessDenied` for anyone else). The accepted values are kept with the task
+    (``ups_updates``, under that Transaction UID), which Retrieve and Search read back; the audit
+    record (:data:`UPDATE_ACTION`) names the attributes set."""
     task = find(session, principal, uid)
     if task is None:
         return None
@@ -722,25 +722,16 @@ def update_workitem(
             409, "The submitted request is inconsistent with the current state of the Workitem"
         )
     updated = tasks.get_or_raise(session, task.id)
-    _audit(session, UPDATE_ACTION, updated, principal, set=changes, ignored=ignored)
+    updated.ups_updates = {"transaction": transaction_uid, "set": {**_updates(updated), **changes}}
+    # The trail says who changed what; the values (free text among them) stay with the task.
+    _audit(session, UPDATE_ACTION, updated, principal, set=sorted(changes), ignored=ignored)
     return UpdateResult(updated, warning=warning)
 
 
-def _updates(session: Session, task: ReadingTask) -> dict[str, Any]:
-    """The values set by Update since the task was claimed, the later ones replacing the earlier."""
-    since = task.claimed_at
-    if since is None:
+def _updates(task: ReadingTask) -> dict[str, Any]:
+    """The values set by Update under the task's current Transaction UID (its current claim)."""
+    stored = task.ups_updates or {}
+    if not task.ups_transaction_uid or stored.get("transaction") != task.ups_transaction_uid:
         return {}
-    merged: dict[str, Any] = {}
-    for detail in session.scalars(
-        select(AuditEvent.detail)
-        .where(
-            AuditEvent.action == UPDATE_ACTION,
-            AuditEvent.study_uid == task.study_uid,
-            AuditEvent.at >= since,
-        )
-        .order_by(AuditEvent.id)
-    ):
-        if isinstance(detail, dict) and detail.get("task") == task.id:
-            merged.update(detail.get("set") or {})
-    return merged
+    values = stored.get("set")
+    return dict(values) if isinstance(values, dict) else {}
