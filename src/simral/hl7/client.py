@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 #: Job kind: send ``payload["message"]`` to the RIS endpoint named ``payload["destination"]``.
 HL7_SEND = "hl7.send"
-#: Answers to a RIS are worth retrying for a long while (the RIS may be down for maintenance).
-MAX_ATTEMPTS = 20
+#: Answers to a RIS (the protocol, the report) are retried until acknowledged: with the queue's
+#: backoff capped at 30 minutes, 350 tries span about a week, longer than any RIS maintenance
+#: window; after that the job waits, dead-lettered, on ``/admin/jobs`` for an operator.
+MAX_ATTEMPTS = 350
 
 
 class AckError(ValueError):
