@@ -87,10 +87,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         base / "data", extra_env={"SIMRAL_READING_QUIET_SECONDS": "1", "SIMRAL_READING_CHECK_SECONDS": "0.3"}
     )
     simral.cli("organisations", "add", "CHSUD", "--name", "CH Sud", "--patient-id-oid", OID_SITE)
-    simral.cli(
+    added = simral.cli(
         "organisations", "add", "TLR", "--name", "Téléradiologie Occitanie", "--kind", "teleradiology-group",
-        "--activity-sector", "SA09", "--siret", "12345678900017",  # the custodian's national id
+        "--activity-sector", "SA09",
     )  # fmt: skip
+    # A reading group needs a national id: its reports name it as their custodian (ASIP-STRUCT-MIN).
+    assert "no FINESS or SIRET" in added.stderr
+    refused = simral.cli("organisations", "update", "TLR", "--siret", "1234", check=False)
+    assert refused.returncode == 1 and "not 14 digits" in refused.stderr
+    simral.cli("organisations", "update", "TLR", "--siret", "12345678900017")
+    assert "12345678900017" in simral.cli("organisations", "list").stdout
     # The site's secteur d'activité as its CDA documents name it (healthCareFacility/code).
     updated = simral.cli("organisations", "update", "CHSUD", "--activity-sector", "sa04")
     assert "SA04" in updated.stdout and "ETABLISSEMENT" in updated.stdout

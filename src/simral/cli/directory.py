@@ -74,18 +74,27 @@ def organisations_add(
             principal=cli_principal(),
         )
     out.print(f"organisation {code} added")
+    if kind == "teleradiology-group" and not (finess or siret):
+        # The CI-SIS structure profile (ASIP-STRUCT-MIN) wants the custodian's national identifier.
+        console.print(
+            f"warning: {code} has no FINESS or SIRET: the reports its radiologists sign name their "
+            "custodian without a national identifier (validate.py cda --profiles refuses that); "
+            "set one with `simral organisations update`"
+        )
 
 
 @organisations_app.command("update")
 def organisations_update(
     code: str,
     name: Annotated[str | None, typer.Option("--name", help="Display name.")] = None,
+    finess: Annotated[str | None, typer.Option(help="FINESS number (9 characters; '' clears).")] = None,
+    siret: Annotated[str | None, typer.Option(help="SIRET number (14 digits; '' clears).")] = None,
     activity_sector: Annotated[str | None, typer.Option(help=SECTOR_HELP)] = None,
     practice_setting: Annotated[str | None, typer.Option(help=SETTING_HELP)] = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
-    """Change an organisation's name, secteur d'activité or practice setting."""
+    """Change an organisation's name, FINESS, SIRET, secteur d'activité or practice setting."""
     from simral.identity import service as identity
 
     ctx = _open(config, data_dir)
@@ -94,6 +103,8 @@ def organisations_update(
             session,
             code,
             name=name,
+            finess=finess,
+            siret=siret,
             activity_sector=activity_sector,
             practice_setting=practice_setting,
             principal=cli_principal(),

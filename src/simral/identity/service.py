@@ -99,10 +99,7 @@ def create_organisation(
         raise IdentityError(f"invalid organisation code {code!r} (letters, digits, . _ -; up to 32)")
     if kind not in ORGANISATION_KINDS:
         raise IdentityError(f"unknown organisation kind {kind!r} (one of {', '.join(ORGANISATION_KINDS)})")
-    if finess and not re.fullmatch(r"[0-9][0-9AB][0-9]{7}", finess):
-        raise IdentityError(f"FINESS {finess!r} is not 9 characters (2A/2B allowed for Corsica)")
-    if siret and not re.fullmatch(r"[0-9]{14}", siret):
-        raise IdentityError(f"SIRET {siret!r} is not 14 digits")
+    _check_national_ids(finess, siret)
     _check_oid(patient_id_oid, "patient ID authority")
     _check_oid(accession_oid, "accession number authority")
     _check_sector(activity_sector, practice_setting)
@@ -152,26 +149,41 @@ def organisation_sector(organisation: Organisation) -> tuple[str, str]:
     return organisation.activity_sector or sector, organisation.practice_setting or setting
 
 
+def _check_national_ids(finess: str, siret: str) -> None:
+    if finess and not re.fullmatch(r"[0-9][0-9AB][0-9]{7}", finess):
+        raise IdentityError(f"FINESS {finess!r} is not 9 characters (2A/2B allowed for Corsica)")
+    if siret and not re.fullmatch(r"[0-9]{14}", siret):
+        raise IdentityError(f"SIRET {siret!r} is not 14 digits")
+
+
 def update_organisation(
     session: Session,
     code: str,
     *,
     name: str | None = None,
+    finess: str | None = None,
+    siret: str | None = None,
     activity_sector: str | None = None,
     practice_setting: str | None = None,
     principal: Principal,
 ) -> Organisation:
-    """Change an organisation's name, secteur d'activité or practice setting (``None`` keeps it,
-    ``""`` returns a code to its kind's default); regional administrators and the operator only."""
+    """Change an organisation's name, FINESS, SIRET, secteur d'activité or practice setting
+    (``None`` keeps it; ``""`` clears an identifier, returns a code to its kind's default);
+    regional administrators and the operator only."""
     if not may_manage(principal):
         raise AccessDenied(f"{principal.audit_name} may not change organisations")
     organisation = get_organisation(session, code)
     if organisation is None:
         raise IdentityError(f"unknown organisation {code!r}")
     _check_sector(activity_sector or "", practice_setting or "")
+    _check_national_ids(finess or "", siret or "")
     changed: dict[str, str] = {}
     if name is not None and name.strip():
         organisation.name = changed["name"] = name.strip()[:200]
+    if finess is not None:
+        organisation.finess = changed["finess"] = finess
+    if siret is not None:
+        organisation.siret = changed["siret"] = siret
     if activity_sector is not None:
         organisation.activity_sector = changed["activity_sector"] = activity_sector.upper()
     if practice_setting is not None:
