@@ -132,7 +132,9 @@ def open_viewer(context: BrowserContext, url: str, timeout_s: float) -> dict[str
     """One timed load in a new tab: the first-image time and the breakdown, in ms from navigation start."""
     page = context.new_page()
     outside: list[str] = []
-    page.on("request", lambda r: None if r.url.startswith("http://127.0.0.1:") else outside.append(r.url))
+    # blob: and data: URLs are the page's own (OHIF's web workers), not network requests.
+    local = ("http://127.0.0.1:", "blob:http://127.0.0.1:", "data:")
+    page.on("request", lambda r: None if r.url.startswith(local) else outside.append(r.url))
     try:
         page.add_init_script(PROBE)
         page.goto(url, wait_until="commit")
