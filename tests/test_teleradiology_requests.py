@@ -740,6 +740,30 @@ def test_a_radiologist_accepts_a_request_in_the_browser(platform: Platform, arti
         tech.wait_for_load_state("domcontentloaded")
         assert tech.locator("form.request-form textarea[name=justification]").count() == 1
         tech.screenshot(path=str(artifacts_dir / "request-new-form.png"), full_page=True)
+        # The post-exam complement of an accepted portal request, entered in the browser (session
+        # cookie and CSRF token).
+        portal = {
+            "ipp": "IPP-CHX-99", "birth_name": "NAVIGATEUR", "first_birth_given_name": "ANNE", "sex": "F",
+            "birth_date": "1990-05-06", "modality": "CT", "anatomy": "Thorax", "priority": "routine",
+            "justification": "Toux chronique", "consent": "1",
+        }  # fmt: skip
+        created = platform.post("tech_x", "/requests", portal)
+        portal_id = int(created.headers["location"].split("?")[0].rsplit("/", 1)[1])
+        assert (
+            platform.post("radio_t", f"/requests/{portal_id}/accept", {"protocol": "TDM"}).status_code == 303
+        )
+        tech.goto(f"{platform.url}/requests/{portal_id}")
+        form = tech.locator(f"form[action='/requests/{portal_id}/complement']")
+        form.locator("input[name=performed_at]").fill("2026-01-09T14:05")
+        form.locator("input[name=equipment_model]").fill("GE Revolution")
+        form.locator("input[name=ctdivol_mgy]").fill("6.2")
+        tech.screenshot(path=str(artifacts_dir / "request-complement-form.png"), full_page=True)
+        form.locator("button[type=submit]").click()
+        tech.wait_for_load_state("domcontentloaded")
+        content = tech.content()
+        assert "Complément post-examen enregistré" in content and "GE Revolution" in content
+        assert "09/01/2026 14:05" in content and "IDSV (CTDIvol) 6.2 mGy" in content
+        assert tech.locator(f"form[action='/requests/{portal_id}/cancel']").count() == 0
         browser.close()
     oru = platform.ris.wait_for(lambda text: "OPN120" in text)
     data = oru.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation.obx.obx_5.to_er7().split(
@@ -888,6 +912,11 @@ def _perform(platform: Platform, step: ScheduledProcedure, mpps_uid: str, modali
 
 def test_mpps_completed_is_the_complement_and_cancellation_is_then_refused(platform: Platform) -> None:
     step = _accepted(platform, "TLR-40", "OPN140", "CT")
+    # A request of the site's RIS: no portal complement (the RIS or the modality gives it).
+    accepted = platform.request("OPN140")
+    assert "/complement" not in platform.get("tech_x", f"/requests/{accepted.id}").text
+    by_hand = platform.post("tech_x", f"/requests/{accepted.id}/complement", {"accession_number": "X1"})
+    assert by_hand.status_code == 400 and "vient du RIS" in by_hand.text
     _perform(platform, step, "1.2.826.0.1.3680043.8.498.140140", "CT")
     request = platform.request("OPN140")
     assert (request.state, request.accession_number, request.study_uid) == (

@@ -231,6 +231,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dap": "PDS / DAP (Gy·cm²)",
         "fluoro": "Durée de scopie (s)",
         "do_complement": "Enregistrer le complément",
+        "complement_from_ris": "Cette demande vient du RIS de la structure : son complément post-examen "
+        "arrive du RIS (flux 4) ou de la modalité (MPPS), pas du portail.",
         "complement_notice": "Complément post-examen enregistré : la demande ne peut plus être annulée.",
         "cancel_refused": "Annulation impossible : l'examen a été réalisé et son complément post-examen "
         "reçu le {when}. La demande {placer} reste « Examen réalisé ».",
@@ -394,6 +396,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "dap": "DAP (Gy·cm²)",
         "fluoro": "Fluoroscopy time (s)",
         "do_complement": "Record the complement",
+        "complement_from_ris": "This request came from the site's RIS: its post-exam complement comes "
+        "from the RIS (flux 4) or the modality (MPPS), not from the portal.",
         "complement_notice": "Post-exam complement recorded: the request can no longer be cancelled.",
         "cancel_refused": "Cannot cancel: the exam was performed and its post-exam complement received "
         "on {when}. Request {placer} stays 'Exam performed'.",
@@ -1102,8 +1106,10 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             principal, item.group_code
         ):
             body += _subspecialty_form(request, item, text)
-        if item.state in (REQUEST_ACCEPTED, REQUEST_PERFORMED) and may_request_exam(
-            principal, item.site_code
+        if (
+            item.source == reading.PORTAL_SOURCE  # a RIS sends its own (flux 4)
+            and item.state in (REQUEST_ACCEPTED, REQUEST_PERFORMED)
+            and may_request_exam(principal, item.site_code)
         ):
             body += _complement_form(request, item, text, principal)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REFUSED) and may_request_exam(
@@ -1212,7 +1218,9 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
     @web.post("/requests/{request_id}/complement")
     async def complement(request: Request, request_id: RowId) -> Response:
-        """The post-exam complement entered by the site (ANS flux 4 for sites without a RIS)."""
+        """The post-exam complement entered by the site (ANS flux 4 for sites without a RIS; a
+        request that came from the site's RIS gets its complement from the RIS or the MPPS)."""
+        language = request_language(request)
 
         def decimal(form: dict[str, str], key: str) -> str:
             value = _number(form.get(key, ""))
@@ -1222,6 +1230,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
         def change(session: Session, principal: Principal, form: dict[str, str]) -> None:
             item = reading.get_request(session, request_id, principal=principal, audited=False)
+            if item.source != reading.PORTAL_SOURCE:
+                raise ReadingError(TEXT[language]["complement_from_ris"], code="207")
             step = reading.scheduled_procedure(session, item)
             product = {
                 "type": form.get("product_type", "")[:128],
