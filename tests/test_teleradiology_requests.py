@@ -14,6 +14,13 @@ is accepted and the scheduled procedure DISCONTINUED; a RIS down at first gets t
 comes up (job retry); a RIS that answers AE dead-letters the job; a message sent twice (same
 MSH-10) is applied once; a second request with a used placer number is refused. Then in Chromium:
 a radiologist opens /requests, opens the request and accepts it with a protocol.
+
+The post-exam complement also comes from the modality (pynetdicom MPPS N-CREATE then N-SET
+COMPLETED from CHX's registered modality: the request is performed with the exam date, equipment,
+codes, products and dose the step carries, and a cancellation over MLLP is then refused AE 206,
+changing nothing), merges with the RIS's without overwriting it, and from the portal form of a
+site without a RIS (its technologist; not another organisation's user nor the group). The reading
+deadline counts the desired delay from the request's reception, not again from the complement.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,11 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
-from sqlalchemy import select
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from sqlalchemy import select, update
 from tests.peers import free_port
 from tests.portal_login import TotpDevice, login_page
 from tests.simral_proc import SimralProcess
@@ -41,6 +53,7 @@ from tests.simral_proc import SimralProcess
 from simral.app import open_app
 from simral.config import load_settings
 from simral.context import AppContext
+from simral.db.base import as_utc, utcnow
 from simral.jobs.models import Job
 from simral.patients.models import Hl7Message
 from simral.reading.models import ImagingRequest, ReadingTask, ScheduledProcedure
@@ -51,6 +64,7 @@ NIR = "279035121518989"  # ANS test NIR (PAT-TROIS DOMINIQUE)
 PLACER_OID = "1.2.250.1.748.12345678.12"
 CHX_IPP_OID = "1.2.250.1.999.21.1"
 RIS_APP, RIS_FACILITY = "StructureApp", "StructureFacility"
+MODALITY_AE = "MODCHX"
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 PS = "ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO"
 
@@ -378,11 +392,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         "organisations", "add", "TLRG", "--name", "Téléradiologie Grand Est", "--kind", "teleradiology-group"
     )
     simral.cli("organisations", "add", "REGION", "--name", "GRADeS", "--kind", "regional-operator")
+    simral.cli("organisations", "add", "CHY", "--name", "CH Y")
+    simral.add_node("mod_chx", MODALITY_AE, 104, organisation="CHX")  # CHX's CT, reports its MPPS
     for login, organisation, role, rpps in (
         ("radio_t", "TLRG", "radiologist", "10006000001"),
         ("tech_x", "CHX", "technologist", "10006000002"),
         ("radio_x", "CHX", "radiologist", "10006000003"),
         ("admin", "REGION", "regional-admin", "10006000004"),
+        ("tech_y", "CHY", "technologist", "10006000005"),
     ):
         simral.cli(
             "users",
@@ -407,7 +424,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     simral.cli("contracts", "add", "CHX", "TLRG", "--modalities", "CT\\MR", "--routine-minutes", "720", *data)
     assert "CT\\MR" in simral.cli("contracts", "list", *data).stdout
     assert RIS_APP in simral.cli("ris", "list", *data).stdout
-    tokens = {login: simral.token_for(login) for login in ("radio_t", "tech_x", "radio_x", "admin")}
+    tokens = {login: simral.token_for(login) for login in ("radio_t", "tech_x", "radio_x", "admin", "tech_y")}
     ris.start()
     with simral:
         ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
@@ -768,6 +785,30 @@ def test_a_radiologist_accepts_a_request_in_the_browser(platform: Platform, arti
         tech.wait_for_load_state("domcontentloaded")
         assert tech.locator("form.request-form textarea[name=justification]").count() == 1
         tech.screenshot(path=str(artifacts_dir / "request-new-form.png"), full_page=True)
+        # The post-exam complement of an accepted portal request, entered in the browser (session
+        # cookie and CSRF token).
+        portal = {
+            "ipp": "IPP-CHX-99", "birth_name": "NAVIGATEUR", "first_birth_given_name": "ANNE", "sex": "F",
+            "birth_date": "1990-05-06", "modality": "CT", "anatomy": "Thorax", "priority": "routine",
+            "justification": "Toux chronique", "consent": "1",
+        }  # fmt: skip
+        created = platform.post("tech_x", "/requests", portal)
+        portal_id = int(created.headers["location"].split("?")[0].rsplit("/", 1)[1])
+        assert (
+            platform.post("radio_t", f"/requests/{portal_id}/accept", {"protocol": "TDM"}).status_code == 303
+        )
+        tech.goto(f"{platform.url}/requests/{portal_id}")
+        form = tech.locator(f"form[action='/requests/{portal_id}/complement']")
+        form.locator("input[name=performed_at]").fill("2026-01-09T14:05")
+        form.locator("input[name=equipment_model]").fill("GE Revolution")
+        form.locator("input[name=ctdivol_mgy]").fill("6.2")
+        tech.screenshot(path=str(artifacts_dir / "request-complement-form.png"), full_page=True)
+        form.locator("button[type=submit]").click()
+        tech.wait_for_load_state("domcontentloaded")
+        content = tech.content()
+        assert "Complément post-examen enregistré" in content and "GE Revolution" in content
+        assert "09/01/2026 14:05" in content and "IDSV (CTDIvol) 6.2 mGy" in content
+        assert tech.locator(f"form[action='/requests/{portal_id}/cancel']").count() == 0
         browser.close()
     oru = platform.ris.wait_for(lambda text: "OPN120" in text)
     data = oru.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation.obx.obx_5.to_er7().split(
@@ -827,3 +868,262 @@ def test_a_ris_bound_to_its_host_or_certificate_is_not_believed_from_elsewhere(p
             )
             == ""
         )
+
+
+# ----------------------------------------------------------------- the post-exam complement
+
+
+def _accepted(platform: Platform, control_id: str, placer: str, modality: str) -> ScheduledProcedure:
+    """A flux 1 request accepted by the group: its Scheduled Procedure Step (the worklist item)."""
+    (ack,) = platform.send(flux1(control_id, placer, modality=modality))
+    assert _ack(ack)[0] == "AA"
+    request = platform.request(placer)
+    assert platform.post("radio_t", f"/requests/{request.id}/accept", {"protocol": "TDM"}).status_code == 303
+    platform.ris.wait_for(lambda text: placer in text)
+    return _step(platform, request.id)
+
+
+def _step(platform: Platform, request_id: int) -> ScheduledProcedure:
+    with platform.ctx.db.reading() as session:
+        step = session.scalar(select(ScheduledProcedure).where(ScheduledProcedure.request_id == request_id))
+        assert step is not None
+        session.expunge(step)
+        return step
+
+
+def _tasks(platform: Platform, request_id: int) -> list[ReadingTask]:
+    with platform.ctx.db.reading() as session:
+        tasks = list(session.scalars(select(ReadingTask).where(ReadingTask.request_id == request_id)))
+        for task in tasks:
+            session.expunge(task)
+        return tasks
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _perform(platform: Platform, step: ScheduledProcedure, mpps_uid: str, modality: str) -> None:
+    """CHX's modality performs the worklist item: MPPS N-CREATE IN PROGRESS, then N-SET COMPLETED
+    with its equipment, contrast product (Billing Supplies and Devices) and dose (PS3.3 C.4.13-17)."""
+    ae = AE(ae_title=MODALITY_AE)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", platform.simral.dicom_port, ae_title=platform.simral.ae_title)
+    assert assoc.is_established
+    try:
+        scheduled = Dataset()
+        scheduled.StudyInstanceUID = step.study_uid
+        scheduled.AccessionNumber = step.accession_number
+        scheduled.ScheduledProcedureStepID = step.step_id
+        scheduled.RequestedProcedureID = step.requested_procedure_id
+        create = Dataset()
+        create.ScheduledStepAttributesSequence = [scheduled]
+        create.PatientName = "PAT-TROIS^DOMINIQUE"
+        create.PatientID = "IPP-CHX-1"
+        create.PerformedProcedureStepID = f"PPS-{step.step_id}"
+        create.PerformedStationAETitle = MODALITY_AE
+        create.PerformedStationName = "SCANNER-2"
+        create.PerformedProcedureStepStartDate = "20260107"
+        create.PerformedProcedureStepStartTime = "101500"
+        create.PerformedProcedureStepStatus = "IN PROGRESS"
+        create.Modality = modality
+        create.ProcedureCodeSequence = [_code("24627-2", "LN", "TDM thorax")]
+        create.PerformedSeriesSequence = []
+        status, _ = assoc.send_n_create(create, ModalityPerformedProcedureStep, mpps_uid)
+        assert status is not None and status.Status == 0x0000, status
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate = "20260107"
+        done.PerformedProcedureStepEndTime = "103000"
+        done.Manufacturer = "ACME"
+        done.ManufacturerModelName = "CT-900"
+        done.CTDIvol = 12.5
+        done.CommentsOnRadiationDose = "DLP 512.3 mGy.cm"
+        quantity = Dataset()
+        quantity.Quantity = 80
+        quantity.MeasuringUnitsSequence = [_code("ml", "UCUM", "millilitre")]
+        supply = Dataset()
+        supply.BillingItemSequence = [_code("V08AB02", "ATC", "iohexol")]
+        supply.QuantitySequence = [quantity]
+        done.BillingSuppliesAndDevicesSequence = [supply]
+        done.PerformedSeriesSequence = []
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, mpps_uid)
+        assert status is not None and status.Status == 0x0000, status
+    finally:
+        assoc.release()
+
+
+def test_mpps_completed_is_the_complement_and_cancellation_is_then_refused(platform: Platform) -> None:
+    step = _accepted(platform, "TLR-40", "OPN140", "CT")
+    # A request of the site's RIS: no portal complement (the RIS or the modality gives it).
+    accepted = platform.request("OPN140")
+    assert "/complement" not in platform.get("tech_x", f"/requests/{accepted.id}").text
+    by_hand = platform.post("tech_x", f"/requests/{accepted.id}/complement", {"accession_number": "X1"})
+    assert by_hand.status_code == 400 and "vient du RIS" in by_hand.text
+    _perform(platform, step, "1.2.826.0.1.3680043.8.498.140140", "CT")
+    request = platform.request("OPN140")
+    assert (request.state, request.accession_number, request.study_uid) == (
+        "performed",
+        step.accession_number,
+        step.study_uid,
+    )
+    complement = request.complement
+    assert complement["performed_at"] == "2026-01-07T09:15:00+00:00"  # 10:15 in Paris (winter)
+    assert complement["modality"] == "CT" and complement["origins"] == ["mpps"]
+    assert complement["equipment"] == [{"model": "ACME CT-900", "station": "SCANNER-2 (MODCHX)"}]
+    assert complement["exam_codes"] == [{"code": "24627-2", "system": "LN", "display": "TDM thorax"}]
+    assert complement["products"] == [
+        {"type": "V08AB02", "system": "ATC", "display": "iohexol", "quantity": "80", "unit": "ml"}
+    ]
+    assert complement["dose"] == {"ctdivol_mgy": "12.5", "dlp_mgycm": "512.3"}
+    (task,) = _tasks(platform, request.id)
+    assert (task.state, task.study_uid, task.group_code) == ("waiting", step.study_uid, "TLRG")
+    # No desired delay: the contract's 720 minutes from the complement.
+    received = datetime.fromisoformat(complement["received_at"])
+    assert task.due_at is not None
+    assert abs((as_utc(task.due_at) - received).total_seconds() - 720 * 60) < 2
+    assert _step(platform, request.id).state == "COMPLETED"
+    page = platform.get("tech_x", f"/requests/{request.id}").text
+    assert "ACME CT-900" in page and "IDSV (CTDIvol) 12.5 mGy, PDL 512.3 mGy·cm" in page
+    assert "modalité (MPPS)" in page and "07/01/2026 10:15" in page
+
+    # The RIS cancels after the exam: refused as after its own complement (AE, ERR 206).
+    (cancel,) = platform.send(flux2("TLR-41", "OPN140"))
+    assert _ack(cancel) == ("AE", "TLR-41")
+    code, text = _err(cancel)
+    assert code == "206" and "cannot be cancelled" in text and "complement received" in text
+    # The portal refuses it too, in French, saying why.
+    refused = platform.post("tech_x", f"/requests/{request.id}/cancel", {"reason": "Erreur"})
+    assert refused.status_code == 409 and "Annulation impossible" in refused.text
+    assert "complément post-examen" in refused.text and "OPN140" in refused.text
+    after = platform.request("OPN140")
+    assert (after.state, after.cancel_reason, after.complement) == ("performed", "", complement)
+    (unchanged,) = _tasks(platform, request.id)
+    assert (unchanged.id, unchanged.state, unchanged.due_at) == (task.id, "waiting", task.due_at)
+    assert _step(platform, request.id).state == "COMPLETED"
+
+
+def test_mpps_after_the_ris_complement_only_fills_what_it_left_empty(platform: Platform) -> None:
+    before = platform.request("OPN101")  # flux 4 received (test above): MR, ACN101, "Modèle X"
+    assert before.state == "performed" and before.complement["origins"] == ["ris"]
+    (task,) = _tasks(platform, before.id)
+    _perform(platform, _step(platform, before.id), "1.2.826.0.1.3680043.8.498.101101", "MR")
+    after = platform.request("OPN101")
+    assert (after.state, after.accession_number, after.study_uid) == (
+        "performed",
+        "ACN101",
+        "1.2.250.1.213.4.5.2.1.101",
+    )
+    kept = ("performed_at", "modality", "exam_codes", "products", "equipment", "viewer_url", "received_at")
+    assert {key: after.complement[key] for key in kept} == {key: before.complement[key] for key in kept}
+    assert after.complement["equipment"] == [{"udi": "1234567896363", "model": "Modèle X"}]
+    # What the RIS did not say, the modality adds; it is one complement, one task.
+    assert after.complement["dose"] == {"ctdivol_mgy": "12.5", "dlp_mgycm": "512.3"}
+    assert after.complement["origins"] == ["mpps", "ris"]
+    assert [(t.id, t.due_at) for t in _tasks(platform, before.id)] == [(task.id, task.due_at)]
+
+
+def test_a_site_without_ris_sends_the_complement_in_the_portal(platform: Platform, tmp_path: Path) -> None:
+    from tests.corpus import ct_series
+    from tests.dcmtk_tools import storescu
+
+    form = {
+        "ipp": "IPP-CHX-88",
+        "birth_name": "ESSAI",
+        "first_birth_given_name": "PAUL",
+        "sex": "M",
+        "birth_date": "1970-02-03",
+        "modality": "CT",
+        "anatomy": "Abdomen",
+        "priority": "routine",
+        "desired_delay": "PT4H",
+        "justification": "Douleur abdominale aiguë",
+        "consent": "1",
+    }
+    created = platform.post("tech_x", "/requests", form)
+    assert created.status_code == 303, created.text
+    request_id = int(created.headers["location"].split("?")[0].rsplit("/", 1)[1])
+    # Received three hours ago: the desired delay runs from then.
+    received = utcnow() - timedelta(hours=3)
+    with platform.ctx.db.unit_of_work() as session:
+        session.execute(
+            update(ImagingRequest).where(ImagingRequest.id == request_id).values(created_at=received)
+        )
+    assert (
+        platform.post("radio_t", f"/requests/{request_id}/accept", {"protocol": "TDM AP"}).status_code == 303
+    )
+    step = _step(platform, request_id)
+    # The site's PACS holds a study of the patient (stored by its modality under its IPP).
+    stored_uid = "1.2.826.0.1.3680043.8.498.880088"
+    paths = ct_series(
+        tmp_path, slices=1, rows=16, cols=16, patient_id="IPP-CHX-88", patient_name="ESSAI^PAUL",
+        study_uid=stored_uid, seed=88,
+    )  # fmt: skip
+    ds = dcmread(paths[0])
+    ds.IssuerOfPatientID = ""
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = CHX_IPP_OID, "ISO"
+    ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    ds.save_as(paths[0])
+    storescu(platform.simral, MODALITY_AE, paths)
+
+    action = f'action="/requests/{request_id}/complement"'
+    page = platform.get("tech_x", f"/requests/{request_id}").text
+    assert "Complément post-examen" in page and action in page
+    assert f'value="{step.accession_number}"' in page and f'value="{step.study_uid}"' in page
+    assert f'<option value="{stored_uid}"' in page  # the site's study of this patient, to pick
+    assert "Exam date and time" in platform.get("tech_x", f"/requests/{request_id}?lang=en").text
+    assert action not in platform.get("radio_t", f"/requests/{request_id}").text
+    data = {
+        "accession_number": "ACN-P-88",
+        "study_uid": stored_uid,
+        "performed_at": "2026-01-08T09:30",
+        "equipment_model": "Siemens Somatom",
+        "product_type": "Iomeron 350",
+        "product_lot": "L123",
+        "product_quantity": "90",
+        "product_unit": "ml",
+        "ctdivol_mgy": "8,4",
+        "dlp_mgycm": "310",
+    }
+    # Not for another organisation's technologist, nor for the reading group.
+    assert platform.post("tech_y", f"/requests/{request_id}/complement", data).status_code == 403
+    assert platform.post("radio_t", f"/requests/{request_id}/complement", data).status_code == 403
+    assert _tasks(platform, request_id) == []
+
+    done = platform.post("tech_x", f"/requests/{request_id}/complement", data)
+    assert done.status_code == 303 and "done=complement" in done.headers["location"]
+    with platform.ctx.db.reading() as session:
+        request = session.get(ImagingRequest, request_id)
+        assert request is not None
+        session.expunge(request)
+    assert (request.state, request.accession_number, request.study_uid) == (
+        "performed",
+        "ACN-P-88",
+        stored_uid,
+    )
+    complement = request.complement
+    assert complement["performed_at"] == "2026-01-08T08:30:00+00:00" and complement["origins"] == ["portal"]
+    assert complement["products"] == [{"type": "Iomeron 350", "lot": "L123", "quantity": "90", "unit": "ml"}]
+    assert complement["equipment"] == [{"model": "Siemens Somatom"}]
+    assert complement["dose"] == {"ctdivol_mgy": "8.4", "dlp_mgycm": "310"}
+    page = platform.get("tech_x", f"/requests/{request_id}?done=complement").text
+    assert "Complément post-examen enregistré" in page and "Siemens Somatom" in page
+    assert "IDSV (CTDIvol) 8.4 mGy, PDL 310 mGy·cm" in page and "08/01/2026 09:30" in page
+    assert "formulaire du portail" in page
+
+    # The reading deadline: the 4 hours desired run from the reception, not again from now.
+    (task,) = _tasks(platform, request_id)
+    assert task.study_uid == stored_uid and task.due_at is not None
+    assert abs((as_utc(task.due_at) - (as_utc(received) + timedelta(hours=4))).total_seconds()) < 2
+
+    # From now on the site cannot cancel it.
+    refused = platform.post("tech_x", f"/requests/{request_id}/cancel", {"reason": "Erreur de patient"})
+    assert refused.status_code == 409 and "Annulation impossible" in refused.text
+    assert "Examen réalisé" in refused.text
+    with platform.ctx.db.reading() as session:
+        still = session.get(ImagingRequest, request_id)
+        assert still is not None and still.state == "performed"
+    assert [t.state for t in _tasks(platform, request_id)] == ["waiting"]

@@ -47,7 +47,7 @@ from simral.app import open_app
 from simral.audit.models import AuditEvent
 from simral.config import load_settings
 from simral.context import AppContext
-from simral.db.base import utcnow
+from simral.db.base import as_utc, utcnow
 from simral.identity.models import AdminAlert
 from simral.patients.models import INS_TEST_OID, STATUS_QUAL
 from simral.patients.service import AuthorityRef, Ins, Traits
@@ -56,6 +56,7 @@ from simral.reading.models import (
     STEP_IN_PROGRESS,
     TASK_CLAIMED,
     TASK_READY,
+    ImagingRequest,
     PerformedProcedureStep,
     ReadingTask,
     ScheduledProcedure,
@@ -408,6 +409,24 @@ def test_mpps_completed_makes_the_task_ready_and_is_final(region: Region) -> Non
         )
         (ready,) = region.audit("reading-task.ready", exam.study_uid)
         assert ready.detail["because"] == "mpps"
+        # The COMPLETED step is the request's post-exam complement (ANS flux 4): it is performed,
+        # with the exam's accession number and Study Instance UID, and can no longer be cancelled.
+        with region.ctx.db.reading() as session:
+            request = session.get(ImagingRequest, exam.request_id)
+            assert request is not None
+            assert (request.state, request.accession_number, request.study_uid) == (
+                "performed",
+                exam.accession,
+                exam.study_uid,
+            )
+            assert request.complement["origins"] == ["mpps"] and request.complement["modality"] == "CT"
+            assert request.complement["equipment"] == [{"station": MOD_A}]
+            assert request.complement["performed_at"]
+            with pytest.raises(reading.ReadingError) as refused:
+                reading.cancel_request(session, request, reason="trop tard", principal=SYSTEM)
+            assert refused.value.code == "206"
+        (recorded,) = region.audit("mpps.update", exam.study_uid)
+        assert recorded.detail["complement"] == "recorded"
         # COMPLETED is final (PS3.4 F.7.2.2.2).
         again = Dataset()
         again.PerformedProcedureStepStatus = "DISCONTINUED"
@@ -440,6 +459,13 @@ def test_without_mpps_the_task_is_ready_after_the_quiet_time(region: Region) -> 
     assert time.monotonic() - stored_at >= QUIET_SECONDS - 1
     (ready,) = region.audit("reading-task.ready", exam.study_uid)
     assert ready.detail["because"] == "quiet"
+    # The desired 90 minutes run from the request's reception, not from the images' arrival
+    # (earlier than the contract's 24 hours from now).
+    with region.ctx.db.reading() as session:
+        request = session.get(ImagingRequest, exam.request_id)
+        assert request is not None and task.due_at is not None
+        expected = as_utc(request.created_at) + timedelta(minutes=90)
+    assert abs((as_utc(task.due_at) - expected).total_seconds()) < 1
 
 
 def test_urgent_comes_first_then_by_deadline(region: Region) -> None:

@@ -8,6 +8,14 @@ Scheduled Workflow Image Manager receives it.
 - N-SET (PS3.4 F.7.2.2): the modality updates it; COMPLETED and DISCONTINUED are final, and later
   N-SETs are refused (0110H with Error ID A710H, F.7.2.2.2). A COMPLETED step makes the study's
   reading task ready once its referenced images are stored (:func:`simral.reading.tasks.refresh_study`).
+- A COMPLETED step of an accepted imaging request is its post-exam complement (ANS flux 4, DESIGN.md
+  §7), recorded with :func:`simral.reading.service.record_complement` as an MPPS complement: exam
+  date and time (Performed Procedure Step Start Date/Time, PS3.3 C.4.14), accession number and
+  Study Instance UID (Scheduled Step Attributes Sequence), modality, equipment (Performed Station
+  AE Title / Name, Manufacturer and model when sent), procedure codes (Procedure Code Sequence),
+  administered products (Billing Supplies and Devices Sequence, C.4.17) and dose (Radiation Dose,
+  C.4.16, read as :func:`simral.reading.reports.dose_from_mpps` does). It fills only what the RIS's
+  complement left empty; from then on the request can no longer be cancelled.
 
 The attributes are kept as DICOM JSON (PS3.18 F.2), the N-SET modifications replacing the
 top-level attributes they name (F.7.2.2.1: a sequence is replaced whole).
@@ -15,25 +23,33 @@ top-level attributes they name (F.7.2.2.1: a sequence is replaced whole).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from simral.access.policy import Principal, may_perform_procedures
+from simral.access.policy import AccessDenied, Principal, may_perform_procedures
 from simral.audit import service as audit
 from simral.db.base import utcnow
+from simral.reading import service as requests
 from simral.reading.models import (
+    REQUEST_ACCEPTED,
+    REQUEST_PERFORMED,
     STEP_COMPLETED,
     STEP_DISCONTINUED,
     STEP_IN_PROGRESS,
     STEP_SCHEDULED,
+    ImagingRequest,
     PerformedProcedureStep,
     ScheduledProcedure,
 )
+from simral.reading.reports import dose_from_mpps
 from simral.reading.tasks import refresh_study
+from simral.reading.worklist import local_timezone
 
 #: Modality Performed Procedure Step SOP Class (PS3.4 F.7.1).
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
@@ -194,6 +210,9 @@ def update(
         procedure.state = status
         procedure.updated_at = now
     session.flush()
+    complement = ""
+    if status == STEP_COMPLETED and procedure is not None:
+        complement = _record_complement(session, step, procedure, principal=principal)
     if status == STEP_COMPLETED and step.study_uid:
         task = refresh_study(session, step.study_uid, now=now)
         task_ready = task.id if task is not None else None
@@ -202,8 +221,138 @@ def update(
         action="mpps.update",
         principal=principal,
         study_uid=step.study_uid,
-        detail={"mpps": sop_instance_uid, "status": status, "task_ready": task_ready},
+        detail={
+            "mpps": sop_instance_uid,
+            "status": status,
+            "task_ready": task_ready,
+            "complement": complement,
+        },
     )
     return StepReport(
         step=step, linked_step_id=procedure.step_id if procedure is not None else "", task_ready=task_ready
     )
+
+
+# ------------------------------------------------------------------- the post-exam complement
+
+
+def _code_items(dataset: Dataset, keyword: str) -> list[dict[str, str]]:
+    """A code sequence (PS3.3 Table 8.8-1) as [{"code", "system", "display"}]."""
+    found = []
+    for item in dataset.get(keyword, None) or []:
+        code = _text(item, "CodeValue") or _text(item, "LongCodeValue") or _text(item, "URNCodeValue")
+        if code:
+            found.append(
+                {
+                    "code": code,
+                    "system": _text(item, "CodingSchemeDesignator"),
+                    "display": _text(item, "CodeMeaning"),
+                }
+            )
+    return found
+
+
+def _performed_at(dataset: Dataset) -> datetime | None:
+    """Performed Procedure Step Start Date and Time (0040,0244/0245), in the modalities' wall
+    clock unless Timezone Offset From UTC (0008,0201) says otherwise (PS3.5 §6.2)."""
+    day = _text(dataset, "PerformedProcedureStepStartDate")
+    if not re.fullmatch(r"\d{8}", day):
+        return None
+    clock = re.sub(r"[^0-9]", "", _text(dataset, "PerformedProcedureStepStartTime").split(".")[0])
+    clock = (clock + "000000")[:6] if clock else "000000"
+    try:
+        naive = datetime.strptime(day + clock, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    offset = _text(dataset, "TimezoneOffsetFromUTC")
+    zone: tzinfo = local_timezone()
+    if match := re.fullmatch(r"([+-])(\d{2})(\d{2})", offset):
+        sign = -1 if match.group(1) == "-" else 1
+        zone = timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+    return naive.replace(tzinfo=zone).astimezone(UTC)
+
+
+def _equipment(dataset: Dataset, station_ae: str) -> list[dict[str, str]]:
+    """The device as the MPPS names it (APPAREIL_IMAGERIE of the complement)."""
+    model = " ".join(
+        value for value in (_text(dataset, "Manufacturer"), _text(dataset, "ManufacturerModelName")) if value
+    )
+    station = _text(dataset, "PerformedStationName")
+    ae = _text(dataset, "PerformedStationAETitle") or station_ae
+    label = f"{station} ({ae})" if station and ae and station != ae else station or ae
+    device = {key: value for key, value in (("model", model), ("station", label)) if value}
+    return [device] if device else []
+
+
+def _decimal(value: str) -> str:
+    """A DS value as a plain decimal text (``80``, ``12.5``); as sent when it is none."""
+    try:
+        return f"{float(value):g}"
+    except ValueError:
+        return value
+
+
+def _products(dataset: Dataset) -> list[dict[str, str]]:
+    """Billing Supplies and Devices Sequence (0040,0324; PS3.3 C.4.17): each item's Billing Item
+    Sequence code and Quantity Sequence (quantity, Measuring Units Sequence code)."""
+    found = []
+    for item in dataset.get("BillingSuppliesAndDevicesSequence", None) or []:
+        codes = _code_items(item, "BillingItemSequence")
+        if not codes:
+            continue
+        product = {"type": codes[0]["code"], "system": codes[0]["system"], "display": codes[0]["display"]}
+        for quantity in item.get("QuantitySequence", None) or []:
+            product["quantity"] = _decimal(_text(quantity, "Quantity"))
+            units = _code_items(quantity, "MeasuringUnitsSequence")
+            if units:
+                product["unit"] = units[0]["code"]
+        found.append({key: value for key, value in product.items() if value})
+    return found
+
+
+def complement_of(step: PerformedProcedureStep, procedure: ScheduledProcedure) -> requests.Complement:
+    """What a COMPLETED step tells of the performed exam, as a post-exam complement."""
+    try:
+        dataset = Dataset.from_json(step.attributes or {})
+    except (ValueError, TypeError, KeyError):  # kept as received: read what can be read
+        dataset = Dataset()
+    accession = study_uid = requested = ""
+    for item in dataset.get("ScheduledStepAttributesSequence", None) or []:
+        accession = accession or _text(item, "AccessionNumber")
+        study_uid = study_uid or _text(item, "StudyInstanceUID")
+        requested = requested or _text(item, "RequestedProcedureID")
+    dose = dose_from_mpps(step.attributes or {})
+    return requests.Complement(
+        accession_number=accession or procedure.accession_number,
+        study_uid=study_uid or step.study_uid or procedure.study_uid,
+        performed_at=_performed_at(dataset),
+        exam_codes=_code_items(dataset, "ProcedureCodeSequence"),
+        requested_procedure=requested or procedure.requested_procedure_id,
+        modality=_text(dataset, "Modality").upper() or procedure.modality,
+        products=_products(dataset),
+        equipment=_equipment(dataset, step.station_ae),
+        dose={key: value for key, value in dose.items() if key in requests.DOSE_KEYS},
+    )
+
+
+def _record_complement(
+    session: Session, step: PerformedProcedureStep, procedure: ScheduledProcedure, *, principal: Principal
+) -> str:
+    """Record a COMPLETED step of an accepted (or already performed) request as its post-exam
+    complement; what was done: ``recorded``, ``skipped: …`` (no live request) or ``refused: …``
+    (the step is kept whatever the request's state: the MPPS is the modality's record)."""
+    request = session.get(ImagingRequest, procedure.request_id)
+    if request is None or request.state not in (REQUEST_ACCEPTED, REQUEST_PERFORMED):
+        return f"skipped: request {request.state if request is not None else 'missing'}"
+    try:
+        with session.begin_nested():
+            requests.record_complement(
+                session,
+                request,
+                complement_of(step, procedure),
+                principal=principal,
+                origin=requests.COMPLEMENT_MPPS,
+            )
+    except (requests.ReadingError, AccessDenied) as exc:
+        return f"refused: {exc}"[:200]
+    return "recorded"

@@ -233,7 +233,8 @@ def dose_from_mpps(attributes: dict[str, Any]) -> dict[str, str]:
 
 def exam_dose(session: Session, task: ReadingTask, request: ImagingRequest | None) -> dict[str, str]:
     """What is known of the exam's equipment and dose: the latest MPPS of the study, completed by
-    the equipment of the post-exam complement (APPAREIL_IMAGERIE)."""
+    the post-exam complement (its dose, entered in the portal by a site without MPPS, and its
+    equipment, APPAREIL_IMAGERIE)."""
     dose: dict[str, str] = {}
     for attributes in session.scalars(
         select(PerformedProcedureStep.attributes)
@@ -242,6 +243,10 @@ def exam_dose(session: Session, task: ReadingTask, request: ImagingRequest | Non
     ):
         for key, value in dose_from_mpps(attributes or {}).items():
             dose.setdefault(key, value)
+    entered = ((request.complement or {}).get("dose") or {}) if request is not None else {}
+    for key, value in entered.items():
+        if key in DOSE_FIELDS and str(value or "").strip():
+            dose.setdefault(key, str(value).strip())
     if "equipment" not in dose and request is not None:
         models = [
             str(item.get("model") or item.get("udi") or "")

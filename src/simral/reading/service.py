@@ -13,8 +13,13 @@ sites without a RIS):
   order) through the job queue, in the same transaction;
 - :func:`cancel_request` (flux 2 AnnulationDemandeIMG): allowed until the post-exam complement
   arrived; the scheduled step is DISCONTINUED and any open reading task cancelled;
-- :func:`record_complement` (flux 4): accession number, Study Instance UID, exam codes, equipment,
-  products, viewer URL; the request is performed and its reading task opened.
+- :func:`record_complement` (flux 4): accession number, Study Instance UID, exam date, exam codes,
+  equipment, products, dose, viewer URL; the request is performed and its reading task opened. It
+  comes from the site's RIS (OMI^O23), the portal form of sites without a RIS, or the modality's
+  MPPS COMPLETED (:mod:`simral.reading.mpps`), which only fills what the others left empty.
+
+The reading task's deadline (:func:`reading_deadline`) counts the requester's desired delay from the
+request's reception and the contract's turnaround from the moment the exam is available.
 
 Every operation asks :mod:`simral.access.policy` and writes an audit record; nothing commits here.
 """
@@ -35,12 +40,15 @@ from simral.access.policy import (
     AccessDenied,
     Principal,
     may_manage,
+    may_perform_procedures,
     may_request_exam,
     may_review_requests,
     may_store,
+    visible_studies,
 )
+from simral.archive.models import Study, StudyOrganisation
 from simral.audit import service as audit
-from simral.db.base import utcnow
+from simral.db.base import as_utc, utcnow
 from simral.hl7 import answers
 from simral.hl7.client import enqueue_message
 from simral.identity.models import Organisation
@@ -158,9 +166,24 @@ class Complement:
     anatomy: list[dict[str, str]] = field(default_factory=list)
     #: PRODUIT_ADMINISTRE occurrences: [{"type", "system", "lot", "quantity", "unit"}].
     products: list[dict[str, str]] = field(default_factory=list)
-    #: APPAREIL_IMAGERIE occurrences: [{"udi", "model"}].
+    #: APPAREIL_IMAGERIE occurrences: [{"udi", "model"}] (from an MPPS also "station").
     equipment: list[dict[str, str]] = field(default_factory=list)
     viewer_url: str = ""
+    #: The dose delivered (ionising exams; DESIGN.md §7 report structure), with the keys of
+    #: :data:`simral.reading.reports.DOSE_FIELDS` but ``equipment``: ``ctdivol_mgy``,
+    #: ``dlp_mgycm``, ``dap_gycm2``, ``fluoro_seconds``; decimal texts.
+    dose: dict[str, str] = field(default_factory=dict)
+
+
+#: Where a post-exam complement came from (``complement["origins"]`` of the request).
+COMPLEMENT_RIS = "ris"
+COMPLEMENT_PORTAL = "portal"
+#: The modality's MPPS COMPLETED (PS3.4 F.7): it fills what the RIS or the site left empty and
+#: never overwrites what they gave.
+COMPLEMENT_MPPS = "mpps"
+COMPLEMENT_ORIGINS = (COMPLEMENT_RIS, COMPLEMENT_PORTAL, COMPLEMENT_MPPS)
+#: Dose keys a complement keeps (decimal numbers as text).
+DOSE_KEYS = ("ctdivol_mgy", "dlp_mgycm", "dap_gycm2", "fluoro_seconds")
 
 
 # ------------------------------------------------------------------------- configuration
@@ -450,6 +473,28 @@ def deadline(
         candidates.append(start + delay)
     if appointment_at is not None:
         candidates.append(appointment_at)
+    return min(candidates) if candidates else None
+
+
+def reading_deadline(
+    request: ImagingRequest, *, contract: ReadingContract | None, available_at: datetime
+) -> datetime | None:
+    """When the report of ``request``'s exam is due: the earliest of the contract's turnaround for
+    the priority, counted from ``available_at`` (the exam is there to read: the post-exam
+    complement or the images arrived), and the requester's desired delay counted from the request's
+    reception (flux 1 carries it as the requester's wish; the HL7 adapter turns its end date/time
+    into a delay from reception, the portal form offers it as a delay from sending). Counting the
+    desired delay again from the complement would push the deadline past what was asked.
+
+    Nothing when neither applies (the caller keeps the request's own deadline)."""
+    candidates: list[datetime] = []
+    if contract is not None:
+        minutes = contract.urgent_minutes if request.priority == PRIORITY_URGENT else contract.routine_minutes
+        candidates.append(available_at + timedelta(minutes=minutes))
+    delay = parse_delay(request.desired_delay)
+    received = as_utc(request.created_at)
+    if delay is not None and received is not None:
+        candidates.append(received + delay)
     return min(candidates) if candidates else None
 
 
@@ -934,42 +979,92 @@ def cancel_request(
     return request
 
 
+def _complement_sender(request: ImagingRequest, principal: Principal, origin: str) -> None:
+    """Who may give a request's post-exam complement: the site (its RIS, its clinical members);
+    for an MPPS also the site's modalities (IHE SWF: the modality reports the performed step)."""
+    if origin == COMPLEMENT_MPPS and may_perform_procedures(principal, request.site_code):
+        return
+    _check_site(request, principal)
+
+
+def _merged_complement(
+    previous: dict[str, Any], complement: Complement, *, fill_only: bool, now: datetime
+) -> dict[str, Any]:
+    """The request's complement once ``complement`` is added to ``previous``: a value given
+    replaces the one known (an empty one changes nothing, as an empty HL7 v2 field), except with
+    ``fill_only`` (an MPPS), where only what is still unknown is filled."""
+    merged = dict(previous)
+
+    def put(key: str, value: Any) -> None:
+        if value in (None, "", [], {}):
+            merged.setdefault(key, value)
+            return
+        if fill_only and merged.get(key) not in (None, "", [], {}):
+            return
+        merged[key] = value
+
+    put("performed_at", complement.performed_at.isoformat() if complement.performed_at else "")
+    put("retention_days", complement.retention_days)
+    put("exam_codes", list(complement.exam_codes))
+    put("requested_procedure", complement.requested_procedure)
+    put("modality", complement.modality)
+    put("anatomy", list(complement.anatomy))
+    put("products", list(complement.products))
+    put("equipment", list(complement.equipment))
+    put("viewer_url", complement.viewer_url)
+    dose = dict(previous.get("dose") or {})
+    for key in DOSE_KEYS:
+        value = str(complement.dose.get(key) or "").strip()[:32]
+        if value and not (fill_only and dose.get(key)):
+            dose[key] = value
+    merged["dose"] = dose
+    merged.setdefault("received_at", now.isoformat())
+    return merged
+
+
 def record_complement(
-    session: Session, request: ImagingRequest, complement: Complement, *, principal: Principal
+    session: Session,
+    request: ImagingRequest,
+    complement: Complement,
+    *,
+    principal: Principal,
+    origin: str = COMPLEMENT_RIS,
 ) -> tuple[ImagingRequest, ReadingTask]:
     """Record the post-exam complement (flux 4): the request is performed and its reading task
-    opened for the group (deadline from the contract and the desired delay). A second complement
-    for the same request updates it."""
-    _check_site(request, principal)
+    opened for the group (deadline: :func:`reading_deadline`). A later complement updates it: the
+    values it gives replace those known, the ones it leaves empty stay; one from an MPPS
+    (``origin`` :data:`COMPLEMENT_MPPS`) only fills what is still unknown, so an MPPS after the
+    RIS's complement adds the dose and equipment without changing what the RIS said. Once it is
+    recorded the request can no longer be cancelled (:func:`cancel_request`)."""
+    if origin not in COMPLEMENT_ORIGINS:
+        raise ValueError(f"unknown complement origin {origin!r}")
+    _complement_sender(request, principal, origin)
     if request.state not in (REQUEST_ACCEPTED, REQUEST_PERFORMED):
         raise ReadingError(
             f"request {request.placer_number} is {request.state}: a post-exam complement needs an "
             "accepted request",
             code="207",
         )
+    fill_only = origin == COMPLEMENT_MPPS
     accession = complement.accession_number.strip()
     study_uid = complement.study_uid.strip()
+    if fill_only and request.state == REQUEST_PERFORMED:
+        accession = request.accession_number or accession
+        study_uid = request.study_uid or study_uid
     if not accession or len(accession) > 16:
         raise ReadingError("the accession number (IPC-1, up to 16 characters) is required", code="101")
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", study_uid) or len(study_uid) > 64:
         raise ReadingError("the Study Instance UID (IPC-3) is required and must be a UID", code="101")
     now = utcnow()
+    previous = dict(request.complement or {}) if request.state == REQUEST_PERFORMED else {}
+    merged = _merged_complement(previous, complement, fill_only=fill_only, now=now)
+    merged["origins"] = sorted({*(previous.get("origins") or []), origin})
     request.state = REQUEST_PERFORMED
+    if not fill_only or accession != request.accession_number:
+        request.accession_authority = complement.accession_authority[:64]
     request.accession_number = accession
-    request.accession_authority = complement.accession_authority[:64]
     request.study_uid = study_uid
-    request.complement = {
-        "performed_at": complement.performed_at.isoformat() if complement.performed_at else "",
-        "retention_days": complement.retention_days,
-        "exam_codes": complement.exam_codes,
-        "requested_procedure": complement.requested_procedure,
-        "modality": complement.modality,
-        "anatomy": complement.anatomy,
-        "products": complement.products,
-        "equipment": complement.equipment,
-        "viewer_url": complement.viewer_url,
-        "received_at": now.isoformat(),
-    }
+    request.complement = merged
     request.updated_at = now
     for step in session.scalars(
         select(ScheduledProcedure).where(
@@ -979,7 +1074,7 @@ def record_complement(
     ):
         step.state = STEP_COMPLETED
         step.updated_at = now
-    modality = complement.modality or request.modality
+    modality = str(merged.get("modality") or "") or request.modality
     contract = route(
         session, site_code=request.site_code, modality=modality, subspecialty=request.subspecialty, now=now
     )
@@ -990,9 +1085,7 @@ def record_complement(
         group_code=contract.group_code if contract is not None else request.group_code,
         modality=modality,
         priority=request.priority,
-        due_at=deadline(
-            now, priority=request.priority, desired_delay=request.desired_delay, contract=contract
-        ),
+        due_at=reading_deadline(request, contract=contract, available_at=now) or request.due_at,
         request_id=request.id,
         subspecialty=request.subspecialty,
     )
@@ -1001,9 +1094,71 @@ def record_complement(
         "imaging-request.complement",
         request,
         principal=principal,
-        detail={"accession": accession, "task": task.id},
+        detail={"accession": accession, "task": task.id, "origin": origin},
     )
     return request, task
+
+
+def scheduled_procedure(session: Session, request: ImagingRequest) -> ScheduledProcedure | None:
+    """The Scheduled Procedure Step the request's acceptance created (its accession number and
+    Study Instance UID are the ones the modality was given)."""
+    return session.scalar(
+        select(ScheduledProcedure)
+        .where(ScheduledProcedure.request_id == request.id)
+        .order_by(ScheduledProcedure.id.desc())
+        .limit(1)
+    )
+
+
+@dataclass(frozen=True)
+class SiteStudy:
+    """A study of the request's patient archived for its site (the complement form offers them)."""
+
+    study_uid: str
+    study_date: str
+    accession_number: str
+    modalities: str
+    description: str
+
+
+def site_studies(
+    session: Session, request: ImagingRequest, *, principal: Principal, limit: int = 20
+) -> list[SiteStudy]:
+    """The studies of the request's patient (every identity of the person) that the requesting site
+    holds and ``principal`` may see (:func:`simral.access.policy.visible_studies`), newest first."""
+    if request.identity_id is None:
+        return []
+    identity = session.get(PatientIdentity, request.identity_id)
+    if identity is None:
+        return []
+    person = patients.effective_identity(session, identity).person_id
+    study_pks = patients.person_study_pks(session, person)
+    if not study_pks:
+        return []
+    query = visible_studies(
+        principal,
+        select(Study).where(
+            Study.id.in_(study_pks),
+            Study.id.in_(
+                select(StudyOrganisation.study_pk).where(
+                    StudyOrganisation.organisation_code == request.site_code
+                )
+            ),
+        ),
+    )
+    rows = session.scalars(
+        query.order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc()).limit(limit)
+    )
+    return [
+        SiteStudy(
+            study_uid=row.study_uid,
+            study_date=row.study_date,
+            accession_number=row.accession_number,
+            modalities=row.modalities,
+            description=row.description,
+        )
+        for row in rows
+    ]
 
 
 def set_subspecialty(

@@ -282,8 +282,9 @@ def _task_for_procedure(
     session: Session, step: ScheduledProcedure, request: ImagingRequest, *, now: datetime
 ) -> ReadingTask:
     """Open the task of a scheduled procedure whose images arrived: routed by the site's reading
-    contract for the study's modality (the request's group otherwise), deadline from the request's
-    priority and desired delay, counted from now."""
+    contract for the study's modality (the request's group otherwise), deadline
+    :func:`simral.reading.service.reading_deadline` (the contract's turnaround from now, the
+    desired delay from the request's reception)."""
     from simral.reading import service as requests  # the request service opens tasks too
 
     modality = step.modality or request.modality
@@ -294,9 +295,7 @@ def _task_for_procedure(
         session, site_code=step.site_code, modality=modality, subspecialty=request.subspecialty, now=now
     )
     group = contract.group_code if contract is not None else request.group_code
-    due = requests.deadline(
-        now, priority=request.priority, desired_delay=request.desired_delay, contract=contract
-    )
+    due = requests.reading_deadline(request, contract=contract, available_at=now)
     task = open_task(
         session,
         study_uid=step.study_uid,

@@ -5,7 +5,9 @@
   anatomy and clinical information; for a site's clinical members: their site's requests with
   their state and answer, and the "Nouvelle demande" form;
 - ``/requests/{id}`` — the request's clinical content; the answer forms (accept with the imaging
-  protocol, refuse with a reason) for the group's radiologists; cancellation for the site;
+  protocol, refuse with a reason) for the group's radiologists; cancellation for the site, and,
+  once the request is accepted, the post-exam complement form of sites without a RIS (POST
+  ``/requests/{id}/complement``: the same :func:`simral.reading.service.record_complement` as flux 4);
 - ``/requests/new`` — the request form of sites without a RIS (the same
   :func:`simral.reading.service.receive_request` as flux 1), with its PDF documents (the request
   letter, prior reports) checked and stored by :mod:`simral.reading.documents`;
@@ -52,6 +54,7 @@ from simral.reading.models import (
     RequestDocument,
 )
 from simral.reading.service import PatientRef, ReadingError, RequestDetails
+from simral.reading.templates import dose_line
 from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.dmp import DMP_PATH
@@ -202,6 +205,35 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "request_document": "Demande d'examen signée (PDF)",
         "prior_documents": "Antériorités : comptes rendus, courriers (PDF, plusieurs possibles)",
         "kilobytes": "Ko",
+        "performed_at": "Date et heure de l'examen",
+        "dose": "Dose délivrée",
+        "complement_origin": "Complément reçu de",
+        "origin_ris": "RIS de la structure (HL7)",
+        "origin_portal": "formulaire du portail",
+        "origin_mpps": "modalité (MPPS)",
+        "complement": "Complément post-examen",
+        "complement_hint": "Pour une structure sans RIS : les informations de l'examen réalisé. Une fois "
+        "le complément enregistré, la demande ne peut plus être annulée.",
+        "complement_update": "Les valeurs saisies remplacent celles déjà reçues ; un champ laissé vide "
+        "les conserve.",
+        "study_uid_hint": "Study Instance UID (facultatif : celui de la liste de travail, ou une étude "
+        "de la structure pour ce patient)",
+        "equipment_model": "Appareil (fabricant, modèle)",
+        "equipment_udi": "Identifiant de l'appareil (IUD), facultatif",
+        "product_type": "Produit administré (nom ou code ATC)",
+        "product_lot": "N° de lot",
+        "product_quantity": "Quantité",
+        "product_unit": "Unité",
+        "ctdivol": "IDSV / CTDIvol (mGy)",
+        "dlp": "PDL / DLP (mGy·cm)",
+        "dap": "PDS / DAP (Gy·cm²)",
+        "fluoro": "Durée de scopie (s)",
+        "do_complement": "Enregistrer le complément",
+        "complement_from_ris": "Cette demande vient du RIS de la structure : son complément post-examen "
+        "arrive du RIS (flux 4) ou de la modalité (MPPS), pas du portail.",
+        "complement_notice": "Complément post-examen enregistré : la demande ne peut plus être annulée.",
+        "cancel_refused": "Annulation impossible : l'examen a été réalisé et son complément post-examen "
+        "reçu le {when}. La demande {placer} reste « Examen réalisé ».",
     },
     "en": {
         "requests": "Imaging requests",
@@ -335,10 +367,38 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "request_document": "Signed request (PDF)",
         "prior_documents": "Prior reports and letters (PDF, several allowed)",
         "kilobytes": "kB",
+        "performed_at": "Exam date and time",
+        "dose": "Dose delivered",
+        "complement_origin": "Complement received from",
+        "origin_ris": "the site's RIS (HL7)",
+        "origin_portal": "the portal form",
+        "origin_mpps": "the modality (MPPS)",
+        "complement": "Post-exam complement",
+        "complement_hint": "For a site without a RIS: the exam as performed. Once the complement is "
+        "recorded the request can no longer be cancelled.",
+        "complement_update": "The values entered replace those received; a field left empty keeps them.",
+        "study_uid_hint": "Study Instance UID (optional: the worklist's, or a study of this patient "
+        "held by the site)",
+        "equipment_model": "Equipment (manufacturer, model)",
+        "equipment_udi": "Device identifier (UDI), optional",
+        "product_type": "Administered product (name or ATC code)",
+        "product_lot": "Lot number",
+        "product_quantity": "Quantity",
+        "product_unit": "Unit",
+        "ctdivol": "CTDIvol (mGy)",
+        "dlp": "DLP (mGy·cm)",
+        "dap": "DAP (Gy·cm²)",
+        "fluoro": "Fluoroscopy time (s)",
+        "do_complement": "Record the complement",
+        "complement_from_ris": "This request came from the site's RIS: its post-exam complement comes "
+        "from the RIS (flux 4) or the modality (MPPS), not from the portal.",
+        "complement_notice": "Post-exam complement recorded: the request can no longer be cancelled.",
+        "cancel_refused": "Cannot cancel: the exam was performed and its post-exam complement received "
+        "on {when}. Request {placer} stays 'Exam performed'.",
     },
 }
 
-NOTICES = ("accepted", "refused", "cancelled", "created", "subspecialty")
+NOTICES = ("accepted", "refused", "cancelled", "created", "subspecialty", "complement")
 
 
 def _when(value: datetime | None, language: Language) -> str:
@@ -523,6 +583,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             return _error(request, principal, str(exc), 403)
         if isinstance(exc, ReadingError) and exc.code == "204":
             return _error(request, principal, str(exc), 404)
+        if isinstance(exc, ReadingError) and exc.code == "206":  # HL7 0357: record locked
+            return _error(request, principal, str(exc), 409)
         return _error(request, principal, str(exc), 400)
 
     def _notice(request: Request, text: Mapping[str, str]) -> str:
@@ -664,22 +726,104 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             for p in complement.get("products", [])
         )
         equipment = "; ".join(
-            " ".join(str(e.get(k, "")) for k in ("udi", "model") if e.get(k))
+            " — ".join(str(e.get(k, "")) for k in ("udi", "model", "station") if e.get(k))
             for e in complement.get("equipment", [])
         )
         performed = complement.get("performed_at") or ""
         when = _when(datetime.fromisoformat(performed), language) if performed else ""
+        dose = dose_line(dict(complement.get("dose") or {}), language)
+        dose = dose.split(":", 1)[1].strip() if ":" in dose else dose
+        origins = ", ".join(text.get(f"origin_{o}", o) for o in complement.get("origins") or [])
         pairs = [
             (text["accession"], escape(item.accession_number)),
             (text["study_uid"], f"<code>{escape(item.study_uid)}</code>"),
-            (text["received"], escape(when)),
+            (text["performed_at"], escape(when)),
             (text["exam_codes"], escape(codes)),
             (text["products"], escape(products)),
             (text["equipment"], escape(equipment)),
+            (text["dose"], escape(dose)),
             (text["retention"], escape(str(complement.get("retention_days") or ""))),
             (text["viewer"], escape(str(complement.get("viewer_url", "")))),
+            (text["complement_origin"], escape(origins)),
         ]
-        return f"<h2>{escape(text['exam'])}</h2>" + _rows([p for p in pairs if p[1]])
+        return (
+            f'<h2>{escape(text["exam"])}</h2><div class="complement">'
+            + _rows([p for p in pairs if p[1]])
+            + "</div>"
+        )
+
+    def _complement_form(
+        request: Request,
+        item: ImagingRequest,
+        text: Mapping[str, str],
+        principal: Principal,
+    ) -> str:
+        """The post-exam complement form of a site without a RIS (ANS flux 4 by hand)."""
+        with ctx.db.reading() as session:
+            step = reading.scheduled_procedure(session, item)
+            studies = reading.site_studies(session, item, principal=principal)
+        accession = item.accession_number or (step.accession_number if step is not None else "")
+        study_uid = item.study_uid or (step.study_uid if step is not None else "")
+        options = "".join(
+            f'<option value="{escape(study.study_uid)}" label="'
+            + escape(
+                " ".join(
+                    part
+                    for part in (
+                        display_date(study.study_date, request_language(request)),
+                        study.modalities.replace("\\", "/"),
+                        study.description,
+                        study.accession_number,
+                    )
+                    if part
+                )
+            )
+            + '"></option>'
+            for study in studies
+        )
+
+        def field(label: str, name: str, kind: str = "text", value: str = "", extra: str = "") -> str:
+            shown = f' value="{escape(value)}"' if value else ""
+            return f'<label>{escape(label)}<input type="{kind}" name="{name}"{shown}{extra}></label>'
+
+        number = ' inputmode="decimal" pattern="[0-9]+([.,][0-9]+)?"'
+        hint = text["complement_update"] if item.state == REQUEST_PERFORMED else text["complement_hint"]
+        return (
+            f'<section class="answer complement-form"><h2>{escape(text["complement"])}</h2>'
+            f"<p>{escape(hint)}</p>"
+            f'<form class="stack" method="post" action="/requests/{item.id}/complement">'
+            f"{csrf_field(request)}"
+            + field(text["accession"], "accession_number", value=accession, extra=' maxlength="16" required')
+            + field(
+                text["study_uid_hint"],
+                "study_uid",
+                value=study_uid,
+                extra=' maxlength="64" pattern="[0-9]+(\\.[0-9]+)*" list="site-studies"',
+            )
+            + f'<datalist id="site-studies">{options}</datalist>'
+            + field(
+                text["performed_at"],
+                "performed_at",
+                "datetime-local",
+                extra="" if item.state == REQUEST_PERFORMED else " required",
+            )
+            + field(text["equipment_model"], "equipment_model", extra=' maxlength="128"')
+            + field(text["equipment_udi"], "equipment_udi", extra=' maxlength="128"')
+            + '<div class="measures">'
+            + field(text["product_type"], "product_type", extra=' maxlength="128"')
+            + field(text["product_lot"], "product_lot", extra=' maxlength="64"')
+            + field(text["product_quantity"], "product_quantity", extra=number)
+            + field(text["product_unit"], "product_unit", extra=' maxlength="16"')
+            + "</div>"
+            + '<div class="measures">'
+            + field(text["ctdivol"], "ctdivol_mgy", extra=number)
+            + field(text["dlp"], "dlp_mgycm", extra=number)
+            + field(text["dap"], "dap_gycm2", extra=number)
+            + field(text["fluoro"], "fluoro_seconds", extra=number)
+            + "</div>"
+            + f'<button type="submit" class="primary">{escape(text["do_complement"])}</button>'
+            + "</form></section>"
+        )
 
     @web.get("/requests/new", response_class=HTMLResponse)
     def new_request_page(request: Request) -> HTMLResponse:
@@ -959,6 +1103,12 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             principal, item.group_code
         ):
             body += _subspecialty_form(request, item, text)
+        if (
+            item.source == reading.PORTAL_SOURCE  # a RIS sends its own (flux 4)
+            and item.state in (REQUEST_ACCEPTED, REQUEST_PERFORMED)
+            and may_request_exam(principal, item.site_code)
+        ):
+            body += _complement_form(request, item, text, principal)
         if item.state in (REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REFUSED) and may_request_exam(
             principal, item.site_code
         ):
@@ -1047,8 +1197,64 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
     @web.post("/requests/{request_id}/cancel")
     async def cancel(request: Request, request_id: RowId) -> Response:
+        language = request_language(request)
+
         def change(session: Session, principal: Principal, form: dict[str, str]) -> None:
             item = reading.get_request(session, request_id, principal=principal, audited=False)
-            reading.cancel_request(session, item, reason=form.get("reason", ""), principal=principal)
+            try:
+                reading.cancel_request(session, item, reason=form.get("reason", ""), principal=principal)
+            except ReadingError as exc:
+                if exc.code != "206":
+                    raise
+                received = str((item.complement or {}).get("received_at") or "")
+                when = _when(datetime.fromisoformat(received), language) if received else "?"
+                message = TEXT[language]["cancel_refused"].format(when=when, placer=item.placer_number)
+                raise ReadingError(message, code="206") from exc
 
         return await _act(request, request_id, "cancelled", change)
+
+    @web.post("/requests/{request_id}/complement")
+    async def complement(request: Request, request_id: RowId) -> Response:
+        """The post-exam complement entered by the site (ANS flux 4 for sites without a RIS; a
+        request that came from the site's RIS gets its complement from the RIS or the MPPS)."""
+        language = request_language(request)
+
+        def decimal(form: dict[str, str], key: str) -> str:
+            value = _number(form.get(key, ""))
+            if value is not None and value < 0:
+                raise ReadingError(f"not a positive number: {form.get(key)!r}", code="102")
+            return f"{value:g}" if value is not None else ""
+
+        def change(session: Session, principal: Principal, form: dict[str, str]) -> None:
+            item = reading.get_request(session, request_id, principal=principal, audited=False)
+            if item.source != reading.PORTAL_SOURCE:
+                raise ReadingError(TEXT[language]["complement_from_ris"], code="207")
+            step = reading.scheduled_procedure(session, item)
+            product = {
+                "type": form.get("product_type", "")[:128],
+                "lot": form.get("product_lot", "")[:64],
+                "quantity": decimal(form, "product_quantity"),
+                "unit": form.get("product_unit", "")[:16],
+            }
+            device = {
+                "udi": form.get("equipment_udi", "")[:128],
+                "model": form.get("equipment_model", "")[:128],
+            }
+            given = reading.Complement(
+                accession_number=form.get("accession_number", "")
+                or item.accession_number
+                or (step.accession_number if step is not None else ""),
+                study_uid=form.get("study_uid", "")
+                or item.study_uid
+                or (step.study_uid if step is not None else ""),
+                performed_at=_local_datetime(form.get("performed_at", "")),
+                modality=item.modality,
+                products=[{k: v for k, v in product.items() if v}] if product["type"] else [],
+                equipment=[{k: v for k, v in device.items() if v}] if any(device.values()) else [],
+                dose={key: decimal(form, key) for key in reading.DOSE_KEYS if form.get(key)},
+            )
+            reading.record_complement(
+                session, item, given, principal=principal, origin=reading.COMPLEMENT_PORTAL
+            )
+
+        return await _act(request, request_id, "complement", change)

@@ -261,6 +261,9 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
         "may_request_exam", "may_review_requests", note="CSRF token"
     ),
     ("POST", "/requests/{request_id}/cancel"): policy("may_request_exam", note="flux 2; CSRF token"),
+    ("POST", "/requests/{request_id}/complement"): policy(
+        "may_request_exam", note="flux 4 for sites without a RIS; CSRF token"
+    ),
     ("GET", "/static/report-autosave.js"): public("script of the report editor"),
     ("GET", "/static/report.css"): public("stylesheet of the report editor"),
     ("GET", "/reading/reports"): policy("may_review_requests"),
