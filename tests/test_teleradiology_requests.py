@@ -956,7 +956,7 @@ def _perform(platform: Platform, step: ScheduledProcedure, mpps_uid: str, modali
 
 
 def test_mpps_completed_is_the_complement_and_cancellation_is_then_refused(platform: Platform) -> None:
-    step = _accepted(platform, "TLR-40", "OPN140", "CT")
+    step = _accepted(platform, "TLR-140", "OPN140", "CT")
     # A request of the site's RIS: no portal complement (the RIS or the modality gives it).
     accepted = platform.request("OPN140")
     assert "/complement" not in platform.get("tech_x", f"/requests/{accepted.id}").text
@@ -990,8 +990,8 @@ def test_mpps_completed_is_the_complement_and_cancellation_is_then_refused(platf
     assert "modalité (MPPS)" in page and "07/01/2026 10:15" in page
 
     # The RIS cancels after the exam: refused as after its own complement (AE, ERR 206).
-    (cancel,) = platform.send(flux2("TLR-41", "OPN140"))
-    assert _ack(cancel) == ("AE", "TLR-41")
+    (cancel,) = platform.send(flux2("TLR-141", "OPN140"))
+    assert _ack(cancel) == ("AE", "TLR-141")
     code, text = _err(cancel)
     assert code == "206" and "cannot be cancelled" in text and "complement received" in text
     # The portal refuses it too, in French, saying why.
