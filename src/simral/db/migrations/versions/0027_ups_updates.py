@@ -1,6 +1,6 @@
 """reading tasks keep what their UPS-RS performer set with Update Workitem (ups_updates)
 
-Revision ID: 0028
+Revision ID: 0027
 Revises: 0026
 Create Date: 2026-11-29 17:00:00
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0028"
+revision = "0027"
 down_revision = "0026"
 branch_labels = None
 depends_on = None
