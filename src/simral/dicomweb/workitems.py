@@ -24,12 +24,14 @@ records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
 from simral.archive.service import audit_query
 from simral.context import AppContext
@@ -165,8 +167,27 @@ def update_transaction(params: list[tuple[str, str]], dataset: Dataset) -> str:
     return next(iter(values), "")
 
 
+#: What a state change or an update answers (None: the workitem is not visible to the caller).
+_Outcome = workitems.StateChange | workitems.UpdateResult | None
+
+
 def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
     """Add the UPS-RS services (PS3.18 §11) to ``web``."""
+
+    def _apply(
+        change: Callable[[Session], workitems.StateChange | workitems.UpdateResult | None],
+    ) -> Response:
+        """Run ``change`` in one unit of work: 200 (with its warning), 404 when the workitem is not
+        visible, the status of a refusal (PS3.18 Tables 11.6.3-2, 11.7.3-2)."""
+        try:
+            with ctx.db.unit_of_work() as session:
+                result = change(session)
+                warning = result.warning if result is not None else ""
+        except workitems.WorkitemError as exc:
+            return _error(exc.status, exc.warning)
+        if result is None:
+            return _error(404, "The Target Workitem was not found")
+        return Response(status_code=200, headers=_warning(warning) if warning else None)
 
     def root(request: Request) -> str:
         return public_root(request, ctx.settings.public_url) + PREFIX
@@ -232,17 +253,11 @@ def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
             state, transaction = parse_state_request(await request.body())
         except ValueError as exc:
             return _error(400, str(exc))
-        try:
-            with ctx.db.unit_of_work() as session:
-                change = workitems.change_state(
-                    session, principal, uid, state=state, transaction_uid=transaction
-                )
-                warning = change.warning if change is not None else ""
-        except workitems.WorkitemError as exc:
-            return _error(exc.status, exc.warning)
-        if change is None:
-            return _error(404, "The Target Workitem was not found")
-        return Response(status_code=200, headers=_warning(warning) if warning else None)
+        return _apply(
+            lambda session: workitems.change_state(
+                session, principal, uid, state=state, transaction_uid=transaction
+            )
+        )
 
     @web.post(PREFIX + "/workitems/{uid}")
     async def update_workitem(request: Request, uid: str) -> Response:
@@ -259,17 +274,11 @@ def mount_workitems(web: FastAPI, ctx: AppContext) -> None:
             transaction = update_transaction(list(request.query_params.multi_items()), dataset)
         except ValueError as exc:
             return _error(400, str(exc))
-        try:
-            with ctx.db.unit_of_work() as session:
-                result = workitems.update_workitem(
-                    session, principal, uid, payload=dataset, transaction_uid=transaction
-                )
-                warning = result.warning if result is not None else ""
-        except workitems.WorkitemError as exc:
-            return _error(exc.status, exc.warning)
-        if result is None:
-            return _error(404, "The Target Workitem was not found")
-        return Response(status_code=200, headers=_warning(warning) if warning else None)
+        return _apply(
+            lambda session: workitems.update_workitem(
+                session, principal, uid, payload=dataset, transaction_uid=transaction
+            )
+        )
 
     def not_implemented(request: Request) -> Response:
         request_principal(request)  # 401 first: an anonymous caller learns nothing of the service

@@ -114,6 +114,27 @@ def _pid_fields(patient: dict[str, Any]) -> dict[str, list[str]]:
     return {"PID_3": identifiers, "PID_5": names, "PID_11": places}
 
 
+def add_pid(parent: Any, patient: dict[str, Any]) -> None:
+    """A PID segment for ``patient`` (a request's identity copy), added to ``parent`` (a message or a
+    group): identifiers (INS, IPP), names, birth date and place, sex, identity reliability (PID-32)."""
+    pid = parent.add_segment("PID")
+    for name, values in _pid_fields(patient).items():
+        for value in values:
+            pid.add_field(name).value = value
+    if patient.get("birth_date"):
+        pid.pid_7 = _text(patient["birth_date"])
+    if patient.get("sex"):
+        pid.pid_8 = _text(patient["sex"])
+    if patient.get("status"):
+        pid.pid_32 = _text(patient["status"])
+
+
+def _placer(request: ImagingRequest) -> str:
+    """ORC-2: the placer order number with its assigning authority (EI)."""
+    kind = "ISO" if request.placer_authority else ""
+    return f"{_text(request.placer_number)}^^{_text(request.placer_authority)}^{kind}"
+
+
 def _xcn(responder: Responder) -> str:
     if not responder.national_id:
         return f"^{_text(responder.name)}"
@@ -149,19 +170,9 @@ def build_answer(
     msh.msh_21 = PROFILE
 
     patient = request.patient or {}
-    pid = message.add_segment("PID")
-    for name, values in _pid_fields(patient).items():
-        for value in values:
-            pid.add_field(name).value = value
-    if patient.get("birth_date"):
-        pid.pid_7 = _text(patient["birth_date"])
-    if patient.get("sex"):
-        pid.pid_8 = _text(patient["sex"])
-    if patient.get("status"):
-        pid.pid_32 = _text(patient["status"])
+    add_pid(message, patient)
 
-    kind = "ISO" if request.placer_authority else ""
-    placer = f"{_text(request.placer_number)}^^{_text(request.placer_authority)}^{kind}"
+    placer = _placer(request)
     orc = message.add_segment("ORC")
     orc.orc_1 = "OK" if accepted else "OC"
     orc.orc_2 = placer
@@ -257,19 +268,9 @@ def build_order_response(
     response = message.add_group("ORL_O22_RESPONSE")
     patient_group = response.add_group("ORL_O22_PATIENT")
     patient = request.patient or {}
-    pid = patient_group.add_segment("PID")
-    for name, values in _pid_fields(patient).items():
-        for value in values:
-            pid.add_field(name).value = value
-    if patient.get("birth_date"):
-        pid.pid_7 = _text(patient["birth_date"])
-    if patient.get("sex"):
-        pid.pid_8 = _text(patient["sex"])
-    if patient.get("status"):
-        pid.pid_32 = _text(patient["status"])
+    add_pid(patient_group, patient)
 
-    kind = "ISO" if request.placer_authority else ""
-    placer = f"{_text(request.placer_number)}^^{_text(request.placer_authority)}^{kind}"
+    placer = _placer(request)
     filler = f"{request.id}^{_text(platform.application)}"
     order_group = patient_group.add_group("ORL_O22_ORDER")
     orc = order_group.add_segment("ORC")

@@ -21,7 +21,7 @@ from typing import Any
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 
-from simral.hl7.answers import Party, Responder, _pid_fields, _text, _xcn
+from simral.hl7.answers import Party, Responder, _text, _xcn, add_pid
 from simral.patients.models import STATUS_QUAL
 
 VERSION = "2.5"
@@ -80,16 +80,7 @@ def build_report_message(
     patient = dict(report.patient)
     if patient.get("status") != STATUS_QUAL:
         patient["ins"] = ""  # Référentiel INS: the INS is only used for a qualified identity
-    pid = message.add_segment("PID")
-    for name, values in _pid_fields(patient).items():
-        for value in values:
-            pid.add_field(name).value = value
-    if patient.get("birth_date"):
-        pid.pid_7 = _text(patient["birth_date"])
-    if patient.get("sex"):
-        pid.pid_8 = _text(patient["sex"])
-    if patient.get("status"):
-        pid.pid_32 = _text(patient["status"])
+    add_pid(message, patient)
     pv1 = message.add_segment("PV1")
     pv1.pv1_2 = "N"  # not applicable: the report is not tied to an encounter of ours
 
