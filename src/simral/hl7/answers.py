@@ -114,6 +114,32 @@ def _pid_fields(patient: dict[str, Any]) -> dict[str, list[str]]:
     return {"PID_3": identifiers, "PID_5": names, "PID_11": places}
 
 
+def add_msh(
+    message: Message,
+    message_type: str,
+    control_id: str,
+    *,
+    platform: Party,
+    receiver: Party,
+    at: datetime | None = None,
+) -> Any:
+    """Fill ``message``'s MSH (HL7 v2.5.1 §2.14.9) for a message from ``platform`` to ``receiver``:
+    MSH-9 ``message_type``, MSH-10 ``control_id``, production, French, UTF-8; the MSH segment."""
+    msh = message.msh
+    msh.msh_3 = _text(platform.application)
+    msh.msh_4 = _text(platform.facility)
+    msh.msh_5 = _text(receiver.application)
+    msh.msh_6 = _text(receiver.facility)
+    msh.msh_7 = (at or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    msh.msh_9 = message_type
+    msh.msh_10 = control_id
+    msh.msh_11 = "P"
+    msh.msh_12 = VERSION
+    msh.msh_17 = "FRA"
+    msh.msh_18 = "UNICODE UTF-8"
+    return msh
+
+
 def add_pid(parent: Any, patient: dict[str, Any]) -> None:
     """A PID segment for ``patient`` (a request's identity copy), added to ``parent`` (a message or a
     group): identifiers (INS, IPP), names, birth date and place, sex, identity reliability (PID-32)."""
@@ -155,18 +181,7 @@ def build_answer(
         raise ValueError(f"request {request.id} is {request.state}: only an answered request has an answer")
     accepted = request.state == REQUEST_ACCEPTED
     message = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-    msh = message.msh
-    msh.msh_3 = _text(platform.application)
-    msh.msh_4 = _text(platform.facility)
-    msh.msh_5 = _text(receiver.application)
-    msh.msh_6 = _text(receiver.facility)
-    msh.msh_7 = (at or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
-    msh.msh_9 = "ORU^R01^ORU_R01"
-    msh.msh_10 = control_id
-    msh.msh_11 = "P"
-    msh.msh_12 = VERSION
-    msh.msh_17 = "FRA"
-    msh.msh_18 = "UNICODE UTF-8"
+    msh = add_msh(message, "ORU^R01^ORU_R01", control_id, platform=platform, receiver=receiver, at=at)
     msh.msh_21 = PROFILE
 
     patient = request.patient or {}
@@ -242,18 +257,7 @@ def build_order_response(
     accepted = request.state == REQUEST_ACCEPTED
     order = request.hl7_order or {}
     message = Message("ORL_O22", version=VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-    msh = message.msh
-    msh.msh_3 = _text(platform.application)
-    msh.msh_4 = _text(platform.facility)
-    msh.msh_5 = _text(receiver.application)
-    msh.msh_6 = _text(receiver.facility)
-    msh.msh_7 = (at or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
-    msh.msh_9 = "ORL^O22^ORL_O22"
-    msh.msh_10 = control_id
-    msh.msh_11 = "P"
-    msh.msh_12 = VERSION
-    msh.msh_17 = "FRA"
-    msh.msh_18 = "UNICODE UTF-8"
+    add_msh(message, "ORL^O22^ORL_O22", control_id, platform=platform, receiver=receiver, at=at)
     msa = message.add_segment("MSA")
     msa.msa_1 = "AA"
     msa.msa_2 = _text(order.get("control_id"))[:199]

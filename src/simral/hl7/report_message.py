@@ -21,7 +21,7 @@ from typing import Any
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 
-from simral.hl7.answers import Party, Responder, _text, _xcn, add_pid
+from simral.hl7.answers import Party, Responder, _text, _xcn, add_msh, add_pid
 from simral.patients.models import STATUS_QUAL
 
 VERSION = "2.5"
@@ -62,18 +62,7 @@ def build_report_message(
 ) -> str:
     """The ORU^R01 (segments separated by CR) carrying ``cda``."""
     message = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-    msh = message.msh
-    msh.msh_3 = _text(platform.application)
-    msh.msh_4 = _text(platform.facility)
-    msh.msh_5 = _text(receiver.application)
-    msh.msh_6 = _text(receiver.facility)
-    msh.msh_7 = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    msh.msh_9 = "ORU^R01^ORU_R01"
-    msh.msh_10 = report.control_id
-    msh.msh_11 = "P"
-    msh.msh_12 = VERSION
-    msh.msh_17 = "FRA"
-    msh.msh_18 = "UNICODE UTF-8"
+    msh = add_msh(message, "ORU^R01^ORU_R01", report.control_id, platform=platform, receiver=receiver)
     msh.msh_19 = "FRA"
     msh.msh_21 = PROFILE
 
