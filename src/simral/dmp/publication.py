@@ -73,6 +73,7 @@ from simral.identity.models import Organisation
 from simral.jobs.runner import Outcomes, PermanentFailure
 from simral.jobs.service import ClaimedJob
 from simral.patients.models import STATUS_QUAL, AssigningAuthority, PatientIdentity
+from simral.patients.service import identity_traits
 from simral.reading import cda as cda_document
 from simral.reading.models import REPORT_SIGNED, ImagingRequest, Report
 from simral.storage.base import BlobStore
@@ -499,21 +500,7 @@ def _qualified_patient(lot: _Lot) -> dict[str, Any]:
     ipp, ipp_oid = named.get("ipp", ""), named.get("ipp_oid", "")
     if not ipp:
         ipp, ipp_oid = identity.local_id, lot.identity_authority
-    return {
-        "ipp": ipp,
-        "ipp_oid": ipp_oid,
-        "ins": identity.ins_matricule,
-        "ins_oid": identity.ins_oid,
-        "status": identity.status,
-        "birth_name": identity.birth_name,
-        "birth_given_names": identity.birth_given_names,
-        "first_birth_given_name": identity.first_birth_given_name,
-        "used_name": identity.used_name,
-        "used_given_name": identity.used_given_name,
-        "sex": identity.sex,
-        "birth_date": identity.birth_date,
-        "birth_place_code": identity.birth_place_code,
-    }
+    return {"ipp": ipp, "ipp_oid": ipp_oid, **identity_traits(identity)}
 
 
 def _report_cda(lot: _Lot, cda: bytes) -> bytes:

@@ -1457,3 +1457,22 @@ def list_messages(session: Session, *, outcome: str | None = None, limit: int = 
     if outcome is not None:
         query = query.where(Hl7Message.outcome == outcome)
     return list(session.scalars(query.order_by(Hl7Message.id.desc()).limit(limit)))
+
+
+def identity_traits(identity: PatientIdentity) -> dict[str, str]:
+    """An identity's INS and traits (Référentiel INS) in the shape of an imaging request's patient
+    copy (:attr:`simral.reading.models.ImagingRequest.patient`): what documents and messages name
+    the patient by, beside the local identifier."""
+    return {
+        "ins": identity.ins_matricule,
+        "ins_oid": identity.ins_oid,
+        "status": identity.status,
+        "birth_name": identity.birth_name,
+        "birth_given_names": identity.birth_given_names,
+        "first_birth_given_name": identity.first_birth_given_name,
+        "used_name": identity.used_name,
+        "used_given_name": identity.used_given_name,
+        "sex": identity.sex,
+        "birth_date": identity.birth_date,
+        "birth_place_code": identity.birth_place_code,
+    }

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from simral.access.policy import Principal, may_perform_procedures
 from simral.dicom.matching import Match, normalise_da, normalise_tm, parse_match
 from simral.patients.models import STATUS_QUAL, AssigningAuthority, PatientIdentity
-from simral.patients.service import effective_identity
+from simral.patients.service import effective_identity, identity_traits
 from simral.reading.models import (
     PRIORITY_URGENT,
     STEP_IN_PROGRESS,
@@ -134,16 +134,7 @@ def _patient_from_identity(session: Session, identity: PatientIdentity) -> dict[
         "ipp": identity.local_id,
         "ipp_namespace": (authority.namespace or authority.organisation_code or "") if authority else "",
         "ipp_oid": (authority.oid or "") if authority else "",
-        "ins": identity.ins_matricule,
-        "ins_oid": identity.ins_oid,
-        "status": identity.status,
-        "birth_name": identity.birth_name,
-        "birth_given_names": identity.birth_given_names,
-        "first_birth_given_name": identity.first_birth_given_name,
-        "used_name": identity.used_name,
-        "used_given_name": identity.used_given_name,
-        "sex": identity.sex,
-        "birth_date": identity.birth_date,
+        **identity_traits(identity),
     }
 
 
