@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from html import escape
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -27,14 +25,9 @@ from simral.dmp.models import DMP_STATES
 from simral.dmp.service import DocumentStatus
 from simral.dmp.views import SiteDocument
 from simral.web.auth import request_principal
-from simral.web.layout import Language, display_date, lang_param, page, request_language, table
+from simral.web.layout import Language, display_date, display_time, lang_param, page, request_language, table
 
 DMP_PATH = "/dmp"
-
-try:
-    LOCAL_TIME = ZoneInfo("Europe/Paris")
-except ZoneInfoNotFoundError:  # pragma: no cover - systems without tzdata
-    LOCAL_TIME = ZoneInfo("UTC")
 
 #: The state of a document entry; ``{when}``: the publication (published) or the withdrawal date.
 STATE_TEXT: Mapping[Language, Mapping[str, str]] = {
@@ -81,23 +74,13 @@ SHORT_STATE_TEXT: Mapping[Language, Mapping[str, str]] = {
 }
 
 
-def when(value: datetime | None, language: Language) -> str:
-    """A timestamp in Paris time: DD/MM/YYYY HH:MM in French, YYYY-MM-DD HH:MM in English."""
-    if value is None:
-        return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    local = value.astimezone(LOCAL_TIME)
-    return local.strftime("%d/%m/%Y %H:%M" if language == "fr" else "%Y-%m-%d %H:%M")
-
-
 def state_label(row: DocumentStatus, language: Language) -> str:
     """The entry's state in the reader's language (an unknown state as it is)."""
     wording = STATE_TEXT[language].get(row.state)
     if wording is None:
         return row.state
     moment = row.published_at if row.state == "published" else row.updated_at
-    return wording.format(when=when(moment, language))
+    return wording.format(when=display_time(moment, language))
 
 
 # ------------------------------------------------------------------------------- the site's list
@@ -184,8 +167,8 @@ def _row(item: SiteDocument, text: Mapping[str, str], language: Language) -> str
         exam,
         _source(item, text),
         f'<span class="state">{state}</span>',
-        f'<span class="nowrap">{escape(when(item.created_at, language))}</span>',
-        f'<span class="nowrap">{escape(when(status.updated_at, language))}</span>',
+        f'<span class="nowrap">{escape(display_time(item.created_at, language))}</span>',
+        f'<span class="nowrap">{escape(display_time(status.updated_at, language))}</span>',
     ]
     return (
         f'<tr data-dmp="{status.id}" data-state="{escape(status.state)}">'

@@ -7,9 +7,11 @@ live in ``/static/simral.css`` (no inline styles: the Content-Security-Policy fo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from html import escape
 from typing import Literal
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -195,6 +197,24 @@ def table(headings: list[str], rows: list[str]) -> str:
 def text_rows(rows: list[list[str]]) -> list[str]:
     """Rows of plain-text cells as escaped ``<tr>`` HTML."""
     return ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+
+
+try:
+    #: The time zone of the region's sites: timestamps are shown in it.
+    LOCAL_TIME = ZoneInfo("Europe/Paris")
+except ZoneInfoNotFoundError:  # pragma: no cover - systems without tzdata
+    LOCAL_TIME = ZoneInfo("UTC")
+
+
+def display_time(value: datetime | None, language: Language) -> str:
+    """A timestamp in Paris time: DD/MM/YYYY HH:MM in French, YYYY-MM-DD HH:MM in English (naive:
+    UTC, as the index stores them)."""
+    if value is None:
+        return ""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    local = value.astimezone(LOCAL_TIME)
+    return local.strftime("%d/%m/%Y %H:%M" if language == "fr" else "%Y-%m-%d %H:%M")
 
 
 def display_date(value: str, language: Language) -> str:

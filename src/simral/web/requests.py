@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 from urllib.parse import quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -59,13 +58,18 @@ from simral.storage.base import CHUNK
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.dmp import DMP_PATH
 from simral.web.dmp import state_label as dmp_state_label
-from simral.web.layout import Language, csrf_field, display_date, lang_param, page, request_language, table
+from simral.web.layout import (
+    LOCAL_TIME,
+    Language,
+    csrf_field,
+    display_date,
+    display_time,
+    lang_param,
+    page,
+    request_language,
+    table,
+)
 from simral.web.params import RowId
-
-try:
-    LOCAL_TIME = ZoneInfo("Europe/Paris")
-except ZoneInfoNotFoundError:  # pragma: no cover - systems without tzdata
-    LOCAL_TIME = ZoneInfo("UTC")
 
 #: Modalities offered by the request form (DICOM CS, JDV_modalitedemandeActeImagerie-CISIS).
 MODALITIES = ("CT", "MR", "CR", "DX", "US", "MG", "NM", "PT", "XA", "RF")
@@ -401,16 +405,6 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
 NOTICES = ("accepted", "refused", "cancelled", "created", "subspecialty", "complement")
 
 
-def _when(value: datetime | None, language: Language) -> str:
-    """A timestamp in Paris time: DD/MM/YYYY HH:MM in French, YYYY-MM-DD HH:MM in English."""
-    if value is None:
-        return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    local = value.astimezone(LOCAL_TIME)
-    return local.strftime("%d/%m/%Y %H:%M" if language == "fr" else "%Y-%m-%d %H:%M")
-
-
 def _patient_name(patient: Mapping[str, Any], language: Language) -> str:
     name = " ".join(
         part for part in (patient.get("birth_name", ""), patient.get("first_birth_given_name", "")) if part
@@ -480,7 +474,7 @@ def _report_versions(ctx: AppContext, request_id: int, text: Mapping[str, str], 
             if report.version > 1:
                 label += f" ({text['report_addendum']})"
             signed = text["report_signed"].format(
-                when=_when(report.signed_at, language), who=report.author_name or report.author
+                when=display_time(report.signed_at, language), who=report.author_name or report.author
             )
             if report.publication_state == PUBLICATION_DONE:
                 links = (
@@ -528,7 +522,7 @@ def _documents(ctx: AppContext, request_id: int, text: Mapping[str, str], langua
         return ""
     lines = []
     for row in rows:
-        when = _when(row.document_date, language)[:10] if row.document_date else ""
+        when = display_time(row.document_date, language)[:10] if row.document_date else ""
         size = f"{max(1, round(row.size / 1024))} {text['kilobytes']}"
         link = f"/requests/{request_id}/documents/{row.id}"
         lines.append(
@@ -614,8 +608,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             if reviewer:
                 cells = [
                     _priority(text, item.priority),
-                    f'<span class="nowrap">{escape(_when(item.due_at, language))}</span>',
-                    f'<span class="nowrap">{escape(_when(item.created_at, language))}</span>',
+                    f'<span class="nowrap">{escape(display_time(item.due_at, language))}</span>',
+                    f'<span class="nowrap">{escape(display_time(item.created_at, language))}</span>',
                     link,
                     escape(item.modality),
                     escape(_anatomy(item)),
@@ -632,7 +626,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
                     _priority(text, item.priority),
                     escape(_state(text, item.state)),
                     escape(_short(answer, 100)),
-                    f'<span class="nowrap">{escape(_when(item.due_at, language))}</span>',
+                    f'<span class="nowrap">{escape(display_time(item.due_at, language))}</span>',
                 ]
             rows.append(
                 f'<tr class="request{waiting}" data-request="{item.id}">'
@@ -730,7 +724,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             for e in complement.get("equipment", [])
         )
         performed = complement.get("performed_at") or ""
-        when = _when(datetime.fromisoformat(performed), language) if performed else ""
+        when = display_time(datetime.fromisoformat(performed), language) if performed else ""
         dose = dose_line(dict(complement.get("dose") or {}), language)
         dose = dose.split(":", 1)[1].strip() if ":" in dose else dose
         origins = ", ".join(text.get(f"origin_{o}", o) for o in complement.get("origins") or [])
@@ -1048,11 +1042,11 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             (text["placer"], escape(item.placer_number)),
             (text["site"], escape(item.site_code)),
             (text["priority"], _priority(text, item.priority)),
-            (text["due"], escape(_when(item.due_at, language))),
+            (text["due"], escape(display_time(item.due_at, language))),
             (text["desired_delay"], escape(text.get(item.desired_delay, item.desired_delay))),
-            (text["appointment"], escape(_when(item.appointment_at, language))),
-            (text["requested_at"], escape(_when(item.requested_at, language))),
-            (text["received"], escape(_when(item.created_at, language))),
+            (text["appointment"], escape(display_time(item.appointment_at, language))),
+            (text["requested_at"], escape(display_time(item.requested_at, language))),
+            (text["received"], escape(display_time(item.created_at, language))),
             (text["requester"], escape(doctor)),
             (text["phone"], escape(str(requester.get("phone", "")))),
             (
@@ -1088,7 +1082,10 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             answer_rows = [
                 (text["protocol"], _multiline(item.protocol)),
                 (text["refusal_reason"], _multiline(item.refusal_reason)),
-                (text["answered_by"], escape(f"{item.answered_by} — {_when(item.answered_at, language)}")),
+                (
+                    text["answered_by"],
+                    escape(f"{item.answered_by} — {display_time(item.answered_at, language)}"),
+                ),
             ]
             body += f"<h2>{escape(text['answer'])}</h2>" + _rows([p for p in answer_rows if p[1]])
         if item.accession_number and item.complement:
@@ -1207,7 +1204,7 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
                 if exc.code != "206":
                     raise
                 received = str((item.complement or {}).get("received_at") or "")
-                when = _when(datetime.fromisoformat(received), language) if received else "?"
+                when = display_time(datetime.fromisoformat(received), language) if received else "?"
                 message = TEXT[language]["cancel_refused"].format(when=when, placer=item.placer_number)
                 raise ReadingError(message, code="206") from exc
 
