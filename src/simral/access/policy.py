@@ -299,6 +299,15 @@ def may_schedule_on_call(principal: Principal, group_code: str) -> bool:
     return may_assign_reading(principal, group_code)
 
 
+def may_read_on_call(principal: Principal, group_code: str) -> bool:
+    """Whether ``principal`` may read the on-call schedule of the teleradiology group
+    ``group_code``: its radiologists (a membership, whichever organisation they act for) and whoever
+    may change it (:func:`may_schedule_on_call`)."""
+    if may_schedule_on_call(principal, group_code):
+        return True
+    return principal.kind == "user" and bool(group_code) and "radiologist" in principal.roles(group_code)
+
+
 def dashboard_scope(principal: Principal) -> tuple[frozenset[str], frozenset[str]] | None:
     """Whose teleradiology turnaround figures ``principal`` sees: None for everything (the platform,
     regional administrators), else (sites, reading groups) — the organisation acted for, as a site

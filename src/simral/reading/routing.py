@@ -37,8 +37,10 @@ deadline passes. Without anyone on call, for a claimed task, or when the deadlin
 passed, the group's administrators are alerted at once (:mod:`simral.reading.tasks`).
 
 **Schedule.** The group's administrators (:func:`simral.access.policy.may_schedule_on_call`) add and
-remove shifts (``simral oncall add|list|remove``). A shift names an active radiologist of the group,
-ends after it starts and lasts at most :data:`MAX_SHIFT`. Schedule changes and assignments are
+remove shifts (``simral oncall add|list|remove``, the portal page ``/reading/oncall``). A shift names
+an active radiologist of the group, ends after it starts, lasts at most :data:`MAX_SHIFT` and does
+not overlap another shift of the same radiologist in the group (several radiologists may be on call
+at once). Schedule changes and assignments are
 audited.
 
 The functions taking ``now`` never read the clock, so the rules are the same in tests at fixed times.
@@ -502,6 +504,19 @@ def add_shift(
         raise ScheduleError(f"a shift lasts at most {MAX_SHIFT.days} days")
     code = normalise_subspecialty(subspecialty)
     _check_radiologist(session, group_code, login)
+    clash = session.scalar(
+        select(OnCallShift)
+        .where(
+            OnCallShift.group_code == group_code,
+            OnCallShift.login == login,
+            OnCallShift.start_at < end,
+            OnCallShift.end_at > start,
+        )
+        .order_by(OnCallShift.start_at)
+        .limit(1)
+    )
+    if clash is not None:
+        raise ScheduleError(f"{login} is already on call for {group_code} in shift {clash.id} (overlap)")
     shift = OnCallShift(
         group_code=group_code,
         login=login,

@@ -26,6 +26,7 @@ from simral.web.jobs_admin import mount_jobs_admin
 from simral.web.media_import import mount_media_import
 from simral.web.observability import mount_observability
 from simral.web.oidc_login import mount_oidc_login
+from simral.web.oncall import mount_oncall
 from simral.web.pages import mount_pages
 from simral.web.portal import mount_portal
 from simral.web.reading import mount_reading
@@ -88,6 +89,7 @@ def create_web_app(ctx: AppContext) -> FastAPI:
     mount_requests(web, ctx)
     mount_dmp(web, ctx)  # /dmp: the site's DMP publications
     mount_reports(web, ctx)  # before mount_reading: its /reading/tasks/{id}/{action} would match
+    mount_oncall(web, ctx)  # /reading/oncall: the groups' on-call schedule
     mount_reading(web, ctx)
     install_openapi_security(web)
     return web

@@ -93,6 +93,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "opinions": "Avis demandés par vos confrères : {links}",
         "opinion_link": "examen n° {task}",
         "my_reports": "Mes comptes rendus",
+        "on_call_schedule": "Tableau de garde",
         "on_call": "de garde : {who}",
         "on_call_me": "de garde : vous",
         "oncall_alerted": "alerte de garde",
@@ -142,6 +143,7 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
         "opinions": "Opinions your colleagues asked of you: {links}",
         "opinion_link": "study no. {task}",
         "my_reports": "My reports",
+        "on_call_schedule": "On-call schedule",
         "on_call": "on call: {who}",
         "on_call_me": "on call: you",
         "oncall_alerted": "on-call alert",
@@ -449,6 +451,8 @@ def mount_reading(web: FastAPI, ctx: AppContext) -> None:
         if principal.kind == "user" and may_review_requests(principal, group):
             mine = f"/reading/reports{_suffix(request)}"
             body += f'<p><a href="{escape(mine)}">{escape(text["my_reports"])}</a></p>'
+        schedule = f"/reading/oncall{_suffix(request)}"
+        body += f'<p><a href="{escape(schedule)}">{escape(text["on_call_schedule"])}</a></p>'
         if asked:
             links = ", ".join(
                 f'<a href="/reading/tasks/{o.task_id}/report{escape(_suffix(request))}">'

@@ -293,6 +293,11 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/second-opinions/{opinion_id}/answer"): policy("may_review_requests", note="the one asked"),
     ("GET", "/reading/tasks/{task_id}/viewer"): policy("simral.reading.reports.may_open_task"),
     ("GET", "/reading"): policy("may_review_requests", "may_assign_reading", note="the group's worklist"),
+    ("GET", "/reading/oncall"): policy(
+        "may_read_on_call", "may_schedule_on_call", note="the groups' schedule"
+    ),
+    ("POST", "/reading/oncall/add"): policy("may_schedule_on_call", note="CSRF token; audited"),
+    ("POST", "/reading/oncall/{shift_id}/remove"): policy("may_schedule_on_call", note="CSRF token; audited"),
     ("POST", "/reading/tasks/{task_id}/{action}"): policy(
         "may_review_requests", "may_assign_reading", note="claim/release/reassign; CSRF token"
     ),
