@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -93,7 +94,9 @@ def schedule(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schedule]:
         yield Schedule(simral, tokens, now - timedelta(hours=1))
 
 
-def test_group_administrator_adds_refuses_an_overlap_and_removes_a_shift(schedule: Schedule) -> None:
+def test_group_administrator_adds_refuses_an_overlap_and_removes_a_shift(
+    schedule: Schedule, artifacts_dir: Path
+) -> None:
     from playwright.sync_api import sync_playwright
     from tests.portal_login import TotpDevice, login_page
     from tests.test_portal_accessibility import assert_accessible
@@ -128,6 +131,7 @@ def test_group_administrator_adds_refuses_an_overlap_and_removes_a_shift(schedul
             assert "de garde maintenant" in running.inner_text()
             assert "de garde maintenant" not in row.inner_text()
             assert_accessible(page, "on-call schedule page")
+            page.screenshot(path=str(artifacts_dir / "reading-oncall.png"), full_page=True)
 
             # The same shift for the CLI.
             listed = schedule.simral.cli(
