@@ -28,8 +28,8 @@ from sqlalchemy import select
 from simral.access.policy import AccessDenied, Principal, may_read_on_call, may_schedule_on_call
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
-from simral.identity.models import Membership, Organisation, Professional
-from simral.reading import routing
+from simral.identity.models import Organisation
+from simral.reading import reports, routing
 from simral.reading.models import OnCallShift
 from simral.web.auth import check_form_csrf, request_principal
 from simral.web.layout import (
@@ -169,18 +169,7 @@ def mount_oncall(web: FastAPI, ctx: AppContext) -> None:
 
     def _radiologists(group_code: str) -> list[tuple[str, str]]:
         with ctx.db.reading() as session:
-            rows = session.execute(
-                select(Professional.login, Professional.display_name)
-                .join(Membership, Membership.professional_id == Professional.id)
-                .join(Organisation, Organisation.id == Membership.organisation_id)
-                .where(
-                    Organisation.code == group_code,
-                    Membership.role == "radiologist",
-                    Professional.active.is_(True),
-                )
-                .order_by(Professional.login)
-            ).all()
-        return [(login, name) for login, name in rows]
+            return reports.group_radiologists(session, group_code)
 
     def _suffix(request: Request) -> str:
         lang = lang_param(request)
