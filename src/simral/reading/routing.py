@@ -161,7 +161,13 @@ MAX_SHIFT = timedelta(days=14)
 
 
 class ScheduleError(ValueError):
-    """A subspecialty or on-call shift that cannot be accepted."""
+    """A subspecialty or on-call shift that cannot be accepted; ``reason`` names the rule broken
+    (``unknown_subspecialty``, ``time_zone``, ``not_group``, ``not_radiologist``, ``order``,
+    ``too_long``, ``overlap``, ``no_shift``) for callers that word it themselves."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------ subspecialty
@@ -185,7 +191,9 @@ def normalise_subspecialty(value: str) -> str:
             return code
     if text in _ALIASES:
         return _ALIASES[text]
-    raise ScheduleError(f"unknown subspecialty {value!r} (one of {', '.join(SUBSPECIALTIES)})")
+    raise ScheduleError(
+        f"unknown subspecialty {value!r} (one of {', '.join(SUBSPECIALTIES)})", "unknown_subspecialty"
+    )
 
 
 def subspecialty_label(code: str, language: str = "fr") -> str:
@@ -453,7 +461,7 @@ def assignment_due(session: Session, *, now: datetime, limit: int = 500) -> list
 
 def _aware(value: datetime, what: str) -> datetime:
     if value.tzinfo is None:
-        raise ScheduleError(f"the {what} of a shift needs its time zone")
+        raise ScheduleError(f"the {what} of a shift needs its time zone", "time_zone")
     return value.astimezone(UTC)
 
 
@@ -478,9 +486,9 @@ def is_group_radiologist(session: Session, login: str, group_code: str) -> bool:
 def _check_radiologist(session: Session, group_code: str, login: str) -> None:
     group = session.scalar(select(Organisation).where(Organisation.code == group_code))
     if group is None or group.kind != "teleradiology-group":
-        raise ScheduleError(f"{group_code} is not a teleradiology group")
+        raise ScheduleError(f"{group_code} is not a teleradiology group", "not_group")
     if not is_group_radiologist(session, login, group_code):
-        raise ScheduleError(f"{login} is not an active radiologist of {group_code}")
+        raise ScheduleError(f"{login} is not an active radiologist of {group_code}", "not_radiologist")
 
 
 def add_shift(
@@ -499,9 +507,9 @@ def add_shift(
         raise AccessDenied(f"{principal.audit_name} may not change the on-call schedule of {group_code}")
     start, end = _aware(start_at, "start"), _aware(end_at, "end")
     if end <= start:
-        raise ScheduleError("a shift ends after it starts")
+        raise ScheduleError("a shift ends after it starts", "order")
     if end - start > MAX_SHIFT:
-        raise ScheduleError(f"a shift lasts at most {MAX_SHIFT.days} days")
+        raise ScheduleError(f"a shift lasts at most {MAX_SHIFT.days} days", "too_long")
     code = normalise_subspecialty(subspecialty)
     _check_radiologist(session, group_code, login)
     clash = session.scalar(
@@ -516,7 +524,9 @@ def add_shift(
         .limit(1)
     )
     if clash is not None:
-        raise ScheduleError(f"{login} is already on call for {group_code} in shift {clash.id} (overlap)")
+        raise ScheduleError(
+            f"{login} is already on call for {group_code} in shift {clash.id} (overlap)", "overlap"
+        )
     shift = OnCallShift(
         group_code=group_code,
         login=login,
@@ -564,7 +574,7 @@ def remove_shift(session: Session, shift_id: int, *, principal: Principal) -> On
     handed over by the next periodic check."""
     shift = session.get(OnCallShift, shift_id)
     if shift is None:
-        raise ScheduleError(f"no on-call shift {shift_id}")
+        raise ScheduleError(f"no on-call shift {shift_id}", "no_shift")
     if not may_schedule_on_call(principal, shift.group_code):
         raise AccessDenied(
             f"{principal.audit_name} may not change the on-call schedule of {shift.group_code}"

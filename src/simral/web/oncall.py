@@ -122,25 +122,16 @@ NOTICES = ("added", "removed")
 
 
 def refusal(exc: routing.ScheduleError, language: Language, login: str = "") -> str:
-    """The reason a shift was refused, in the page's language (the service speaks English)."""
+    """The reason a shift was refused, in the page's language, by the rule the service names."""
     text = TEXT[language]
-    message = str(exc)
-    if "ends after it starts" in message:
-        reason = text["order"]
-    elif "lasts at most" in message:
+    if exc.reason == "too_long":
         reason = text["too_long"].format(days=routing.MAX_SHIFT.days)
-    elif "not an active radiologist" in message:
+    elif exc.reason == "not_radiologist":
         reason = text["not_radiologist"].format(login=login)
-    elif "(overlap)" in message:
-        reason = text["overlap"]
-    elif "unknown subspecialty" in message:
-        reason = text["unknown_subspecialty"]
-    elif "no on-call shift" in message:
-        reason = text["no_shift"]
-    elif "not a teleradiology group" in message:
-        reason = text["not_group"]
+    elif exc.reason in text:
+        reason = text[exc.reason]
     else:
-        reason = text["other"].format(message=message)
+        reason = text["other"].format(message=str(exc))
     return text["refused"].format(reason=reason)
 
 
