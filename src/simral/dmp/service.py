@@ -458,9 +458,11 @@ def statuses(
     organisation: str | None = None,
     request_id: int | None = None,
     state: str | None = None,
+    limit: int | None = None,
 ) -> list[DocumentStatus]:
-    """The document entries (newest first), optionally of one organisation, request or state."""
-    query = select(DmpDocument).order_by(DmpDocument.id.desc())
+    """The document entries (newest first, at most ``limit``), optionally of one organisation,
+    request or state."""
+    query = select(DmpDocument).order_by(DmpDocument.id.desc()).limit(limit)
     if organisation is not None:
         query = query.where(DmpDocument.organisation_code == organisation)
     if request_id is not None:

@@ -65,7 +65,7 @@ def site_documents(
         raise AccessDenied(f"{principal.audit_name} may not see the DMP documents of {organisation}")
     if state is not None and state not in DMP_STATES:
         return []
-    rows = statuses(session, organisation=organisation, state=state)[:limit]
+    rows = statuses(session, organisation=organisation, state=state, limit=limit)
     if not rows:
         return []
     documents = {
