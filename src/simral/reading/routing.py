@@ -57,7 +57,7 @@ from typing import Any
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_schedule_on_call
+from simral.access.policy import AccessDenied, Principal, may_read_on_call, may_schedule_on_call
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import Membership, Organisation, Professional
@@ -552,6 +552,17 @@ def add_shift(
         },
     )
     return shift
+
+
+def readable_groups(session: Session, principal: Principal) -> list[tuple[str, str]]:
+    """(code, name) of the teleradiology groups whose on-call schedule ``principal`` may read
+    (:func:`simral.access.policy.may_read_on_call`), by code."""
+    groups = session.execute(
+        select(Organisation.code, Organisation.name)
+        .where(Organisation.kind == "teleradiology-group")
+        .order_by(Organisation.code)
+    ).all()
+    return [(code, name) for code, name in groups if may_read_on_call(principal, code)]
 
 
 def list_shifts(

@@ -23,12 +23,10 @@ from html import escape
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
 
-from simral.access.policy import AccessDenied, Principal, may_read_on_call, may_schedule_on_call
+from simral.access.policy import AccessDenied, Principal, may_schedule_on_call
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
-from simral.identity.models import Organisation
 from simral.reading import reports, routing
 from simral.reading.models import OnCallShift
 from simral.web.auth import check_form_csrf, request_principal
@@ -151,12 +149,7 @@ def mount_oncall(web: FastAPI, ctx: AppContext) -> None:
         if principal.kind != "user":
             return []
         with ctx.db.reading() as session:
-            groups = session.execute(
-                select(Organisation.code, Organisation.name)
-                .where(Organisation.kind == "teleradiology-group")
-                .order_by(Organisation.code)
-            ).all()
-        return [(code, name) for code, name in groups if may_read_on_call(principal, code)]
+            return routing.readable_groups(session, principal)
 
     def _radiologists(group_code: str) -> list[tuple[str, str]]:
         with ctx.db.reading() as session:
