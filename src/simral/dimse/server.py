@@ -184,14 +184,18 @@ class ReusePortServer(ThreadedAssociationServer):
 
 
 def _drop_spool_file(message: Any) -> None:
-    handle = getattr(message, "_data_set_file", None)
+    _drop_file(getattr(message, "_data_set_file", None))
+
+
+def _drop_file(handle: Any) -> None:
     if handle is not None:
         handle.close()
         Path(handle.name).unlink(missing_ok=True)
 
 
 def _install_spool_cleanup() -> None:
-    """Delete a C-STORE spool file when decoding the rest of its message fails.
+    """Delete a C-STORE spool file when decoding the rest of its message fails, or when a new
+    command set replaces its message before the data set ended.
 
     pynetdicom opens the spool file before it looks the presentation context up; a P-DATA for a
     context that was never negotiated raises KeyError there, kills the DUL reactor thread, and no
@@ -204,11 +208,19 @@ def _install_spool_cleanup() -> None:
     original = DIMSEMessage.decode_msg
 
     def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        previous = getattr(self, "_data_set_file", None)
         try:
-            return bool(original(self, primitive, assoc))
+            done = bool(original(self, primitive, assoc))
         except BaseException:
             _drop_spool_file(self)
+            if previous is not getattr(self, "_data_set_file", None):
+                _drop_file(previous)
             raise
+        if previous is not None and previous is not getattr(self, "_data_set_file", None):
+            # A command set began before the data set of the previous one ended (PS3.7 §9.3.1
+            # allows no interleaving): pynetdicom opened a second spool file over the first.
+            _drop_file(previous)
+        return done
 
     decode_msg._simral = True  # type: ignore[attr-defined]
     DIMSEMessage.decode_msg = decode_msg
