@@ -15,6 +15,7 @@ and ``-rss_limit_mb``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -308,6 +309,8 @@ class SiteHolder:
             self.site.close()
             self.site = None
         if self.site is None:
+            if self.count == 1:
+                atexit.register(self.close)  # the replay tool and libFuzzer runs end by exiting
             self.site = open_site(scu_port=self.scu_port)
             for hook in self.on_open:
                 hook(self.site)

@@ -196,14 +196,18 @@ class ReusePortServer(ThreadedAssociationServer):
 
 
 def _drop_spool_file(message: Any) -> None:
-    handle = getattr(message, "_data_set_file", None)
+    _drop_file(getattr(message, "_data_set_file", None))
+
+
+def _drop_file(handle: Any) -> None:
     if handle is not None:
         handle.close()
         Path(handle.name).unlink(missing_ok=True)
 
 
 def _install_spool_cleanup() -> None:
-    """Delete a C-STORE spool file when decoding the rest of its message fails.
+    """Delete a C-STORE spool file when decoding the rest of its message fails, or when a new
+    command set replaces its message before the data set ended.
 
     pynetdicom opens the spool file before it looks the presentation context up; a P-DATA for a
     context that was never negotiated raises KeyError there, kills the DUL reactor thread, and no
@@ -216,11 +220,23 @@ def _install_spool_cleanup() -> None:
     original = DIMSEMessage.decode_msg
 
     def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        previous = getattr(self, "_data_set_file", None)
         try:
-            return bool(original(self, primitive, assoc))
+            done = bool(original(self, primitive, assoc))
         except BaseException:
             _drop_spool_file(self)
+            if previous is not getattr(self, "_data_set_file", None):
+                _drop_file(previous)
             raise
+        current = getattr(self, "_data_set_file", None)
+        if previous is not None and previous is not current:
+            # A command set began before the data set of the previous one ended (PS3.7 §9.3.1
+            # allows no interleaving): pynetdicom opened a second spool file over the first.
+            _drop_file(previous)
+        if current is not None and current is not previous and assoc is not None:
+            # Remembered, so that the association's end removes it if no handler took it.
+            assoc.__dict__.setdefault("_simral_spools", []).append(current)
+        return done
 
     decode_msg._simral = True  # type: ignore[attr-defined]
     DIMSEMessage.decode_msg = decode_msg
@@ -370,6 +386,8 @@ class DimseService:
         self.handlers = [
             (evt.EVT_CONN_OPEN, self.on_connection_open),
             (evt.EVT_CONN_CLOSE, self.on_connection_close),
+            (evt.EVT_RELEASED, self.on_association_end),
+            (evt.EVT_ABORTED, self.on_association_end),
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -455,6 +473,14 @@ class DimseService:
     def on_connection_close(self, event: evt.Event) -> None:
         """Remove the spool file of a C-STORE data set the peer never finished sending."""
         _drop_spool_file(getattr(event.assoc.dimse, "message", None))
+
+    def on_association_end(self, event: evt.Event) -> None:
+        """Remove the C-STORE spool files of the association that no handler took: requests still
+        queued when it was released or aborted, or refused by pynetdicom before reaching
+        :meth:`on_store` (an unknown SOP class). Runs in the association's thread once it serves
+        no request any more; a file :meth:`on_store` moved into the store is no longer there."""
+        for handle in getattr(event.assoc, "_simral_spools", ()):
+            _drop_file(handle)
 
     @property
     def outgoing(self) -> dict[str, Any]:
