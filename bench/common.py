@@ -66,6 +66,23 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid`` in KiB (0 when it is gone).
+
+    A page shared by n processes counts 1/n in each: the honest sum for a forked process tree,
+    whose workers share the libraries and start-up objects of their parent (VmRSS counts them
+    in every process).
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (via /proc/PID/task/TID/children)."""
     found, todo = [], [pid]

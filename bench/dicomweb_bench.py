@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     own_cpu_seconds,
     process_tree,
+    pss_kb,
     reuse_generated,
     status_kb,
     write_results,
@@ -553,18 +554,6 @@ def client_max(work: Path, files: Sequence[Path], runs: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- memory
 
 
-def _pss_kb(pid: int) -> int:
-    """Proportional set size of ``pid`` in KiB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 class TreeMemory:
     """Samples a process tree every ``interval`` s: largest sum of VmHWM, VmRSS and Pss over the tree.
 
@@ -585,7 +574,7 @@ class TreeMemory:
         tree = process_tree(self.pid)
         self.hwm_kb = max(self.hwm_kb, sum(status_kb(p, "VmHWM") for p in tree))
         self.rss_kb = max(self.rss_kb, sum(status_kb(p, "VmRSS") for p in tree))
-        self.pss_kb = max(self.pss_kb, sum(_pss_kb(p) for p in tree))
+        self.pss_kb = max(self.pss_kb, sum(pss_kb(p) for p in tree))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -3,7 +3,7 @@
 
 Not a test: there are no thresholds. It prints absolute figures and the ratio simral/Orthanc for
 C-STORE throughput (1 and 4 associations, CT slices and small instances), C-FIND latency over an
-open association, C-MOVE throughput to a dcmtk storescp, and the peak RSS of both servers.
+open association, C-MOVE throughput to a dcmtk storescp, and the peak RSS and PSS of both servers.
 Results also go to ``bench/results/dimse-<timestamp>.json``. See bench/README.md.
 
 Run with the project's virtualenv: ``.venv/bin/python bench/dimse_bench.py [--quick]``.
@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     own_cpu_seconds,
     process_tree,
+    pss_kb,
     reuse_generated,
     status_kb,
     write_results,
@@ -85,8 +86,9 @@ QUICK = Sizes(ct=100, small=200, move=50, finds=50, move_repeats=2)
 class RssSampler:
     """Samples the memory of the watched servers (and their children) every ``interval`` seconds.
 
-    Per label it keeps the largest VmHWM of the root process (the kernel's own peak) and the largest
-    sampled sum of VmRSS over the process tree (covers forked children, if any).
+    Per label it keeps the largest VmHWM of the root process (the kernel's own peak), the largest
+    sampled sum of VmRSS over the process tree (covers forked children, if any; pages they share
+    with their parent count in each) and the largest sampled sum of Pss (shared pages divided).
     """
 
     def __init__(self, interval: float = 0.1) -> None:
@@ -94,6 +96,7 @@ class RssSampler:
         self.pids: dict[str, int] = {}
         self.hwm_kb: dict[str, int] = {}
         self.tree_kb: dict[str, int] = {}
+        self.pss_kb: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -123,12 +126,18 @@ class RssSampler:
             if pid is None:
                 return
             hwm = status_kb(pid, "VmHWM")
-            tree = sum(status_kb(p, "VmRSS") for p in process_tree(pid))
+            processes = process_tree(pid)
+            tree = sum(status_kb(p, "VmRSS") for p in processes)
+            pss = sum(pss_kb(p) for p in processes)
             self.hwm_kb[label] = max(self.hwm_kb.get(label, 0), hwm)
             self.tree_kb[label] = max(self.tree_kb.get(label, 0), tree)
+            self.pss_kb[label] = max(self.pss_kb.get(label, 0), pss)
 
     def peak_mb(self, label: str) -> float:
         return max(self.hwm_kb.get(label, 0), self.tree_kb.get(label, 0)) / 1024
+
+    def peak_pss_mb(self, label: str) -> float:
+        return self.pss_kb.get(label, 0) / 1024
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -638,9 +647,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rows += find_move_phase(targets, dest, corpus, sizes, report)
             peaks = {name: round(sampler.peak_mb(name), 1) for name in ("simral", "orthanc")}
             report["peak_rss_mb"] = peaks
+            pss = {name: round(sampler.peak_pss_mb(name), 1) for name in ("simral", "orthanc")}
+            report["peak_pss_mb"] = pss
             rows.append(
                 Row("peak RSS over the whole run", peaks["simral"], peaks["orthanc"], "MB", better="lower")
             )
+            rows.append(Row("peak PSS over the whole run", pss["simral"], pss["orthanc"], "MB", better="lower"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
