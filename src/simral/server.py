@@ -161,6 +161,10 @@ def _run_node(settings: Settings) -> int:
         return _serve(settings, ctx, banner=True)
     ctx.db.dispose()
     logs.set_worker(None)  # the supervisor; each forked worker names itself
+    # What the parent imported and built is shared with the workers copy-on-write: out of the
+    # collector's reach, a worker's collections do not write to (and so copy) those pages.
+    gc.collect()
+    gc.freeze()
     children: set[int] = set()
     for index in range(workers):
         pid = os.fork()
