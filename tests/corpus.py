@@ -9,6 +9,7 @@ pydicom-data for their own test suites.
 * :func:`ct_series`, :func:`small_instances`, :func:`multi_series_study` -- synthetic instances, fast and
   reproducible (same arguments and seed, same bytes and UIDs);
 * :func:`charset_samples`, :func:`charset_instances` -- Specific Character Set coverage;
+* :func:`set_test_ins` -- the patient's INS in Other Patient IDs Sequence (ANS test identities only);
 * :func:`bad_inputs` -- broken files for negative tests.
 
 Command line::
@@ -61,6 +62,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts
 
 __all__ = [
+    "ANS_TEST_INS_OID",
     "CharsetInstance",
     "CorpusFile",
     "ExcludedFile",
@@ -72,6 +74,7 @@ __all__ = [
     "describe_test_files",
     "is_valid_uid",
     "multi_series_study",
+    "set_test_ins",
     "small_instances",
     "storable_test_files",
 ]
@@ -851,6 +854,32 @@ def charset_instances(out_dir: Path, *, seed: int = 0) -> list[CharsetInstance]:
         charset = charset_bytes.decode("ascii").rstrip(" \0")
         result.append(CharsetInstance(path, charset, decoded))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The patient's INS (ANS test identities only)
+# ---------------------------------------------------------------------------------------------------------
+
+#: The OID of the ANS test INS (the INS test kit's identities; simral accepts it only with
+#: ``SIMRAL_INS_TEST_OIDS_ALLOWED``): the only INS authority these files ever carry.
+ANS_TEST_INS_OID = "1.2.250.1.213.1.4.10"
+
+
+def set_test_ins(ds: Dataset, nir: str) -> None:
+    """Give ``ds`` the ANS test INS ``nir`` (a test NIR: 15 digits, its key checked) the way a
+    French modality worklist fills it (DESIGN.md §6): Other Patient IDs Sequence replaced by one
+    item, IssuerOfPatientID ``ASIP-SANTE-INS-NIR``, the ANS test OID as ISO Universal Entity ID."""
+    if not re.fullmatch(r"[12][0-9]{14}", nir) or 97 - int(nir[:13]) % 97 != int(nir[13:]):
+        raise ValueError(f"not a NIR with a valid key: {nir!r}")
+    qualifier = Dataset()
+    qualifier.UniversalEntityID = ANS_TEST_INS_OID
+    qualifier.UniversalEntityIDType = "ISO"
+    item = Dataset()
+    item.PatientID = nir
+    item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+    item.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    item.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = [item]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from tests.corpus import ct_series
+from tests.corpus import ct_series, set_test_ins
 from tests.dimse_client import c_get_study
 from tests.simral_proc import SimralProcess
 from tests.test_hl7_adt import adt_merge
@@ -41,7 +41,6 @@ from simral.access.policy import Principal
 from simral.app import open_app
 from simral.config import load_settings
 from simral.patients import service as patients
-from simral.patients.models import INS_TEST_OID
 from simral.patients.service import AuthorityRef
 
 PASSWORD = "Identite-Essai-2026!"
@@ -128,15 +127,7 @@ def _with_identity(paths: list[Path], *, ins: bool, used: str, birth: str) -> No
         ds.PatientBirthDate = "19790328"
         ds.PatientSex = "F"
         if ins:
-            item = Dataset()
-            item.PatientID = NIR
-            item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-            qualifier = Dataset()
-            qualifier.UniversalEntityID = INS_TEST_OID
-            qualifier.UniversalEntityIDType = "ISO"
-            item.IssuerOfPatientIDQualifiersSequence = [qualifier]
-            item.TypeOfPatientID = "TEXT"
-            ds.OtherPatientIDsSequence = [item]
+            set_test_ins(ds, NIR)
         ds.save_as(path)
 
 

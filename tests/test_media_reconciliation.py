@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from sqlalchemy import select
-from tests.corpus import ct_series
+from tests.corpus import ct_series, set_test_ins
 from tests.simral_proc import SIMRAL, SimralProcess
 
 from simral.app import open_app
@@ -31,7 +31,6 @@ from simral.archive.service import open_blob
 from simral.config import load_settings
 from simral.context import AppContext
 from simral.patients import service as patients
-from simral.patients.models import INS_TEST_OID
 
 OID_CHA = "1.2.250.1.999.1.1"
 OID_CLINB = "1.2.250.1.999.2.1"
@@ -51,18 +50,6 @@ class Sites:
         )
 
 
-def _ins_item() -> Dataset:
-    item = Dataset()
-    item.PatientID = NIR
-    item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-    qualifier = Dataset()
-    qualifier.UniversalEntityID = INS_TEST_OID
-    qualifier.UniversalEntityIDType = "ISO"
-    item.IssuerOfPatientIDQualifiersSequence = [qualifier]
-    item.TypeOfPatientID = "TEXT"
-    return item
-
-
 def _patient(paths: list[Path], *, name: str, issuer: tuple[str, str] | None, ins: bool) -> None:
     for path in paths:
         ds = dcmread(path)
@@ -76,7 +63,7 @@ def _patient(paths: list[Path], *, name: str, issuer: tuple[str, str] | None, in
             qualifier.UniversalEntityIDType = "ISO"
             ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
         if ins:
-            ds.OtherPatientIDsSequence = [_ins_item()]
+            set_test_ins(ds, NIR)
         ds.save_as(path)
 
 

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from tests.conftest import BACKENDS, backend_env
-from tests.corpus import ct_series
+from tests.corpus import ct_series, set_test_ins
 
 from simral.access.policy import AccessDenied, Principal
 from simral.app import open_app
@@ -364,15 +364,7 @@ def _files(
         ds.PatientBirthDate = birth_date
         ds.PatientSex = "F"
         if ins is not None:
-            item = Dataset()
-            item.PatientID = ins
-            item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-            qualifier = Dataset()
-            qualifier.UniversalEntityID = INS_TEST_OID
-            qualifier.UniversalEntityIDType = "ISO"
-            item.IssuerOfPatientIDQualifiersSequence = [qualifier]
-            item.TypeOfPatientID = "TEXT"
-            ds.OtherPatientIDsSequence = [item]
+            set_test_ins(ds, ins)
         if issuer is not None:
             ds.IssuerOfPatientID = issuer[0]
             qualifier = Dataset()

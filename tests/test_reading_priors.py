@@ -25,8 +25,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from tests.corpus import ct_series
+from tests.corpus import ct_series, set_test_ins
 from tests.peers import StoreSCP
 from tests.report_setup import OID_SITE, PASSWORD, _schedule
 from tests.simral_proc import SimralProcess
@@ -35,7 +34,6 @@ from tests.test_reading_browser import _store
 from simral.access.policy import SYSTEM
 from simral.app import open_app
 from simral.config import load_settings
-from simral.patients.models import INS_TEST_OID
 from simral.reading import service as reading
 
 NIR = "279035121518989"  # ANS test NIR (key checked)
@@ -133,15 +131,7 @@ def _with_ins(paths: list[Path]) -> None:
         ds.PatientBirthName = "MARTIN^Lou"
         ds.PatientBirthDate = "19580304"
         ds.PatientSex = "F"
-        item = Dataset()
-        item.PatientID = NIR
-        item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-        qualifier = Dataset()
-        qualifier.UniversalEntityID = INS_TEST_OID
-        qualifier.UniversalEntityIDType = "ISO"
-        item.IssuerOfPatientIDQualifiersSequence = [qualifier]
-        item.TypeOfPatientID = "TEXT"
-        ds.OtherPatientIDsSequence = [item]
+        set_test_ins(ds, NIR)
         ds.save_as(path)
 
 

@@ -50,12 +50,15 @@ from tests.peers import free_port
 from tests.portal_login import TotpDevice, login_page
 from tests.simral_proc import SimralProcess
 
+from simral.access.policy import Principal
 from simral.app import open_app
 from simral.config import load_settings
 from simral.context import AppContext
 from simral.db.base import as_utc, utcnow
+from simral.identity import service as identity
 from simral.jobs.models import Job
 from simral.patients.models import Hl7Message
+from simral.reading import service as reading
 from simral.reading.models import ImagingRequest, ReadingTask, ScheduledProcedure
 
 PASSWORD = "Teleradio-Essai-2026!"
@@ -845,8 +848,6 @@ def test_a_ris_bound_to_its_host_or_certificate_is_not_believed_from_elsewhere(p
     trail = platform.simral.cli("audit", "search", "--action", "hl7.refused", "--limit", "10").stdout
     assert "registered host only" in trail and "client certificate only" in trail, trail
     # The rule itself, for the certificate's three cases.
-    from simral.reading import service as reading
-
     with platform.ctx.db.reading() as session:
 
         def refusal(subject: str | None) -> str:
@@ -1127,3 +1128,75 @@ def test_a_site_without_ris_sends_the_complement_in_the_portal(platform: Platfor
         still = session.get(ImagingRequest, request_id)
         assert still is not None and still.state == "performed"
     assert [t.state for t in _tasks(platform, request_id)] == ["waiting"]
+
+
+def _principal(platform: Platform, login: str) -> Principal:
+    with platform.ctx.db.reading() as session:
+        professional = identity.get_professional(session, login)
+        assert professional is not None
+        return identity.principal_for(session, professional)
+
+
+def test_the_service_refuses_a_portal_complement_for_a_request_of_the_ris(platform: Platform) -> None:
+    step = _accepted(platform, "TLR-150", "OPN150", "CT")
+    before = platform.request("OPN150")
+    assert before.source != reading.PORTAL_SOURCE and before.state == "accepted"
+    given = reading.Complement(
+        accession_number="ACN-P-150", study_uid="1.2.826.0.1.3680043.8.498.150150", modality="CT"
+    )
+    with pytest.raises(reading.ReadingError) as refused, platform.ctx.db.unit_of_work() as session:
+        item = session.get(ImagingRequest, before.id)
+        assert item is not None
+        reading.record_complement(
+            session, item, given, principal=_principal(platform, "tech_x"), origin=reading.COMPLEMENT_PORTAL
+        )
+    assert (refused.value.reason, refused.value.code) == ("complement_from_ris", "207")
+    after = platform.request("OPN150")
+    assert (after.state, after.accession_number, after.study_uid, after.complement) == (
+        "accepted",
+        before.accession_number,
+        before.study_uid,
+        before.complement,
+    )
+    assert _step(platform, before.id).state == step.state == "SCHEDULED"
+    assert _tasks(platform, before.id) == []
+
+
+def test_the_service_defaults_a_portal_complement_from_the_worklist_step(platform: Platform) -> None:
+    form = {
+        "ipp": "IPP-CHX-89",
+        "birth_name": "ESSAI",
+        "first_birth_given_name": "JEANNE",
+        "sex": "F",
+        "birth_date": "1968-05-06",
+        "modality": "CT",
+        "anatomy": "Thorax",
+        "priority": "routine",
+        "justification": "Dyspnée",
+        "consent": "1",
+    }
+    created = platform.post("tech_x", "/requests", form)
+    assert created.status_code == 303, created.text
+    request_id = int(created.headers["location"].split("?")[0].rsplit("/", 1)[1])
+    assert platform.post("radio_t", f"/requests/{request_id}/accept", {"protocol": "TDM"}).status_code == 303
+    step = _step(platform, request_id)
+    # The form left the accession number and the Study Instance UID empty: the step's are kept.
+    given = reading.Complement(accession_number="", study_uid="", modality="CT")
+    with platform.ctx.db.unit_of_work() as session:
+        item = session.get(ImagingRequest, request_id)
+        assert item is not None and item.source == reading.PORTAL_SOURCE
+        assert (item.accession_number, item.study_uid) == ("", "")
+        _, task = reading.record_complement(
+            session, item, given, principal=_principal(platform, "tech_x"), origin=reading.COMPLEMENT_PORTAL
+        )
+        task_uid = task.study_uid
+    with platform.ctx.db.reading() as session:
+        request = session.get(ImagingRequest, request_id)
+        assert request is not None
+        assert (request.state, request.accession_number, request.study_uid) == (
+            "performed",
+            step.accession_number,
+            step.study_uid,
+        )
+        assert request.complement["origins"] == ["portal"]
+    assert task_uid == step.study_uid and step.accession_number and step.study_uid

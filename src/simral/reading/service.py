@@ -88,12 +88,17 @@ class ReadingError(ValueError):
     """A request operation that cannot be done. ``code`` is the HL7 table 0357 condition an HL7
     adapter answers with (204 unknown key, 205 duplicate key, 206 record locked, 101 required field
     missing, 207 other); ``circumstantial`` errors (no contract, unknown RIS) may succeed when the
-    message is sent again later (ANS guide, acquittement: AR)."""
+    message is sent again later (ANS guide, acquittement: AR). ``reason`` names the rule broken
+    for callers that word the refusal themselves (``complement_from_ris``: a portal complement
+    for a request that came from the site's RIS, :func:`record_complement`)."""
 
-    def __init__(self, message: str, *, code: str = "207", circumstantial: bool = False) -> None:
+    def __init__(
+        self, message: str, *, code: str = "207", circumstantial: bool = False, reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.circumstantial = circumstantial
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------- values
@@ -981,10 +986,19 @@ def cancel_request(
 
 def _complement_sender(request: ImagingRequest, principal: Principal, origin: str) -> None:
     """Who may give a request's post-exam complement: the site (its RIS, its clinical members);
-    for an MPPS also the site's modalities (IHE SWF: the modality reports the performed step)."""
+    for an MPPS also the site's modalities (IHE SWF: the modality reports the performed step).
+    The portal form gives it only for a request made with the portal (a site without a RIS): one
+    that came from the site's RIS gets it from the RIS (flux 4) or the modality's MPPS."""
     if origin == COMPLEMENT_MPPS and may_perform_procedures(principal, request.site_code):
         return
     _check_site(request, principal)
+    if origin == COMPLEMENT_PORTAL and request.source != PORTAL_SOURCE:
+        raise ReadingError(
+            f"request {request.placer_number} came from the site's RIS: its post-exam complement comes "
+            "from the RIS (flux 4) or the modality (MPPS), not from the portal",
+            code="207",
+            reason="complement_from_ris",
+        )
 
 
 def _merged_complement(
@@ -1034,8 +1048,11 @@ def record_complement(
     opened for the group (deadline: :func:`reading_deadline`). A later complement updates it: the
     values it gives replace those known, the ones it leaves empty stay; one from an MPPS
     (``origin`` :data:`COMPLEMENT_MPPS`) only fills what is still unknown, so an MPPS after the
-    RIS's complement adds the dose and equipment without changing what the RIS said. Once it is
-    recorded the request can no longer be cancelled (:func:`cancel_request`)."""
+    RIS's complement adds the dose and equipment without changing what the RIS said. One from the
+    portal form (:data:`COMPLEMENT_PORTAL`, only for a request made with the portal) that leaves
+    the accession number or the Study Instance UID empty keeps the request's, else those of its
+    Scheduled Procedure Step (the ones the modality was given, :func:`scheduled_procedure`). Once
+    it is recorded the request can no longer be cancelled (:func:`cancel_request`)."""
     if origin not in COMPLEMENT_ORIGINS:
         raise ValueError(f"unknown complement origin {origin!r}")
     _complement_sender(request, principal, origin)
@@ -1051,6 +1068,10 @@ def record_complement(
     if fill_only and request.state == REQUEST_PERFORMED:
         accession = request.accession_number or accession
         study_uid = request.study_uid or study_uid
+    if origin == COMPLEMENT_PORTAL and not (accession and study_uid):
+        step = scheduled_procedure(session, request)
+        accession = accession or request.accession_number or (step.accession_number if step else "")
+        study_uid = study_uid or request.study_uid or (step.study_uid if step else "")
     if not accession or len(accession) > 16:
         raise ReadingError("the accession number (IPC-1, up to 16 characters) is required", code="101")
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", study_uid) or len(study_uid) > 64:

@@ -403,6 +403,8 @@ TEXT: Mapping[Language, Mapping[str, str]] = {
 }
 
 NOTICES = ("accepted", "refused", "cancelled", "created", "subspecialty", "complement")
+#: The reading service's refusals (:attr:`ReadingError.reason`) the page words itself (TEXT keys).
+WORDED_REASONS = ("complement_from_ris",)
 
 
 def _patient_name(patient: Mapping[str, Any], language: Language) -> str:
@@ -579,6 +581,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
             return _error(request, principal, str(exc), 404)
         if isinstance(exc, ReadingError) and exc.code == "206":  # HL7 0357: record locked
             return _error(request, principal, str(exc), 409)
+        if isinstance(exc, ReadingError) and exc.reason in WORDED_REASONS:
+            return _error(request, principal, TEXT[request_language(request)][exc.reason], 400)
         return _error(request, principal, str(exc), 400)
 
     def _notice(request: Request, text: Mapping[str, str]) -> str:
@@ -1212,9 +1216,9 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
     @web.post("/requests/{request_id}/complement")
     async def complement(request: Request, request_id: RowId) -> Response:
-        """The post-exam complement entered by the site (ANS flux 4 for sites without a RIS; a
-        request that came from the site's RIS gets its complement from the RIS or the MPPS)."""
-        language = request_language(request)
+        """The post-exam complement entered by the site (ANS flux 4 for sites without a RIS): the
+        form translated to a :class:`reading.Complement`; the service refuses it for a request
+        that came from the site's RIS and defaults what the form leaves empty."""
 
         def decimal(form: dict[str, str], key: str) -> str:
             value = _number(form.get(key, ""))
@@ -1224,9 +1228,6 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
 
         def change(session: Session, principal: Principal, form: dict[str, str]) -> None:
             item = reading.get_request(session, request_id, principal=principal, audited=False)
-            if item.source != reading.PORTAL_SOURCE:
-                raise ReadingError(TEXT[language]["complement_from_ris"], code="207")
-            step = reading.scheduled_procedure(session, item)
             product = {
                 "type": form.get("product_type", "")[:128],
                 "lot": form.get("product_lot", "")[:64],
@@ -1238,12 +1239,8 @@ def mount_requests(web: FastAPI, ctx: AppContext) -> None:
                 "model": form.get("equipment_model", "")[:128],
             }
             given = reading.Complement(
-                accession_number=form.get("accession_number", "")
-                or item.accession_number
-                or (step.accession_number if step is not None else ""),
-                study_uid=form.get("study_uid", "")
-                or item.study_uid
-                or (step.study_uid if step is not None else ""),
+                accession_number=form.get("accession_number", ""),
+                study_uid=form.get("study_uid", ""),
                 performed_at=_local_datetime(form.get("performed_at", "")),
                 modality=item.modality,
                 products=[{k: v for k, v in product.items() if v}] if product["type"] else [],
