@@ -114,3 +114,50 @@ def test_taken_ports_and_open_http_are_refused(tmp_path: Path) -> None:
     assert exposed.returncode == 2
     refusal = exposed.stdout + exposed.stderr
     assert "not a loopback address" in refusal and "https" in refusal
+
+
+# A child process: count glibc's malloc arenas (malloc_info's <heap> entries) once 12 threads have
+# each allocated, with or without simral's cap. Threads get an arena of their own at their first
+# allocation until the cap (glibc: 8 per CPU by default) is reached.
+ARENA_PROBE = r"""
+import ctypes, ctypes.util, os, re, sys, tempfile, threading
+from simral.server import limit_malloc_arenas
+capped = limit_malloc_arenas() if sys.argv[1] == "cap" else False
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+barrier = threading.Barrier(12)
+def allocate():
+    libc.malloc(4096)
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(12)]
+for t in threads: t.start()
+for t in threads: t.join()
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(capped, len(re.findall(r'<heap nr="', open(path).read())))
+os.unlink(path)
+"""
+
+
+def _arenas(mode: str, env: dict[str, str]) -> tuple[str, int]:
+    out = subprocess.run(
+        [str(Path(SIMRAL).with_name("python")), "-c", ARENA_PROBE, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_serve_caps_malloc_arenas_unless_the_operator_set_them() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    assert _arenas("cap", env) == ("True", 2)
+    capped, uncapped = _arenas("none", env)
+    assert capped == "False" and uncapped > 2  # the default: an arena per thread, here
+    # The operator's MALLOC_ARENA_MAX (applied by glibc itself) is left alone.
+    assert _arenas("cap", {**env, "MALLOC_ARENA_MAX": "4"}) == ("False", 4)
