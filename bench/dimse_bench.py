@@ -652,7 +652,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(
                 Row("peak RSS over the whole run", peaks["simral"], peaks["orthanc"], "MB", better="lower")
             )
-            rows.append(Row("peak PSS over the whole run", pss["simral"], pss["orthanc"], "MB", better="lower"))
+            rows.append(
+                Row("peak PSS over the whole run", pss["simral"], pss["orthanc"], "MB", better="lower")
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

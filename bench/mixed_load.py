@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import logging
 import os
 import random
 import socket
@@ -46,6 +47,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     own_cpu_seconds,
     process_tree,
+    pss_kb,
     status_kb,
     write_results,
 )
@@ -73,6 +75,8 @@ from tests.test_teleradiology_requests import (  # noqa: E402
     flux1,
     ihe_omi,
 )
+
+from simral.dimse import sending  # noqa: E402
 
 #: The four sending sites: (organisation, modality AE title). CHX also has the RIS and the
 #: teleradiology contract (its messages come from tests/test_teleradiology_requests.py).
@@ -230,6 +234,10 @@ def _nodelay(event: evt.Event) -> None:
 
 
 def storage_ae(ae_title: str) -> AE:
+    # pynetdicom 3.0.4's requestor can have its own reactor take the C-STORE-RSP meant for the
+    # sending thread under CPU load (then "status None" after the DIMSE timeout, the instance
+    # stored all the same): the load client uses the fix simral's own SCU uses.
+    sending.install()
     ae = AE(ae_title=ae_title)
     for sop_class in (SecondaryCaptureImageStorage, MRImageStorage, ComputedRadiographyImageStorage):
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
@@ -443,11 +451,12 @@ def guarded(rec: Recorder, loop: Callable[..., None]) -> Callable[..., None]:
 
 
 class RssLog:
-    """The summed VmRSS of the server's process tree every ``interval`` seconds."""
+    """The summed VmRSS (and Pss) of the server's process tree every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float, t0: float) -> None:
         self.pid, self.interval, self.t0 = pid, interval, t0
         self.samples: list[tuple[float, float]] = []  # (seconds since the start, MiB)
+        self.pss_samples: list[tuple[float, float]] = []  # the same for Pss (shared pages divided)
         self.processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
@@ -456,7 +465,10 @@ class RssLog:
         tree = process_tree(self.pid)
         self.processes = max(self.processes, len(tree))
         mib = sum(status_kb(p, "VmRSS") for p in tree) / 1024
-        self.samples.append((round(time.monotonic() - self.t0, 1), round(mib, 1)))
+        pss = sum(pss_kb(p) for p in tree) / 1024
+        at = round(time.monotonic() - self.t0, 1)
+        self.samples.append((at, round(mib, 1)))
+        self.pss_samples.append((at, round(pss, 1)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -475,6 +487,14 @@ class RssLog:
     def at(self, seconds: float) -> float:
         """The sample nearest ``seconds``."""
         return min(self.samples, key=lambda s: abs(s[0] - seconds))[1]
+
+    @staticmethod
+    def slope(samples: Sequence[tuple[float, float]], since: float) -> float:
+        """Least-squares growth of ``samples`` from ``since`` on, in MiB per minute."""
+        points = [(t, m) for t, m in samples if t >= since]
+        if len(points) < 2:
+            return 0.0
+        return 60 * statistics.linear_regression([t for t, _ in points], [m for _, m in points]).slope
 
 
 # --------------------------------------------------------------------------------------------- /metrics
@@ -725,9 +745,14 @@ def run(args: argparse.Namespace) -> Outcome:
         "end_mib": end_mib,
         "max_after_warmup_mib": max(after_warmup),
         "growth_after_warmup_pct": round(100 * growth, 1),
+        "growth_after_warmup_mib_per_min": round(RssLog.slope(rss.samples, warmup), 2),
+        "pss_after_warmup_mib": min(rss.pss_samples, key=lambda s: abs(s[0] - warmup))[1],
+        "pss_end_mib": rss.pss_samples[-1][1],
+        "pss_growth_after_warmup_mib_per_min": round(RssLog.slope(rss.pss_samples, warmup), 2),
         "processes": rss.processes,
         "pass": growth <= args.rss_bound,
         "samples": rss.samples,
+        "pss_samples": rss.pss_samples,
     }
     errors = {op: n for op, n in rec.errors.items() if n}
     cpus = os.cpu_count() or 1
@@ -783,6 +808,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"max after warm-up {m['max_after_warmup_mib']} MiB; "
         f"growth {m['growth_after_warmup_pct']} % -> {'PASS' if m['pass'] else 'FAIL'} ({m['bound']})"
     )
+    print(
+        f"growth after warm-up (least squares): RSS {m['growth_after_warmup_mib_per_min']} MiB/min, "
+        f"PSS {m['pss_growth_after_warmup_mib_per_min']} MiB/min (PSS after warm-up "
+        f"{m['pss_after_warmup_mib']} MiB, end {m['pss_end_mib']} MiB)"
+    )
     print("/metrics totals (server = client):")
     for name, row in report["metrics"]["totals"].items():
         print(f"  {name:24s} {row['server']:7d} {row['client']:7d} {'ok' if row['equal'] else 'MISMATCH'}")
@@ -814,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", type=Path, help="JSON result (default bench/results/mixed-load-<time>.json)"
     )
     args = parser.parse_args(argv)
+    # What the client's own DICOM stack reports (aborts, unexpected messages) explains its errors.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.quick:
         args.minutes = 2.0
     outcome = run(args)
