@@ -17,6 +17,11 @@ French conventions read from PID (PAM France):
 - PID-32 identity reliability code: the identity status PROV / RECUP / VALI / QUAL (VIDE read as
   PROV) and the attributes DOUTE, FICTI, HOMON.
 
+Senders: ADT messages (and PDQ queries, :mod:`simral.hl7.pdq`) are taken only from a registered
+HL7 source (:class:`simral.patients.models.Hl7Source`, ``simral hl7-sources add``) or RIS, believed
+only from its host or certificate when bound to them; anyone else gets AR 204 unless the lab setting
+``allow_unknown_hl7_senders`` is on (:func:`sender_refusal`).
+
 Each message is kept (raw text, control id, sender, time, outcome) in the transaction that applies
 it, before its acknowledgement is sent: AA (applied), AE with an ERR segment (the application
 refused it: unknown identifier, conflict...), AR (malformed, unsupported type, event or version).
