@@ -1,7 +1,7 @@
 """Fuzz the HL7 v2 listener's message handling: MLLP framing (``hl7.mllp.FrameReader`` over a
 socket pair), then each frame as ``hl7.server`` handles it (``pdq.handle`` for QBP^Q22,
 ``adt.handle`` for the ADT feed and the Téléradiologie orders), against a site with a registered
-RIS and reading contract.
+RIS and reading contract, and the seeds' ADT and PDQ senders registered as HL7 sources.
 
 Expected: every frame gets an acknowledgement (HL7 v2.5 §2.9.2: MSH, MSA with AA, AE or AR; or the
 PDQ response), a framing error ends the connection (:class:`~simral.hl7.mllp.FramingError`);

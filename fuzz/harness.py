@@ -55,6 +55,8 @@ SITE = "CHX"
 SITE_IPP_OID = "1.2.250.1.999.21.1"
 GROUP = "TLRG"
 RIS_APP, RIS_FACILITY = "StructureApp", "StructureFacility"
+#: MSH-3/MSH-4 of the ADT and PDQ seeds (fuzz/make_seeds.py), registered HL7 sources of the site.
+HL7_SOURCES = (("GAM_CHA", "CHA"), ("PDQ_CONS", "CHA"))
 SCU_AE = "FUZZSCU"
 STORER_LOGIN = "tech_x"
 
@@ -237,6 +239,7 @@ def open_site(base: Path | None = None, *, scu_port: int = 104) -> Site:
     from simral.config import load_settings
     from simral.identity import service as identity
     from simral.nodes import service as nodes
+    from simral.patients import service as patients
     from simral.reading import service as reading
 
     base = base or _base_folder()
@@ -266,6 +269,11 @@ def open_site(base: Path | None = None, *, scu_port: int = 104) -> Site:
             principal=SYSTEM,
         )
         reading.add_contract(session, site_code=SITE, group_code=GROUP, modalities="CT\\MR", principal=SYSTEM)
+        # The senders of the HL7 seeds' ADT feed and PDQ queries (unregistered senders are refused).
+        for application, facility in HL7_SOURCES:
+            patients.add_hl7_source(
+                session, name=application, application=application, facility=facility, principal=SYSTEM
+            )
         nodes.create(
             session,
             name="fuzz-scu",

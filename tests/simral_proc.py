@@ -21,6 +21,11 @@ SIMRAL = str(Path(sys.executable).parent / "simral")
 TEST_ORGANISATION = "TESTORG"
 TEST_USER = "tester"
 TEST_PASSWORD = "Essai-Radio-2026!x"
+#: The HL7 senders every instance with an MLLP listener admits (``simral hl7-sources add``), as
+#: name → (MSH-3, MSH-4; "" any facility): the identity manager of the tests' ADT feed
+#: (tests/test_hl7_adt.py) and the PDQ consumer of their queries (tests/test_pdq.py). Unregistered
+#: senders are refused (``allow_unknown_hl7_senders`` is false by default).
+TEST_HL7_SOURCES = {"GAM_CHA": ("GAM_CHA", "CHA"), "PDC_RIS": ("PDC_RIS", "")}
 _DATA_DIR_COMMANDS = {
     "nodes",
     "import",
@@ -36,6 +41,7 @@ _DATA_DIR_COMMANDS = {
     "compression",
     "export",
     "retention",
+    "hl7-sources",
 }
 
 
@@ -65,6 +71,7 @@ class SimralProcess:
         ae_title: str = "SIMRAL",
         extra_env: dict[str, str] | None = None,
         hl7: bool = False,
+        hl7_sources: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.ae_title = ae_title
@@ -72,6 +79,9 @@ class SimralProcess:
         self.http_port = free_port()
         #: The MLLP port (``--hl7-port``) when ``hl7`` is asked for, else 0.
         self.hl7_port = free_port() if hl7 else 0
+        #: HL7 senders registered before the first start (default :data:`TEST_HL7_SOURCES` with ``hl7``).
+        self.hl7_sources = dict(TEST_HL7_SOURCES if hl7 and hl7_sources is None else hl7_sources or {})
+        self._hl7_sources_ready = False
         self.env = {**os.environ, "TCP_NODELAY": "1", **(env or {}), **(extra_env or {})}
         self.env.pop("SIMRAL_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +157,11 @@ class SimralProcess:
         scope = ["--organisation", organisation] if organisation else ["--archive-wide"]
         self.cli("nodes", "add", name, "--ae", ae, "--host", host, "--port", str(port), *scope)
 
+    def add_hl7_source(self, name: str, application: str, facility: str = "", *options: str) -> None:
+        """Admit an HL7 sender of ADT messages or PDQ queries (``simral hl7-sources add``)."""
+        scope = ["--facility", facility] if facility else []
+        self.cli("hl7-sources", "add", name, "--application", application, *scope, *options)
+
     def token_for(self, login: str, expires: str = "12h") -> str:
         """A bearer token of ``login``."""
         return self.cli("tokens", "create", login, "--expires", expires).stdout.strip()
@@ -168,6 +183,10 @@ class SimralProcess:
 
     def start(self, timeout: float = 60) -> SimralProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self._hl7_sources_ready:
+            self._hl7_sources_ready = True
+            for name, (application, facility) in self.hl7_sources.items():
+                self.add_hl7_source(name, application, facility)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [

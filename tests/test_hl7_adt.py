@@ -327,3 +327,152 @@ def test_mllp_over_tls(tmp_path: Path) -> None:
             assert Feed(simral, ctx).message_log("C-TLS-2") == []
         finally:
             ctx.db.dispose()
+
+
+# ------------------------------------------------------------------ who may send (issue 10)
+
+
+def _from(message: bytes, application: str, facility: str) -> bytes:
+    """``message`` with MSH-3/MSH-4 naming another sender."""
+    return message.replace(b"|GAM_CHA|CHA|", f"|{application}|{facility}|".encode(), 1)
+
+
+def _refused_trail(feed: Feed) -> str:
+    return feed.simral.cli("audit", "search", "--action", "hl7.refused", "--limit", "50").stdout
+
+
+def test_an_unregistered_sender_is_refused_until_it_is_registered(feed: Feed) -> None:
+    """``allow_unknown_hl7_senders`` is false by default: an ADT message (or a PDQ query) whose
+    MSH-3/MSH-4 is neither a registered HL7 source nor a registered RIS is answered AR, ERR 204 on
+    MSH-3, changes nothing, is kept without its duplicate key and audited as ``hl7.refused``; the
+    same message is applied once ``simral hl7-sources add`` has registered the sender."""
+    message = _from(adt_upsert("A28", "C-SRC-1", "IPP701", ins=None, status=None), "GAM_CHB", "CHB")
+    query = (
+        b"MSH|^~\\&|GAM_CHB|CHB|SIMRAL_PDS|GRADES|20260106134418||QBP^Q22^QBP_Q21|Q-SRC-1|P|2.5\r"
+        b"QPD|IHE PDQ Query|Q-SRC-1|@PID.5.1.1^PAT*\rRCP|I||R\r"
+    )
+    ack, response = feed.send(message, query)
+    assert _ack(ack) == ("AR", "C-SRC-1")
+    assert _err(ack) == ("MSH^1^3", "204", "sender not accepted from this connection")
+    assert ack.err.err_3.to_er7() == "204^Unknown key identifier^HL70357"
+    assert response.msh.msh_9.to_er7() == "RSP^K22^RSP_K21"
+    assert _ack(response) == ("AR", "Q-SRC-1") and _err(response)[:2] == ("MSH^1^3", "204")
+    assert not response.to_er7().count("\rPID|")  # no record answered
+    with feed.ctx.db.reading() as session:
+        assert patients.get_identity(session, local_id="IPP701", authority=CHA) is None
+    (kept,) = feed.message_log("C-SRC-1")
+    assert (kept.outcome, kept.dedup_key) == ("AR", None)
+    trail = _refused_trail(feed)
+    assert trail.count("not a registered HL7 source") >= 2 and "GAM_CHB^CHB" in trail, trail
+
+    feed.simral.cli("hl7-sources", "add", "gam-chb", "--application", "GAM_CHB", "--facility", "CHB")
+    (ack,) = feed.send(message)
+    assert _ack(ack) == ("AA", "C-SRC-1")
+    assert feed.identity("IPP701").birth_name == "PAT-TROIS"
+    # Registered for facility CHB only: the same application from another facility is still refused.
+    (ack,) = feed.send(_from(adt_upsert("A28", "C-SRC-2", "IPP702", ins=None, status=None), "GAM_CHB", "CHZ"))
+    assert _ack(ack) == ("AR", "C-SRC-2")
+
+
+def test_a_source_bound_to_its_host_or_certificate_is_not_believed_from_elsewhere(feed: Feed) -> None:
+    """A source registered with --check-host (or --tls-subject) is believed only from its host (or
+    over MLLP TLS with its client certificate), as a RIS is: from another connection its ADT
+    messages are refused (AR, ERR 204), apply nothing, and are security events."""
+    feed.simral.cli(
+        "hl7-sources",
+        "add",
+        "gam-bound",
+        "--application",
+        "GAM_BOUND",
+        "--host",
+        "192.0.2.10",
+        "--check-host",
+    )
+    feed.simral.cli(
+        "hl7-sources", "add", "gam-cert", "--application", "GAM_CERT", "--tls-subject", "gam.example"
+    )
+    for n, application in enumerate(("GAM_BOUND", "GAM_CERT"), start=1):
+        forged = _from(
+            adt_upsert("A40", f"C-FORGED-{n}", f"IPP71{n}", ins=None, status=None), application, "CHA"
+        )
+        (ack,) = feed.send(forged)
+        assert _ack(ack) == ("AR", f"C-FORGED-{n}")
+        assert _err(ack)[:2] == ("MSH^1^3", "204")
+        with feed.ctx.db.reading() as session:
+            assert patients.get_identity(session, local_id=f"IPP71{n}", authority=CHA) is None
+    trail = _refused_trail(feed)
+    assert "gam-bound sends from its registered host only" in trail, trail
+    assert "gam-cert sends over TLS with its client certificate only" in trail, trail
+    # The rule itself: the host, and the certificate's three cases (any facility matches).
+    with feed.ctx.db.reading() as session:
+
+        def refusal(application: str, address: str, subject: str | None) -> str:
+            return patients.hl7_sender_refusal(
+                session,
+                application=application,
+                facility="ANY",
+                address=address,
+                tls_subject=subject,
+                admit_unregistered=False,
+            )
+
+        assert refusal("GAM_BOUND", "192.0.2.10", None) == ""
+        assert "registered host only" in refusal("GAM_BOUND", "127.0.0.1", None)
+        assert "client certificate only" in refusal("GAM_CERT", "127.0.0.1", None)
+        assert "another subject" in refusal("GAM_CERT", "127.0.0.1", "intruder.example")
+        assert refusal("GAM_CERT", "127.0.0.1", "gam.example") == ""
+
+
+def test_allow_unknown_hl7_senders_admits_any_sender(tmp_path: Path) -> None:
+    """The lab setting ``allow_unknown_hl7_senders`` (SIMRAL_ALLOW_UNKNOWN_HL7_SENDERS) admits a
+    sender nobody registered, as ``allow_unknown_ae`` admits unknown calling AE titles."""
+    env = {"SIMRAL_ALLOW_UNKNOWN_HL7_SENDERS": "true"}
+    simral = SimralProcess(tmp_path / "data", hl7=True, hl7_sources={}, extra_env=env)
+    with simral:
+        ctx = open_app(load_settings(environ={"SIMRAL_DATA_DIR": str(simral.data_dir)}))
+        try:
+            assert "GAM_CHA" not in simral.cli("hl7-sources", "list").stdout
+            message = _from(adt_upsert("A28", "C-LAB-1", "IPP801", ins=None, status=None), "LAB_GAM", "LAB")
+            (ack,) = Feed(simral, ctx).send(message)
+            assert _ack(ack) == ("AA", "C-LAB-1")
+            assert Feed(simral, ctx).identity("IPP801").birth_name == "PAT-TROIS"
+        finally:
+            ctx.db.dispose()
+
+
+def test_hl7_sources_add_list_remove(feed: Feed) -> None:
+    """``simral hl7-sources add|list|remove``: registered, shown, audited, then forgotten (and its
+    messages refused again)."""
+    cli = feed.simral.cli
+    added = cli(
+        "hl7-sources", "add", "gam-chc", "--application", "GAM_CHC", "--facility", "CHC",
+        "--host", "127.0.0.1", "--check-host", "--tls-subject", "gam-chc.example",
+    )  # fmt: skip
+    assert "HL7 source gam-chc added (GAM_CHC^CHC)" in added.stdout
+    row = next(line for line in cli("hl7-sources", "list").stdout.splitlines() if "gam-chc" in line)
+    cells = [cell.strip() for cell in row.strip().strip("│").split("│")]
+    assert cells == ["gam-chc", "GAM_CHC", "CHC", "127.0.0.1", "yes", "gam-chc.example"]
+    # A second source for the same sender, a bad name, --check-host without a host: refused.
+    for args, error in (
+        (("gam-chc2", "--application", "GAM_CHC", "--facility", "CHC"), "already sends as GAM_CHC^CHC"),
+        (("gam chc", "--application", "GAM_CHX"), "invalid HL7 source name"),
+        (("gam-chd", "--application", "GAM_CHD", "--check-host"), "--check-host needs"),
+        (("gam-chc", "--application", "GAM_CHE"), "already exists"),
+    ):
+        failed = cli("hl7-sources", "add", *args, check=False)
+        assert failed.returncode == 1 and error in failed.stderr, failed.stderr
+    assert "gam-chc2" not in cli("hl7-sources", "list").stdout
+    # Registered with its host (loopback here) and no certificate over plain MLLP: refused for now.
+    (ack,) = feed.send(_from(adt_upsert("A28", "C-CLI-1", "IPP901", ins=None, status=None), "GAM_CHC", "CHC"))
+    assert _ack(ack) == ("AR", "C-CLI-1")
+    assert cli("hl7-sources", "remove", "gam-chc").stdout.strip() == "HL7 source gam-chc removed"
+    assert "gam-chc" not in cli("hl7-sources", "list").stdout
+    failed = cli("hl7-sources", "remove", "gam-chc", check=False)
+    assert failed.returncode == 1 and "no HL7 source named 'gam-chc'" in failed.stderr
+    created = cli("audit", "search", "--action", "hl7-source.create", "--limit", "50").stdout
+    deleted = cli("audit", "search", "--action", "hl7-source.delete", "--limit", "50").stdout
+    assert "gam-chc" in created and "gam-chc" in deleted, (created, deleted)
+    # Forgotten: its messages are refused as any unknown sender's.
+    (ack,) = feed.send(_from(adt_upsert("A28", "C-CLI-2", "IPP902", ins=None, status=None), "GAM_CHC", "CHC"))
+    assert _ack(ack) == ("AR", "C-CLI-2")
+    assert "not a registered HL7 source" in _refused_trail(feed)

@@ -82,8 +82,11 @@ class Settings:
     # --- patient identity (DESIGN.md §6) and the HL7 v2 ADT feed (IHE PAM France over MLLP) ---
     #: MLLP listener port for HL7 v2.5 ADT messages (2575 is customary); 0 = off.
     hl7_port: int = 0
-    #: Address the MLLP listener binds to (senders are not registered yet: keep it private).
+    #: Address the MLLP listener binds to (MSH-3/MSH-4 are claimed, not proven: keep it private).
     hl7_host: str = "127.0.0.1"
+    #: Accept ADT and PDQ messages from senders that are neither a registered HL7 source
+    #: (``simral hl7-sources add``) nor a registered RIS (for a lab only).
+    allow_unknown_hl7_senders: bool = False
     #: MLLP over TLS with ``tls_cert_file`` / ``tls_key_file`` (client certificates as for DICOM TLS).
     hl7_tls: bool = False
     #: Accept the INS test and demonstration OIDs (1.2.250.1.213.1.4.10 / .11): test platforms only.

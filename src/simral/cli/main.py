@@ -318,6 +318,7 @@ from simral.cli import compression as _compression  # noqa: E402, F401
 from simral.cli import directory as _directory  # noqa: E402, F401
 from simral.cli import dmp as _dmp  # noqa: E402, F401
 from simral.cli import exchange as _exchange  # noqa: E402, F401
+from simral.cli import patients as _patients  # noqa: E402, F401
 from simral.cli import retention as _retention  # noqa: E402, F401
 from simral.cli import storage as _storage  # noqa: E402, F401
 from simral.cli import teleradiology as _teleradiology  # noqa: E402, F401

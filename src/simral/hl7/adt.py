@@ -17,6 +17,11 @@ French conventions read from PID (PAM France):
 - PID-32 identity reliability code: the identity status PROV / RECUP / VALI / QUAL (VIDE read as
   PROV) and the attributes DOUTE, FICTI, HOMON.
 
+Senders: ADT messages (and PDQ queries, :mod:`simral.hl7.pdq`) are taken only from a registered
+HL7 source (:class:`simral.patients.models.Hl7Source`, ``simral hl7-sources add``) or RIS, believed
+only from its host or certificate when bound to them; anyone else gets AR 204 unless the lab setting
+``allow_unknown_hl7_senders`` is on (:func:`sender_refusal`).
+
 Each message is kept (raw text, control id, sender, time, outcome) in the transaction that applies
 it, before its acknowledgement is sent: AA (applied), AE with an ERR segment (the application
 refused it: unknown identifier, conflict...), AR (malformed, unsupported type, event or version).
@@ -474,8 +479,9 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
     message (and, for AA, what it changed) is committed.
 
     ``tls_subject``: the CN of the verified client certificate of an MLLP TLS connection. A
-    message naming a registered RIS bound to its host or certificate from elsewhere is refused
-    (AR, ERR 204 on MSH-3) and audited as a security event, before anything else is looked at."""
+    message whose sender is not accepted from this connection (:func:`refuse_sender`) is refused
+    (AR, ERR 204 on MSH-3), changes nothing and is audited as a security event, before anything
+    else is looked at."""
     application, facility = "SIMRAL", ctx.settings.ae_title
     text = decode(raw)
     header: Header | None = None
@@ -489,22 +495,8 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
         via="mllp",
         address=peer[:64],
     )
-    sender_refused = _sender_refusal(ctx, header, peer=peer, tls_subject=tls_subject)
-    if sender_refused:
-        log.warning("HL7 message refused: %s", sender_refused)
-        audit.record_now(
-            ctx,
-            action="hl7.refused",
-            principal=principal,
-            outcome="failure",
-            detail={
-                "reason": sender_refused,
-                "control_id": header.control_id[:64],
-                "message_type": f"{header.message_type}^{header.event}",
-                "certificate_cn": tls_subject or "",
-            },
-        )
-        not_accepted = Rejected("AR", "204", "sender not accepted from this connection", "MSH^1^3")
+    not_accepted = refuse_sender(ctx, header, principal, peer=peer, tls_subject=tls_subject)
+    if not_accepted is not None:
         # Kept for review without its duplicate key: a forged copy must not shadow the real one.
         return _keep(
             ctx, header, text, peer, not_accepted, application=application, facility=facility, keyed=False
@@ -633,17 +625,68 @@ def _parse(text: str, header: Header) -> Message:
         raise Rejected("AR", "102", f"malformed message: {exc}"[:200]) from None
 
 
-def _sender_refusal(ctx: AppContext, header: Header, *, peer: str, tls_subject: str | None) -> str:
+#: Message types of the identity feed and of PDQ queries: their senders must be registered HL7
+#: sources (or RIS) unless ``allow_unknown_hl7_senders`` is set.
+IDENTITY_MESSAGES = frozenset({"ADT", "QBP"})
+
+
+def sender_refusal(ctx: AppContext, header: Header, *, peer: str, tls_subject: str | None) -> str:
+    """Why the message's sender (MSH-3/MSH-4) is not accepted from this connection, or "".
+
+    Every message: a registered RIS bound to its host or certificate is believed only from there
+    (:func:`simral.reading.service.ris_sender_refusal`). ADT and PDQ messages also: a registered
+    HL7 source likewise, and a sender that is neither a registered source nor a registered RIS is
+    refused unless ``allow_unknown_hl7_senders`` (:func:`simral.patients.service.hl7_sender_refusal`).
+    Orders and reports keep their own rule: the RIS must be registered (:mod:`simral.hl7.orders`)."""
     from simral.reading import service as reading
 
+    application, facility = header.sending_application, header.sending_facility
     with ctx.db.reading() as session:
-        return reading.ris_sender_refusal(
+        refused = reading.ris_sender_refusal(
+            session, application=application, facility=facility, address=peer, tls_subject=tls_subject
+        )
+        if refused or header.message_type not in IDENTITY_MESSAGES:
+            return refused
+        admit_unregistered = ctx.settings.allow_unknown_hl7_senders or (
+            reading.find_ris_endpoint(session, application, facility) is not None
+        )
+        return patients.hl7_sender_refusal(
             session,
-            application=header.sending_application,
-            facility=header.sending_facility,
+            application=application,
+            facility=facility,
             address=peer,
             tls_subject=tls_subject,
+            admit_unregistered=admit_unregistered,
         )
+
+
+def refuse_sender(
+    ctx: AppContext, header: Header, principal: Principal, *, peer: str, tls_subject: str | None
+) -> Rejected | None:
+    """The AR to answer when the sender is not accepted (:func:`sender_refusal`), audited as
+    ``hl7.refused``; None when it is.
+
+    ERR-3 is 204 (HL7 table 0357 "Unknown key identifier") on MSH-3: the sender, the key the
+    registry knows sources by, is unknown from this connection. Table 0357 has no code for an
+    unauthorised sender; 207 ("Application internal error") would blame the receiver, and the
+    table's other codes speak of the message's syntax, type, event or version."""
+    reason = sender_refusal(ctx, header, peer=peer, tls_subject=tls_subject)
+    if not reason:
+        return None
+    log.warning("HL7 message refused: %s", reason)
+    audit.record_now(
+        ctx,
+        action="hl7.refused",
+        principal=principal,
+        outcome="failure",
+        detail={
+            "reason": reason,
+            "control_id": header.control_id[:64],
+            "message_type": f"{header.message_type}^{header.event}",
+            "certificate_cn": tls_subject or "",
+        },
+    )
+    return Rejected("AR", "204", "sender not accepted from this connection", "MSH^1^3")
 
 
 def _keep(

@@ -40,7 +40,16 @@ from hl7apy.parser import parse_message
 
 from simral.access.policy import AccessDenied, Principal
 from simral.context import AppContext
-from simral.hl7.adt import ERROR_TEXT, Encoding, Handled, Header, Rejected, decode, read_header
+from simral.hl7.adt import (
+    ERROR_TEXT,
+    Encoding,
+    Handled,
+    Header,
+    Rejected,
+    decode,
+    read_header,
+    refuse_sender,
+)
 from simral.patients import search
 from simral.patients.search import Criteria, Domain, Found, IdentifierKey, PatientIdentifier, TextMatch
 from simral.patients.service import AuthorityRef
@@ -308,12 +317,19 @@ def _segment(message: Message, name: str) -> Any | None:
     return next((segment for segment in message.children if segment.name == name), None)
 
 
-def handle(ctx: AppContext, raw: bytes, *, peer: str = "") -> Handled:
-    """Answer one QBP^Q22 message with its RSP^K22 (or an AR for another query)."""
+def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | None = None) -> Handled:
+    """Answer one QBP^Q22 message with its RSP^K22 (or an AR for another query).
+
+    A query whose sender is not accepted from this connection (not a registered HL7 source, or one
+    bound to another host or certificate: :func:`simral.hl7.adt.refuse_sender`) is answered AR with
+    ERR 204 on MSH-3, searches nothing and is audited as ``hl7.refused``."""
     header = read_header(decode(raw))
     principal = _principal(header, peer)
     qpd: Any | None = None
     query: PdqQuery | None = None
+    not_accepted = refuse_sender(ctx, header, principal, peer=peer, tls_subject=tls_subject)
+    if not_accepted is not None:
+        return _refuse(ctx, header, principal, qpd, query, not_accepted)
     try:
         if header.event != FIND_CANDIDATES_EVENT:
             raise Rejected("AR", "201", f"unsupported query {header.event!r} (QBP^Q22 only)", "MSH^1^9")

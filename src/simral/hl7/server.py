@@ -66,7 +66,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             started = time.perf_counter()
             if pdq.is_query(message):  # QBP^Q22 (IHE PDQ ITI-21); everything else is the ADT feed
-                handled = pdq.handle(self.server.ctx, message, peer=peer)
+                handled = pdq.handle(self.server.ctx, message, peer=peer, tls_subject=tls_subject)
             else:
                 handled = adt.handle(self.server.ctx, message, peer=peer, tls_subject=tls_subject)
             metrics.record_hl7(_message_type(message), handled.code, time.perf_counter() - started)

@@ -16,6 +16,9 @@
 - :class:`StudyIdentity` — the identity the archive's study was stored under (query expansion and
   PatientID coercion at retrieve time start from it).
 - :class:`Hl7Message` — the inbound HL7 v2 feed: every message kept before it is acknowledged.
+- :class:`Hl7Source` — the HL7 senders admitted to the identity feed and to PDQ queries (the
+  hospital's identity manager, a PDQ consumer), known by MSH-3 / MSH-4 and optionally bound to
+  their host or TLS client certificate.
 """
 
 from __future__ import annotations
@@ -222,3 +225,27 @@ class Hl7Message(Base):
     error: Mapped[str] = mapped_column(String(1000), default="")
     ack: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Hl7Source(Base):
+    """A registered sender of the ADT identity feed or of PDQ queries (``simral hl7-sources add``).
+
+    Known by its MSH-3 sending application and, optionally, MSH-4 sending facility (a source
+    registered without a facility matches any). With ``check_host`` its messages are believed only
+    from ``host``; with ``tls_subject`` only over MLLP TLS with a verified client certificate of
+    that subject CN. Senders that are neither a registered source nor a registered RIS are refused
+    unless ``allow_unknown_hl7_senders`` is set (a lab).
+    """
+
+    __tablename__ = "hl7_source"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    application: Mapped[str] = mapped_column(String(200), index=True)
+    facility: Mapped[str] = mapped_column(String(200), default="")
+    host: Mapped[str] = mapped_column(String(255), default="")
+    #: Messages naming this source are refused unless they come from ``host``.
+    check_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: ... or unless the MLLP TLS connection presented a verified certificate of this subject CN.
+    tls_subject: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -30,7 +30,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_manage_identities, may_store
+from simral.access.policy import AccessDenied, Principal, may_manage, may_manage_identities, may_store
 from simral.audit import service as audit
 from simral.db.base import utcnow
 from simral.patients.models import (
@@ -51,6 +51,7 @@ from simral.patients.models import (
     STATUSES,
     AssigningAuthority,
     Hl7Message,
+    Hl7Source,
     IdentityChange,
     PatientIdentity,
     Person,
@@ -1476,3 +1477,137 @@ def identity_traits(identity: PatientIdentity) -> dict[str, str]:
         "birth_date": identity.birth_date,
         "birth_place_code": identity.birth_place_code,
     }
+
+
+# --------------------------------------------------------------------- HL7 identity sources
+
+
+def add_hl7_source(
+    session: Session,
+    *,
+    name: str,
+    application: str,
+    facility: str = "",
+    host: str = "",
+    check_host: bool = False,
+    tls_subject: str = "",
+    principal: Principal,
+) -> Hl7Source:
+    """Register a sender of the ADT identity feed or of PDQ queries (the hospital's identity
+    manager, a PDQ consumer) by its MSH-3 ``application`` and MSH-4 ``facility`` ("" = any).
+
+    With ``check_host`` its messages are believed from ``host`` only; with ``tls_subject`` only over
+    MLLP TLS with a verified client certificate of that subject CN (:func:`hl7_sender_refusal`).
+    Platform configuration: the platform itself and regional administrators."""
+    if not may_manage(principal):
+        raise AccessDenied(f"{principal.audit_name} may not register HL7 sources")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise PatientError(f"invalid HL7 source name {name!r} (letters, digits, . _ -; up to 64)", code="102")
+    application, facility, host, tls_subject = (
+        application.strip(),
+        facility.strip(),
+        host.strip(),
+        tls_subject.strip(),
+    )
+    if not application or len(application) > 200 or len(facility) > 200:
+        raise PatientError(
+            "an HL7 source needs its MSH-3 sending application (up to 200 characters)", code="101"
+        )
+    if check_host and not host:
+        raise PatientError("--check-host needs the source's --host", code="101")
+    if session.scalar(select(Hl7Source.id).where(Hl7Source.name == name)) is not None:
+        raise PatientError(f"an HL7 source named {name!r} already exists", code="205")
+    same = select(Hl7Source.name).where(Hl7Source.application == application, Hl7Source.facility == facility)
+    taken = session.scalar(same)
+    if taken is not None:
+        raise PatientError(f"HL7 source {taken} already sends as {application}^{facility}", code="205")
+    source = Hl7Source(
+        name=name,
+        application=application,
+        facility=facility,
+        host=host,
+        check_host=check_host,
+        tls_subject=tls_subject,
+        created_at=utcnow(),
+    )
+    session.add(source)
+    session.flush()
+    audit.record(
+        session,
+        action="hl7-source.create",
+        principal=principal,
+        detail={
+            "name": name,
+            "application": application,
+            "facility": facility,
+            "host": host,
+            "check_host": check_host,
+            "tls_subject": tls_subject,
+        },
+    )
+    return source
+
+
+def list_hl7_sources(session: Session) -> list[Hl7Source]:
+    """Every registered HL7 source, by name."""
+    return list(session.scalars(select(Hl7Source).order_by(Hl7Source.name)))
+
+
+def remove_hl7_source(session: Session, name: str, *, principal: Principal) -> None:
+    """Forget an HL7 source: its messages are refused from now on (unless the lab setting
+    ``allow_unknown_hl7_senders`` is on)."""
+    if not may_manage(principal):
+        raise AccessDenied(f"{principal.audit_name} may not remove HL7 sources")
+    source = session.scalar(select(Hl7Source).where(Hl7Source.name == name))
+    if source is None:
+        raise PatientError(f"no HL7 source named {name!r}", code="204")
+    session.delete(source)
+    audit.record(
+        session,
+        action="hl7-source.delete",
+        principal=principal,
+        detail={"name": name, "application": source.application, "facility": source.facility},
+    )
+
+
+def find_hl7_source(session: Session, application: str, facility: str) -> Hl7Source | None:
+    """The source that sends as ``application``/``facility`` (MSH-3/MSH-4): the one registered with
+    both, else one registered with the application alone."""
+    candidates = list(
+        session.scalars(select(Hl7Source).where(Hl7Source.application == application).order_by(Hl7Source.id))
+    )
+    for source in candidates:
+        if source.facility == facility:
+            return source
+    for source in candidates:
+        if not source.facility:
+            return source
+    return None
+
+
+def hl7_sender_refusal(
+    session: Session,
+    *,
+    application: str,
+    facility: str,
+    address: str,
+    tls_subject: str | None,
+    admit_unregistered: bool,
+) -> str:
+    """Why an identity message (ADT feed, PDQ query) naming ``application``/``facility``
+    (MSH-3/MSH-4) may not be taken from this connection, or "" when it may.
+
+    A registered source bound to its host (``check_host``) or client certificate (``tls_subject``)
+    is believed only from there, as a registered RIS is; a sender that is no registered source is
+    refused unless ``admit_unregistered`` (the caller's rule: a registered RIS, or the lab setting
+    ``allow_unknown_hl7_senders``), as DICOM refuses unknown calling AE titles."""
+    source = find_hl7_source(session, application, facility)
+    if source is None:
+        return "" if admit_unregistered else "not a registered HL7 source (simral hl7-sources add)"
+    if source.check_host and source.host != address:
+        return f"HL7 source {source.name} sends from its registered host only"
+    if source.tls_subject and tls_subject != source.tls_subject:
+        if tls_subject is None:
+            return f"HL7 source {source.name} sends over TLS with its client certificate only"
+        return f"HL7 source {source.name}: client certificate of another subject"
+    return ""

@@ -345,22 +345,35 @@ _HL7_SENDER = (
     "bound to its host or certificate (ris add --check-host / --tls-subject): AR 204 from elsewhere"
 )
 _RIS = "MSH-3^MSH-4 must be a registered RIS (simral ris add), acting for its site"
+_IDENTITY_SENDER = (
+    "MSH-3^MSH-4 must be a registered HL7 source (simral hl7-sources add) or RIS, else AR 204 "
+    "(allow_unknown_hl7_senders: any sender, lab only); a source or RIS bound to its host or "
+    "certificate (--check-host / --tls-subject) is believed only from there: AR 204 from elsewhere; "
+    "refusals audited hl7.refused; no per-message credential: hl7_host (loopback by default), "
+    "MLLP/TLS client certificates (hl7_tls, tls_ca_file)"
+)
+#: The sender rule of the identity feed and PDQ queries (:func:`simral.hl7.adt.sender_refusal`).
+_IDENTITY_POLICY = "simral.patients.service.hl7_sender_refusal"
 
 
 def _network(*names: str, note: str) -> Rule:
     return Rule("network", tuple(names), f"{note}; {_HL7_SENDER}")
 
 
+def _identity_feed(note: str) -> Rule:
+    return Rule("network", (_IDENTITY_POLICY,), f"{note}; {_IDENTITY_SENDER}")
+
+
 #: (message type, trigger event) → rule for the MLLP listener (:mod:`simral.hl7.server`).
 HL7_RULES: dict[tuple[str, str], Rule] = {
     **{
-        ("ADT", event): _network(note="identity feed (PAM France), applied as the platform")
+        ("ADT", event): _identity_feed("identity feed (PAM France), applied as the platform")
         for event in sorted(("A01", "A04", "A05", "A08", "A28", "A31", "A40", "A47", "A24", "A37"))
     },
     ("ORM", "O01"): _network("may_request_exam", note=f"ANS Téléradiologie flux 1, 2; {_RIS}"),
     ("OMI", "O23"): _network("may_request_exam", note=f"IHE SWF order, flux 4 post-exam data; {_RIS}"),
     ("ORU", "R01"): _network("may_request_exam", note=f"request document (CISIS_CDA_HL7_V2); {_RIS}"),
-    ("QBP", "Q22"): _network(note="IHE PDQ ITI-21, answered as the platform"),
+    ("QBP", "Q22"): _identity_feed("IHE PDQ ITI-21, answered as the platform"),
 }
 
 
