@@ -124,8 +124,9 @@ def run_server(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit status.
 
     The parent prepares the index (migrations) and finishes interrupted ingests, then serves itself
-    (one worker) or forks worker processes that each accept DICOM associations and HTTP requests
-    on the shared ports (SO_REUSEPORT), so ingest and retrieve use every CPU despite the GIL.
+    (worker 0) and, with several workers, forks the others; each accepts DICOM associations and
+    HTTP requests on the shared ports (SO_REUSEPORT), so ingest and retrieve use every CPU despite
+    the GIL (:func:`_lead`).
     """
     check_http_exposure(
         settings.http_host,
@@ -171,6 +172,21 @@ def limit_malloc_arenas() -> bool:
         return False
 
 
+#: prctl option PR_SET_PDEATHSIG (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the parent process dies (a worker must not outlive it)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_node(settings: Settings) -> int:
     """:func:`run_server` once the ports are checked and the metrics folder is set."""
     ctx = open_app(settings)
@@ -185,17 +201,16 @@ def _run_node(settings: Settings) -> int:
             signal.signal(sig, _EarlyStop.handle)
         return _serve(settings, ctx, banner=True)
     ctx.db.dispose()
-    logs.set_worker(None)  # the supervisor; each forked worker names itself
     # What the parent imported and built is shared with the workers copy-on-write: out of the
     # collector's reach, a worker's collections do not write to (and so copy) those pages.
     gc.collect()
     gc.freeze()
-    children: set[int] = set()
-    for index in range(workers):
+    children: dict[int, int] = {}  # pid -> worker index
+    for index in range(1, workers):
         pid = os.fork()
         if pid == 0:
             os._exit(_worker(settings, index))
-        children.add(pid)
+        children[pid] = index
     print(
         f"simral serving with {workers} worker processes: DICOM {settings.ae_title}@{settings.dicom_host}:"
         f"{settings.dicom_port}{_tls_banner(settings, settings.dicom_tls_port)}, HTTP "
@@ -203,7 +218,63 @@ def _run_node(settings: Settings) -> int:
         f"(data in {settings.data_dir})",
         flush=True,
     )
-    return _supervise(children)
+    return _lead(settings, children)
+
+
+def _lead(settings: Settings, children: dict[int, int]) -> int:
+    """The parent's life with several workers: it is worker 0 itself (the singletons: audit export,
+    HL7 listener) while a thread per child watches it. SIGINT/SIGTERM stop the parent's server,
+    which then stops the children; a child's death stops the parent's server and the other
+    children, and the exit status is then 1. The children die with the parent (PR_SET_PDEATHSIG)."""
+    logs.set_worker(0)
+    failed = threading.Event()
+    stopping = threading.Event()
+
+    def stop_children() -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def watch(pid: int) -> None:
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping.is_set():
+            log.error("worker %d (pid %d) exited with %d: stopping the others", children[pid], pid, code)
+            failed.set()
+            stopping.set()
+            _EarlyStop.handle(signal.SIGTERM, None)
+            stop_children()
+        elif code != 0:
+            failed.set()
+
+    watchers = [
+        threading.Thread(target=watch, args=(pid,), daemon=True, name=f"watch-worker-{index}")
+        for pid, index in children.items()
+    ]
+    for watcher in watchers:
+        watcher.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _EarlyStop.handle)
+    status = 0
+    try:
+        status = _serve(
+            settings, open_app(settings), banner=False, stop_signals=(signal.SIGINT, signal.SIGTERM)
+        )
+    except BaseException:
+        log.exception("worker 0 failed")
+        status = 1
+    finally:
+        stopping.set()
+        stop_children()
+        for watcher in watchers:
+            watcher.join()
+    if failed.is_set():
+        status = 1
+    log.info("simral stopped")
+    return status
 
 
 def _first_start(settings: Settings, ctx: AppContext) -> None:
@@ -238,9 +309,11 @@ class _EarlyStop:
 
 
 def _worker(settings: Settings, index: int) -> int:
-    """A forked worker's life; its exit status. A SIGTERM before serving starts ends it cleanly."""
+    """A forked worker's life; its exit status. A SIGTERM before serving starts ends it cleanly,
+    and so does its parent's death, however it died (PR_SET_PDEATHSIG)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
     signal.signal(signal.SIGTERM, _EarlyStop.handle)
+    _die_with_parent()
     logs.set_worker(index)
     try:
         return _serve(
@@ -249,36 +322,6 @@ def _worker(settings: Settings, index: int) -> int:
     except BaseException:
         log.exception("worker %d failed", index)
         return 1
-
-
-def _supervise(children: set[int]) -> int:
-    """Wait for the workers; SIGINT/SIGTERM stops them all, and so does a worker's death."""
-    stopping = threading.Event()
-
-    def stop(signum: int, _frame: object) -> None:
-        stopping.set()
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    status = 0
-    while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if not stopping.is_set():
-            log.error("worker %d exited with %d: stopping the others", pid, code)
-            status = 1
-            stop(signal.SIGTERM, None)
-        elif code != 0:
-            status = status or 1
-    log.info("simral stopped")
-    return status
 
 
 def _scheme(settings: Settings) -> str:

@@ -15,8 +15,8 @@ AE titles, addresses, job ids, protocol statuses, exception types.
   DICOM person names (``FAMILY^GIVEN``) and 13/15-digit NIR-like numbers are replaced by ``[…]``.
 
 ``log_format = "json"`` writes one JSON object per line with ``time`` (UTC, ISO 8601), ``level``,
-``logger``, ``message``, ``worker`` (index of the ``simral serve`` worker process, null for the
-parent supervising several), ``pid`` and,
+``logger``, ``message``, ``worker`` (index of the ``simral serve`` worker process: 0 for the
+parent, which serves too), ``pid`` and,
 for an exception, ``exception`` (type and traceback, guarded the same way).
 """
 
@@ -45,13 +45,12 @@ _PERSON_NAME = re.compile(
 _NIR = re.compile(r"(?<!\d)[12]\d{12}(?:\d{2})?(?!\d)")
 REDACTED = "[…]"
 
-#: The worker index of this process (``simral serve`` sets it in each forked worker; ``None`` in
-#: the supervising parent of several workers).
+#: The worker index of this process (``simral serve`` sets it in each worker: 0 in the parent).
 _worker: int | None = 0
 
 
 def set_worker(index: int | None) -> None:
-    """Name the worker process in every later log line (``None``: the supervising parent)."""
+    """Name the worker process in every later log line (``None``: no worker)."""
     global _worker
     _worker = index
 
