@@ -178,7 +178,7 @@ _ROOT_REFERENCES: dict[str, tuple[tuple[bytes, bytes], ...]] = {
 }
 
 
-#: ``href``/``src`` attributes of ``index.html`` once rebased: (attribute and base, file, query).
+#: ``href``/``src`` attributes of ``index.html`` naming a file by path: (``src="``, folder, file name).
 _PAGE_REFERENCE = re.compile(rb'((?:href|src)=")(/[^"?#]*/)([^"/?#]+)"')
 
 
