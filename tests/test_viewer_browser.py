@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.portal_login import TotpDevice, browser_login
 from tests.simral_proc import TEST_PASSWORD, TEST_USER, SimralProcess
 
 from simral.config import load_settings
+from simral.web import viewer
 from simral.web.viewer import IMMUTABLE, accepts_gzip, app_config, data_source, rebase
 
 CHROMIUM = "/usr/bin/chromium"
@@ -359,6 +361,31 @@ def test_accept_encoding_and_page_versioning() -> None:
     assert b'src="/viewer/app.bundle.0123456789abcdef.js"' in rebased
     assert b'href="https://example.org/x.css"' in rebased
     assert b"?v=" not in rebase("index.html", page, "/viewer/")
+
+
+def test_gzip_copies_replace_stale_ones_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(viewer, "MAX_COMPRESSED_BYTES", 400)
+    copies = viewer._Compressor()
+
+    def settled() -> None:
+        deadline = time.monotonic() + 10
+        while copies._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not copies._pending
+
+    first = os.urandom(150)  # random bytes do not compress: about 170 bytes gzip'd
+    copies.request("a", ("v1",), lambda: first)
+    settled()
+    assert copies.get("a", ("v1",)) is not None and copies.get("a", ("v2",)) is None
+    copies.request("a", ("v2",), lambda: os.urandom(150))  # a new version replaces the old copy
+    copies.request("b", ("v1",), lambda: os.urandom(150))
+    settled()
+    assert copies.get("a", ("v1",)) is None and copies.get("a", ("v2",)) is not None
+    assert copies.get("b", ("v1",)) is not None
+    copies.request("c", ("v1",), lambda: os.urandom(150))  # over the bound: sent as is
+    settled()
+    assert copies.get("c", ("v1",)) is None
+    assert copies._bytes <= 400
 
 
 def test_viewer_not_installed_answers_503(tmp_path: Path) -> None:

@@ -70,6 +70,9 @@ COMPRESSIBLE = frozenset({".js", ".mjs", ".css", ".json", ".wasm", ".svg", ".map
 #: Smaller files are sent as they are (the gzip framing would outweigh the gain).
 MIN_COMPRESS_SIZE = 1024
 GZIP_LEVEL = 6
+#: Memory kept for the gzip'd copies (the top-level build takes about 10 MB; the optional ONNX
+#: runtime under ``ort/`` would take 30 MB more): files beyond it are sent as they are.
+MAX_COMPRESSED_BYTES = 96 * 1024 * 1024
 
 
 def data_source(*, authorization: str | None = None) -> dict[str, Any]:
@@ -249,6 +252,7 @@ class _Compressor:
         self._pending: set[tuple[str, tuple[Any, ...]]] = set()
         self._jobs: queue.SimpleQueue[tuple[str, tuple[Any, ...], Callable[[], bytes]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._bytes = 0
 
     def get(self, path: str, version: tuple[Any, ...]) -> bytes | None:
         with self._lock:
@@ -256,10 +260,13 @@ class _Compressor:
         return done[1] if done is not None and done[0] == version else None
 
     def request(self, path: str, version: tuple[Any, ...], load: Callable[[], bytes]) -> None:
-        """Compress ``load()`` in the background, unless it is done or queued already."""
+        """Compress ``load()`` in the background, unless it is done or queued already (or the
+        memory for the copies is used up)."""
         with self._lock:
             done = self._done.get(path)
             if (done is not None and done[0] == version) or (path, version) in self._pending:
+                return
+            if done is None and self._bytes >= MAX_COMPRESSED_BYTES:
                 return
             self._pending.add((path, version))
             if self._thread is None:
@@ -276,8 +283,11 @@ class _Compressor:
                 compressed = None
             with self._lock:
                 self._pending.discard((path, version))
-                if compressed is not None:
+                previous = self._done.pop(path, None)
+                self._bytes -= len(previous[1]) if previous is not None else 0
+                if compressed is not None and self._bytes + len(compressed) <= MAX_COMPRESSED_BYTES:
                     self._done[path] = (version, compressed)
+                    self._bytes += len(compressed)
 
 
 def _language_script(language: str, explicit: bool) -> str:
