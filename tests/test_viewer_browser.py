@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from tests.portal_login import TotpDevice, browser_login
 from tests.simral_proc import TEST_PASSWORD, TEST_USER, SimralProcess
 
 from simral.config import load_settings
-from simral.web.viewer import app_config, data_source
+from simral.web import viewer
+from simral.web.viewer import IMMUTABLE, accepts_gzip, app_config, data_source, rebase
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -199,6 +202,9 @@ def test_viewer_renders_ct_study(browser: Browser, served: Served, artifacts_dir
     # The series thumbnail is a small JPEG rendered by the server (PS3.18 thumbnail resource).
     thumbnails = [(url, kind) for url, kind in traffic.served if "/thumbnail" in url]
     assert thumbnails and all(kind == "image/jpeg" for _, kind in thumbnails), thumbnails
+    # The style sheets (unhashed names) were asked for with the build's version, so they are cached.
+    sheets = [url for url, _ in traffic.served if re.search(r"/viewer/[^/?]+\.css", url)]
+    assert sheets and all(re.search(r"\.css\?v=[0-9a-f]{16}$", url) for url in sheets), sheets
 
 
 def test_viewer_english_on_request(browser: Browser, served: Served) -> None:
@@ -283,6 +289,106 @@ def test_viewer_files_and_cache_headers(served: Served) -> None:
     binary = http.get(f"/viewer/{wasm.name}")
     assert binary.status_code == 200 and binary.content == wasm.read_bytes()
     assert "immutable" in binary.headers["cache-control"]
+
+
+def test_viewer_compression_and_versioned_caching(served: Served) -> None:
+    """Text and WebAssembly go gzip'd to clients that accept it (``Vary: Accept-Encoding``); the
+    build's version on the references to unhashed files makes them cacheable for good."""
+    http = served.http
+    index = http.get("/viewer/")
+    assert index.headers["cache-control"] == "no-store"
+    found = re.search(r'href="/viewer/app\.bundle\.css\?v=([0-9a-f]{16})"', index.text)
+    assert found, "app.bundle.css is referenced without the build's version"
+    version = found.group(1)
+    assert 'src="/viewer/app-config.js"' in index.text  # generated per request, never cached
+    bundle_name = index.text.split('src="/viewer/app.bundle.')[1].split('"')[0]
+    assert "?v=" not in bundle_name  # content-hashed already
+    bundle_url = f"/viewer/app.bundle.{bundle_name}"
+    # The first index.html starts the compression in the background; until a file's gzip'd copy is
+    # ready it goes out as is.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (
+            http.head(bundle_url, headers={"Accept-Encoding": "gzip"}).headers.get("content-encoding")
+            == "gzip"
+        ):
+            break
+        time.sleep(0.2)
+    zipped = http.get(bundle_url, headers={"Accept-Encoding": "gzip"})
+    assert zipped.status_code == 200 and zipped.headers.get("content-encoding") == "gzip"
+    assert zipped.headers["vary"] == "Accept-Encoding"
+    assert zipped.headers["cache-control"] == IMMUTABLE
+    assert zipped.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    assert zipped.num_bytes_downloaded < len(zipped.content) / 3
+    assert "wasm-unsafe-eval" in zipped.headers["content-security-policy"]
+    # The webpack runtime is rebased and names the CSS chunks with the build's version.
+    assert '__webpack_require__.p = "/viewer/";' in zipped.text
+    assert f'".css?v={version}"' in zipped.text
+    plain = http.get(bundle_url, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.headers["vary"] == "Accept-Encoding"
+    assert plain.content == zipped.content and plain.headers["etag"] != zipped.headers["etag"]
+    again = http.get(bundle_url, headers={"Accept-Encoding": "gzip", "If-None-Match": zipped.headers["etag"]})
+    assert again.status_code == 304 and again.headers["vary"] == "Accept-Encoding"
+    # Unhashed files: immutable with the current version, revalidated otherwise.
+    css = http.get(f"/viewer/app.bundle.css?v={version}")
+    assert css.status_code == 200 and css.headers["cache-control"] == IMMUTABLE
+    assert "url(/viewer/" in css.text
+    for stale in ("/viewer/app.bundle.css", "/viewer/app.bundle.css?v=0123456789abcdef"):
+        assert http.get(stale).headers["cache-control"] == "no-cache"
+    # Images are compressed already: sent as they are, without Vary.
+    icon = http.get("/viewer/assets/favicon-32x32.png", headers={"Accept-Encoding": "gzip"})
+    assert icon.status_code == 200
+    assert "content-encoding" not in icon.headers and "vary" not in icon.headers
+    # A range request gets the plain bytes (ranges apply to the representation as stored).
+    wasm = next(load_settings(environ=served.simral.env).viewer_dir.glob("*.wasm"))
+    part = http.get(f"/viewer/{wasm.name}", headers={"Accept-Encoding": "gzip", "Range": "bytes=0-3"})
+    assert part.status_code == 206 and part.content == wasm.read_bytes()[:4]
+
+
+def test_accept_encoding_and_page_versioning() -> None:
+    assert accepts_gzip("gzip, deflate, br, zstd")
+    assert accepts_gzip("br;q=1.0, gzip;q=0.8")
+    assert accepts_gzip("*")
+    assert not accepts_gzip("gzip;q=0, br")
+    assert not accepts_gzip("identity")
+    assert not accepts_gzip("")
+    page = (
+        b'<link href="/manifest.json"><script src="/app-config.js"></script>'
+        b'<script src="/app.bundle.0123456789abcdef.js"></script><link href="/app.bundle.css">'
+        b'<a href="https://example.org/x.css">'
+    )
+    rebased = rebase("index.html", page, "/viewer/", "fedcba9876543210")
+    assert b'href="/viewer/manifest.json?v=fedcba9876543210"' in rebased
+    assert b'href="/viewer/app.bundle.css?v=fedcba9876543210"' in rebased
+    assert b'src="/viewer/app-config.js"' in rebased
+    assert b'src="/viewer/app.bundle.0123456789abcdef.js"' in rebased
+    assert b'href="https://example.org/x.css"' in rebased
+    assert b"?v=" not in rebase("index.html", page, "/viewer/")
+
+
+def test_gzip_copies_replace_stale_ones_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(viewer, "MAX_COMPRESSED_BYTES", 400)
+    copies = viewer._Compressor()
+
+    def settled() -> None:
+        deadline = time.monotonic() + 10
+        while copies._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not copies._pending
+
+    first = os.urandom(150)  # random bytes do not compress: about 170 bytes gzip'd
+    copies.request("a", ("v1",), lambda: first)
+    settled()
+    assert copies.get("a", ("v1",)) is not None and copies.get("a", ("v2",)) is None
+    copies.request("a", ("v2",), lambda: os.urandom(150))  # a new version replaces the old copy
+    copies.request("b", ("v1",), lambda: os.urandom(150))
+    settled()
+    assert copies.get("a", ("v1",)) is None and copies.get("a", ("v2",)) is not None
+    assert copies.get("b", ("v1",)) is not None
+    copies.request("c", ("v1",), lambda: os.urandom(150))  # over the bound: sent as is
+    settled()
+    assert copies.get("c", ("v1",)) is None
+    assert copies._bytes <= 400
 
 
 def test_viewer_not_installed_answers_503(tmp_path: Path) -> None:

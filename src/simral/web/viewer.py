@@ -9,19 +9,36 @@ The published build expects to sit at ``/`` (its ``PUBLIC_URL``): every asset UR
 fonts in the CSS). Those few references are rebased onto ``/viewer/`` when the files are served
 (once per file, kept in memory) so the package stays as published. Client routes of the single page
 application (``/viewer/viewer?StudyInstanceUIDs=...``) answer ``index.html``.
+
+Caching and compression (RFC 9111, RFC 9110 §8.4), so that a browser that opened the viewer before
+asks for nothing but ``index.html`` and the configuration:
+
+- content-hashed outputs (``app.bundle.<hash>.js``, ``<hash>.wasm``) are ``immutable``;
+- the other files of the build (``app.bundle.css``, the CSS chunks ``<id>.css``, ...) are referenced
+  with the build's version (``?v=<build>``, a digest of the build folder's listing): ``index.html``
+  and the webpack runtime are rewritten to add it, and a request carrying the current version is
+  ``immutable`` too; without it (or with another build's) the file is revalidated (ETag, 304);
+- text and WebAssembly files are sent gzip-compressed to clients that accept it (``Vary:
+  Accept-Encoding``). Each file is compressed once, in a background thread started by the first
+  ``index.html`` (the whole build, the application bundle first), and kept in memory; until its
+  copy is ready a file is sent as is, so no request waits for the compression.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import os
+import queue
 import re
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 from fastapi import FastAPI, Request
@@ -46,6 +63,16 @@ OHIF_LANGUAGES: dict[Language, str] = {"fr": "fr", "en": "en-US"}
 _HASHED = re.compile(r"(?:^|[./])[0-9a-f]{16}\.[a-z0-9]+$")
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
+#: The query parameter carrying the build's version on the references to its unhashed files.
+VERSION_PARAMETER = "v"
+#: Files sent gzip-compressed when the client accepts it (images and fonts are compressed already).
+COMPRESSIBLE = frozenset({".js", ".mjs", ".css", ".json", ".wasm", ".svg", ".map", ".txt", ".xml", ".html"})
+#: Smaller files are sent as they are (the gzip framing would outweigh the gain).
+MIN_COMPRESS_SIZE = 1024
+GZIP_LEVEL = 6
+#: Memory kept for the gzip'd copies (the top-level build takes about 10 MB; the optional ONNX
+#: runtime under ``ort/`` would take 30 MB more): files beyond it are sent as they are.
+MAX_COMPRESSED_BYTES = 96 * 1024 * 1024
 
 
 def data_source(*, authorization: str | None = None) -> dict[str, Any]:
@@ -132,10 +159,12 @@ def app_config(*, authorization: str | None = None) -> str:
     return script
 
 
-#: Absolute references to the build's root, by file type: (before, after with ``{base}``).
+#: Absolute references to the build's root, by file type: (before, after with ``{base}``), and in
+#: the webpack runtime the CSS chunk names, which carry no content hash, get the build's ``{version}``.
 _ROOT_REFERENCES: dict[str, tuple[tuple[bytes, bytes], ...]] = {
     ".js": (
         (b'__webpack_require__.p = "/";', b'__webpack_require__.p = "{base}";'),
+        (b'return "" + chunkId + ".css"', b'return "" + chunkId + ".css?v={version}"'),
         (
             b"browserImportFunction('/dicom-microscopy-viewer/",
             b"browserImportFunction('{base}dicom-microscopy-viewer/",
@@ -152,11 +181,113 @@ _ROOT_REFERENCES: dict[str, tuple[tuple[bytes, bytes], ...]] = {
 }
 
 
-def rebase(name: str, content: bytes, base: str) -> bytes:
-    """Point the build's absolute root references in ``content`` (file ``name``) at ``base`` (``/x/``)."""
+#: ``href``/``src`` attributes of ``index.html`` naming a file by path: (``src="``, folder, file name).
+_PAGE_REFERENCE = re.compile(rb'((?:href|src)=")(/[^"?#]*/)([^"/?#]+)"')
+
+
+def rebase(name: str, content: bytes, base: str, version: str = "") -> bytes:
+    """Point the build's absolute root references in ``content`` (file ``name``) at ``base`` (``/x/``).
+
+    With a build ``version``, the references to unhashed files (in ``index.html`` and the webpack
+    runtime's CSS chunk names) also carry it, so that they can be cached for good.
+    """
     for before, after in _ROOT_REFERENCES.get(os.path.splitext(name)[1], ()):
-        content = content.replace(before, after.replace(b"{base}", base.encode()))
+        if b"{version}" in after and not version:
+            continue
+        content = content.replace(
+            before, after.replace(b"{base}", base.encode()).replace(b"{version}", version.encode())
+        )
+    if version and name == "index.html":
+        prefix = base.encode()
+
+        def versioned(match: re.Match[bytes]) -> bytes:
+            attribute, folder, file = match.groups()
+            if not folder.startswith(prefix) or _HASHED.search(file.decode()) or file == b"app-config.js":
+                return match.group(0)
+            return b'%s%s%s?%s=%s"' % (attribute, folder, file, VERSION_PARAMETER.encode(), version.encode())
+
+        content = _PAGE_REFERENCE.sub(versioned, content)
     return content
+
+
+def build_version(directory: Path) -> str:
+    """The version of the build in ``directory``: a digest of its top-level files' names, sizes and
+    modification times (a new installation changes it; restarting the server does not)."""
+    digest = hashlib.sha256()
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_file():
+                info = entry.stat()
+                digest.update(f"{entry.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value (RFC 9110 §12.5.3) accepts ``gzip`` (or ``*``)."""
+    for item in accept_encoding.split(","):
+        coding, _, parameters = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        for parameter in parameters.split(";"):
+            key, _, value = parameter.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+class _Compressor:
+    """gzip copies of the build's files, made one at a time by a daemon thread and kept in memory.
+
+    Keys are ``(path, version)`` where ``version`` changes with the file's content (its size and
+    modification time, and what it is rebased with); a stale copy is never returned.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+        self._pending: set[tuple[str, tuple[Any, ...]]] = set()
+        self._jobs: queue.SimpleQueue[tuple[str, tuple[Any, ...], Callable[[], bytes]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._bytes = 0
+
+    def get(self, path: str, version: tuple[Any, ...]) -> bytes | None:
+        with self._lock:
+            done = self._done.get(path)
+        return done[1] if done is not None and done[0] == version else None
+
+    def request(self, path: str, version: tuple[Any, ...], load: Callable[[], bytes]) -> None:
+        """Compress ``load()`` in the background, unless it is done or queued already (or the
+        memory for the copies is used up)."""
+        with self._lock:
+            done = self._done.get(path)
+            if (done is not None and done[0] == version) or (path, version) in self._pending:
+                return
+            if done is None and self._bytes >= MAX_COMPRESSED_BYTES:
+                return
+            self._pending.add((path, version))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="viewer-gzip", daemon=True)
+                self._thread.start()
+        self._jobs.put((path, version, load))
+
+    def _run(self) -> None:
+        while True:
+            path, version, load = self._jobs.get()
+            try:
+                compressed: bytes | None = gzip.compress(load(), compresslevel=GZIP_LEVEL, mtime=0)
+            except OSError:  # the file went away (a reinstallation): it is sent as is
+                compressed = None
+            with self._lock:
+                self._pending.discard((path, version))
+                previous = self._done.pop(path, None)
+                self._bytes -= len(previous[1]) if previous is not None else 0
+                if compressed is not None and self._bytes + len(compressed) <= MAX_COMPRESSED_BYTES:
+                    self._done[path] = (version, compressed)
+                    self._bytes += len(compressed)
 
 
 def _language_script(language: str, explicit: bool) -> str:
@@ -180,8 +311,12 @@ class _ViewerFiles(StaticFiles):
         self.root = directory
         self.base = base
         self.page_language = page_language
-        self._rebased: dict[str, tuple[tuple[int, int], bytes | None]] = {}
+        self._rebased: dict[str, tuple[tuple[int, int, str], bytes | None]] = {}
         self._lock = threading.Lock()
+        self._gzip = _Compressor()
+        #: The build's version and the state of ``index.html`` and the folder it was computed for.
+        self._version: tuple[tuple[int, int, int], str] | None = None
+        self._precompressing = False
 
     async def check_config(self) -> None:
         """Checked per request instead: a missing build answers 503, see :meth:`get_response`."""
@@ -191,6 +326,7 @@ class _ViewerFiles(StaticFiles):
         index = self.root / "index.html"
         if not await anyio.Path(index).is_file():
             return _not_installed(self.root, self.page_language(Request(scope))[0])
+        await anyio.to_thread.run_sync(self._check_version, index)
         if path in {".", "index.html"}:
             return await self._index(index, scope)
         try:
@@ -202,27 +338,101 @@ class _ViewerFiles(StaticFiles):
                 raise
         return await self._index(index, scope)
 
+    @property
+    def version(self) -> str:
+        """The build's version (see :func:`build_version`), as of the last request."""
+        return self._version[1] if self._version is not None else ""
+
+    def _check_version(self, index: Path) -> None:
+        """Recompute the build's version when ``index.html`` or the folder's listing changed."""
+        info, folder = index.stat(), self.root.stat()
+        key = (info.st_mtime_ns, info.st_size, folder.st_mtime_ns)
+        if self._version is None or self._version[0] != key:
+            self._version = (key, build_version(self.root))
+            self._precompressing = False
+
     def file_response(
         self, full_path: Any, stat_result: os.stat_result, scope: Scope, status_code: int = 200
     ) -> Response:
-        """One file of the build: text rebased, hashed outputs cached for good, the rest revalidated."""
+        """One file of the build: text rebased, gzip'd if accepted and ready, cached for good when
+        content-hashed or asked for with the build's version, revalidated otherwise."""
         name = os.path.relpath(full_path, self.root)
-        content = self._rebased_content(str(full_path), name, stat_result)
-        if content is None:
-            response: Response = FileResponse(full_path, status_code=status_code, stat_result=stat_result)
-        else:
-            version = f"{stat_result.st_mtime_ns}-{stat_result.st_size}-{self.base}"
-            response = Response(
-                content,
+        path = str(full_path)
+        request_headers = Headers(scope=scope)
+        media_type = FileResponse(full_path, stat_result=stat_result).media_type
+        version = f"{stat_result.st_mtime_ns}-{stat_result.st_size}-{self.base}-{self.version}"
+        etag = hashlib.md5(version.encode()).hexdigest()
+        compressible = self._compressible(name, stat_result)
+        compressed = None
+        if (
+            compressible
+            and accepts_gzip(request_headers.get("accept-encoding", ""))
+            and "range" not in request_headers
+        ):
+            compressed = self._gzip.get(path, (version,))
+            if compressed is None:
+                self._gzip.request(path, (version,), lambda: self._content(path, name, stat_result))
+        if compressed is not None:
+            response: Response = Response(
+                compressed,
                 status_code=status_code,
-                media_type=FileResponse(full_path, stat_result=stat_result).media_type,
-                headers={"ETag": f'"{hashlib.md5(version.encode()).hexdigest()}"'},
+                media_type=media_type,
+                headers={"ETag": f'"{etag}-gzip"', "Content-Encoding": "gzip"},
             )
+        else:
+            content = self._rebased_content(path, name, stat_result)
+            if content is None:
+                response = FileResponse(full_path, status_code=status_code, stat_result=stat_result)
+            else:
+                response = Response(
+                    content, status_code=status_code, media_type=media_type, headers={"ETag": f'"{etag}"'}
+                )
+        if compressible:
+            response.headers["Vary"] = "Accept-Encoding"
         hashed = _HASHED.search(os.path.basename(name))
-        response.headers["Cache-Control"] = IMMUTABLE if hashed else REVALIDATE
-        if self.is_not_modified(response.headers, Headers(scope=scope)):
+        asked = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(VERSION_PARAMETER, [])
+        versioned = bool(self.version) and asked == [self.version]
+        response.headers["Cache-Control"] = IMMUTABLE if hashed or versioned else REVALIDATE
+        if self.is_not_modified(response.headers, request_headers):
             return NotModifiedResponse(response.headers)
         return response
+
+    @staticmethod
+    def _compressible(name: str, stat_result: os.stat_result) -> bool:
+        return (
+            os.path.splitext(name)[1] in COMPRESSIBLE
+            and stat.S_ISREG(stat_result.st_mode)
+            and stat_result.st_size >= MIN_COMPRESS_SIZE
+        )
+
+    def _content(self, full_path: str, name: str, stat_result: os.stat_result) -> bytes:
+        """The bytes served for a file of the build: rebased if it has references, else as on disk."""
+        content = self._rebased_content(full_path, name, stat_result)
+        if content is not None:
+            return content
+        with open(full_path, "rb") as fh:
+            return fh.read()
+
+    def _precompress(self) -> None:
+        """Queue the gzip copies of the build's top-level files: the application bundle and the
+        style sheets first (every page needs them), then the others from the smallest."""
+        if self._precompressing:
+            return
+        self._precompressing = True
+        files = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.is_file() and self._compressible(entry.name, info := entry.stat()):
+                    files.append((entry.name, info))
+
+        def order(item: tuple[str, os.stat_result]) -> tuple[bool, int]:
+            name, info = item
+            return not (name.startswith("app.bundle.") or name.endswith(".css")), info.st_size
+
+        for name, info in sorted(files, key=order):
+            path = str(self.root / name)
+            version = f"{info.st_mtime_ns}-{info.st_size}-{self.base}-{self.version}"
+            self._gzip.request(path, (version,), functools.partial(self._content, path, name, info))
 
     async def _index(self, index: Path, scope: Scope) -> Response:
         """``index.html`` rebased, in the request's language (never cached: it depends on the request).
@@ -232,7 +442,8 @@ class _ViewerFiles(StaticFiles):
         """
         request_principal(Request(scope))
         language, explicit = self.page_language(Request(scope))
-        html = rebase("index.html", await anyio.Path(index).read_bytes(), self.base).decode()
+        await anyio.to_thread.run_sync(self._precompress)
+        html = rebase("index.html", await anyio.Path(index).read_bytes(), self.base, self.version).decode()
         html = html.replace('<html lang="en">', f'<html lang="{language}">', 1)
         html = html.replace("</head>", _language_script(OHIF_LANGUAGES[language], explicit) + "</head>", 1)
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "Vary": "Accept-Language"})
@@ -241,14 +452,14 @@ class _ViewerFiles(StaticFiles):
         """The rebased bytes of a text file, or None when it has nothing to rebase (cached by path)."""
         if os.path.splitext(name)[1] not in _ROOT_REFERENCES or not stat.S_ISREG(stat_result.st_mode):
             return None
-        key = (stat_result.st_mtime_ns, stat_result.st_size)
+        key = (stat_result.st_mtime_ns, stat_result.st_size, self.version)
         with self._lock:
             cached = self._rebased.get(full_path)
         if cached is not None and cached[0] == key:
             return cached[1]
         with open(full_path, "rb") as fh:
             raw = fh.read()
-        rebased = rebase(name, raw, self.base)
+        rebased = rebase(name, raw, self.base, self.version)
         content = rebased if rebased != raw else None
         with self._lock:
             self._rebased[full_path] = (key, content)
