@@ -8,9 +8,9 @@ under ``/dicom-web``). Chromium opens a CT study and must draw it; every request
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -366,29 +366,34 @@ def test_accept_encoding_and_page_versioning() -> None:
     assert b"?v=" not in rebase("index.html", page, "/viewer/")
 
 
-def test_gzip_copies_replace_stale_ones_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(viewer, "MAX_COMPRESSED_BYTES", 400)
-    copies = viewer._Compressor()
+def test_prepared_copies_are_files_of_the_current_build_version(tmp_path: Path) -> None:
+    """Rebased and gzip copies live on disk, one folder per build version; nothing is kept in
+    memory, and a new build version removes the copies of the old one."""
+    prepared = viewer._PreparedFiles(tmp_path / "prepared")
+    prepared.use_version("build1")
+    source = tmp_path / "app.js"
+    source.write_bytes(b"console.log('simral');\n" * 2000)
 
     def settled() -> None:
         deadline = time.monotonic() + 10
-        while copies._pending and time.monotonic() < deadline:
+        while prepared._pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not copies._pending
+        assert not prepared._pending
 
-    first = os.urandom(150)  # random bytes do not compress: about 170 bytes gzip'd
-    copies.request("a", ("v1",), lambda: first)
+    assert prepared.gzipped(str(source), "k1") is None
+    prepared.request_gzip(str(source), "k1", lambda: source)
     settled()
-    assert copies.get("a", ("v1",)) is not None and copies.get("a", ("v2",)) is None
-    copies.request("a", ("v2",), lambda: os.urandom(150))  # a new version replaces the old copy
-    copies.request("b", ("v1",), lambda: os.urandom(150))
-    settled()
-    assert copies.get("a", ("v1",)) is None and copies.get("a", ("v2",)) is not None
-    assert copies.get("b", ("v1",)) is not None
-    copies.request("c", ("v1",), lambda: os.urandom(150))  # over the bound: sent as is
-    settled()
-    assert copies.get("c", ("v1",)) is None
-    assert copies._bytes <= 400
+    copy = prepared.gzipped(str(source), "k1")
+    assert copy is not None and copy.parent == tmp_path / "prepared" / "build1"
+    assert gzip.decompress(copy.read_bytes()) == source.read_bytes()
+    assert copy.stat().st_size < source.stat().st_size / 10
+    assert prepared.gzipped(str(source), "k2") is None  # another state of the file: not this copy
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".part-")]  # no temporary left
+    vars_held = [v for v in vars(prepared).values() if isinstance(v, bytes | bytearray)]
+    assert vars_held == []
+    prepared.use_version("build2")  # a new installation of the viewer
+    assert not (tmp_path / "prepared" / "build1").exists()
+    assert prepared.gzipped(str(source), "k1") is None
 
 
 def test_viewer_not_installed_answers_503(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ served as ``/viewer/app-config.js``.
 The published build expects to sit at ``/`` (its ``PUBLIC_URL``): every asset URL is absolute
 (``index.html``, the webpack public path ``__webpack_require__.p`` of the bundles and workers, the
 fonts in the CSS). Those few references are rebased onto ``/viewer/`` when the files are served
-(once per file, kept in memory) so the package stays as published. Client routes of the single page
+(once per file, the copy kept in the data folder's ``cache/viewer``) so the package stays as
+published. Client routes of the single page
 application (``/viewer/viewer?StudyInstanceUIDs=...``) answer ``index.html``.
 
 Caching and compression (RFC 9111, RFC 9110 §8.4), so that a browser that opened the viewer before
@@ -20,22 +21,26 @@ asks for nothing but ``index.html`` and the configuration:
   ``immutable`` too; without it (or with another build's) the file is revalidated (ETag, 304);
 - text and WebAssembly files are sent gzip-compressed to clients that accept it (``Vary:
   Accept-Encoding``). Each file is compressed once, in a background thread started by the first
-  ``index.html`` (the whole build, the application bundle first), and kept in memory; until its
-  copy is ready a file is sent as is, so no request waits for the compression.
+  ``index.html`` (the whole build, the application bundle first), and kept beside the rebased
+  copies (:class:`_PreparedFiles`, sent with sendfile, nothing held in memory); until its copy is
+  ready a file is sent as is, so no request waits for the compression.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
+import shutil
 import stat
+import tempfile
 import threading
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -52,6 +57,8 @@ from starlette.types import Scope
 from simral.context import AppContext
 from simral.web.auth import request_principal
 from simral.web.layout import Language, explicit_language, request_language
+
+log = logging.getLogger(__name__)
 
 VIEWER_PATH = "/viewer"
 DICOMWEB_ROOT = "/dicom-web"
@@ -70,9 +77,8 @@ COMPRESSIBLE = frozenset({".js", ".mjs", ".css", ".json", ".wasm", ".svg", ".map
 #: Smaller files are sent as they are (the gzip framing would outweigh the gain).
 MIN_COMPRESS_SIZE = 1024
 GZIP_LEVEL = 6
-#: Memory kept for the gzip'd copies (the top-level build takes about 10 MB; the optional ONNX
-#: runtime under ``ort/`` would take 30 MB more): files beyond it are sent as they are.
-MAX_COMPRESSED_BYTES = 96 * 1024 * 1024
+#: Read and write size when copying files into the prepared folder.
+_CHUNK = 1024 * 1024
 
 
 def data_source(*, authorization: str | None = None) -> dict[str, Any]:
@@ -239,55 +245,91 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-class _Compressor:
-    """gzip copies of the build's files, made one at a time by a daemon thread and kept in memory.
+class _PreparedFiles:
+    """The build's files as they are served -- rebased (:func:`rebase`) and gzip-compressed --
+    kept on disk in ``folder`` (under the data folder), one sub-folder per build version, and sent
+    from there with sendfile: no copy is held in memory, and the workers of one server share them.
 
-    Keys are ``(path, version)`` where ``version`` changes with the file's content (its size and
-    modification time, and what it is rebased with); a stale copy is never returned.
+    A copy is written once (temporary file, fsync, rename), by whichever process needs it first;
+    the gzip copies are made one at a time by a daemon thread. Copies of other build versions are
+    removed when a new version is first seen (:meth:`use_version`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.version = ""
         self._lock = threading.Lock()
-        self._done: dict[str, tuple[tuple[Any, ...], bytes]] = {}
-        self._pending: set[tuple[str, tuple[Any, ...]]] = set()
-        self._jobs: queue.SimpleQueue[tuple[str, tuple[Any, ...], Callable[[], bytes]]] = queue.SimpleQueue()
+        self._pending: set[Path] = set()
+        self._jobs: queue.SimpleQueue[tuple[Path, Callable[[], Path]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._bytes = 0
 
-    def get(self, path: str, version: tuple[Any, ...]) -> bytes | None:
-        with self._lock:
-            done = self._done.get(path)
-        return done[1] if done is not None and done[0] == version else None
+    def use_version(self, version: str) -> None:
+        """Prepare copies for build ``version`` from now on; drop the folders of the others."""
+        self.version = version
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with os.scandir(self.folder) as entries:
+            stale = [Path(e.path) for e in entries if e.is_dir() and e.name != version]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
 
-    def request(self, path: str, version: tuple[Any, ...], load: Callable[[], bytes]) -> None:
-        """Compress ``load()`` in the background, unless it is done or queued already (or the
-        memory for the copies is used up)."""
+    def path(self, source: str, key: str, suffix: str) -> Path:
+        """Where the copy of ``source`` in the state ``key`` (size, modification time...) goes."""
+        digest = hashlib.sha256(f"{source}\0{key}".encode()).hexdigest()[:32]
+        return self.folder / (self.version or "unversioned") / f"{digest}{suffix}"
+
+    def write(self, target: Path, chunks: Iterable[bytes]) -> Path:
+        """Write ``chunks`` to ``target`` atomically (a concurrent writer's copy is as good)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return target
+
+    def gzipped(self, source: str, key: str) -> Path | None:
+        """The gzip copy of ``source`` in the state ``key``, if it is ready."""
+        target = self.path(source, key, ".gz")
+        return target if target.is_file() else None
+
+    def request_gzip(self, source: str, key: str, plain: Callable[[], Path]) -> None:
+        """Have the gzip copy of ``plain()`` (the bytes served for ``source``) made in the
+        background, unless it exists or is queued already."""
+        target = self.path(source, key, ".gz")
         with self._lock:
-            done = self._done.get(path)
-            if (done is not None and done[0] == version) or (path, version) in self._pending:
+            if target in self._pending or target.is_file():
                 return
-            if done is None and self._bytes >= MAX_COMPRESSED_BYTES:
-                return
-            self._pending.add((path, version))
+            self._pending.add(target)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="viewer-gzip", daemon=True)
                 self._thread.start()
-        self._jobs.put((path, version, load))
+        self._jobs.put((target, plain))
 
     def _run(self) -> None:
         while True:
-            path, version, load = self._jobs.get()
+            target, plain = self._jobs.get()
             try:
-                compressed: bytes | None = gzip.compress(load(), compresslevel=GZIP_LEVEL, mtime=0)
-            except OSError:  # the file went away (a reinstallation): it is sent as is
-                compressed = None
-            with self._lock:
-                self._pending.discard((path, version))
-                previous = self._done.pop(path, None)
-                self._bytes -= len(previous[1]) if previous is not None else 0
-                if compressed is not None and self._bytes + len(compressed) <= MAX_COMPRESSED_BYTES:
-                    self._done[path] = (version, compressed)
-                    self._bytes += len(compressed)
+                self.write(target, _gzip_chunks(plain()))
+            except OSError as exc:  # the file went away (a reinstallation): it is sent as is
+                log.info("viewer file not compressed: %s", exc.strerror or exc)
+            finally:
+                with self._lock:
+                    self._pending.discard(target)
+
+
+def _gzip_chunks(path: Path) -> Iterator[bytes]:
+    """The gzip compression of the file at ``path`` (RFC 1952, no name, time 0), streamed."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    with open(path, "rb") as source:
+        while chunk := source.read(_CHUNK):
+            yield compressor.compress(chunk)
+    yield compressor.flush()
 
 
 def _language_script(language: str, explicit: bool) -> str:
@@ -306,14 +348,21 @@ def _language_script(language: str, explicit: bool) -> str:
 class _ViewerFiles(StaticFiles):
     """The OHIF build, rebased onto ``base``, with cache headers and the SPA fallback."""
 
-    def __init__(self, directory: Path, base: str, page_language: Callable[[Request], tuple[Language, bool]]):
+    def __init__(
+        self,
+        directory: Path,
+        base: str,
+        page_language: Callable[[Request], tuple[Language, bool]],
+        prepared: Path,
+    ):
         super().__init__(directory=directory, check_dir=False)
         self.root = directory
         self.base = base
         self.page_language = page_language
-        self._rebased: dict[str, tuple[tuple[int, int, str], bytes | None]] = {}
+        #: Per file: the state it was rebased in and its rebased copy (None: served as it is).
+        self._rebased: dict[str, tuple[str, Path | None]] = {}
         self._lock = threading.Lock()
-        self._gzip = _Compressor()
+        self._prepared = _PreparedFiles(prepared)
         #: The build's version and the state of ``index.html`` and the folder it was computed for.
         self._version: tuple[tuple[int, int, int], str] | None = None
         self._precompressing = False
@@ -349,6 +398,7 @@ class _ViewerFiles(StaticFiles):
         key = (info.st_mtime_ns, info.st_size, folder.st_mtime_ns)
         if self._version is None or self._version[0] != key:
             self._version = (key, build_version(self.root))
+            self._prepared.use_version(self._version[1])
             self._precompressing = False
 
     def file_response(
@@ -369,23 +419,24 @@ class _ViewerFiles(StaticFiles):
             and accepts_gzip(request_headers.get("accept-encoding", ""))
             and "range" not in request_headers
         ):
-            compressed = self._gzip.get(path, (version,))
+            compressed = self._prepared.gzipped(path, version)
             if compressed is None:
-                self._gzip.request(path, (version,), lambda: self._content(path, name, stat_result))
+                self._prepared.request_gzip(path, version, lambda: self._served(path, name, stat_result))
+        response: Response
         if compressed is not None:
-            response: Response = Response(
+            response = FileResponse(
                 compressed,
                 status_code=status_code,
                 media_type=media_type,
                 headers={"ETag": f'"{etag}-gzip"', "Content-Encoding": "gzip"},
             )
         else:
-            content = self._rebased_content(path, name, stat_result)
-            if content is None:
+            rebased = self._rebased_copy(path, name, stat_result)
+            if rebased is None:
                 response = FileResponse(full_path, status_code=status_code, stat_result=stat_result)
             else:
-                response = Response(
-                    content, status_code=status_code, media_type=media_type, headers={"ETag": f'"{etag}"'}
+                response = FileResponse(
+                    rebased, status_code=status_code, media_type=media_type, headers={"ETag": f'"{etag}"'}
                 )
         if compressible:
             response.headers["Vary"] = "Accept-Encoding"
@@ -405,13 +456,9 @@ class _ViewerFiles(StaticFiles):
             and stat_result.st_size >= MIN_COMPRESS_SIZE
         )
 
-    def _content(self, full_path: str, name: str, stat_result: os.stat_result) -> bytes:
-        """The bytes served for a file of the build: rebased if it has references, else as on disk."""
-        content = self._rebased_content(full_path, name, stat_result)
-        if content is not None:
-            return content
-        with open(full_path, "rb") as fh:
-            return fh.read()
+    def _served(self, full_path: str, name: str, stat_result: os.stat_result) -> Path:
+        """The file whose bytes are served for a file of the build: its rebased copy, or itself."""
+        return self._rebased_copy(full_path, name, stat_result) or Path(full_path)
 
     def _precompress(self) -> None:
         """Queue the gzip copies of the build's top-level files: the application bundle and the
@@ -432,7 +479,7 @@ class _ViewerFiles(StaticFiles):
         for name, info in sorted(files, key=order):
             path = str(self.root / name)
             version = f"{info.st_mtime_ns}-{info.st_size}-{self.base}-{self.version}"
-            self._gzip.request(path, (version,), functools.partial(self._content, path, name, info))
+            self._prepared.request_gzip(path, version, functools.partial(self._served, path, name, info))
 
     async def _index(self, index: Path, scope: Scope) -> Response:
         """``index.html`` rebased, in the request's language (never cached: it depends on the request).
@@ -448,22 +495,25 @@ class _ViewerFiles(StaticFiles):
         html = html.replace("</head>", _language_script(OHIF_LANGUAGES[language], explicit) + "</head>", 1)
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "Vary": "Accept-Language"})
 
-    def _rebased_content(self, full_path: str, name: str, stat_result: os.stat_result) -> bytes | None:
-        """The rebased bytes of a text file, or None when it has nothing to rebase (cached by path)."""
+    def _rebased_copy(self, full_path: str, name: str, stat_result: os.stat_result) -> Path | None:
+        """The rebased copy of a text file (made on first use), or None when it has nothing to rebase."""
         if os.path.splitext(name)[1] not in _ROOT_REFERENCES or not stat.S_ISREG(stat_result.st_mode):
             return None
-        key = (stat_result.st_mtime_ns, stat_result.st_size, self.version)
+        key = f"{stat_result.st_mtime_ns}-{stat_result.st_size}-{self.base}-{self.version}"
         with self._lock:
-            cached = self._rebased.get(full_path)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with open(full_path, "rb") as fh:
-            raw = fh.read()
-        rebased = rebase(name, raw, self.base, self.version)
-        content = rebased if rebased != raw else None
+            known = self._rebased.get(full_path)
+        if known is not None and known[0] == key and (known[1] is None or known[1].is_file()):
+            return known[1]
+        target = self._prepared.path(full_path, key, os.path.splitext(name)[1])
+        copy: Path | None = target
+        if not target.is_file():
+            with open(full_path, "rb") as fh:
+                raw = fh.read()
+            rebased = rebase(name, raw, self.base, self.version)
+            copy = self._prepared.write(target, [rebased]) if rebased != raw else None
         with self._lock:
-            self._rebased[full_path] = (key, content)
-        return content
+            self._rebased[full_path] = (key, copy)
+        return copy
 
 
 def _not_installed(directory: Path, language: Language) -> Response:
@@ -495,5 +545,10 @@ def mount_viewer(web: FastAPI, ctx: AppContext) -> None:
             headers={"Cache-Control": "no-store"},
         )
 
-    files = _ViewerFiles(ctx.settings.viewer_dir, f"{VIEWER_PATH}/", _page_language)
+    files = _ViewerFiles(
+        ctx.settings.viewer_dir,
+        f"{VIEWER_PATH}/",
+        _page_language,
+        prepared=ctx.settings.data_dir / "cache" / "viewer",
+    )
     web.mount(VIEWER_PATH, files, name="viewer")
