@@ -638,7 +638,9 @@ def run(args: argparse.Namespace) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="simral-load-") as tmp:
         base = Path(tmp)
         simral = SimralProcess(
-            base / "data", hl7=True, extra_env={"SIMRAL_WORKERS": "0", "SIMRAL_INS_TEST_OIDS_ALLOWED": "true"}
+            base / "data",
+            hl7=True,
+            extra_env={"SIMRAL_WORKERS": str(args.workers), "SIMRAL_INS_TEST_OIDS_ALLOWED": "true"},
         )
         tokens = setup(simral, rates)
         ris = RisListener(free_port())
@@ -840,6 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="duration of the load (default 10)")
     parser.add_argument("--quick", action="store_true", help="2 minutes")
     parser.add_argument("--rss-bound", type=float, default=0.20, help="allowed RSS growth after the warm-up")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="simral serve worker processes (default 0: one per CPU)"
+    )
     parser.add_argument(
         "--output", type=Path, help="JSON result (default bench/results/mixed-load-<time>.json)"
     )
