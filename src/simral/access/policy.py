@@ -318,3 +318,19 @@ def dashboard_scope(principal: Principal) -> tuple[frozenset[str], frozenset[str
         own = frozenset({principal.organisation})
         return own, own
     return frozenset(), frozenset()
+
+
+def peer_binding_refusal(
+    *, bound_host: str, check_host: bool, bound_subject: str, address: str, subject: str | None
+) -> str:
+    """Why a registered peer (a DICOM node, a RIS, an HL7 source) is not believed on this
+    connection, or "": bound to its host (``check_host``), it must connect from ``bound_host``;
+    bound to a client certificate (``bound_subject``), the connection must carry a verified one
+    of that subject CN (``subject``, None without TLS client authentication)."""
+    if check_host and bound_host != address:
+        return "sends from its registered host only"
+    if bound_subject and subject != bound_subject:
+        if subject is None:
+            return "sends over TLS with its client certificate only"
+        return "sends with a client certificate of another subject"
+    return ""

@@ -55,7 +55,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session
 
 from simral import tls
-from simral.access.policy import Principal
+from simral.access.policy import Principal, peer_binding_refusal
 from simral.archive import query as qr
 from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
@@ -508,15 +508,13 @@ class DimseService:
         if node is None:
             return
         address = str(event.assoc.requestor.address)
-        reason = ""
-        if node.check_host and node.host != address:
-            reason = "address is not the registered host"
-        elif node.tls_subject and subject != node.tls_subject:
-            reason = (
-                "no verified client certificate"
-                if subject is None
-                else "client certificate of another subject"
-            )
+        reason = peer_binding_refusal(
+            bound_host=node.host,
+            check_host=node.check_host,
+            bound_subject=node.tls_subject,
+            address=address,
+            subject=subject,
+        )
         if not reason:
             return
         log.warning("association from AE %s refused: %s", calling, reason)

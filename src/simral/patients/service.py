@@ -30,7 +30,14 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_manage, may_manage_identities, may_store
+from simral.access.policy import (
+    AccessDenied,
+    Principal,
+    may_manage,
+    may_manage_identities,
+    may_store,
+    peer_binding_refusal,
+)
 from simral.audit import service as audit
 from simral.db.base import utcnow
 from simral.patients.models import (
@@ -1604,10 +1611,11 @@ def hl7_sender_refusal(
     source = find_hl7_source(session, application, facility)
     if source is None:
         return "" if admit_unregistered else "not a registered HL7 source (simral hl7-sources add)"
-    if source.check_host and source.host != address:
-        return f"HL7 source {source.name} sends from its registered host only"
-    if source.tls_subject and tls_subject != source.tls_subject:
-        if tls_subject is None:
-            return f"HL7 source {source.name} sends over TLS with its client certificate only"
-        return f"HL7 source {source.name}: client certificate of another subject"
-    return ""
+    refused = peer_binding_refusal(
+        bound_host=source.host,
+        check_host=source.check_host,
+        bound_subject=source.tls_subject,
+        address=address,
+        subject=tls_subject,
+    )
+    return f"HL7 source {source.name} {refused}" if refused else ""

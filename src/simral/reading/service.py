@@ -44,6 +44,7 @@ from simral.access.policy import (
     may_request_exam,
     may_review_requests,
     may_store,
+    peer_binding_refusal,
     visible_studies,
 )
 from simral.archive.models import Study, StudyOrganisation
@@ -293,13 +294,14 @@ def ris_sender_refusal(
     endpoint = find_ris_endpoint(session, application, facility)
     if endpoint is None:
         return ""
-    if endpoint.check_host and endpoint.host != address:
-        return f"RIS {endpoint.name} sends from its registered host only"
-    if endpoint.tls_subject and tls_subject != endpoint.tls_subject:
-        if tls_subject is None:
-            return f"RIS {endpoint.name} sends over TLS with its client certificate only"
-        return f"RIS {endpoint.name}: client certificate of another subject"
-    return ""
+    refused = peer_binding_refusal(
+        bound_host=endpoint.host,
+        check_host=endpoint.check_host,
+        bound_subject=endpoint.tls_subject,
+        address=address,
+        subject=tls_subject,
+    )
+    return f"RIS {endpoint.name} {refused}" if refused else ""
 
 
 def find_ris_endpoint(session: Session, application: str, facility: str) -> RisEndpoint | None:
