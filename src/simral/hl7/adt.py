@@ -259,7 +259,7 @@ def build_ack(
     delimiters ``|^~\\&``; values quoted from the message's MSH are carried over to them."""
     version = header.version if header is not None and header.version in ("2.5", "2.5.1") else ACK_VERSION
     ours = Encoding()
-    quoted = _quoting(header.encoding if header is not None else ours)
+    quoted = requoting(header.encoding if header is not None else ours)
     event = header.event if header is not None and header.event.isalnum() else ""
     msh = {
         3: ours.escape_text(application),
@@ -273,33 +273,33 @@ def build_ack(
         12: version,
         18: quoted(header.charset) if header is not None else "",
     }
-    segments = ["MSH|^~\\&|" + _joined(msh, first=3)]
+    segments = ["MSH|^~\\&|" + joined_fields(msh, first=3)]
     msa = {1: code, 2: quoted(header.control_id) if header is not None else ""}
-    segments.append("MSA|" + _joined(msa))
+    segments.append("MSA|" + joined_fields(msa))
     if error is not None:
         err = {
             2: error.location,
             3: f"{error.code}^{ours.escape_text(ERROR_TEXT.get(error.code, 'Error'))}^HL70357",
             4: "E",
-            8: _cut(ours.escape_text(error.text), 250, ours.escape),
+            8: cut_escaped(ours.escape_text(error.text), 250, ours.escape),
         }
-        segments.append("ERR|" + _joined(err))
+        segments.append("ERR|" + joined_fields(err))
     return "\r".join(segments) + "\r"
 
 
-def _cut(text: str, size: int, escape: str) -> str:
+def cut_escaped(text: str, size: int, escape: str) -> str:
     """``text`` cut to ``size`` characters, not within an escape sequence."""
     text = text[:size]
     return text[: text.rindex(escape)] if text.count(escape) % 2 else text
 
 
-def _joined(fields: dict[int, str], *, first: int = 1) -> str:
+def joined_fields(fields: dict[int, str], *, first: int = 1) -> str:
     """Fields ``first``.. of a segment, trailing empty ones left out."""
     last = max((n for n, value in fields.items() if value), default=first)
     return "|".join(fields.get(n, "") for n in range(first, last + 1))
 
 
-def _quoting(enc: Encoding) -> Callable[[str], str]:
+def requoting(enc: Encoding) -> Callable[[str], str]:
     """ER7 text in the delimiters ``enc`` rewritten in the standard ones (the acknowledgement's),
     data characters that are standard delimiters escaped (HL7 v2.5 §2.7.4)."""
     standard = Encoding()
