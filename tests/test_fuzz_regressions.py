@@ -197,6 +197,52 @@ def test_acceptor_contexts_copy_shares_their_uids() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def malformed_association_request_check() -> None:
+    """Run in a child process by the test below (it builds a ``DimseService``)."""
+    import socket
+    import time
+
+    from fuzz import fuzz_ingest
+
+    from simral.dimse.server import DimseService
+
+    fuzz_ingest.setup()
+    try:
+        site = fuzz_ingest._site.get()
+        assert isinstance(site, harness.Site)
+        service = DimseService(site.ctx)
+        assert service.ae.acse_timeout >= 30
+        port = service.start("127.0.0.1", 0).server_address[1]
+        try:
+            started = time.monotonic()
+            for request in (b"\x01\x00\x00\x00\x00\x0a" + bytes(10), b"\x01\x00\x00\x00"):
+                for _ in range(3):  # a malformed A-ASSOCIATE-RQ, a connection closed inside one
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(request)
+                        sock.shutdown(socket.SHUT_WR)
+                        sock.settimeout(5)
+                        while sock.recv(4096):
+                            pass
+            while service.ae.active_associations and time.monotonic() - started < 5:
+                time.sleep(0.01)
+            assert not service.ae.active_associations, "associations held after their connection closed"
+        finally:
+            service.stop()
+    finally:
+        fuzz_ingest.teardown()
+
+
+def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
+    """pynetdicom's acceptor waited ``acse_timeout`` (30 s) for an A-ASSOCIATE-RQ after its
+    connection had closed: a malformed request (or a connection closed inside one) held one of
+    the ``maximum_associations`` slots that long; a few such connections a second kept every node
+    out. Found by the DIMSE harness as its 100 ms per input (its acse_timeout)."""
+    checked = _child(
+        "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_multipart_boundary_the_parser_can_take() -> None:
     """A boundary python-multipart cannot take (over 256 characters) made STOW-RS answer 500; it is
     now refused as a malformed request (415), as are control characters. Longer-than-RFC-2046

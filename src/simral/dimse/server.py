@@ -109,7 +109,11 @@ def _tighten_polling() -> None:
     pynetdicom's association reactor sleeps 1 ms between looks at its queue, once per received
     PDU, and its DUL reactor sleeps 1 ms whenever the socket is quiet: a 512 KiB instance in
     128 KiB PDUs waits several milliseconds per C-STORE. simral lowers both to
-    ``POLL_INTERVAL``; the cost is more wake-ups of idle associations.
+    ``POLL_INTERVAL``; the cost is more wake-ups of idle associations. The association's end
+    also waits: 10 ms steps for its reader to stop (``kill``), polled at ``POLL_INTERVAL`` too,
+    and a fixed 100 ms after an abort once the reader stopped and the socket is shut
+    (``_abort_blocking``), dropped: each malformed input held its association (and its slot among
+    ``maximum_associations``) that long.
     """
     import pynetdicom.association as association_module
 
@@ -123,13 +127,17 @@ def _tighten_polling() -> None:
 
         @staticmethod
         def sleep(seconds: float) -> None:
-            real_sleep(POLL_INTERVAL if seconds == 0.001 else seconds)
+            if seconds == ABORT_DELAY:
+                return
+            real_sleep(POLL_INTERVAL if seconds in (0.001, 0.01) else seconds)
 
     association_module.time = _ScaledTime()  # type: ignore[assignment]
     association_module._simral_polling = True  # type: ignore[attr-defined]
 
 
 POLL_INTERVAL = 0.0002
+#: pynetdicom's fixed delay at the end of ``Association.abort`` (not waited, see _tighten_polling).
+ABORT_DELAY = 0.1
 
 
 class _SupportedContexts(list[PresentationContext]):
@@ -471,8 +479,19 @@ class DimseService:
         event.assoc._simral_tls_subject_cn = subject  # type: ignore[attr-defined]
 
     def on_connection_close(self, event: evt.Event) -> None:
-        """Remove the spool file of a C-STORE data set the peer never finished sending."""
-        _drop_spool_file(getattr(event.assoc.dimse, "message", None))
+        """Remove the spool file of a C-STORE data set the peer never finished sending; end the
+        association at once when the connection closed before an A-ASSOCIATE-RQ was read.
+
+        pynetdicom's acceptor waits ``acse_timeout`` (30 s) for the request even when its reader
+        already ended: a malformed A-ASSOCIATE-RQ (aborted, PS3.8 §9.2 AA-1), or a connection
+        closed before one, held an association slot that long, so a peer opening a few such
+        connections a second kept every other node out (``maximum_associations``). The wait is
+        given ``None``, what pynetdicom's wait returns at its timeout.
+        """
+        assoc = event.assoc
+        _drop_spool_file(getattr(assoc.dimse, "message", None))
+        if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            assoc.dul.to_user_queue.put(None)
 
     def on_association_end(self, event: evt.Event) -> None:
         """Remove the C-STORE spool files of the association that no handler took: requests still
