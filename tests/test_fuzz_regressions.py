@@ -223,6 +223,13 @@ def malformed_association_request_check() -> None:
                         sock.settimeout(5)
                         while sock.recv(4096):
                             pass
+            # A request pynetdicom decodes but cannot turn into its primitive (an even presentation
+            # context ID) is answered with an A-ABORT (provider, invalid PDU parameter value).
+            even = (harness.REGRESSIONS_DIR / "dimse" / "associate-rq-even-context-id.bin").read_bytes()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(even)
+                sock.settimeout(5)
+                assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
             while service.ae.active_associations and time.monotonic() - started < 5:
                 time.sleep(0.01)
             assert not service.ae.active_associations, "associations held after their connection closed"
@@ -236,7 +243,9 @@ def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
     """pynetdicom's acceptor waited ``acse_timeout`` (30 s) for an A-ASSOCIATE-RQ after its
     connection had closed: a malformed request (or a connection closed inside one) held one of
     the ``maximum_associations`` slots that long; a few such connections a second kept every node
-    out. Found by the DIMSE harness as its 100 ms per input (its acse_timeout)."""
+    out. Found by the DIMSE harness as its 100 ms per input (its acse_timeout). A request with an
+    even presentation context ID (``regressions/dimse/associate-rq-even-context-id.bin``) killed
+    pynetdicom's reader thread and held the connection open that long, unanswered."""
     checked = _child(
         "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
     )

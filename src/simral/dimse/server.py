@@ -213,6 +213,43 @@ def _drop_file(handle: Any) -> None:
         Path(handle.name).unlink(missing_ok=True)
 
 
+def _install_request_check() -> None:
+    """Abort an A-ASSOCIATE-RQ that decodes as a PDU but carries an invalid parameter value.
+
+    pynetdicom turns the request into its primitive in the reader thread's state machine action
+    (AE-6); a value the primitive refuses, such as an even presentation context ID (PS3.8
+    §9.3.2.2: odd integers 1 to 255), raised there and killed the reader: no answer, and the
+    connection and its association slot held until ``acse_timeout`` (30 s). Such a request is
+    handled as the invalid PDU it is (PS3.8 Table 9-10, Sta2 + Evt19, AA-1): an A-ABORT (service
+    provider, invalid PDU parameter value) and the ARTIM timer, then Sta13.
+    """
+    import pynetdicom.fsm as fsm
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    description, action, states = fsm.ACTIONS["AE-6"]
+    if getattr(action, "_simral", False):
+        return
+
+    def checked_ae_6(dul: Any) -> str:
+        try:
+            dul._recv_pdu.queue[0].to_primitive()
+        except IndexError:
+            pass  # nothing received: pynetdicom's own action reports it
+        except Exception as exc:
+            dul._recv_pdu.get(False)
+            log.info("A-ASSOCIATE-RQ aborted: invalid parameter value (%s)", type(exc).__name__)
+            pdu = A_ABORT_RQ()
+            pdu.source = 0x02
+            pdu.reason_diagnostic = 0x06
+            dul._send(pdu)
+            dul.artim_timer.restart()
+            return "Sta13"
+        return str(action(dul))
+
+    checked_ae_6._simral = True  # type: ignore[attr-defined]
+    fsm.ACTIONS["AE-6"] = (description, checked_ae_6, states)
+
+
 def _install_spool_cleanup() -> None:
     """Delete a C-STORE spool file when decoding the rest of its message fails, or when a new
     command set replaces its message before the data set ended.
@@ -368,6 +405,7 @@ class DimseService:
         _config.LOG_RESPONSE_IDENTIFIERS = False
         sending.install()
         _tighten_polling()
+        _install_request_check()
         _install_spool_cleanup()
         _install_spool_file()
         # The network reader and the association thread hand data to each other many times per
