@@ -1,6 +1,10 @@
 """Fuzz the DICOM upper layer as simral accepts it (PS3.8 §9 PDUs, PS3.7 DIMSE): the input is what
 a peer sends on a TCP connection to ``dimse.server.DimseService`` (pynetdicom's acceptor with
-simral's AE, handlers and event hooks) on the loopback interface; the harness then half-closes.
+simral's AE, handlers and event hooks) on the loopback interface: a whole A-ASSOCIATE-RQ first
+and the rest once it is answered, any other input at once; the harness then half-closes, reads
+until the acceptor closes, and closes itself on an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT as a
+requestor does (PS3.8 §9.2). One real association per input: its two pynetdicom threads are
+joined before the oracle looks.
 
 Seeds are recorded associations of a pynetdicom SCU (calling AE registered): C-ECHO, C-STORE,
 C-FIND (Study Root, Patient Root, Modality Worklist), C-GET, MPPS N-CREATE / N-SET, Storage
