@@ -224,12 +224,18 @@ def malformed_association_request_check() -> None:
                         while sock.recv(4096):
                             pass
             # A request pynetdicom decodes but cannot turn into its primitive (an even presentation
-            # context ID) is answered with an A-ABORT (provider, invalid PDU parameter value).
-            even = (harness.REGRESSIONS_DIR / "dimse" / "associate-rq-even-context-id.bin").read_bytes()
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(even)
-                sock.settimeout(5)
-                assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+            # context ID) or negotiate (a context without abstract syntax) is answered with an
+            # A-ABORT (provider, invalid PDU parameter value).
+            for name in (
+                "associate-rq-even-context-id.bin",
+                "associate-rq-context-without-abstract-syntax.bin",
+            ):
+                data = (harness.REGRESSIONS_DIR / "dimse" / name).read_bytes()
+                request = data[: 6 + int.from_bytes(data[2:6], "big")]  # the A-ASSOCIATE-RQ
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(request)
+                    sock.settimeout(5)
+                    assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06]), name
             while service.ae.active_associations and time.monotonic() - started < 5:
                 time.sleep(0.01)
             assert not service.ae.active_associations, "associations held after their connection closed"
@@ -245,7 +251,10 @@ def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
     the ``maximum_associations`` slots that long; a few such connections a second kept every node
     out. Found by the DIMSE harness as its 100 ms per input (its acse_timeout). A request with an
     even presentation context ID (``regressions/dimse/associate-rq-even-context-id.bin``) killed
-    pynetdicom's reader thread and held the connection open that long, unanswered."""
+    pynetdicom's reader thread and held the connection open that long, unanswered; one with a
+    presentation context without abstract syntax
+    (``regressions/dimse/associate-rq-context-without-abstract-syntax.bin``) killed the
+    association thread, with the same effect."""
     checked = _child(
         "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
     )
