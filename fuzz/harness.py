@@ -89,8 +89,9 @@ def _balance_trace_cmp(atheris: Any) -> None:
     For a bool that is harmless; for anything else (SQLAlchemy's ``column == value`` is an SQL
     expression with its bind parameters) every comparison kept its result alive for ever: the
     HL7 harness grew ~3.5 KB an input (2 GB, libFuzzer's limit, before 600 000 inputs).
-    The extra reference of a non-bool result is given back here."""
-    if getattr(atheris, "_simral_balanced", False):
+    The extra reference of a non-bool result is given back here; ``atheris.Fuzz`` puts the
+    native function back, so :func:`main` checks again before each input."""
+    if getattr(atheris._trace_cmp, "_simral_balanced", False):
         return
     import ctypes
 
@@ -105,8 +106,8 @@ def _balance_trace_cmp(atheris: Any) -> None:
             decref(result)
         return result
 
+    trace_cmp._simral_balanced = True  # type: ignore[attr-defined]
     atheris._trace_cmp = trace_cmp
-    atheris._simral_balanced = True
 
 
 # --------------------------------------------------------------------------------- the oracle
@@ -391,5 +392,12 @@ def main(
     seeds = [str(CORPUS_DIR / name), str(REGRESSIONS_DIR / name), *extra_dirs]
     seeds = [s for s in seeds if Path(s).is_dir()]
     setup()
-    atheris.Setup([sys.argv[0], *flags, str(work / "corpus"), *seeds], test_one_input)
+    balance = not os.environ.get("FUZZ_NO_COVERAGE")
+
+    def one_input(data: bytes) -> None:
+        if balance:
+            _balance_trace_cmp(atheris)  # once wrapped, a look at an attribute
+        test_one_input(data)
+
+    atheris.Setup([sys.argv[0], *flags, str(work / "corpus"), *seeds], one_input)
     atheris.Fuzz()
