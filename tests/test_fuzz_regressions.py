@@ -277,6 +277,19 @@ def test_multipart_boundary_the_parser_can_take() -> None:
             request_boundary(f"multipart/related; boundary={boundary}")
 
 
+def test_pdq_quantity_and_birth_date_read_ascii_digits_only() -> None:
+    """An RCP-2 quantity of digits str.isdigit accepts but int() refuses ("³0", from a Latin-1
+    message) made the PDQ answer an "internal error" (ERR 207 with a traceback); such a quantity
+    is no limit, and only ASCII digits make a birth date."""
+    from simral.hl7.adt import Encoding
+    from simral.hl7.pdq import read_query
+
+    qpd = "QPD|IHE PDQ Query|Q-1|@PID.5.1.1^PAT~@PID.7^1979\u00b303\u00b328"
+    query = read_query(qpd, "RCP|I|\u00b30^RD", Encoding())
+    assert query.limit > 1 and query.criteria.birth_date == "19790328"
+    assert read_query(qpd, "RCP|I|2^RD", Encoding()).limit == 2
+
+
 def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
     """An ORC-7 / TQ1 date/time whose offset is not digits, or falls outside a day, was an
     "application internal error" (ERR 207 with a traceback); HL7 v2.5.1 §2.A.22 DTM: no value."""
@@ -284,7 +297,14 @@ def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
 
     assert str(_timestamp("20260106184418.123-0500")) == "2026-01-06 23:44:18+00:00"
     assert str(_timestamp("20260106184418")) == "2026-01-06 17:44:18+00:00"  # Europe/Paris
-    for value in ("2026010720+zz", "20260106184418+9999", "20260106184418+12345", "99991231235959-1400"):
+    not_ascii = "20260106184418+0\u00b300"  # "³" is a digit to str.isdigit, not to int()
+    for value in (
+        "2026010720+zz",
+        "20260106184418+9999",
+        "20260106184418+12345",
+        "99991231235959-1400",
+        not_ascii,
+    ):
         assert _timestamp(value) is None, value
 
 

@@ -77,7 +77,7 @@ def _timestamp(value: str) -> datetime | None:
     for sign in ("+", "-"):
         if sign in text[8:]:
             text, _, zone = text.rpartition(sign)
-            if not zone.isdigit() or len(zone) > 4:
+            if not (zone.isascii() and zone.isdigit()) or len(zone) > 4:
                 return None
             offset = (1 if sign == "+" else -1) * (int(zone[:2] or 0) * 60 + int(zone[2:4] or 0))
     digits = text.split(".")[0]

@@ -149,7 +149,7 @@ def read_query(qpd: str, rcp: str, enc: Encoding) -> PdqQuery:
 
     family = _text(plain("PID.5.1.1"), values["PID.5.1.1"][1]) if "PID.5.1.1" in values else None
     given = _text(plain("PID.5.2"), values["PID.5.2"][1]) if "PID.5.2" in values else None
-    birth_date = "".join(c for c in plain("PID.7.1") if c.isdigit())[:8]
+    birth_date = "".join(c for c in plain("PID.7.1") if c in "0123456789")[:8]
     if "PID.7.1" in values and len(birth_date) not in (4, 6, 8):
         raise Rejected("AE", "102", "PID.7.1 is not a date YYYY[MM[DD]]", values["PID.7.1"][1])
     sex: str | None = None
@@ -180,8 +180,10 @@ def read_query(qpd: str, rcp: str, enc: Encoding) -> PdqQuery:
             domains.append((index, _authority_of(_at(enc.components(rep), 3), enc)))
     limit = search.MAX_RESULTS
     quantity = enc.components(_at(rcp.split(enc.field), 2))
-    if _at(quantity, 0).strip().isdigit() and _at(quantity, 1).strip().upper() in ("RD", ""):
-        limit = max(1, min(limit, int(quantity[0])))
+    count = _at(quantity, 0).strip()
+    # NM digits are ASCII (str.isdigit also takes "³", which int() refuses).
+    if count.isascii() and count.isdigit() and _at(quantity, 1).strip().upper() in ("RD", ""):
+        limit = max(1, min(limit, int(count)))
     criteria = Criteria(family=family, given=given, birth_date=birth_date, sex=sex, identifier=identifier)
     return PdqQuery(
         name=name,
