@@ -224,11 +224,12 @@ def malformed_association_request_check() -> None:
                         while sock.recv(4096):
                             pass
             # A request pynetdicom decodes but cannot turn into its primitive (an even presentation
-            # context ID) or negotiate (a context without abstract syntax) is answered with an
+            # context ID) or negotiate (a context without abstract or transfer syntax) gets an
             # A-ABORT (provider, invalid PDU parameter value).
             for name in (
                 "associate-rq-even-context-id.bin",
                 "associate-rq-context-without-abstract-syntax.bin",
+                "associate-rq-context-without-transfer-syntax.bin",
             ):
                 data = (harness.REGRESSIONS_DIR / "dimse" / name).read_bytes()
                 request = data[: 6 + int.from_bytes(data[2:6], "big")]  # the A-ASSOCIATE-RQ
@@ -254,7 +255,8 @@ def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
     pynetdicom's reader thread and held the connection open that long, unanswered; one with a
     presentation context without abstract syntax
     (``regressions/dimse/associate-rq-context-without-abstract-syntax.bin``) killed the
-    association thread, with the same effect."""
+    association thread, with the same effect, as did one without transfer syntaxes
+    (``associate-rq-context-without-transfer-syntax.bin``)."""
     checked = _child(
         "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
     )

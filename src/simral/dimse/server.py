@@ -220,8 +220,8 @@ def _install_request_check() -> None:
     (AE-6); a value the primitive refuses, such as an even presentation context ID (PS3.8
     §9.3.2.2: odd integers 1 to 255), raised there and killed the reader: no answer, and the
     connection and its association slot held until ``acse_timeout`` (30 s); a presentation
-    context without an abstract syntax raised in the association thread's negotiation, with the
-    same effect (the reader's idle timeout). Such a request is
+    context without an abstract syntax or without transfer syntaxes raised in the association
+    thread's negotiation, with the same effect (the reader's idle timeout). Such a request is
     handled as the invalid PDU it is (PS3.8 Table 9-10, Sta2 + Evt19, AA-1): an A-ABORT (service
     provider, invalid PDU parameter value) and the ARTIM timer, then Sta13.
     """
@@ -236,10 +236,11 @@ def _install_request_check() -> None:
         try:
             primitive = dul._recv_pdu.queue[0].to_primitive()
             for context in primitive.presentation_context_definition_list:
-                if context.abstract_syntax is None:
-                    # PS3.8 §9.3.2.2: one Abstract Syntax Sub-Item per context (pynetdicom's
-                    # negotiation raised in the association thread, leaving the peer unanswered).
-                    raise ValueError("a presentation context without its abstract syntax")
+                if context.abstract_syntax is None or not context.transfer_syntax:
+                    # PS3.8 §9.3.2.2: one Abstract Syntax Sub-Item and one or more Transfer Syntax
+                    # Sub-Items per context (pynetdicom's negotiation raised in the association
+                    # thread, leaving the peer unanswered).
+                    raise ValueError("a presentation context without abstract or transfer syntax")
         except IndexError:
             pass  # nothing received: pynetdicom's own action reports it
         except Exception as exc:
