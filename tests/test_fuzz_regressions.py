@@ -197,6 +197,72 @@ def test_acceptor_contexts_copy_shares_their_uids() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def malformed_association_request_check() -> None:
+    """Run in a child process by the test below (it builds a ``DimseService``)."""
+    import socket
+    import time
+
+    from fuzz import fuzz_ingest
+
+    from simral.dimse.server import DimseService
+
+    fuzz_ingest.setup()
+    try:
+        site = fuzz_ingest._site.get()
+        assert isinstance(site, harness.Site)
+        service = DimseService(site.ctx)
+        assert service.ae.acse_timeout >= 30
+        port = service.start("127.0.0.1", 0).server_address[1]
+        try:
+            started = time.monotonic()
+            for request in (b"\x01\x00\x00\x00\x00\x0a" + bytes(10), b"\x01\x00\x00\x00"):
+                for _ in range(3):  # a malformed A-ASSOCIATE-RQ, a connection closed inside one
+                    with socket.create_connection(("127.0.0.1", port)) as sock:
+                        sock.sendall(request)
+                        sock.shutdown(socket.SHUT_WR)
+                        sock.settimeout(5)
+                        while sock.recv(4096):
+                            pass
+            # A request pynetdicom decodes but cannot turn into its primitive (an even presentation
+            # context ID) or negotiate (a context without abstract or transfer syntax) gets an
+            # A-ABORT (provider, invalid PDU parameter value).
+            for name in (
+                "associate-rq-even-context-id.bin",
+                "associate-rq-context-without-abstract-syntax.bin",
+                "associate-rq-context-without-transfer-syntax.bin",
+            ):
+                data = (harness.REGRESSIONS_DIR / "dimse" / name).read_bytes()
+                request = data[: 6 + int.from_bytes(data[2:6], "big")]  # the A-ASSOCIATE-RQ
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(request)
+                    sock.settimeout(5)
+                    assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06]), name
+            while service.ae.active_associations and time.monotonic() - started < 5:
+                time.sleep(0.01)
+            assert not service.ae.active_associations, "associations held after their connection closed"
+        finally:
+            service.stop()
+    finally:
+        fuzz_ingest.teardown()
+
+
+def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
+    """pynetdicom's acceptor waited ``acse_timeout`` (30 s) for an A-ASSOCIATE-RQ after its
+    connection had closed: a malformed request (or a connection closed inside one) held one of
+    the ``maximum_associations`` slots that long; a few such connections a second kept every node
+    out. Found by the DIMSE harness as its 100 ms per input (its acse_timeout). A request with an
+    even presentation context ID (``regressions/dimse/associate-rq-even-context-id.bin``) killed
+    pynetdicom's reader thread and held the connection open that long, unanswered; one with a
+    presentation context without abstract syntax
+    (``regressions/dimse/associate-rq-context-without-abstract-syntax.bin``) killed the
+    association thread, with the same effect, as did one without transfer syntaxes
+    (``associate-rq-context-without-transfer-syntax.bin``)."""
+    checked = _child(
+        "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_multipart_boundary_the_parser_can_take() -> None:
     """A boundary python-multipart cannot take (over 256 characters) made STOW-RS answer 500; it is
     now refused as a malformed request (415), as are control characters. Longer-than-RFC-2046
@@ -213,6 +279,19 @@ def test_multipart_boundary_the_parser_can_take() -> None:
             request_boundary(f"multipart/related; boundary={boundary}")
 
 
+def test_pdq_quantity_and_birth_date_read_ascii_digits_only() -> None:
+    """An RCP-2 quantity of digits str.isdigit accepts but int() refuses ("³0", from a Latin-1
+    message) made the PDQ answer an "internal error" (ERR 207 with a traceback); such a quantity
+    is no limit, and only ASCII digits make a birth date."""
+    from simral.hl7.adt import Encoding
+    from simral.hl7.pdq import read_query
+
+    qpd = "QPD|IHE PDQ Query|Q-1|@PID.5.1.1^PAT~@PID.7^1979\u00b303\u00b328"
+    query = read_query(qpd, "RCP|I|\u00b30^RD", Encoding())
+    assert query.limit > 1 and query.criteria.birth_date == "19790328"
+    assert read_query(qpd, "RCP|I|2^RD", Encoding()).limit == 2
+
+
 def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
     """An ORC-7 / TQ1 date/time whose offset is not digits, or falls outside a day, was an
     "application internal error" (ERR 207 with a traceback); HL7 v2.5.1 §2.A.22 DTM: no value."""
@@ -220,7 +299,14 @@ def test_hl7_date_times_that_are_no_date_times_are_ignored() -> None:
 
     assert str(_timestamp("20260106184418.123-0500")) == "2026-01-06 23:44:18+00:00"
     assert str(_timestamp("20260106184418")) == "2026-01-06 17:44:18+00:00"  # Europe/Paris
-    for value in ("2026010720+zz", "20260106184418+9999", "20260106184418+12345", "99991231235959-1400"):
+    not_ascii = "20260106184418+0\u00b300"  # "³" is a digit to str.isdigit, not to int()
+    for value in (
+        "2026010720+zz",
+        "20260106184418+9999",
+        "20260106184418+12345",
+        "99991231235959-1400",
+        not_ascii,
+    ):
         assert _timestamp(value) is None, value
 
 

@@ -476,3 +476,53 @@ def test_hl7_sources_add_list_remove(feed: Feed) -> None:
     (ack,) = feed.send(_from(adt_upsert("A28", "C-CLI-2", "IPP902", ins=None, status=None), "GAM_CHC", "CHC"))
     assert _ack(ack) == ("AR", "C-CLI-2")
     assert "not a registered HL7 source" in _refused_trail(feed)
+
+
+def test_segments_are_read_from_their_er7_text_and_refused_as_hl7apy_refuses_them() -> None:
+    """``adt.segments`` splits the message itself (no hl7apy object tree: a large message costs
+    one split per segment); a formatted-text line break stays one (hl7apy's round trip escaped
+    it), and the refusals are those of hl7apy's tolerant parse."""
+    from simral.hl7 import adt
+
+    text = adt.decode(
+        b"MSH|^~\\&|RIS|CHX|SIMRAL|GRADES|20260106134418||ORM^O01^ORM_O01|C-1|P|2.5.1\r"
+        b"PID|||IPP-1^^^CHX&1.2.250.1.999.21.1&ISO^PI||NOM^PRENOM^^^^^L\r"
+        b"OBX|3|FT|11322-5^History^LN||HTA\\.br\\diabete|\r"
+        b"ZDS|1.2.3^^Application^DICOM\r"
+    )
+    found = adt.segments(text, adt.read_header(text))
+    assert [(s.name, s.index) for s in found] == [("MSH", 1), ("PID", 1), ("OBX", 1), ("ZDS", 1)]
+    assert found[0].field(11) == "2.5.1"  # MSH-12 (fields[1] is MSH-2)
+    assert found[1].repetitions(3) == ["IPP-1^^^CHX&1.2.250.1.999.21.1&ISO^PI"]
+    assert found[2].text(found[2].field(5)) == "HTA\ndiabete"
+    refused = {
+        "unknown segment": text.replace("ZDS|", "AOR|"),
+        "segment ID of four characters": text.replace("ZDS|", "ZDSX|"),
+        "five delimiters before v2.7": text.replace("^~\\&", "^~\\&#", 1),
+        "version 2.9": text.replace("|2.5.1\r", "|2.9\r"),
+    }
+    for case, bad in refused.items():
+        with pytest.raises(adt.Rejected) as caught:
+            adt.segments(bad, adt.read_header(bad))
+        assert caught.value.ack == "AR", case
+        assert caught.value.code == ("203" if "version" in case else "102"), case
+
+
+def test_an_acknowledgement_quotes_msh_in_its_own_delimiters() -> None:
+    """The ACK uses ``|^~\\&``; MSH-3/4 and MSH-10 of a message with other delimiters are carried
+    over to them (HL7 v2.5 §2.7), so the ACK parses with the sender's values in their fields."""
+    from simral.hl7 import adt
+
+    text = adt.decode(
+        b"MSH#$%*!#APP$1.2.3$ISO#FAC|X#SIMRAL#GRADES#20260106134418##ADT$A28$ADT_A05#ID^7#P#2.5\r"
+    )
+    header = adt.read_header(text)
+    rejected = adt.Rejected("AE", "101", "missing | field", "PID^1^3")
+    ack = adt.build_ack(header, "AE", application="SIMRAL", facility="GRADES", error=rejected)
+    parsed = parse_message(ack, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+    assert parsed.msh.msh_5.to_er7() == "APP^1.2.3^ISO"
+    assert parsed.msh.msh_6.to_er7() == "FAC\\F\\X"
+    assert parsed.msh.msh_9.to_er7() == "ACK^A28^ACK"
+    assert parsed.msa.msa_1.to_er7() == "AE" and parsed.msa.msa_2.to_er7() == "ID\\S\\7"
+    assert parsed.err.err_2.to_er7() == "PID^1^3"
+    assert parsed.err.err_8.to_er7() == "missing \\F\\ field"

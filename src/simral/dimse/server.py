@@ -109,7 +109,11 @@ def _tighten_polling() -> None:
     pynetdicom's association reactor sleeps 1 ms between looks at its queue, once per received
     PDU, and its DUL reactor sleeps 1 ms whenever the socket is quiet: a 512 KiB instance in
     128 KiB PDUs waits several milliseconds per C-STORE. simral lowers both to
-    ``POLL_INTERVAL``; the cost is more wake-ups of idle associations.
+    ``POLL_INTERVAL``; the cost is more wake-ups of idle associations. The association's end
+    also waits: 10 ms steps for its reader to stop (``kill``), polled at ``POLL_INTERVAL`` too,
+    and a fixed 100 ms after an abort once the reader stopped and the socket is shut
+    (``_abort_blocking``), dropped: each malformed input held its association (and its slot among
+    ``maximum_associations``) that long.
     """
     import pynetdicom.association as association_module
 
@@ -123,13 +127,17 @@ def _tighten_polling() -> None:
 
         @staticmethod
         def sleep(seconds: float) -> None:
-            real_sleep(POLL_INTERVAL if seconds == 0.001 else seconds)
+            if seconds == ABORT_DELAY:
+                return
+            real_sleep(POLL_INTERVAL if seconds in (0.001, 0.01) else seconds)
 
     association_module.time = _ScaledTime()  # type: ignore[assignment]
     association_module._simral_polling = True  # type: ignore[attr-defined]
 
 
 POLL_INTERVAL = 0.0002
+#: pynetdicom's fixed delay at the end of ``Association.abort`` (not waited, see _tighten_polling).
+ABORT_DELAY = 0.1
 
 
 class _SupportedContexts(list[PresentationContext]):
@@ -203,6 +211,51 @@ def _drop_file(handle: Any) -> None:
     if handle is not None:
         handle.close()
         Path(handle.name).unlink(missing_ok=True)
+
+
+def _install_request_check() -> None:
+    """Abort an A-ASSOCIATE-RQ that decodes as a PDU but carries an invalid parameter value.
+
+    pynetdicom turns the request into its primitive in the reader thread's state machine action
+    (AE-6); a value the primitive refuses, such as an even presentation context ID (PS3.8
+    §9.3.2.2: odd integers 1 to 255), raised there and killed the reader: no answer, and the
+    connection and its association slot held until ``acse_timeout`` (30 s); a presentation
+    context without an abstract syntax or without transfer syntaxes raised in the association
+    thread's negotiation, with the same effect (the reader's idle timeout). Such a request is
+    handled as the invalid PDU it is (PS3.8 Table 9-10, Sta2 + Evt19, AA-1): an A-ABORT (service
+    provider, invalid PDU parameter value) and the ARTIM timer, then Sta13.
+    """
+    import pynetdicom.fsm as fsm
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    description, action, states = fsm.ACTIONS["AE-6"]
+    if getattr(action, "_simral", False):
+        return
+
+    def checked_ae_6(dul: Any) -> str:
+        try:
+            primitive = dul._recv_pdu.queue[0].to_primitive()
+            for context in primitive.presentation_context_definition_list:
+                if context.abstract_syntax is None or not context.transfer_syntax:
+                    # PS3.8 §9.3.2.2: one Abstract Syntax Sub-Item and one or more Transfer Syntax
+                    # Sub-Items per context (pynetdicom's negotiation raised in the association
+                    # thread, leaving the peer unanswered).
+                    raise ValueError("a presentation context without abstract or transfer syntax")
+        except IndexError:
+            pass  # nothing received: pynetdicom's own action reports it
+        except Exception as exc:
+            dul._recv_pdu.get(False)
+            log.info("A-ASSOCIATE-RQ aborted: invalid parameter value (%s)", type(exc).__name__)
+            pdu = A_ABORT_RQ()
+            pdu.source = 0x02
+            pdu.reason_diagnostic = 0x06
+            dul._send(pdu)
+            dul.artim_timer.restart()
+            return "Sta13"
+        return str(action(dul))
+
+    checked_ae_6._simral = True  # type: ignore[attr-defined]
+    fsm.ACTIONS["AE-6"] = (description, checked_ae_6, states)
 
 
 def _install_spool_cleanup() -> None:
@@ -360,6 +413,7 @@ class DimseService:
         _config.LOG_RESPONSE_IDENTIFIERS = False
         sending.install()
         _tighten_polling()
+        _install_request_check()
         _install_spool_cleanup()
         _install_spool_file()
         # The network reader and the association thread hand data to each other many times per
@@ -471,8 +525,19 @@ class DimseService:
         event.assoc._simral_tls_subject_cn = subject  # type: ignore[attr-defined]
 
     def on_connection_close(self, event: evt.Event) -> None:
-        """Remove the spool file of a C-STORE data set the peer never finished sending."""
-        _drop_spool_file(getattr(event.assoc.dimse, "message", None))
+        """Remove the spool file of a C-STORE data set the peer never finished sending; end the
+        association at once when the connection closed before an A-ASSOCIATE-RQ was read.
+
+        pynetdicom's acceptor waits ``acse_timeout`` (30 s) for the request even when its reader
+        already ended: a malformed A-ASSOCIATE-RQ (aborted, PS3.8 §9.2 AA-1), or a connection
+        closed before one, held an association slot that long, so a peer opening a few such
+        connections a second kept every other node out (``maximum_associations``). The wait is
+        given ``None``, what pynetdicom's wait returns at its timeout.
+        """
+        assoc = event.assoc
+        _drop_spool_file(getattr(assoc.dimse, "message", None))
+        if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            assoc.dul.to_user_queue.put(None)
 
     def on_association_end(self, event: evt.Event) -> None:
         """Remove the C-STORE spool files of the association that no handler took: requests still

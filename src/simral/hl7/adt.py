@@ -33,16 +33,18 @@ stored acknowledgement and not applied again. Acknowledgements use the original 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
+import hl7apy
 from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Message
-from hl7apy.exceptions import ChildNotFound, HL7apyException, UnsupportedVersion
-from hl7apy.parser import parse_message
+from hl7apy.core import Segment as Hl7apySegment
+from hl7apy.exceptions import HL7apyException, InvalidName, UnsupportedVersion
+from hl7apy.parser import get_message_info
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -149,6 +151,41 @@ def _at(values: list[str], index: int) -> str:
     return values[index] if index < len(values) else ""
 
 
+@dataclass
+class Segment:
+    """One segment's fields as ER7 text (``fields[n]`` is field n; for MSH, ``fields[n]`` is
+    MSH-(n+1), MSH-1 being the separator), with the message's delimiters (HL7 v2.5 §2.5–2.7)."""
+
+    name: str
+    fields: list[str]
+    enc: Encoding
+    index: int
+
+    def field(self, n: int) -> str:
+        return self.fields[n] if n < len(self.fields) else ""
+
+    def repetitions(self, n: int) -> list[str]:
+        return [rep for rep in self.field(n).split(self.enc.repetition) if rep]
+
+    def components(self, n: int, repetition: str | None = None) -> list[str]:
+        value = self.field(n).split(self.enc.repetition)[0] if repetition is None else repetition
+        return value.split(self.enc.component)
+
+    def component(self, n: int, c: int) -> str:
+        """Field n, component c (1-based), first repetition, unescaped."""
+        parts = self.components(n)
+        return self.text(parts[c - 1]) if c - 1 < len(parts) else ""
+
+    def text(self, value: str) -> str:
+        """An unescaped value; ``\\.br\\`` (formatted text line break) becomes a new line."""
+        escape = self.enc.escape
+        value = value.replace(f"{escape}.br{escape}", "\n")
+        return self.enc.unescape(value).strip()
+
+    def where(self, n: int) -> str:
+        return f"{self.name}^{self.index}^{n}"
+
+
 @dataclass(frozen=True)
 class Header:
     """What is read from MSH before (and whatever) the full parse."""
@@ -223,36 +260,82 @@ def build_ack(
     facility: str,
     error: Rejected | None = None,
 ) -> str:
-    """An original-mode acknowledgement (HL7 v2.5 §2.9.2; MSA, and ERR for AE/AR) built with hl7apy."""
+    """An original-mode acknowledgement (HL7 v2.5 §2.9.2; MSA, and ERR for AE/AR) in the standard
+    delimiters ``|^~\\&``; values quoted from the message's MSH are carried over to them."""
     version = header.version if header is not None and header.version in ("2.5", "2.5.1") else ACK_VERSION
-    encoding = header.encoding if header is not None else Encoding()
-    ack = Message("ACK", version=version, validation_level=VALIDATION_LEVEL.TOLERANT)
-    ack.msh.msh_3 = encoding.escape_text(application)
-    ack.msh.msh_4 = encoding.escape_text(facility)
-    if header is not None:
-        if header.sending_application:
-            ack.msh.msh_5 = header.sending_application
-        if header.sending_facility:
-            ack.msh.msh_6 = header.sending_facility
-    ack.msh.msh_7 = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    ours = Encoding()
+    quoted = requoting(header.encoding if header is not None else ours)
     event = header.event if header is not None and header.event.isalnum() else ""
-    ack.msh.msh_9 = f"ACK^{event}^ACK" if event else "ACK"
-    ack.msh.msh_10 = uuid.uuid4().hex[:20]
-    ack.msh.msh_11 = (header.processing_id if header is not None else "") or "P"
-    if header is not None and header.charset:
-        ack.msh.msh_18 = header.charset
-    ack.add_segment("MSA")
-    ack.msa.msa_1 = code
-    if header is not None and header.control_id:
-        ack.msa.msa_2 = header.control_id
+    msh = {
+        3: ours.escape_text(application),
+        4: ours.escape_text(facility),
+        5: quoted(header.sending_application) if header is not None else "",
+        6: quoted(header.sending_facility) if header is not None else "",
+        7: datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        9: f"ACK^{event}^ACK" if event else "ACK",
+        10: uuid.uuid4().hex[:20],
+        11: (quoted(header.processing_id) if header is not None else "") or "P",
+        12: version,
+        18: quoted(header.charset) if header is not None else "",
+    }
+    segments = ["MSH|^~\\&|" + joined_fields(msh, first=3)]
+    msa = {1: code, 2: quoted(header.control_id) if header is not None else ""}
+    segments.append("MSA|" + joined_fields(msa))
     if error is not None:
-        ack.add_segment("ERR")
-        if error.location:
-            ack.err.err_2 = error.location
-        ack.err.err_3 = f"{error.code}^{ERROR_TEXT.get(error.code, 'Error')}^HL70357"
-        ack.err.err_4 = "E"
-        ack.err.err_8 = encoding.escape_text(error.text)[:250]
-    return str(ack.to_er7()) + "\r"
+        err = {
+            2: error.location,
+            3: f"{error.code}^{ours.escape_text(ERROR_TEXT.get(error.code, 'Error'))}^HL70357",
+            4: "E",
+            8: cut_escaped(ours.escape_text(error.text), 250, ours.escape),
+        }
+        segments.append("ERR|" + joined_fields(err))
+    return "\r".join(segments) + "\r"
+
+
+def cut_escaped(text: str, size: int, escape: str) -> str:
+    """``text`` cut to ``size`` characters, not within an escape sequence."""
+    text = text[:size]
+    return text[: text.rindex(escape)] if text.count(escape) % 2 else text
+
+
+def joined_fields(fields: dict[int, str], *, first: int = 1) -> str:
+    """Fields ``first``.. of a segment, trailing empty ones left out."""
+    last = max((n for n, value in fields.items() if value), default=first)
+    return "|".join(fields.get(n, "") for n in range(first, last + 1))
+
+
+def requoting(enc: Encoding) -> Callable[[str], str]:
+    """ER7 text in the delimiters ``enc`` rewritten in the standard ones (the acknowledgement's),
+    data characters that are standard delimiters escaped (HL7 v2.5 §2.7.4)."""
+    standard = Encoding()
+    if enc == standard:
+        return lambda value: value
+    delimiters = {
+        enc.component: standard.component,
+        enc.repetition: standard.repetition,
+        enc.subcomponent: standard.subcomponent,
+        enc.escape: standard.escape,
+    }
+    codes = {
+        standard.field: "F",
+        standard.component: "S",
+        standard.subcomponent: "T",
+        standard.repetition: "R",
+        standard.escape: "E",
+    }
+
+    def quoted(value: str) -> str:
+        out = []
+        for char in value:
+            if char in delimiters:
+                out.append(delimiters[char])
+            elif char in codes:
+                out.append(f"{standard.escape}{codes[char]}{standard.escape}")
+            else:
+                out.append(char)
+        return "".join(out)
+
+    return quoted
 
 
 # --------------------------------------------------------------------------------- PID reading
@@ -269,19 +352,6 @@ class PidIdentity:
     attributes: str | None
 
 
-def _repetitions(field: Any) -> list[str]:
-    return [str(rep.to_er7()) for rep in field] if field else []
-
-
-def _field(segment: Any, name: str) -> Any:
-    """Field ``name`` of a parsed segment; None where the message's HL7 version has no such field
-    (PID-32 Identity Reliability Code is HL7 v2.4 and later, PAM France sends v2.5)."""
-    try:
-        return getattr(segment, name)
-    except ChildNotFound:
-        return None
-
-
 def _authority(cx: list[str], enc: Encoding) -> AuthorityRef:
     hd = enc.subcomponents(_at(cx, 3))
     namespace, oid, kind = (enc.unescape(_at(hd, i)).strip() for i in range(3))
@@ -289,13 +359,13 @@ def _authority(cx: list[str], enc: Encoding) -> AuthorityRef:
 
 
 def read_identifier_list(
-    field: Any, enc: Encoding, location: str
+    repetitions: list[str], enc: Encoding, location: str
 ) -> tuple[list[tuple[str, AuthorityRef]], Ins | None]:
     """Local identifiers (type PI, or untyped with an authority) and the INS of a CX list (PID-3,
-    MRG-1)."""
+    MRG-1: the field's repetitions)."""
     identifiers: list[tuple[str, AuthorityRef]] = []
     ins: Ins | None = None
-    for rep in _repetitions(field):
+    for rep in repetitions:
         cx = enc.components(rep)
         value = enc.unescape(_at(cx, 0)).strip()
         if not value:
@@ -315,14 +385,15 @@ def read_identifier_list(
     return identifiers, ins
 
 
-def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: bool = True) -> PidIdentity:
+def read_pid(pid: Segment, enc: Encoding, *, index: int = 1, require_identifier: bool = True) -> PidIdentity:
     """The identity of a PID segment, French conventions (module docstring); with
-    ``require_identifier=False`` a PID-3 carrying only the INS is accepted (ANS Téléradiologie flux)."""
-    identifiers, ins = read_identifier_list(_field(pid, "pid_3"), enc, f"PID^{index}^3")
+    ``require_identifier=False`` a PID-3 carrying only the INS is accepted (ANS Téléradiologie flux).
+    Fields the message's version lacks (PID-32 is HL7 v2.4 and later) read as empty."""
+    identifiers, ins = read_identifier_list(pid.repetitions(3), enc, f"PID^{index}^3")
     if not identifiers and (require_identifier or ins is None):
         raise Rejected("AE", "101", "PID-3 has no patient identifier of type PI", f"PID^{index}^3")
     names: dict[str, str] = {}
-    for rep in _repetitions(_field(pid, "pid_5")):
+    for rep in pid.repetitions(5):
         xpn = enc.components(rep)
         kind = _at(xpn, 6).strip().upper() or "L"
         family = enc.unescape(enc.subcomponents(_at(xpn, 0))[0]).strip()
@@ -333,11 +404,11 @@ def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: boo
         elif kind == "D" and "used_name" not in names:
             names.update(used_name=family, used_given_name=given)
     birth_place = ""
-    for rep in _repetitions(_field(pid, "pid_11")):
+    for rep in pid.repetitions(11):
         xad = enc.components(rep)
         if _at(xad, 6).strip().upper() == "BDL":
             birth_place = enc.unescape(_at(xad, 8)).strip()
-    codes = [enc.unescape(rep).strip().upper() for rep in _repetitions(_field(pid, "pid_32"))]
+    codes = [enc.unescape(rep).strip().upper() for rep in pid.repetitions(32)]
     codes = [code for code in codes if code]
     unknown = [code for code in codes if code not in STATUS_CODES and code not in ATTRIBUTE_CODES]
     if unknown:
@@ -345,9 +416,8 @@ def read_pid(pid: Any, enc: Encoding, *, index: int = 1, require_identifier: boo
     statuses = [STATUS_CODES[code] for code in codes if code in STATUS_CODES]
     attributes = [code for code in codes if code in ATTRIBUTE_CODES]
     status = statuses[0] if statuses else ("PROV" if attributes else None)
-    pid_7, pid_8 = _field(pid, "pid_7"), _field(pid, "pid_8")
-    birth_date = enc.components(str(pid_7.to_er7()) if pid_7 else "")[0][:8]
-    sex = str(pid_8.to_er7()) if pid_8 else ""
+    birth_date = pid.components(7)[0][:8]
+    sex = pid.field(8).split(enc.repetition)[0]
     traits = Traits(
         birth_name=names.get("birth_name", ""),
         birth_given_names=names.get("birth_given_names", ""),
@@ -403,8 +473,8 @@ class Feed:
         assert primary is not None
         return primary
 
-    def prior(self, mrg: Any, survivor_authority: AuthorityRef, index: int) -> tuple[str, AuthorityRef]:
-        identifiers, _ins = read_identifier_list(_field(mrg, "mrg_1"), self.encoding, f"MRG^{index}^1")
+    def prior(self, mrg: Segment, survivor_authority: AuthorityRef, index: int) -> tuple[str, AuthorityRef]:
+        identifiers, _ins = read_identifier_list(mrg.repetitions(1), self.encoding, f"MRG^{index}^1")
         if not identifiers:
             raise Rejected("AE", "101", "MRG-1 has no prior patient identifier", f"MRG^{index}^1")
         local_id, authority = identifiers[0]
@@ -413,13 +483,13 @@ class Feed:
         return local_id, authority
 
 
-def _segments(message: Message, name: str) -> list[Any]:
-    return [segment for segment in message.children if segment.name == name]
+def _segments(segments: list[Segment], name: str) -> list[Segment]:
+    return [segment for segment in segments if segment.name == name]
 
 
-def apply(feed: Feed, message: Message, event: str) -> None:
+def apply(feed: Feed, segments: list[Segment], event: str) -> None:
     """Apply one parsed ADT message (the caller's transaction)."""
-    pids = _segments(message, "PID")
+    pids = _segments(segments, "PID")
     if not pids:
         raise Rejected("AR", "100", "the message has no PID segment", "PID")
     enc = feed.encoding
@@ -436,7 +506,7 @@ def apply(feed: Feed, message: Message, event: str) -> None:
         else:
             patients.unlink_identities(session, first, second, principal=principal, source=source)
     elif event in ("A40", "A47"):
-        mrgs = _segments(message, "MRG")
+        mrgs = _segments(segments, "MRG")
         if len(mrgs) < len(pids):
             raise Rejected("AR", "100", f"{event} needs an MRG segment after each PID", "MRG")
         for index, (pid_segment, mrg) in enumerate(zip(pids, mrgs, strict=False), start=1):
@@ -508,7 +578,7 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
         if seen is not None:
             return Handled(_encode(seen.ack, header), seen.outcome, duplicate=True)
     try:
-        message = _parse(text, header)
+        segments = _parse(text, header)
         source = f"hl7:{header.sending_application}^{header.sending_facility}:{header.control_id}"[:128]
         with ctx.db.unit_of_work() as session:
             feed = Feed(
@@ -521,12 +591,12 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
                 document_max_bytes=ctx.settings.request_document_max_bytes,
             )
             if header.message_type == "ADT":
-                apply(feed, message, header.event)
+                apply(feed, segments, header.event)
             else:  # reports for the DMP; imaging orders (ANS Téléradiologie flux 1, 2, 4; IHE SWF OMI)
                 from simral.hl7 import orders, report_flow
 
-                if not report_flow.apply(feed, message, header):
-                    orders.apply(feed, message, header)
+                if not report_flow.apply(feed, segments, header):
+                    orders.apply(feed, segments, header)
             ack = build_ack(header, "AA", application=application, facility=facility)
             patients.record_message(
                 session,
@@ -591,9 +661,9 @@ def _without_encapsulated_data(text: str, enc: Encoding) -> str:
     return "\r".join(segments)
 
 
-def _parse(text: str, header: Header) -> Message:
-    """Parse with hl7apy (tolerant validation: French Z-segments and extra fields are accepted)
-    and check the message type, event and version this feed supports."""
+def _parse(text: str, header: Header) -> list[Segment]:
+    """The message's segments (:func:`segments`), once the message type, event and version are
+    ones this feed supports."""
     if header.message_type in ("ORM", "OMI"):
         if (header.message_type, header.event) not in ORDER_EVENTS:
             raise Rejected("AR", "201", f"unsupported event {header.event!r} (ORM^O01, OMI^O23)", "MSH^1^9")
@@ -617,12 +687,51 @@ def _parse(text: str, header: Header) -> Message:
         raise Rejected("AR", "201", f"unsupported event {header.event!r} (supported: {events})", "MSH^1^9")
     if not header.control_id:
         raise Rejected("AR", "101", "MSH-10 message control id is missing", "MSH^1^10")
+    return segments(text, header)
+
+
+def segments(text: str, header: Header) -> list[Segment]:
+    """The segments of a message (HL7 v2.5 §2.5–2.7), each field kept as its ER7 text: handlers
+    read the few fields they need, a large message costs one split per segment.
+
+    Refused (AR) as hl7apy's tolerant parser refuses them: delimiters in MSH-2 that are not four
+    distinct characters (five from v2.7), an HL7 version hl7apy has no definitions for (203), a
+    segment ID that is neither one of that version nor a Z-segment (102).
+    """
     try:
-        return parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+        _encoding, _structure, version = get_message_info(text)
+        version = version or hl7apy.get_default_version()
+        hl7apy.check_version(version)
     except UnsupportedVersion:
         raise Rejected("AR", "203", f"unsupported HL7 version {header.version!r}", "MSH^1^12") from None
     except (HL7apyException, ValueError, KeyError, IndexError, AttributeError) as exc:
         raise Rejected("AR", "102", f"malformed message: {exc}"[:200]) from None
+    enc = header.encoding
+    found: list[Segment] = []
+    counts: dict[str, int] = {}
+    for text_segment in text.split("\r"):
+        text_segment = text_segment.strip()
+        if not text_segment:
+            continue
+        fields = text_segment.split(enc.field)
+        name = fields[0]
+        if not _known_segment(name, version):
+            raise Rejected("AR", "102", f"malformed message: invalid segment name {name[:10]!r}") from None
+        counts[name] = counts.get(name, 0) + 1
+        found.append(Segment(name, fields, enc, counts[name]))
+    return found
+
+
+@functools.lru_cache(maxsize=2048)
+def _known_segment(name: str, version: str) -> bool:
+    """Whether ``name`` is a segment ID of HL7 ``version`` (hl7apy's definitions) or a Z-segment."""
+    if len(name) != 3:
+        return False
+    try:
+        Hl7apySegment(name, version=version, validation_level=VALIDATION_LEVEL.TOLERANT)
+    except (InvalidName, HL7apyException, ValueError, KeyError):
+        return False
+    return True
 
 
 #: Message types of the identity feed and of PDQ queries: their senders must be registered HL7

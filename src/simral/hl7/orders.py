@@ -26,10 +26,10 @@ The desired delay is the date/time by which the requester wants the answer: TQ1-
 ``desired_delay`` (minutes from reception) and so bounds its deadline.
 
 The sender must be a registered RIS (``simral ris add``; MSH-3/MSH-4); its site owns the requests.
-Fields are read from the ER7 text of each segment (HL7 v2.5.1 §2.5–2.7), after hl7apy's tolerant
-parse; errors become the acknowledgements the ANS guide ("acquittement") describes: AE with ERR
-for a message that cannot be applied, AR for a circumstantial refusal (sender not registered, no
-reading contract) that may succeed when sent again.
+Fields are read from the ER7 text of each segment (HL7 v2.5.1 §2.5–2.7,
+:func:`simral.hl7.adt.segments`); errors become the acknowledgements the ANS guide ("acquittement")
+describes: AE with ERR for a message that cannot be applied, AR for a circumstantial refusal (sender
+not registered, no reading contract) that may succeed when sent again.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from hl7apy.core import Message
-
 from simral.access.policy import AccessDenied, Principal
-from simral.hl7.adt import Encoding, Feed, Header, Rejected, read_pid
+from simral.hl7.adt import Encoding, Feed, Header, Rejected, Segment, read_pid
 from simral.reading import documents as request_documents
 from simral.reading import service as reading
 from simral.reading.models import PRIORITY_ROUTINE, PRIORITY_URGENT, ImagingRequest
@@ -66,52 +64,6 @@ except ZoneInfoNotFoundError:  # pragma: no cover - systems without tzdata
     _LOCAL = ZoneInfo("UTC")
 
 
-@dataclass
-class Segment:
-    """One segment's fields as ER7 text (``fields[n]`` is field n), with the message's delimiters."""
-
-    name: str
-    fields: list[str]
-    enc: Encoding
-    index: int
-
-    def field(self, n: int) -> str:
-        return self.fields[n] if n < len(self.fields) else ""
-
-    def repetitions(self, n: int) -> list[str]:
-        return [rep for rep in self.field(n).split(self.enc.repetition) if rep]
-
-    def components(self, n: int, repetition: str | None = None) -> list[str]:
-        value = self.field(n).split(self.enc.repetition)[0] if repetition is None else repetition
-        return value.split(self.enc.component)
-
-    def component(self, n: int, c: int) -> str:
-        """Field n, component c (1-based), first repetition, unescaped."""
-        parts = self.components(n)
-        return self.text(parts[c - 1]) if c - 1 < len(parts) else ""
-
-    def text(self, value: str) -> str:
-        """An unescaped value; ``\\.br\\`` (formatted text line break) becomes a new line."""
-        escape = self.enc.escape
-        value = value.replace(f"{escape}.br{escape}", "\n")
-        return self.enc.unescape(value).strip()
-
-    def where(self, n: int) -> str:
-        return f"{self.name}^{self.index}^{n}"
-
-
-def order_segments(message: Message, enc: Encoding) -> list[Segment]:
-    """The message's segments as :class:`Segment` rows (fields split with the message's encoding)."""
-    counts: dict[str, int] = {}
-    out = []
-    for child in message.children:
-        name = str(child.name)
-        counts[name] = counts.get(name, 0) + 1
-        fields = str(child.to_er7()).split(enc.field)
-        out.append(Segment(name, fields, enc, counts[name]))
-    return out
-
-
 def _timestamp(value: str) -> datetime | None:
     """An HL7 TS/DTM (``YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]``); without an offset, French local time.
 
@@ -125,7 +77,7 @@ def _timestamp(value: str) -> datetime | None:
     for sign in ("+", "-"):
         if sign in text[8:]:
             text, _, zone = text.rpartition(sign)
-            if not zone.isdigit() or len(zone) > 4:
+            if not (zone.isascii() and zone.isdigit()) or len(zone) > 4:
                 return None
             offset = (1 if sign == "+" else -1) * (int(zone[:2] or 0) * 60 + int(zone[2:4] or 0))
     digits = text.split(".")[0]
@@ -207,8 +159,8 @@ def _sub_id(segment: Segment) -> tuple[str, str]:
 # ------------------------------------------------------------------------ flux 1: the request
 
 
-def _patient(segments: list[Segment], message: Message, enc: Encoding) -> PatientRef:
-    pids = [child for child in message.children if child.name == "PID"]
+def _patient(segments: list[Segment], enc: Encoding) -> PatientRef:
+    pids = [segment for segment in segments if segment.name == "PID"]
     if not pids:
         raise Rejected("AR", "100", "the message has no PID segment", "PID")
     pid = read_pid(pids[0], enc, require_identifier=False)
@@ -537,7 +489,7 @@ def _hl7_order(header: Header, order: Order) -> dict[str, Any]:
     }
 
 
-def apply(feed: Feed, message: Message, header: Header) -> None:
+def apply(feed: Feed, segments: list[Segment], header: Header) -> None:
     """Apply one ORM^O01 / OMI^O23 message (or an ORU^R01 carrying documents for a request) in the
     caller's transaction (one call per ORDER group)."""
     session = feed.session
@@ -553,7 +505,6 @@ def apply(feed: Feed, message: Message, header: Header) -> None:
     site = endpoint.site_code
     principal = replace(feed.principal, organisation=site)
     source = f"hl7:{endpoint.name}"
-    segments = order_segments(message, feed.encoding)
     orders = _orders(segments)
     if not orders:
         raise Rejected("AR", "100", "the message has no ORC segment", "ORC")
@@ -572,7 +523,7 @@ def apply(feed: Feed, message: Message, header: Header) -> None:
                 created = reading.receive_request(
                     session,
                     site_code=site,
-                    patient=_patient(segments, message, feed.encoding),
+                    patient=_patient(segments, feed.encoding),
                     details=details,
                     principal=principal,
                     source=source,

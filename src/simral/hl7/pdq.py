@@ -33,11 +33,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Message, Segment
-from hl7apy.exceptions import HL7apyException
-from hl7apy.parser import parse_message
-
 from simral.access.policy import AccessDenied, Principal
 from simral.context import AppContext
 from simral.hl7.adt import (
@@ -46,9 +41,14 @@ from simral.hl7.adt import (
     Handled,
     Header,
     Rejected,
+    Segment,
+    cut_escaped,
     decode,
+    joined_fields,
     read_header,
     refuse_sender,
+    requoting,
+    segments,
 )
 from simral.patients import search
 from simral.patients.search import Criteria, Domain, Found, IdentifierKey, PatientIdentifier, TextMatch
@@ -65,15 +65,6 @@ TRANSACTION = "ITI-21"
 SEX_CODES = {"M": "M", "F": "F", "O": "O", "U": "", "A": "", "N": ""}
 #: Standard delimiters of the response (MSH-1, MSH-2).
 RESPONSE_ENCODING = Encoding()
-_HL7APY_ENCODING = {
-    "FIELD": "|",
-    "COMPONENT": "^",
-    "REPETITION": "~",
-    "ESCAPE": "\\",
-    "SUBCOMPONENT": "&",
-    "GROUP": "\r",
-    "SEGMENT": "\r",
-}
 
 
 def is_query(raw: bytes) -> bool:
@@ -159,7 +150,7 @@ def read_query(qpd: str, rcp: str, enc: Encoding) -> PdqQuery:
 
     family = _text(plain("PID.5.1.1"), values["PID.5.1.1"][1]) if "PID.5.1.1" in values else None
     given = _text(plain("PID.5.2"), values["PID.5.2"][1]) if "PID.5.2" in values else None
-    birth_date = "".join(c for c in plain("PID.7.1") if c.isdigit())[:8]
+    birth_date = "".join(c for c in plain("PID.7.1") if c in "0123456789")[:8]
     if "PID.7.1" in values and len(birth_date) not in (4, 6, 8):
         raise Rejected("AE", "102", "PID.7.1 is not a date YYYY[MM[DD]]", values["PID.7.1"][1])
     sex: str | None = None
@@ -190,8 +181,10 @@ def read_query(qpd: str, rcp: str, enc: Encoding) -> PdqQuery:
             domains.append((index, _authority_of(_at(enc.components(rep), 3), enc)))
     limit = search.MAX_RESULTS
     quantity = enc.components(_at(rcp.split(enc.field), 2))
-    if _at(quantity, 0).strip().isdigit() and _at(quantity, 1).strip().upper() in ("RD", ""):
-        limit = max(1, min(limit, int(quantity[0])))
+    count = _at(quantity, 0).strip()
+    # NM digits are ASCII (str.isdigit also takes "³", which int() refuses).
+    if count.isascii() and count.isdigit() and _at(quantity, 1).strip().upper() in ("RD", ""):
+        limit = max(1, min(limit, int(count)))
     criteria = Criteria(family=family, given=given, birth_date=birth_date, sex=sex, identifier=identifier)
     return PdqQuery(
         name=name,
@@ -216,30 +209,28 @@ def _cx(identifier: PatientIdentifier) -> str:
     return f"{enc.escape_text(identifier.value)}^^^{authority}^{kind}"
 
 
-def _add_pid(response: Message, set_id: int, found: Found, identifiers: list[PatientIdentifier]) -> None:
+def _pid(set_id: int, found: Found, identifiers: list[PatientIdentifier]) -> str:
     """One PID the PAM France way (module docstring)."""
-    esc = RESPONSE_ENCODING.escape_text
+    enc = RESPONSE_ENCODING
+    esc = enc.escape_text
     identity = found.identity
-    pid = response.add_segment("PID")
-    pid.pid_1 = str(set_id)
-    for identifier in identifiers:
-        pid.add_field("PID_3").value = _cx(identifier)
     names = []
     if identity.birth_name:
         first = identity.first_birth_given_name or identity.birth_given_names.split(" ")[0]
         names.append(f"{esc(identity.birth_name)}^{esc(first)}^{esc(identity.birth_given_names)}^^^^L")
     if identity.used_name or identity.used_given_name:
         names.append(f"{esc(identity.used_name)}^{esc(identity.used_given_name)}^^^^^D")
-    for name in names:
-        pid.add_field("PID_5").value = name
-    if identity.birth_date:
-        pid.pid_7 = identity.birth_date
-    pid.pid_8 = identity.sex or "U"
-    if identity.birth_place_code:
-        pid.add_field("PID_11").value = f"^^^^^^BDL^^{esc(identity.birth_place_code)}"
-    for code in [identity.status, *identity.attributes.split()]:
-        if code:
-            pid.add_field("PID_32").value = code
+    codes = [esc(code) for code in [identity.status, *identity.attributes.split()] if code]
+    fields = {
+        1: str(set_id),
+        3: enc.repetition.join(_cx(identifier) for identifier in identifiers),
+        5: enc.repetition.join(names),
+        7: esc(identity.birth_date or ""),
+        8: esc(identity.sex or "U"),
+        11: f"^^^^^^BDL^^{esc(identity.birth_place_code)}" if identity.birth_place_code else "",
+        32: enc.repetition.join(codes),
+    }
+    return "PID|" + joined_fields(fields)
 
 
 def _response(
@@ -248,60 +239,58 @@ def _response(
     *,
     ack: str,
     status: str,
-    qpd: Any | None,
+    qpd: str | None,
     error: Rejected | None = None,
-) -> Message:
-    """RSP^K22^RSP_K21 without its PID segments (ITI TF-2a 3.21.4.2.2)."""
-    response = Message(
-        "RSP_K21",
-        version=header.version if header.version in SUPPORTED_VERSIONS else "2.5",
-        validation_level=VALIDATION_LEVEL.TOLERANT,
-    )
+    counts: tuple[int, int, int] | None = None,
+) -> list[str]:
+    """RSP^K22^RSP_K21 without its PID segments (ITI TF-2a 3.21.4.2.2), in the standard
+    delimiters; ``qpd`` is the query's QPD in them too."""
+    enc = RESPONSE_ENCODING
+    quoted = requoting(header.encoding)
     fields = header.fields
-    receiving_application = fields[4] if len(fields) > 4 else ""
-    receiving_facility = fields[5] if len(fields) > 5 else ""
-    response.msh.msh_3 = receiving_application or "SIMRAL"
-    response.msh.msh_4 = receiving_facility or RESPONSE_ENCODING.escape_text(ctx.settings.ae_title)
-    if header.sending_application:
-        response.msh.msh_5 = header.sending_application
-    if header.sending_facility:
-        response.msh.msh_6 = header.sending_facility
-    response.msh.msh_7 = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    response.msh.msh_9 = "RSP^K22^RSP_K21"
-    response.msh.msh_10 = uuid.uuid4().hex[:20]
-    response.msh.msh_11 = header.processing_id or "P"
-    if header.charset:
-        response.msh.msh_18 = header.charset
-    response.add_segment("MSA")
-    response.msa.msa_1 = ack
-    if header.control_id:
-        response.msa.msa_2 = header.control_id
+    receiving_application = quoted(fields[4]) if len(fields) > 4 else ""
+    receiving_facility = quoted(fields[5]) if len(fields) > 5 else ""
+    msh = {
+        3: receiving_application or "SIMRAL",
+        4: receiving_facility or enc.escape_text(ctx.settings.ae_title),
+        5: quoted(header.sending_application),
+        6: quoted(header.sending_facility),
+        7: datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        9: "RSP^K22^RSP_K21",
+        10: uuid.uuid4().hex[:20],
+        11: quoted(header.processing_id) or "P",
+        12: header.version if header.version in SUPPORTED_VERSIONS else "2.5",
+        18: quoted(header.charset),
+    }
+    out = ["MSH|^~\\&|" + joined_fields(msh, first=3)]
+    out.append("MSA|" + joined_fields({1: ack, 2: quoted(header.control_id)}))
     if error is not None:
-        response.add_segment("ERR")
-        if error.location:
-            response.err.err_2 = error.location
-        response.err.err_3 = f"{error.code}^{ERROR_TEXT.get(error.code, 'Error')}^HL70357"
-        response.err.err_4 = "E"
-        response.err.err_8 = RESPONSE_ENCODING.escape_text(error.text)[:250]
-    response.add_segment("QAK")
+        err = {
+            2: error.location,
+            3: f"{error.code}^{enc.escape_text(ERROR_TEXT.get(error.code, 'Error'))}^HL70357",
+            4: "E",
+            8: cut_escaped(enc.escape_text(error.text), 250, enc.escape),
+        }
+        out.append("ERR|" + joined_fields(err))
+    qpd_fields = qpd.split(enc.field) if qpd is not None else []
+    qak = {1: _at(qpd_fields, 2), 2: status, 3: _at(qpd_fields, 1)}
+    if counts is not None:
+        qak.update({4: str(counts[0]), 5: str(counts[1]), 6: str(counts[2])})
+    out.append("QAK|" + joined_fields(qak))
     if qpd is not None:
-        echoed = str(qpd.to_er7(encoding_chars=_HL7APY_ENCODING))
-        qpd_fields = echoed.split(RESPONSE_ENCODING.field)
-        if _at(qpd_fields, 2):
-            response.qak.qak_1 = _at(qpd_fields, 2)
-        if _at(qpd_fields, 1):
-            response.qak.qak_3 = _at(qpd_fields, 1)
-    response.qak.qak_2 = status
-    if qpd is not None:
-        echo = Segment("QPD", version=response.version, validation_level=VALIDATION_LEVEL.TOLERANT)
-        echo.value = echoed
-        response.add(echo)
-    return response
+        out.append(qpd)
+    return out
 
 
-def _encoded(message: Message, header: Header) -> bytes:
-    text = str(message.to_er7()) + "\r"
+def _encoded(segments: list[str], header: Header) -> bytes:
+    text = "\r".join(segments) + "\r"
     return text.encode("latin-1", errors="replace") if "8859" in header.charset else text.encode("utf-8")
+
+
+def _in_response_delimiters(segment: Segment, header: Header) -> str:
+    """A segment of the query in the response's delimiters (QPD echoed, QPD and RCP read)."""
+    quoted = requoting(header.encoding)
+    return RESPONSE_ENCODING.field.join([segment.name, *(quoted(value) for value in segment.fields[1:])])
 
 
 def _principal(header: Header, peer: str) -> Principal:
@@ -313,8 +302,8 @@ def _principal(header: Header, peer: str) -> Principal:
     )
 
 
-def _segment(message: Message, name: str) -> Any | None:
-    return next((segment for segment in message.children if segment.name == name), None)
+def _segment(found: list[Segment], name: str) -> Segment | None:
+    return next((segment for segment in found if segment.name == name), None)
 
 
 def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | None = None) -> Handled:
@@ -325,7 +314,7 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
     ERR 204 on MSH-3, searches nothing and is audited as ``hl7.refused``."""
     header = read_header(decode(raw))
     principal = _principal(header, peer)
-    qpd: Any | None = None
+    qpd: str | None = None
     query: PdqQuery | None = None
     not_accepted = refuse_sender(ctx, header, principal, peer=peer, tls_subject=tls_subject)
     if not_accepted is not None:
@@ -337,20 +326,14 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
             raise Rejected("AR", "203", f"unsupported HL7 version {header.version!r}", "MSH^1^12")
         if not header.control_id:
             raise Rejected("AR", "101", "MSH-10 message control id is missing", "MSH^1^10")
-        try:
-            message = parse_message(
-                decode(raw), validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False
-            )
-        except (HL7apyException, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise Rejected("AR", "102", f"malformed message: {exc}"[:200]) from None
-        qpd = _segment(message, "QPD")
-        if qpd is None:
+        found = segments(decode(raw), header)
+        qpd_segment = _segment(found, "QPD")
+        if qpd_segment is None:
             raise Rejected("AR", "100", "the message has no QPD segment", "QPD")
-        rcp = _segment(message, "RCP")
+        qpd = _in_response_delimiters(qpd_segment, header)
+        rcp = _segment(found, "RCP")
         query = read_query(
-            str(qpd.to_er7(encoding_chars=_HL7APY_ENCODING)),
-            str(rcp.to_er7(encoding_chars=_HL7APY_ENCODING)) if rcp is not None else "",
-            RESPONSE_ENCODING,
+            qpd, _in_response_delimiters(rcp, header) if rcp is not None else "", RESPONSE_ENCODING
         )
         return _answer(ctx, header, principal, qpd, query)
     except Rejected as rejected:
@@ -376,7 +359,7 @@ def _audit_keys(header: Header, query: PdqQuery | None) -> dict[str, Any]:
     return keys
 
 
-def _answer(ctx: AppContext, header: Header, principal: Principal, qpd: Any, query: PdqQuery) -> Handled:
+def _answer(ctx: AppContext, header: Header, principal: Principal, qpd: str, query: PdqQuery) -> Handled:
     with ctx.db.unit_of_work() as session:
         domains: list[Domain] = []
         for index, ref in query.domains:
@@ -396,12 +379,10 @@ def _answer(ctx: AppContext, header: Header, principal: Principal, qpd: Any, que
         records = search.records_for(result.found, persons, domains)
         total = len(records) if domains else result.total
         shown = records[: query.limit]
-        response = _response(ctx, header, ack="AA", status="OK" if shown else "NF", qpd=qpd)
-        response.qak.qak_4 = str(total)
-        response.qak.qak_5 = str(len(shown))
-        response.qak.qak_6 = str(max(0, total - len(shown)))
+        counts = (total, len(shown), max(0, total - len(shown)))
+        response = _response(ctx, header, ack="AA", status="OK" if shown else "NF", qpd=qpd, counts=counts)
         for set_id, (found, identifiers) in enumerate(shown, start=1):
-            _add_pid(response, set_id, found, identifiers)
+            response.append(_pid(set_id, found, identifiers))
     log.info(
         "PDQ query %s answered %s with %d record(s)", header.control_id, "OK" if shown else "NF", len(shown)
     )
@@ -412,7 +393,7 @@ def _refuse(
     ctx: AppContext,
     header: Header,
     principal: Principal,
-    qpd: Any | None,
+    qpd: str | None,
     query: PdqQuery | None,
     rejected: Rejected,
 ) -> Handled:

@@ -25,12 +25,10 @@ import base64
 import binascii
 from dataclasses import replace
 
-from hl7apy.core import Message
-
 from simral.dmp import received
 from simral.dmp import service as dmp
-from simral.hl7.adt import Feed, Header, Rejected, read_pid
-from simral.hl7.orders import Segment, decoded_ed, order_segments
+from simral.hl7.adt import Feed, Header, Rejected, Segment, read_pid
+from simral.hl7.orders import decoded_ed
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
 from simral.reading import service as reading
@@ -118,10 +116,10 @@ def _exam(segments: list[Segment], cda: received.ReportCda, where: str) -> recei
     return received.Exam(study_uid=study_uid, accession_number=accession, accession_authority=authority)
 
 
-def _identity(feed: Feed, message: Message, site: str) -> PatientIdentity:
+def _identity(feed: Feed, segments: list[Segment], site: str) -> PatientIdentity:
     """The patient of PID (PAM France, as the ADT feed reads it): the IPP's identity created or
     updated, else the site's identity with this INS."""
-    pids = [child for child in message.children if child.name == "PID"]
+    pids = [segment for segment in segments if segment.name == "PID"]
     if not pids:
         raise Rejected("AE", "101", "the message has no PID segment", "PID")
     pid = read_pid(pids[0], feed.encoding, require_identifier=False)
@@ -139,7 +137,7 @@ def _identity(feed: Feed, message: Message, site: str) -> PatientIdentity:
     return known[0]
 
 
-def apply(feed: Feed, message: Message, header: Header) -> bool:
+def apply(feed: Feed, segments: list[Segment], header: Header) -> bool:
     """Receive the report an ORU^R01 / MDM carries for DMP publication (the module docstring) in the
     caller's transaction; ``False`` when the message is not one (the request document flow applies)."""
     if header.message_type not in REPORT_MESSAGES:
@@ -163,7 +161,6 @@ def apply(feed: Feed, message: Message, header: Header) -> bool:
         raise Rejected("AE", "207", f"simral does not publish reports to the DMP for {site}", "MSH^1^3")
     if not publishing:
         return False
-    segments = order_segments(message, feed.encoding)
     documents = [s for s in segments if s.name == "OBX" and s.component(2, 1).upper() == "ED"]
     if not documents:
         if mdm:
@@ -194,7 +191,7 @@ def apply(feed: Feed, message: Message, header: Header) -> bool:
         exam = replace(exam, request_id=request.id)
     principal = replace(feed.principal, organisation=site)
     try:
-        identity = _identity(feed, message, site)
+        identity = _identity(feed, segments, site)
         received.receive_report(
             session,
             _store(feed),
