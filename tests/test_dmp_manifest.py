@@ -28,7 +28,7 @@ from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
-from tests.corpus import data_file
+from tests.corpus import ANS_TEST_INS_OID, data_file, set_test_ins
 
 from simral.access.policy import Principal
 from simral.app import open_app
@@ -66,7 +66,7 @@ MODALITY = Principal(kind="dicom-node", name="MOD_CHA", organisation="CHA")
 OID_CHA = "1.2.250.1.999.1.1"
 ACCESSION_OID = "1.2.250.1.999.1.2"
 PLACER_OID = "1.2.250.1.999.1.3"
-INS_TEST_OID = "1.2.250.1.213.1.4.10"
+INS_TEST_OID = ANS_TEST_INS_OID
 #: ANS test NIR (valid key), never a real person.
 NIR = "279035121518989"
 BASE_URL = "https://simral.example.test"
@@ -116,15 +116,7 @@ def _site_instance(source: str, path: Path, *, study_uid: str, series_uid: str, 
     qualifier.UniversalEntityID = OID_CHA
     qualifier.UniversalEntityIDType = "ISO"
     ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
-    ins = Dataset()
-    ins.PatientID = NIR
-    ins.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-    ins_qualifier = Dataset()
-    ins_qualifier.UniversalEntityID = INS_TEST_OID
-    ins_qualifier.UniversalEntityIDType = "ISO"
-    ins.IssuerOfPatientIDQualifiersSequence = [ins_qualifier]
-    ins.TypeOfPatientID = "TEXT"
-    ds.OtherPatientIDsSequence = [ins]
+    set_test_ins(ds, NIR)
     ds.PatientBirthDate = "19790328"
     ds.PatientSex = "F"
     ds.AccessionNumber = ORDER.accession_number
