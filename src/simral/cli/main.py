@@ -36,6 +36,15 @@ DataDir = Annotated[
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="TOML configuration file (also SIMRAL_CONFIG).", exists=True)
 ]
+#: The binding of a registered HL7 sender (a RIS, an identity source): see access.peer_binding_refusal.
+Hl7Facility = Annotated[str, typer.Option("--facility", help="Its MSH-4 sending facility (default: any).")]
+Hl7CheckHost = Annotated[bool, typer.Option("--check-host", help="Accept its messages from HOST only.")]
+Hl7TlsSubject = Annotated[
+    str,
+    typer.Option(
+        "--tls-subject", help="Accept its messages over TLS with a client certificate of this CN only."
+    ),
+]
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:

@@ -10,7 +10,18 @@ import typer
 from rich.table import Table
 
 from simral.access.policy import AccessDenied
-from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, out, reported
+from simral.cli.main import (
+    ConfigFile,
+    DataDir,
+    Hl7CheckHost,
+    Hl7Facility,
+    Hl7TlsSubject,
+    _open,
+    app,
+    cli_principal,
+    out,
+    reported,
+)
 
 hl7_sources_app = typer.Typer(
     help="HL7 identity sources: senders admitted to the ADT feed and PDQ queries.", no_args_is_help=True
@@ -22,19 +33,10 @@ app.add_typer(hl7_sources_app, name="hl7-sources")
 def hl7_sources_add(
     name: str,
     application: Annotated[str, typer.Option("--application", help="Its MSH-3 sending application.")],
-    facility: Annotated[
-        str, typer.Option("--facility", help="Its MSH-4 sending facility (default: any).")
-    ] = "",
+    facility: Hl7Facility = "",
     host: Annotated[str, typer.Option("--host", help="The host it sends from (with --check-host).")] = "",
-    check_host: Annotated[
-        bool, typer.Option("--check-host", help="Accept its messages from HOST only.")
-    ] = False,
-    tls_subject: Annotated[
-        str,
-        typer.Option(
-            "--tls-subject", help="Accept its messages over TLS with a client certificate of this CN only."
-        ),
-    ] = "",
+    check_host: Hl7CheckHost = False,
+    tls_subject: Hl7TlsSubject = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:

@@ -10,7 +10,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from simral.cli.main import ConfigFile, DataDir, _open, app, cli_principal, out, reported
+from simral.cli.main import (
+    ConfigFile,
+    DataDir,
+    Hl7CheckHost,
+    Hl7Facility,
+    Hl7TlsSubject,
+    _open,
+    app,
+    cli_principal,
+    out,
+    reported,
+)
 
 ris_app = typer.Typer(
     help="Sites' RIS: HL7 senders of imaging requests, receivers of answers.", no_args_is_help=True
@@ -35,19 +46,10 @@ def ris_add(
     application: Annotated[
         str, typer.Option("--application", help="Its MSH-3 sending application (default: NAME).")
     ] = "",
-    facility: Annotated[
-        str, typer.Option("--facility", help="Its MSH-4 sending facility (default: any).")
-    ] = "",
+    facility: Hl7Facility = "",
     tls: Annotated[bool, typer.Option("--tls", help="MLLP over TLS.")] = False,
-    check_host: Annotated[
-        bool, typer.Option("--check-host", help="Accept its messages from HOST only.")
-    ] = False,
-    tls_subject: Annotated[
-        str,
-        typer.Option(
-            "--tls-subject", help="Accept its messages over TLS with a client certificate of this CN only."
-        ),
-    ] = "",
+    check_host: Hl7CheckHost = False,
+    tls_subject: Hl7TlsSubject = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
