@@ -165,25 +165,27 @@ def limit_malloc_arenas() -> bool:
     by glibc). Returns whether the cap was set (False on a C library without mallopt)."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
+    return bool(_libc_call("mallopt", _M_ARENA_MAX, MALLOC_ARENAS))
+
+
+def _libc_call(function: str, *args: int) -> int | None:
+    """Call a C library function with integer arguments; None when the library lacks it."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+        return int(getattr(libc, function)(*args))
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 #: prctl option PR_SET_PDEATHSIG (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Ask Linux for a SIGTERM when the parent process dies (a worker must not outlive it)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before the request took effect
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for a SIGTERM when the parent process (``parent``) dies: a worker must not
+    outlive it."""
+    _libc_call("prctl", _PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -206,10 +208,11 @@ def _run_node(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     children: dict[int, int] = {}  # pid -> worker index
+    parent = os.getpid()
     for index in range(1, workers):
         pid = os.fork()
         if pid == 0:
-            os._exit(_worker(settings, index))
+            os._exit(_worker(settings, index, parent))
         children[pid] = index
     print(
         f"simral serving with {workers} worker processes: DICOM {settings.ae_title}@{settings.dicom_host}:"
@@ -308,12 +311,12 @@ class _EarlyStop:
             cls.http.should_exit = True
 
 
-def _worker(settings: Settings, index: int) -> int:
+def _worker(settings: Settings, index: int, parent: int) -> int:
     """A forked worker's life; its exit status. A SIGTERM before serving starts ends it cleanly,
     and so does its parent's death, however it died (PR_SET_PDEATHSIG)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
     signal.signal(signal.SIGTERM, _EarlyStop.handle)
-    _die_with_parent()
+    _die_with_parent(parent)
     logs.set_worker(index)
     try:
         return _serve(
