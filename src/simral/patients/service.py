@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -1580,16 +1581,24 @@ def remove_hl7_source(session: Session, name: str, *, principal: Principal) -> N
 def find_hl7_source(session: Session, application: str, facility: str) -> Hl7Source | None:
     """The source that sends as ``application``/``facility`` (MSH-3/MSH-4): the one registered with
     both, else one registered with the application alone."""
-    candidates = list(
-        session.scalars(select(Hl7Source).where(Hl7Source.application == application).order_by(Hl7Source.id))
+    candidates = session.scalars(
+        select(Hl7Source).where(Hl7Source.application == application).order_by(Hl7Source.id)
     )
-    for source in candidates:
-        if source.facility == facility:
-            return source
-    for source in candidates:
-        if not source.facility:
-            return source
-    return None
+    return sender_for_facility(list(candidates), facility)
+
+
+class _RegisteredSender(Protocol):
+    facility: str
+
+
+SenderT = TypeVar("SenderT", bound=_RegisteredSender)
+
+
+def sender_for_facility(candidates: Sequence[SenderT], facility: str) -> SenderT | None:
+    """Among the registered senders of one MSH-3 application, the one for MSH-4 ``facility``: the
+    one registered with it, else one registered without a facility (any facility), else None."""
+    exact = next((sender for sender in candidates if sender.facility == facility), None)
+    return exact or next((sender for sender in candidates if not sender.facility), None)
 
 
 def hl7_sender_refusal(

@@ -307,18 +307,10 @@ def ris_sender_refusal(
 def find_ris_endpoint(session: Session, application: str, facility: str) -> RisEndpoint | None:
     """The RIS that sends as ``application``/``facility`` (MSH-3/MSH-4): the one registered with
     both, else one registered with the application alone."""
-    candidates = list(
-        session.scalars(
-            select(RisEndpoint).where(RisEndpoint.application == application).order_by(RisEndpoint.id)
-        )
+    candidates = session.scalars(
+        select(RisEndpoint).where(RisEndpoint.application == application).order_by(RisEndpoint.id)
     )
-    for endpoint in candidates:
-        if endpoint.facility == facility:
-            return endpoint
-    for endpoint in candidates:
-        if not endpoint.facility:
-            return endpoint
-    return None
+    return patients.sender_for_facility(list(candidates), facility)
 
 
 def _modalities(value: str) -> str:
