@@ -483,13 +483,19 @@ class Feed:
         return local_id, authority
 
 
-def _segments(segments: list[Segment], name: str) -> list[Segment]:
+def named_segments(segments: list[Segment], name: str) -> list[Segment]:
+    """The segments called ``name``, in message order."""
     return [segment for segment in segments if segment.name == name]
+
+
+def first_segment(segments: list[Segment], name: str) -> Segment | None:
+    """The first segment called ``name``, if any."""
+    return next((segment for segment in segments if segment.name == name), None)
 
 
 def apply(feed: Feed, segments: list[Segment], event: str) -> None:
     """Apply one parsed ADT message (the caller's transaction)."""
-    pids = _segments(segments, "PID")
+    pids = named_segments(segments, "PID")
     if not pids:
         raise Rejected("AR", "100", "the message has no PID segment", "PID")
     enc = feed.encoding
@@ -506,7 +512,7 @@ def apply(feed: Feed, segments: list[Segment], event: str) -> None:
         else:
             patients.unlink_identities(session, first, second, principal=principal, source=source)
     elif event in ("A40", "A47"):
-        mrgs = _segments(segments, "MRG")
+        mrgs = named_segments(segments, "MRG")
         if len(mrgs) < len(pids):
             raise Rejected("AR", "100", f"{event} needs an MRG segment after each PID", "MRG")
         for index, (pid_segment, mrg) in enumerate(zip(pids, mrgs, strict=False), start=1):

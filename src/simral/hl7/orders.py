@@ -43,7 +43,16 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from simral.access.policy import AccessDenied, Principal
-from simral.hl7.adt import Encoding, Feed, Header, Rejected, Segment, read_pid
+from simral.hl7.adt import (
+    Encoding,
+    Feed,
+    Header,
+    Rejected,
+    Segment,
+    first_segment,
+    named_segments,
+    read_pid,
+)
 from simral.reading import documents as request_documents
 from simral.reading import service as reading
 from simral.reading.models import PRIORITY_ROUTINE, PRIORITY_URGENT, ImagingRequest
@@ -108,10 +117,10 @@ class Order:
     segments: list[Segment]
 
     def first(self, name: str) -> Segment | None:
-        return next((s for s in self.segments if s.name == name), None)
+        return first_segment(self.segments, name)
 
     def all(self, name: str) -> list[Segment]:
-        return [s for s in self.segments if s.name == name]
+        return named_segments(self.segments, name)
 
     @property
     def control(self) -> str:

@@ -44,6 +44,7 @@ from simral.hl7.adt import (
     Segment,
     cut_escaped,
     decode,
+    first_segment,
     joined_fields,
     read_header,
     refuse_sender,
@@ -302,10 +303,6 @@ def _principal(header: Header, peer: str) -> Principal:
     )
 
 
-def _segment(found: list[Segment], name: str) -> Segment | None:
-    return next((segment for segment in found if segment.name == name), None)
-
-
 def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | None = None) -> Handled:
     """Answer one QBP^Q22 message with its RSP^K22 (or an AR for another query).
 
@@ -327,11 +324,11 @@ def handle(ctx: AppContext, raw: bytes, *, peer: str = "", tls_subject: str | No
         if not header.control_id:
             raise Rejected("AR", "101", "MSH-10 message control id is missing", "MSH^1^10")
         found = segments(decode(raw), header)
-        qpd_segment = _segment(found, "QPD")
+        qpd_segment = first_segment(found, "QPD")
         if qpd_segment is None:
             raise Rejected("AR", "100", "the message has no QPD segment", "QPD")
         qpd = _in_response_delimiters(qpd_segment, header)
-        rcp = _segment(found, "RCP")
+        rcp = first_segment(found, "RCP")
         query = read_query(
             qpd, _in_response_delimiters(rcp, header) if rcp is not None else "", RESPONSE_ENCODING
         )

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from simral.dmp import received
 from simral.dmp import service as dmp
-from simral.hl7.adt import Feed, Header, Rejected, Segment, read_pid
+from simral.hl7.adt import Feed, Header, Rejected, Segment, first_segment, read_pid
 from simral.hl7.orders import decoded_ed
 from simral.patients import service as patients
 from simral.patients.models import PatientIdentity
@@ -54,14 +54,10 @@ def _document(segment: Segment, max_bytes: int) -> bytes:
         raise Rejected("AE", "102", "document: OBX-5 is neither an ED nor base64", segment.where(5)) from None
 
 
-def _first(segments: list[Segment], name: str) -> Segment | None:
-    return next((s for s in segments if s.name == name), None)
-
-
 def _placer(segments: list[Segment]) -> tuple[str, str]:
     """ORC-2, else OBR-2 (EI: number, authority OID else namespace)."""
     for name in ("ORC", "OBR"):
-        segment = _first(segments, name)
+        segment = first_segment(segments, name)
         if segment is not None and segment.component(2, 1):
             return segment.component(2, 1), segment.component(2, 3) or segment.component(2, 2)
     return "", ""
@@ -95,7 +91,7 @@ def _about(request: ImagingRequest, cda: received.ReportCda, exam: received.Exam
 
 
 def _exam(segments: list[Segment], cda: received.ReportCda, where: str) -> received.Exam:
-    ipc, zds = _first(segments, "IPC"), _first(segments, "ZDS")
+    ipc, zds = first_segment(segments, "IPC"), first_segment(segments, "ZDS")
     study_uid = (ipc.component(3, 1) if ipc is not None else "") or (
         zds.component(1, 1) if zds is not None else ""
     )
