@@ -749,7 +749,7 @@ def sender_refusal(ctx: AppContext, header: Header, *, peer: str, tls_subject: s
     """Why the message's sender (MSH-3/MSH-4) is not accepted from this connection, or "".
 
     Every message: a registered RIS bound to its host or certificate is believed only from there
-    (:func:`simral.reading.service.ris_sender_refusal`). ADT and PDQ messages also: a registered
+    (:func:`simral.reading.service.ris_endpoint_refusal`). ADT and PDQ messages also: a registered
     HL7 source likewise, and a sender that is neither a registered source nor a registered RIS is
     refused unless ``allow_unknown_hl7_senders`` (:func:`simral.patients.service.hl7_sender_refusal`).
     Orders and reports keep their own rule: the RIS must be registered (:mod:`simral.hl7.orders`)."""
@@ -757,14 +757,13 @@ def sender_refusal(ctx: AppContext, header: Header, *, peer: str, tls_subject: s
 
     application, facility = header.sending_application, header.sending_facility
     with ctx.db.reading() as session:
-        refused = reading.ris_sender_refusal(
-            session, application=application, facility=facility, address=peer, tls_subject=tls_subject
-        )
+        ris = reading.find_ris_endpoint(session, application, facility)
+        refused = ""
+        if ris is not None:
+            refused = reading.ris_endpoint_refusal(ris, address=peer, tls_subject=tls_subject)
         if refused or header.message_type not in IDENTITY_MESSAGES:
             return refused
-        admit_unregistered = ctx.settings.allow_unknown_hl7_senders or (
-            reading.find_ris_endpoint(session, application, facility) is not None
-        )
+        admit_unregistered = ctx.settings.allow_unknown_hl7_senders or ris is not None
         return patients.hl7_sender_refusal(
             session,
             application=application,

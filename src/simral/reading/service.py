@@ -294,6 +294,12 @@ def ris_sender_refusal(
     endpoint = find_ris_endpoint(session, application, facility)
     if endpoint is None:
         return ""
+    return ris_endpoint_refusal(endpoint, address=address, tls_subject=tls_subject)
+
+
+def ris_endpoint_refusal(endpoint: RisEndpoint, *, address: str, tls_subject: str | None) -> str:
+    """Why the registered RIS ``endpoint`` is not believed on this connection (its host or client
+    certificate binding, :func:`simral.access.policy.peer_binding_refusal`), or ""."""
     refused = peer_binding_refusal(
         bound_host=endpoint.host,
         check_host=endpoint.check_host,
