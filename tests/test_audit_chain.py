@@ -162,3 +162,43 @@ def test_chain_continues_across_writers(trail: Trail) -> None:
         audit.record(session, action="logout", principal=ALICE)
     verified = trail.verify()
     assert verified.returncode == 0 and "8 records" in verified.stdout
+
+
+def test_chain_holds_across_savepoints(trail: Trail) -> None:
+    # A transaction reuses the tail it appended, but not one appended in a savepoint that may be
+    # rolled back: the chain stays whole whether the savepoint is rolled back or released.
+    with trail.ctx.db.unit_of_work() as session:
+        audit.record(session, action="logout", principal=ALICE)  # 7
+        nested = session.begin_nested()
+        audit.record(session, action="login", principal=ALICE)  # gone with the savepoint
+        nested.rollback()
+        audit.record(session, action="logout", principal=ALICE)  # 8, after 7
+        with session.begin_nested():
+            audit.record(session, action="login", principal=ALICE)  # 9
+        audit.record(session, action="logout", principal=ALICE)  # 10, after 9
+    verified = trail.verify()
+    assert verified.returncode == 0 and "10 records" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_one_tail_read_per_transaction(trail: Trail) -> None:
+    # An ingest batch audits every instance in one transaction: the chain's tail is read once.
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "audit_event" in statement and statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    event.listen(trail.ctx.db.engine, "before_cursor_execute", seen)
+    try:
+        with trail.ctx.db.unit_of_work() as session:
+            for n in range(3):
+                audit.record(session, action="study.read", principal=ALICE, study_uid=f"1.2.3.{n}")
+        with trail.ctx.db.unit_of_work() as session:
+            audit.record(session, action="logout", principal=ALICE)
+    finally:
+        event.remove(trail.ctx.db.engine, "before_cursor_execute", seen)
+    assert len(statements) == 2  # one per transaction
+    verified = trail.verify()
+    assert verified.returncode == 0 and "10 records" in verified.stdout, verified.stdout + verified.stderr

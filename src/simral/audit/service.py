@@ -3,7 +3,10 @@
 Services call :func:`record` (DESIGN.md §2), so every protocol is covered and a change and its audit
 record commit together. Rows are chained: ``hash = SHA-256(prev_hash, canonical JSON of the row)``;
 writers serialise on the chain's tail (the SQLite writer lock, a PostgreSQL advisory lock held to
-commit), so ids grow in commit order and :func:`verify` can walk the chain.
+commit), so ids grow in commit order and :func:`verify` can walk the chain. Since no other writer
+can append while a transaction holds that lock, a transaction that recorded a row remembers it as
+the tail for its next record (outside savepoints, which may still be rolled back) instead of
+reading it again: an ingest batch or a multi-step change reads the tail once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ if TYPE_CHECKING:
     from simral.context import AppContext
 
 _INSERT = insert(cast(Table, AuditEvent.__table__))
+_TAIL = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+#: ``session.info`` key of the chain tail a transaction appended last: (root transaction, id, hash).
+_TAIL_KEY = "simral.audit.tail"
 #: Key of the PostgreSQL transaction-level advisory lock that serialises appends to the chain.
 AUDIT_CHAIN_LOCK = 0x5A_4155_4454  # "ZAUDT"
 
@@ -75,11 +81,18 @@ def record(
 ) -> int:
     """Append an audit row to the current transaction; it commits (or not) with the change it describes."""
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_CHAIN_LOCK})")
-    last = connection.execute(
-        select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
-    ).first()
+    transaction = connection.get_transaction()
+    nested = connection.in_nested_transaction()
+    remembered = session.info.get(_TAIL_KEY)
+    last: tuple[int, str] | None
+    if remembered is not None and remembered[0] is transaction and not nested:
+        # This transaction appended the tail and still holds the chain's lock: nobody appended since.
+        last = (remembered[1], remembered[2])
+    else:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_CHAIN_LOCK})")
+        found = connection.execute(_TAIL).first()
+        last = (int(found[0]), str(found[1])) if found else None
     row: dict[str, Any] = {
         "id": (last[0] + 1) if last else 1,
         "at": utcnow(),
@@ -97,6 +110,11 @@ def record(
     row["prev_hash"] = last[1] if last else ""
     row["hash"] = chain_hash(row["prev_hash"], row)
     connection.execute(_INSERT, row)
+    if nested:
+        # A savepoint may still be rolled back (taking this row with it): read the tail next time.
+        session.info.pop(_TAIL_KEY, None)
+    else:
+        session.info[_TAIL_KEY] = (transaction, row["id"], row["hash"])
     return int(row["id"])
 
 
