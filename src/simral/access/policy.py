@@ -18,10 +18,11 @@ registered DICOM node, the platform itself) and every service asks this module. 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from sqlalchemy import Select, false, or_, select
+from sqlalchemy import ColumnElement, Select, false, or_, select
 
 PrincipalKind = Literal["system", "dicom-node", "user", "share-link", "drimm"]
 
@@ -130,22 +131,27 @@ def storing_organisation(principal: Principal) -> str:
     return principal.organisation
 
 
+@functools.lru_cache(maxsize=256)
+def _organisations_studies(organisations: tuple[str, ...]) -> ColumnElement[bool]:
+    """``study.id IN (the studies of these organisations)``, built once per set of organisations
+    (an immutable expression; the grants of a principal are added per query, never cached)."""
+    from simral.archive.models import Study, StudyOrganisation
+
+    return Study.id.in_(
+        select(StudyOrganisation.study_pk).where(StudyOrganisation.organisation_code.in_(organisations))
+    )
+
+
 def visible_studies(principal: Principal, query: S) -> S:
     """Restrict ``query`` (which must involve the ``study`` table) to the studies ``principal`` may see."""
-    from simral.archive.models import Study, StudyOrganisation
+    from simral.archive.models import Study
 
     if _sees_everything(principal):
         return query
     organisations = clinical_organisations(principal)
     conditions = []
     if organisations:
-        conditions.append(
-            Study.id.in_(
-                select(StudyOrganisation.study_pk).where(
-                    StudyOrganisation.organisation_code.in_(sorted(organisations))
-                )
-            )
-        )
+        conditions.append(_organisations_studies(tuple(sorted(organisations))))
     granted = principal.break_glass | principal.shared
     if granted:
         conditions.append(Study.study_uid.in_(sorted(granted)))

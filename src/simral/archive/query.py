@@ -8,6 +8,7 @@ unique keys of the levels (C.4.1.1.3.2).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -314,9 +315,12 @@ def _issuer_universal_id(identifier: Dataset) -> str:
     return str(item.get("UniversalEntityID", "") or "").strip()
 
 
+@functools.cache
 def _base_query(level: Level) -> Select:
     """The rows a level matches, without what IOCM rejection notes rejected (IHE RAD-66): rejected
-    instances, and series or studies left with none (their counts exclude rejected instances)."""
+    instances, and series or studies left with none (their counts exclude rejected instances).
+
+    Built once per level (statements are immutable: each query adds its conditions to a copy)."""
     if level == "PATIENT":
         return (
             select(Patient)

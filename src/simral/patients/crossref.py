@@ -19,13 +19,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from simral.patients.models import AssigningAuthority, PatientIdentity, StudyIdentity
 from simral.patients.service import effective_identity, identity_in_authority, organisation_authority_id
 
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+# Statements run by every query naming a patient, built once.
+_IDENTITY = select(PatientIdentity).where(
+    PatientIdentity.authority_id == bindparam("authority_id"),
+    PatientIdentity.local_id == bindparam("local_id"),
+)
+_STORED_IDENTITIES = (
+    select(
+        StudyIdentity.study_pk,
+        PatientIdentity.id,
+        PatientIdentity.person_id,
+        PatientIdentity.authority_id,
+        PatientIdentity.merged_into_id,
+    )
+    .join(PatientIdentity, PatientIdentity.id == StudyIdentity.identity_id)
+    .where(StudyIdentity.study_pk.in_(bindparam("study_pks", expanding=True)))
+)
 
 
 @dataclass(frozen=True)
@@ -99,11 +115,7 @@ def named_identity(
         return None
     if len(authorities) != 1:
         return None
-    return session.scalar(
-        select(PatientIdentity).where(
-            PatientIdentity.authority_id == authorities[0], PatientIdentity.local_id == patient_id
-        )
-    )
+    return session.scalar(_IDENTITY, {"authority_id": authorities[0], "local_id": patient_id})
 
 
 def person_studies(identity: PatientIdentity) -> Select:  # type: ignore[type-arg]
@@ -188,15 +200,7 @@ class Coercion:
         if not missing or not self.useful:
             return
         for study_pk, identity_id, person_id, authority_id, merged_into in self.session.execute(
-            select(
-                StudyIdentity.study_pk,
-                PatientIdentity.id,
-                PatientIdentity.person_id,
-                PatientIdentity.authority_id,
-                PatientIdentity.merged_into_id,
-            )
-            .join(PatientIdentity, PatientIdentity.id == StudyIdentity.identity_id)
-            .where(StudyIdentity.study_pk.in_(missing))
+            _STORED_IDENTITIES, {"study_pks": missing}
         ):
             self._stored[study_pk] = _StoredIdentity(
                 identity_id, person_id, authority_id, merged_into is None

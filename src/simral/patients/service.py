@@ -20,6 +20,7 @@ Later work builds on :func:`person_identities` (query expansion by linked identi
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -321,17 +322,29 @@ def _organisation_of_oid(session: Session, oid: str) -> str | None:
     return None if taken is not None else str(code)
 
 
+# Built once: every query naming a PatientID (C-FIND, QIDO-RS) looks the asker's authority up.
+_AUTHORITY_OF_ORGANISATION = select(AssigningAuthority.id).where(
+    AssigningAuthority.organisation_code == bindparam("code")
+)
+_AUTHORITY_OF_OID = select(AssigningAuthority.id).where(AssigningAuthority.oid == bindparam("oid"))
+
+
+@functools.cache
+def _organisation_oid() -> Any:
+    from simral.identity.models import Organisation  # identity imports this module
+
+    return select(Organisation.patient_id_oid).where(Organisation.code == bindparam("code"))
+
+
 def organisation_authority_id(session: Session, code: str) -> int | None:
     """The id of an organisation's patient-id authority, without creating it (read-only)."""
-    from simral.identity.models import Organisation
-
-    found = session.scalar(select(AssigningAuthority.id).where(AssigningAuthority.organisation_code == code))
+    found = session.scalar(_AUTHORITY_OF_ORGANISATION, {"code": code})
     if found is not None:
         return int(found)
-    oid = session.scalar(select(Organisation.patient_id_oid).where(Organisation.code == code))
+    oid = session.scalar(_organisation_oid(), {"code": code})
     if not oid:
         return None
-    by_oid = session.scalar(select(AssigningAuthority.id).where(AssigningAuthority.oid == oid))
+    by_oid = session.scalar(_AUTHORITY_OF_OID, {"oid": oid})
     return int(by_oid) if by_oid is not None else None
 
 
