@@ -111,8 +111,11 @@ def _prepare(
     expected_sop_uid: str,
     expected_study_uid: str,
     known_digest: tuple[str, int] | None,
+    reader: Session,
 ) -> _Candidate | IngestResult:
-    """Parse and check one file and apply the duplicate policy (DESIGN.md §3 step 1)."""
+    """Parse and check one file and apply the duplicate policy (DESIGN.md §3 step 1).
+
+    ``reader`` is the batch's reading session (one for every file of the batch)."""
     try:
         header = read_header(path)
     except RejectedInstance as exc:
@@ -131,8 +134,7 @@ def _prepare(
         reason = f"header cannot be converted to DICOM JSON: {type(exc).__name__}: {exc}"
         return _rejected(header, 0xC000, reason, principal=principal, source=source)
     sha256, size = known_digest or sha256_of_file(path)
-    with ctx.db.reading() as session:
-        existing = existing_blob(session, header.sop_uid)
+    existing = existing_blob(reader, header.sop_uid)
     if existing is not None:
         decided = _duplicate(ctx, header, existing_sha=existing[0], new_sha=sha256, principal=principal)
         if decided is not None:
@@ -315,16 +317,21 @@ def _ingest_files(
     staged: list[tuple[int, _Candidate]] = []
     staging = Staging(ctx.store)
     try:
-        for index, item in enumerate(items):
-            prepared = _prepare(
-                ctx,
-                item.path,
-                principal=principal,
-                source=source,
-                expected_sop_uid=item.expected_sop_uid,
-                expected_study_uid=item.expected_study_uid,
-                known_digest=item.known_digest,
-            )
+        with ctx.db.reading() as reader:
+            prepared_items = [
+                _prepare(
+                    ctx,
+                    item.path,
+                    principal=principal,
+                    source=source,
+                    expected_sop_uid=item.expected_sop_uid,
+                    expected_study_uid=item.expected_study_uid,
+                    known_digest=item.known_digest,
+                    reader=reader,
+                )
+                for item in items
+            ]
+        for index, prepared in enumerate(prepared_items):
             if isinstance(prepared, IngestResult):
                 results[index] = prepared
                 continue

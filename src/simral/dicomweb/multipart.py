@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
@@ -125,10 +124,16 @@ class PartSpooler:
 
     # parser callbacks -------------------------------------------------------------------------
     def _part_begin(self) -> None:
-        fd, name = tempfile.mkstemp(prefix=".tmp-stow-", suffix=".dcm", dir=self.folder)
-        self._fd = fd
+        # What tempfile.mkstemp does (O_EXCL, 0600), without its per-call path checks.
+        while True:
+            path = self.folder / f".tmp-stow-{secrets.token_hex(8)}.dcm"
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue
         self._headers = {}
-        self._current = ReceivedPart(Path(name), "")
+        self._current = ReceivedPart(path, "")
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -148,11 +153,11 @@ class PartSpooler:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._fd is not None and self._current is not None
         view = memoryview(data)[start:end]
+        self._current.digest.update(view)  # no copy of the chunk
+        self._current.size += end - start
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._current.size += end - start
-        self._current.digest.update(data[start:end])
 
     def _part_end(self) -> None:
         assert self._fd is not None and self._current is not None
