@@ -224,3 +224,35 @@ def test_services_enforce_management_rights(ctx: AppContext) -> None:
             )
         with pytest.raises(AccessDenied):
             identity.create_organisation(session, code="X", name="X", principal=site_admin)
+
+
+def test_cached_token_principal_carries_each_callers_address(ctx: AppContext) -> None:
+    # The verified principal of a token is cached (web.auth); the audit trail's source address
+    # is still the address of each request, whichever client filled the cache.
+    from sqlalchemy import event
+
+    from simral.web.auth import _token_principal
+
+    with ctx.db.unit_of_work() as session:
+        holder = identity.get_professional(session, "alice")
+        assert holder is not None
+        token = identity.issue_token(
+            session, professional=holder, lifetime=timedelta(hours=1), principal=_alice(ctx)
+        )
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    first = _token_principal(ctx, token, "10.0.0.1")
+    event.listen(ctx.db.read_engine, "before_cursor_execute", seen)
+    try:
+        again = _token_principal(ctx, token, "10.0.0.1")
+        other = _token_principal(ctx, token, "10.0.0.2")
+        back = _token_principal(ctx, token, "10.0.0.1")
+    finally:
+        event.remove(ctx.db.read_engine, "before_cursor_execute", seen)
+    assert statements == []  # served from the cache
+    assert first.address == again.address == back.address == "10.0.0.1"
+    assert other.address == "10.0.0.2" and other.name == first.name == "alice"
+    assert again is first  # same address: the cached principal itself

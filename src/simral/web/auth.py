@@ -16,6 +16,7 @@ import hashlib
 import secrets
 import threading
 import time
+from dataclasses import replace
 from typing import cast
 
 from fastapi import FastAPI, Request
@@ -94,15 +95,15 @@ def _token_principal(ctx: AppContext, token: str, address: str) -> Principal:
         except identity.AuthenticationFailed as exc:
             raise LoginRequired(exc.reason) from None
         principal = identity.principal_for(session, professional, organisation=organisation, via="token")
+    # Cached with the caller's address: a client's next requests reuse it as it is (no copy).
+    principal = _with_address(principal, address)
     _cache(ctx).put(key, principal, "")
-    return _with_address(principal, address)
+    return principal
 
 
 def _with_address(principal: Principal, address: str) -> Principal:
     if principal.address == address:
         return principal
-    from dataclasses import replace
-
     return replace(principal, address=address)
 
 
@@ -124,8 +125,9 @@ def session_principal(ctx: AppContext, secret: str, address: str) -> tuple[Princ
             session, professional, organisation=row.organisation_code, via="session"
         )
         csrf = row.csrf_token
+    principal = _with_address(principal, address)
     _cache(ctx).put(key, principal, csrf)
-    return _with_address(principal, address), csrf
+    return principal, csrf
 
 
 def share_link_principal(ctx: AppContext, cookie: str, address: str) -> Principal | None:
@@ -140,9 +142,9 @@ def share_link_principal(ctx: AppContext, cookie: str, address: str) -> Principa
         link = sharing.link_from_cookie(session, cookie)
         if link is None:
             return None
-        principal = sharing.link_principal(link)
+        principal = _with_address(sharing.link_principal(link), address)
     _cache(ctx).put(key, principal, "")
-    return _with_address(principal, address)
+    return principal
 
 
 def forget_cached_principals(ctx: AppContext) -> None:
