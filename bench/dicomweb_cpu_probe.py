@@ -7,7 +7,8 @@ and reports, from the server's process tree CPU time (``/proc/<pid>/stat`` utime
 
 - QIDO-RS ``GET /dicom-web/studies?PatientID=X`` over one keep-alive connection: server CPU ms per
   query and median / p95 latency (``--qidos`` timed queries after 10 untimed ones);
-- STOW-RS of ``--stow`` CT slices (512x512, 16 bit, one client), 10 then 1 instance(s) per request:
+- STOW-RS of ``--stow`` CT slices (512x512, 16 bit, one client), 10 then 1 instance(s) per request
+  (``--per-request``):
   server CPU ms per stored instance and instances per second. Each row stores a series of its own.
 
 ``--pid-file`` writes the server's pid and waits for ``--hold`` seconds before each phase, so that
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid-file", type=Path, default=None)
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to wait before each phase")
     parser.add_argument("--only", choices=("qido", "stow"), default=None)
+    parser.add_argument("--per-request", default="10,1", help="STOW-RS rows: instances per request")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="simral-probe-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["qido_studies_by_patient"] = _qido(client, root, pid, patient_ids, args.qidos)
                 log(f"QIDO: {report['qido_studies_by_patient']}")
             if args.only in (None, "stow"):
-                for seed, per_request in ((11, 10), (12, 1)):
+                rows = [int(n) for n in args.per_request.split(",")]
+                for seed, per_request in zip(range(11, 11 + len(rows)), rows, strict=True):
                     files = ct_series(
                         work / f"ct{seed}-{args.stow}", slices=args.stow, patient_id=f"PROBE{seed}", seed=seed
                     )
