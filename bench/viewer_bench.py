@@ -94,6 +94,15 @@ BREAKDOWN = """() => {
 }"""
 
 
+WATERFALL = """() => performance.getEntriesByType('resource').map((e) => ({
+  name: e.name.replace(location.origin, ''),
+  start_ms: Math.round(e.startTime),
+  first_byte_ms: Math.round(e.responseStart),
+  end_ms: Math.round(e.responseEnd),
+  bytes: e.transferSize,
+}))"""
+
+
 def git_commit() -> str:
     result = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -128,8 +137,11 @@ def launch(playwright: Playwright, profile: Path, dead_proxy: int) -> BrowserCon
     )
 
 
-def open_viewer(context: BrowserContext, url: str, timeout_s: float) -> dict[str, Any]:
-    """One timed load in a new tab: the first-image time and the breakdown, in ms from navigation start."""
+def open_viewer(
+    context: BrowserContext, url: str, timeout_s: float, *, waterfall: bool = False
+) -> dict[str, Any]:
+    """One timed load in a new tab: the first-image time and the breakdown, in ms from navigation start
+    (with ``waterfall``, every request the page made until then: what is on the first image's path)."""
     page = context.new_page()
     outside: list[str] = []
     # blob: and data: URLs are the page's own (OHIF's web workers), not network requests.
@@ -143,6 +155,8 @@ def open_viewer(context: BrowserContext, url: str, timeout_s: float) -> dict[str
         )
         result: dict[str, Any] = {"first_image_ms": round(page.evaluate("() => window.__simralFirstImage"))}
         result.update(page.evaluate(BREAKDOWN))
+        if waterfall:
+            result["waterfall"] = page.evaluate(WATERFALL)
     finally:
         page.close()
     if outside:
@@ -208,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         open_viewer(context, url, args.timeout)
                     warm = []
                     for i in range(runs):
-                        warm.append(open_viewer(context, url, args.timeout))
+                        warm.append(open_viewer(context, url, args.timeout, waterfall=args.waterfall))
                         log(f"warm run {i + 1}: first image at {warm[-1]['first_image_ms']} ms")
                 finally:
                     context.close()
@@ -242,6 +256,14 @@ def print_report(report: dict[str, Any]) -> None:
         cold, warm = report["cold"]["median"].get(key), report["warm"]["median"].get(key)
         print(f"{label:30} {cold if cold is not None else '-':>8} {warm if warm is not None else '-':>8}")
     print()
+    last_warm = report["warm"]["runs"][-1]
+    if "waterfall" in last_warm:
+        print(f"requests of the last warm run (first image at {last_warm['first_image_ms']} ms)")
+        for entry in sorted(last_warm["waterfall"], key=lambda e: e["start_ms"]):
+            name = entry["name"] if len(entry["name"]) <= 90 else entry["name"][:87] + "..."
+            times = f"{entry['start_ms']:>6} {entry['first_byte_ms']:>6} {entry['end_ms']:>6}"
+            print(f"{times} {entry['bytes']:>9}  {name}")
+        print()
     for mode in ("cold", "warm"):
         seconds = report[mode]["median"]["first_image_ms"] / 1000
         verdict = "met" if seconds < TARGET_S else "NOT met"
@@ -256,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per mode (default 5)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the first image")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server log) at the end")
+    parser.add_argument(
+        "--waterfall",
+        action="store_true",
+        help="print every request of the last warm run (start, first byte, end in ms; bytes transferred)",
+    )
     parser.add_argument(
         "--output", type=Path, help="JSON result file (default: bench/results/viewer-<ts>.json)"
     )
