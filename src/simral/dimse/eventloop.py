@@ -103,13 +103,20 @@ def _buffered(dul: Any) -> bytearray:
 
 
 def _fill(dul: Any, sock: Any, want: int) -> bool:
-    """Read from ``sock`` until the buffer holds ``want`` bytes; False if the connection ended."""
+    """Read from ``sock`` until the buffer holds ``want`` bytes; False if the connection ended.
+
+    Each read goes into one scratch area kept per association (no allocation per read) and takes
+    all the kernel holds, up to ``RECV_SIZE``.
+    """
     buffer = _buffered(dul)
+    scratch: memoryview | None = dul.__dict__.get("_simral_scratch")
+    if scratch is None:
+        scratch = dul._simral_scratch = memoryview(bytearray(RECV_SIZE))
     while len(buffer) < want:
-        chunk = sock.recv(max(RECV_SIZE, want - len(buffer)))
-        if not chunk:
+        count = sock.recv_into(scratch)
+        if not count:
             return False
-        buffer += chunk
+        buffer += scratch[:count]
     return True
 
 
@@ -149,7 +156,8 @@ def _read_pdu_data(self: Any) -> None:
         buffer.clear()
         self.event_queue.put("Evt17")
         return
-    data = bytes(buffer[: 6 + pdu_length])
+    with memoryview(buffer) as view:
+        data = bytes(view[: 6 + pdu_length])
     del buffer[: 6 + pdu_length]
     try:
         pdu, event = _decode_pdu(self, data)
