@@ -61,7 +61,7 @@ from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.audit import service as audit
 from simral.context import AppContext
-from simral.dimse import commitment, sending
+from simral.dimse import commitment, eventloop, sending
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
 from simral.observability import metrics
@@ -101,43 +101,6 @@ ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRB
     for ts in ALL_TRANSFER_SYNTAXES
     if ts not in {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian}
 ]
-
-
-def _tighten_polling() -> None:
-    """Shorten pynetdicom's polling sleeps (PS3.8 latency, not protocol).
-
-    pynetdicom's association reactor sleeps 1 ms between looks at its queue, once per received
-    PDU, and its DUL reactor sleeps 1 ms whenever the socket is quiet: a 512 KiB instance in
-    128 KiB PDUs waits several milliseconds per C-STORE. simral lowers both to
-    ``POLL_INTERVAL``; the cost is more wake-ups of idle associations. The association's end
-    also waits: 10 ms steps for its reader to stop (``kill``), polled at ``POLL_INTERVAL`` too,
-    and a fixed 100 ms after an abort once the reader stopped and the socket is shut
-    (``_abort_blocking``), dropped: each malformed input held its association (and its slot among
-    ``maximum_associations``) that long.
-    """
-    import pynetdicom.association as association_module
-
-    if getattr(association_module, "_simral_polling", False):
-        return
-    real_sleep = time.sleep
-
-    class _ScaledTime:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            if seconds == ABORT_DELAY:
-                return
-            real_sleep(POLL_INTERVAL if seconds in (0.001, 0.01) else seconds)
-
-    association_module.time = _ScaledTime()  # type: ignore[assignment]
-    association_module._simral_polling = True  # type: ignore[attr-defined]
-
-
-POLL_INTERVAL = 0.0002
-#: pynetdicom's fixed delay at the end of ``Association.abort`` (not waited, see _tighten_polling).
-ABORT_DELAY = 0.1
 
 
 class _SupportedContexts(list[PresentationContext]):
@@ -412,7 +375,7 @@ class DimseService:
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         sending.install()
-        _tighten_polling()
+        eventloop.install()
         _install_request_check()
         _install_spool_cleanup()
         _install_spool_file()
@@ -519,7 +482,6 @@ class DimseService:
 
     def on_connection_open(self, event: evt.Event) -> None:
         sending.set_nodelay(event)
-        event.assoc.dul._run_loop_delay = POLL_INTERVAL
         transport = event.assoc.dul.socket
         subject = tls.peer_common_name(transport.socket if transport is not None else None)
         event.assoc._simral_tls_subject_cn = subject  # type: ignore[attr-defined]
