@@ -86,7 +86,7 @@ typecheck: install
 test: install test-deps $(OIDC_PEER) $(AXE_PEER)
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install test-deps
 	$(BIN)/python bench/dimse_bench.py
