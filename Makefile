@@ -15,7 +15,9 @@ OHIF_DIR := $(VENV)/share/simral/ohif
 OHIF_STAMP := $(VENV)/.ohif-$(OHIF_VERSION)
 # The suite runs in two pytest-xdist workers, each test file in one worker (its module fixtures —
 # a running simral, Orthanc, PostgreSQL — are started once); `make test PYTEST_WORKERS=` runs serially.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# --no-loadscope-reorder: files are handed out in collection order (tests/conftest.py puts the longest
+# first), not by decreasing number of tests, which left a 2-test, minutes-long file for the end.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test test-deps lint typecheck bench hardening clean lock audit
@@ -86,7 +88,7 @@ typecheck: install
 test: install test-deps $(OIDC_PEER) $(AXE_PEER)
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install test-deps
 	$(BIN)/python bench/dimse_bench.py

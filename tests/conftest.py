@@ -79,25 +79,47 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("corpus")
 
 
-#: The test files that take longest (``--durations``), started first so that the two pytest-xdist
-#: workers (``--dist loadfile``, files handed out in collection order) finish together.
+#: The test files that take longest (``--durations``, junit per-file totals), longest first, so that the two
+#: pytest-xdist workers finish together: ``--dist loadfile --no-loadscope-reorder`` (Makefile) hands the
+#: files out in collection order, each to the first free worker. Without ``--no-loadscope-reorder``
+#: xdist sorts the files by their number of tests instead, and a 2-test file of several minutes ran last.
 SLOW_FILES_FIRST = (
+    "test_crash_safety_postgres.py",
     "test_crash_safety.py",
-    "test_fault_injection.py",
-    "test_reports.py",
-    "test_bad_input.py",
-    "test_cluster.py",
-    "test_worklist_mpps.py",
-    "test_compression_at_rest.py",
-    "test_security_review.py",
-    "test_report_browser.py",
-    "test_routing.py",
-    "test_access_matrix.py",
-    "test_teleradiology_requests.py",
-    "test_dimse_dcmtk.py",
     "test_report_publication.py",
+    "test_teleradiology_end_to_end.py",
+    "test_dmp_ris_report.py",
+    "test_fault_injection.py",
+    "test_bad_input.py",
+    "test_dimse_dcmtk.py",
+    "test_routing.py",
     "test_media_export.py",
+    "test_dmp_publication.py",
+    "test_worklist_mpps.py",
+    "test_deidentification.py",
+    "test_reading_priors.py",
     "test_shares.py",
+    "test_request_documents.py",
+    "test_oncall_page.py",
+    "test_hl7_adt.py",
+    "test_serve_workers.py",
+    "test_report_browser.py",
+    "test_oidc_login.py",
+    "test_reports.py",
+    "test_dimse_services.py",
+    "test_portal_browser.py",
+    "test_viewer_browser.py",
+    "test_portal_accessibility.py",
+    "test_tls.py",
+    "test_vigilance_browser.py",
+    "test_cluster.py",
+    "test_ups_workitems.py",
+    "test_teleradiology_requests.py",
+    "test_fhir_pdqm_pixm.py",
+    "test_retention_page.py",
+    "test_access_matrix.py",
+    "test_orthanc_dicomweb.py",
+    "test_audit_export.py",
 )
 
 

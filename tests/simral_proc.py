@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests import cli_forkserver
 from tests.peers import free_port, wait_port
 
 SIMRAL = str(Path(sys.executable).parent / "simral")
+#: Run ``SimralProcess.cli`` commands through the fork server (see :mod:`tests.cli_forkserver`).
+FORK_CLI = os.environ.get("SIMRAL_TEST_CLI_SUBPROCESS", "") != "1"
 
 #: The organisation, technologist account and password every test instance gets on first use:
 #: nodes added by tests belong to it, imports are assigned to it, and its token reads everything
@@ -104,7 +107,10 @@ class SimralProcess:
     ) -> subprocess.CompletedProcess[str]:
         """Run a ``simral`` subcommand against this instance's data folder and settings.
 
-        ``import`` is assigned to the test organisation unless the arguments name one.
+        ``import`` is assigned to the test organisation unless the arguments name one. The command runs
+        in a process forked from an interpreter that has already imported the CLI
+        (:mod:`tests.cli_forkserver`), unless ``SIMRAL_TEST_CLI_SUBPROCESS=1`` asks for a fresh
+        ``simral`` subprocess.
         """
         argv = [SIMRAL, *args]
         if args and args[0] in _DATA_DIR_COMMANDS:
@@ -112,15 +118,18 @@ class SimralProcess:
         if args and args[0] == "import" and "--organisation" not in args:
             self.ensure_directory()
             argv += ["--organisation", TEST_ORGANISATION]
-        result = subprocess.run(
-            argv,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            input=input,
-        )
+        if FORK_CLI:
+            result = cli_forkserver.SERVER.run(argv[1:], self.env, timeout=timeout, input=input)
+        else:
+            result = subprocess.run(
+                argv,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                input=input,
+            )
         if check and result.returncode != 0:
             raise AssertionError(
                 f"simral {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
