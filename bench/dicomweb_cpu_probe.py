@@ -38,29 +38,17 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import pydicom  # noqa: E402
 from bench.common import cpu_seconds, log  # noqa: E402
+from bench.dicomweb_bench import stow_bodies  # noqa: E402
 from tests.corpus import ct_series, small_instances  # noqa: E402
 from tests.simral_proc import SimralProcess  # noqa: E402
 
 DICOM_JSON = "application/dicom+json"
 
 
-def _bodies(files: Sequence[Path], per_request: int) -> tuple[str, list[bytes]]:
-    boundary = f"probe-{uuid.uuid4().hex}"
-    bodies = []
-    for i in range(0, len(files), per_request):
-        chunks: list[bytes] = []
-        for path in files[i : i + per_request]:
-            chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), path.read_bytes()]
-            chunks.append(b"\r\n")
-        chunks.append(f"--{boundary}--\r\n".encode())
-        bodies.append(b"".join(chunks))
-    return f'multipart/related; type="application/dicom"; boundary={boundary}', bodies
-
-
 def _stow(
     client: httpx.Client, root: str, pid: int, files: Sequence[Path], per_request: int
 ) -> dict[str, Any]:
-    content_type, bodies = _bodies(files, per_request)
+    content_type, bodies = stow_bodies(files, per_request)
     headers = {"Content-Type": content_type, "Accept": DICOM_JSON}
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     for body in bodies:
