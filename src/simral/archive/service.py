@@ -138,6 +138,8 @@ def _prepare(
     if existing is not None:
         decided = _duplicate(ctx, header, existing_sha=existing[0], new_sha=sha256, principal=principal)
         if decided is not None:
+            if decided.outcome == "duplicate":
+                _restore_if_missing(ctx, existing[1], path)
             return decided
     stored = StoredBlob(key=blob_key(header, sha256), size=size, sha256=sha256)
     return _Candidate(header, json_model, stored, existing is not None, path)
@@ -218,11 +220,22 @@ def _index_one(
             )
     except IntegrityError:
         # Another association indexed the same SOP Instance UID first: decide as a duplicate.
-        staging.discard(candidate.stored.key)
         with ctx.db.reading() as session:
             row = existing_blob(session, header.sop_uid)
         if row is None:
+            staging.discard(candidate.stored.key)
             raise
+        if row[1] == candidate.stored.key:
+            # Identical bytes, so the same staged name: the first ingest may not have published it
+            # yet, and deleting it would lose its blob. Publishing the same bytes again is safe.
+            try:
+                staging.publish(candidate.stored.key)
+            except FileNotFoundError:
+                pass  # the first ingest published it
+            except Exception as exc:  # kept staged: the recovery sweep publishes it (indexed key)
+                log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
+        else:
+            staging.discard(candidate.stored.key)
         decided = _duplicate(
             ctx, header, existing_sha=row[0], new_sha=candidate.stored.sha256, principal=principal
         )
@@ -373,6 +386,21 @@ def _ingest_files(
         if results[index] is None:
             results[index] = _index_one(ctx, candidate, staging, principal=principal, source=source)
     return [r for r in results if r is not None]
+
+
+def _restore_if_missing(ctx: AppContext, key: str, path: Path) -> None:
+    """Put the bytes of an identical re-sent instance back when its indexed blob is missing.
+
+    A node killed between its index commit and the blob's publication (:mod:`simral.storage.staging`)
+    leaves the blob staged on its own disk, where other nodes cannot read it; the sender, never
+    acknowledged, sends again, possibly to another node. The answer "success, nothing new" (DESIGN.md
+    §3) must then be true: the re-sent bytes (same SHA-256, so same key) are written to the store the
+    index names before the acknowledgement. Writing the same bytes twice is harmless.
+    """
+    if blob_exists(ctx, key):
+        return
+    blob_store(ctx, key).put_file(key, path, move=False)
+    log.warning("an indexed blob was missing; restored it from an identical re-sent instance")
 
 
 def _duplicate(
