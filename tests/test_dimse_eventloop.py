@@ -9,6 +9,8 @@ long quiet spell is answered at once (the wake-ups reach both reactors); the req
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +142,21 @@ def test_move_sub_operations_over_requested_association(
     # A sub-association's set-up, three stores and its release: no reactor waits for a poll or a
     # timeout (the 1 s bound would show as seconds here).
     assert elapsed < 3.0, f"C-MOVE of 3 instances took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("race", ["double-close", "paused-reactor"])
+def test_reactor_races_in_a_process_of_their_own(race: str) -> None:
+    """See tests/eventloop_races.py: a second "connection closed" in Sta1 does not kill the DUL
+    thread (it did, in test_cluster's server log), a paused reactor leaves a sender's response, and
+    ``sending.install()`` alone (forwarding workers) brings the event-driven reactors."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.eventloop_races", race],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

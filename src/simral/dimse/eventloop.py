@@ -247,6 +247,11 @@ def _notify_state(dul: Any) -> None:
         condition.notify_all()
 
 
+#: The events PS3.8 Table 9-10 defines in Sta1 (Idle): A-ASSOCIATE request from the local user
+#: (Evt1) and transport connection indication (Evt5).
+_EVENTS_IN_IDLE = frozenset({"Evt1", "Evt5"})
+
+
 def run_reactor(self: Any) -> None:
     """The DUL reactor: handle all that is ready, then wait for the socket, a wake-up or a timer."""
     self._simral_thread = threading.get_ident()
@@ -287,6 +292,10 @@ def run_reactor(self: Any) -> None:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     break
+                if event not in _EVENTS_IN_IDLE and self.state_machine.current_state == "Sta1":
+                    # The association is over; a second "connection closed" (a failed send and
+                    # the read of the closed socket both report it) has nothing left to do.
+                    continue
                 self.state_machine.do_action(event)
                 busy = True
             if self.state_machine.current_state != state:
@@ -329,6 +338,12 @@ def _run_reactor(self: Any) -> None:
     ``_is_paused`` is True while it waits: a thread sending a request on this association (which
     pauses the reactor, ``_reactor_checkpoint``) need not wait for a poll; after a wait the
     reactor passes the checkpoint before it takes a message.
+
+    A sender (a C-STORE sub-operation of C-GET / C-MOVE) clears the checkpoint, then waits for
+    ``_is_paused``. The reactor marks itself not paused *before* it looks at the checkpoint again
+    and takes a message only if the checkpoint is still open: either the sender sees it running and
+    waits, or the reactor sees the pause and leaves the sender's response to the sender (which
+    pynetdicom's own reactor could take, answered "Received unexpected C-STORE service message").
     """
     wake: threading.Event = self._simral_wake
     self._is_paused = False
@@ -338,6 +353,8 @@ def _run_reactor(self: Any) -> None:
         self._reactor_checkpoint.wait()
         self._is_paused = False
 
+        if not self._reactor_checkpoint.is_set():
+            continue  # paused meanwhile by a sender: the message waiting is its response
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, context_id)

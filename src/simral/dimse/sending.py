@@ -18,13 +18,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.presentation import PresentationContext, build_context
 
 from simral.archive.service import StoredInstance, local_copy
 from simral.context import AppContext
 from simral.dicom.coerce import coerced_dataset
 from simral.dicom.transcode import TranscodeError, choose_target, transcode_file
+from simral.dimse import eventloop
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +91,13 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
         return _original_send_c_store(self, converted, *args, **kwargs)
 
 
-_original_get_msg = DIMSEServiceProvider.get_msg
-
-
-def _get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
-    """pynetdicom's reactor takes incoming DIMSE messages with a non-blocking ``get_msg``; a thread
-    sending a request on the same association (a C-STORE sub-operation of C-GET / C-MOVE) first
-    pauses it (``_reactor_checkpoint.clear()``, then waits for ``_is_paused``). The reactor sets
-    ``_is_paused`` back to False a moment *after* leaving its wait, so under CPU load the sender
-    can see a stale True, send, and have its response taken by the reactor ("Received unexpected
-    C-STORE service message"), then wait for the DIMSE timeout. While a sender holds the reactor
-    paused, the reactor's non-blocking read leaves the message to the sender."""
-    if not block and not self.assoc._reactor_checkpoint.is_set():
-        return None, None
-    return _original_get_msg(self, block)
-
-
 def install() -> None:
-    """Enable pass-through sends of stored instances, and close pynetdicom's reactor race for
-    requests sent on an association whose reactor is running (idempotent)."""
+    """Enable pass-through sends of stored instances on event-driven associations
+    (:mod:`simral.dimse.eventloop`, which also closes pynetdicom's reactor race for requests sent
+    on an association whose reactor is running); idempotent."""
+    eventloop.install()
     _config.STORE_SEND_CHUNKED_DATASET = True
     Association.send_c_store = _send_c_store  # type: ignore[method-assign]
-    DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
 
 
 def contexts_for(instances: Iterable[StoredInstance]) -> list[PresentationContext]:

@@ -61,7 +61,7 @@ from simral.archive import service as archive
 from simral.archive.models import Instance, Patient, Series, Study
 from simral.audit import service as audit
 from simral.context import AppContext
-from simral.dimse import commitment, eventloop, sending
+from simral.dimse import commitment, sending
 from simral.nodes import service as nodes
 from simral.nodes.models import RemoteNode
 from simral.observability import metrics
@@ -374,8 +374,7 @@ class DimseService:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
-        sending.install()
-        eventloop.install()
+        sending.install()  # with the event-driven reactors (simral.dimse.eventloop)
         _install_request_check()
         _install_spool_cleanup()
         _install_spool_file()
