@@ -5,7 +5,11 @@ changes pynetdicom for the whole process. Prints ``ok`` or exits non-zero with t
 - ``double-close``: a failed send and the read of the closed socket both report "connection
   closed" (Evt17); the second reaches a DUL already back in Sta1 (Idle), where PS3.8 Table 9-10
   defines no such event. It must not raise in the DUL thread.
-- (both) ``simral.dimse.sending.install`` alone makes the reactors event-driven.
+- ``primitive-after-abort``: the association hands the DUL a primitive (here an A-ABORT; a
+  response to a request, found by the DIMSE fuzzer) while it awaits the transport close (Sta13).
+  The event is dropped and its primitive taken from the queue; left there, the reactor saw it at
+  every turn, spun a core and never read the close, until the ARTIM timer ended it.
+- (all) ``simral.dimse.sending.install`` alone makes the reactors event-driven.
 - ``paused-reactor``: a sender pauses the reactor (clears ``_reactor_checkpoint``) just after the
   reactor passed the checkpoint; the message then waiting is the sender's response, and the
   reactor must leave it in the queue.
@@ -116,9 +120,39 @@ def paused_reactor() -> None:
         server.shutdown()  # type: ignore[attr-defined]
 
 
+def primitive_after_abort() -> None:
+    server, assoc = _pair()
+    try:
+        dul = assoc.dul  # type: ignore[attr-defined]
+        # As after the DUL answered a peer's bad PDU with an A-ABORT (AA-8), minus the ARTIM timer,
+        # so that only the close can end the wait; the peer has closed its side.
+        dul.state_machine.current_state = "Sta13"
+        ended = threading.Event()
+
+        def abort() -> None:
+            assoc.abort()  # type: ignore[attr-defined]
+            ended.set()
+
+        threading.Thread(target=abort, daemon=True).start()
+        if not ended.wait(5):
+            _fail("the DUL did not reach Sta1: its reactor kept seeing the dropped primitive")
+        if dul.to_provider_queue.qsize():
+            _fail("the dropped primitive is still queued")
+        dul.join(5)
+        if dul.is_alive():
+            _fail("the DUL thread did not end")
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+
+
 if __name__ == "__main__":
     # Also what processes that only send (forwarding workers, benchmarks) rely on.
     if getattr(Association, "_run_reactor", None) is not eventloop._run_reactor:
         _fail("sending.install() left pynetdicom's polling reactors in place")
-    {"double-close": double_close, "paused-reactor": paused_reactor}[sys.argv[1]]()
+    cases = {
+        "double-close": double_close,
+        "paused-reactor": paused_reactor,
+        "primitive-after-abort": primitive_after_abort,
+    }
+    cases[sys.argv[1]]()
     print("ok")

@@ -144,7 +144,7 @@ def test_move_sub_operations_over_requested_association(
     assert elapsed < 3.0, f"C-MOVE of 3 instances took {elapsed:.2f} s"
 
 
-@pytest.mark.parametrize("race", ["double-close", "paused-reactor"])
+@pytest.mark.parametrize("race", ["double-close", "paused-reactor", "primitive-after-abort"])
 def test_reactor_races_in_a_process_of_their_own(race: str) -> None:
     """See tests/eventloop_races.py: a second "connection closed" in Sta1 does not kill the DUL
     thread (it did, in test_cluster's server log), a paused reactor leaves a sender's response, and

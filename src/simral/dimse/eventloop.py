@@ -39,6 +39,7 @@ from typing import Any
 
 from pynetdicom.association import Association
 from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger("pynetdicom.dul")
@@ -247,9 +248,13 @@ def _notify_state(dul: Any) -> None:
         condition.notify_all()
 
 
-#: The events PS3.8 Table 9-10 defines in Sta1 (Idle): A-ASSOCIATE request from the local user
-#: (Evt1) and transport connection indication (Evt5).
-_EVENTS_IN_IDLE = frozenset({"Evt1", "Evt5"})
+#: Sta1 (Idle) and Sta13 (awaiting transport close): PS3.8 Table 9-10 defines no action there for
+#: the other events, which pynetdicom's state machine raises on (InvalidEventError, killing the
+#: thread); after the connection is gone they are dropped.
+_CONNECTION_GONE = frozenset({"Sta1", "Sta13"})
+#: The events ``_process_recv_primitive`` raises for the primitive first in ``to_provider_queue``
+#: (A-ASSOCIATE request/accept/reject, P-DATA, A-RELEASE request/response, A-ABORT).
+_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
 def run_reactor(self: Any) -> None:
@@ -292,9 +297,16 @@ def run_reactor(self: Any) -> None:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     break
-                if event not in _EVENTS_IN_IDLE and self.state_machine.current_state == "Sta1":
-                    # The association is over; a second "connection closed" (a failed send and
-                    # the read of the closed socket both report it) has nothing left to do.
+                current = self.state_machine.current_state
+                if current in _CONNECTION_GONE and (event, current) not in TRANSITION_TABLE:
+                    # The connection is closed or closing: a second "connection closed" (a failed
+                    # send and the read of the closed socket both report it), or a response the
+                    # association hands over after the peer left, has nothing left to do. A local
+                    # primitive's event leaves the primitive queued (its action would take it):
+                    # taken here, or it would be seen again at every turn, busy until ARTIM.
+                    if event in _LOCAL_PRIMITIVE_EVENTS:
+                        with contextlib.suppress(queue.Empty):
+                            self.to_provider_queue.get(block=False)
                     continue
                 self.state_machine.do_action(event)
                 busy = True
@@ -381,7 +393,7 @@ def _run_reactor(self: Any) -> None:
             self.kill()
             return
 
-        if not self.dul.is_alive():
+        if _stopped(self.dul) or not self.dul.is_alive():
             self.kill()
             return
 
