@@ -321,3 +321,20 @@ def test_adt_feed_of_hl7_v2_3_is_applied_without_pid_32() -> None:
     message = message.replace(b"IPP-1^^^", b"IPP-V23^^^").rsplit(b"|", 1)[0]  # no PID-32
     handled = adt.handle(site.ctx, message, peer="127.0.0.1")
     assert handled.code == "AA", handled.ack
+
+
+def test_an_order_whose_placer_authority_is_too_long_is_refused_every_time() -> None:
+    """An ORC-2.3 over 64 characters was stored cut to 64, so the same order sent again missed the
+    duplicate check (full value) and its INSERT broke the unique key: "internal error" (ERR 207).
+    It is now refused at once, each time, as a data type error (HL7 v2.5.1 table 0357: 102)."""
+    from simral.hl7 import adt
+
+    site = _harness("hl7")._site.get()
+    sent = (harness.REGRESSIONS_DIR / "hl7" / "orm-placer-authority-over-64-sent-twice.hl7").read_bytes()
+    order = sent.split(b"\x1c", 1)[0].lstrip(b"\x0b")
+    assert b"|ORM^O01^ORM_O01|" in order
+    for _ in range(2):
+        handled = adt.handle(site.ctx, order, peer="127.0.0.1")
+        assert handled.code == "AE", handled.ack
+        assert b"|102^" in handled.ack and b"ORC-2.3" in handled.ack, handled.ack
+        _harness("hl7").test_one_input(sent)  # the oracle: no error logged, an acknowledgement

@@ -627,6 +627,13 @@ def receive_request(
     if details.priority not in PRIORITIES:
         raise ReadingError(f"unknown priority {details.priority!r}", code="103")
     authority = details.placer_authority.strip()
+    if len(authority) > 64:
+        # Stored as given or not at all: a cut value would miss the duplicate check below and then
+        # collide with the request it duplicates (the HL7 fuzzer's ORM sent twice).
+        raise ReadingError(
+            "the placer order number's assigning authority (ORC-2.3) is longer than 64 characters",
+            code="102",
+        )
     duplicate = session.scalar(
         select(ImagingRequest).where(
             ImagingRequest.site_code == site_code,
@@ -668,7 +675,7 @@ def receive_request(
         site_code=site_code,
         group_code=contract.group_code,
         placer_number=number,
-        placer_authority=authority[:64],
+        placer_authority=authority,
         identity_id=identity.id if identity is not None else None,
         patient=_patient_record(patient),
         requested_at=details.requested_at,
