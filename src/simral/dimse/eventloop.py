@@ -41,6 +41,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
 from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import T_CONNECT
 
 log = logging.getLogger("pynetdicom.dul")
 
@@ -257,6 +258,14 @@ _CONNECTION_GONE = frozenset({"Sta1", "Sta13"})
 _LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
+def _is_connect_result(dul: Any, event: str) -> bool:
+    """Whether ``event`` is the outcome (Evt2 / Evt17) of the T-CONNECT first in the queue."""
+    with contextlib.suppress(IndexError):
+        head = dul.to_provider_queue.queue[0]
+        return isinstance(head, T_CONNECT) and head.result == event
+    return False
+
+
 def run_reactor(self: Any) -> None:
     """The DUL reactor: handle all that is ready, then wait for the socket, a wake-up or a timer."""
     self._simral_thread = threading.get_ident()
@@ -304,7 +313,7 @@ def run_reactor(self: Any) -> None:
                     # association hands over after the peer left, has nothing left to do. A local
                     # primitive's event leaves the primitive queued (its action would take it):
                     # taken here, or it would be seen again at every turn, busy until ARTIM.
-                    if event in _LOCAL_PRIMITIVE_EVENTS:
+                    if event in _LOCAL_PRIMITIVE_EVENTS or _is_connect_result(self, event):
                         with contextlib.suppress(queue.Empty):
                             self.to_provider_queue.get(block=False)
                     continue
