@@ -212,6 +212,22 @@ def test_suspected_duplicate_in_one_authority(ctx: AppContext) -> None:
     assert a1.person_id != a2.person_id  # never merged silently
 
 
+def test_look_alike_placeholders_open_a_bounded_number_of_cases(ctx: AppContext) -> None:
+    """Identities sharing their strict traits by the dozen (an unknown patient's default traits):
+    a new one opens a case against the most recent look-alikes only, not one per identity."""
+    limit = patients.MAX_DUPLICATE_CASES
+    for n in range(limit + 5):
+        _upsert(ctx, f"IPP-X{n}", CHA)
+    result = _upsert(ctx, "IPP-NEW", CHA)
+    assert len(result.cases) == limit
+    with ctx.db.reading() as session:
+        others = {
+            session.get(PatientIdentity, case.other_identity_id).local_id  # type: ignore[union-attr]
+            for case in result.cases
+        }
+    assert others == {f"IPP-X{n}" for n in range(5, limit + 5)}
+
+
 def test_merge_then_unmerge(ctx: AppContext) -> None:
     _upsert(ctx, "IPP-A1", CHA)
     _upsert(ctx, "IPP-A2", CHA, ins=INS_1)

@@ -793,27 +793,42 @@ def _update(
     return UpsertResult(identity, changed=tuple(changed), cases=cases)
 
 
+#: Suspected-duplicate cases opened for one new identity, at most (the most recent look-alikes).
+MAX_DUPLICATE_CASES = 10
+
+
 def _check_duplicates(
     session: Session, identity: PatientIdentity, *, source: str, principal: Principal
 ) -> list[VigilanceCase]:
     """A new identity whose strict traits equal those of another active identity of the same
-    authority is a suspected duplicate (two local ids for one patient)."""
+    authority is a suspected duplicate (two local ids for one patient).
+
+    One case per pair, for the :data:`MAX_DUPLICATE_CASES` most recent such identities: placeholder
+    identities (an unknown patient's default traits, test patients) can share their traits by the
+    hundred, and a case for each made every new one cost as much as all before it.
+    """
     if not (identity.birth_name and identity.first_birth_given_name and identity.birth_date and identity.sex):
         return []
     cases = []
+    matched = 0
     for other in session.scalars(
-        select(PatientIdentity).where(
+        select(PatientIdentity)
+        .where(
             PatientIdentity.authority_id == identity.authority_id,
             PatientIdentity.birth_date == identity.birth_date,
             PatientIdentity.id != identity.id,
             PatientIdentity.merged_into_id.is_(None),
         )
+        .order_by(PatientIdentity.id.desc())
     ):
         same = all(
             _fold(getattr(other, name)) == _fold(getattr(identity, name))
             for name in ("birth_name", "first_birth_given_name", "sex")
         )
         if same:
+            matched += 1
+            if matched > MAX_DUPLICATE_CASES:
+                break
             case = _open_case(
                 session,
                 kind=CASE_SUSPECTED_DUPLICATE,
