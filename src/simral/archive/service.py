@@ -179,6 +179,18 @@ def _index_candidate(
     )
 
 
+def _publish_staged(ctx: AppContext, staging: Staging, key: str) -> None:
+    """Publish an indexed staged blob (step 5). A failure leaves it staged: the instance is durable
+    and indexed, reads use the staged copy and the recovery sweep publishes it when the store is
+    back. Not found: an ingest of the same bytes (same staged name) published it already."""
+    try:
+        staging.publish(key)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
+
+
 def _finish(
     ctx: AppContext,
     candidate: _Candidate,
@@ -191,12 +203,7 @@ def _finish(
     """After the commit: remember the placement, publish the blob (step 5), drop a replaced one."""
     header = candidate.header
     hierarchy_cache(ctx).remember(placement, header.sop_class_uid, storing_organisation(principal))
-    try:
-        staging.publish(candidate.stored.key)
-    except Exception as exc:
-        # The instance is durable in the staging area and indexed; reads use the staged copy and
-        # the recovery sweep publishes it when the store is back.
-        log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
+    _publish_staged(ctx, staging, candidate.stored.key)
     outcome: Outcome = "stored"
     if replaced is not None:
         # The replaced bytes may have moved to another tier: drop them wherever they are.
@@ -228,12 +235,7 @@ def _index_one(
         if row[1] == candidate.stored.key:
             # Identical bytes, so the same staged name: the first ingest may not have published it
             # yet, and deleting it would lose its blob. Publishing the same bytes again is safe.
-            try:
-                staging.publish(candidate.stored.key)
-            except FileNotFoundError:
-                pass  # the first ingest published it
-            except Exception as exc:  # kept staged: the recovery sweep publishes it (indexed key)
-                log.error("publishing a blob to the %s store failed (kept staged): %s", ctx.store.name, exc)
+            _publish_staged(ctx, staging, candidate.stored.key)
         else:
             staging.discard(candidate.stored.key)
         decided = _duplicate(
