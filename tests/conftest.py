@@ -7,6 +7,8 @@ Every peer listens on 127.0.0.1 on a free port and is stopped at the end of the 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,17 @@ def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppContext]:
     context = open_app(load_settings(environ=env))
     yield context
     context.db.dispose()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGV…`` from the repository in a child process (for code that changes
+    process-wide state, such as pynetdicom's patches, away from the pytest worker)."""
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,6 @@ long quiet spell is answered at once (the wake-ups reach both reactors); the req
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from tests.conftest import run_python
 from tests.corpus import ct_series
 from tests.peers import free_port
 from tests.simral_proc import SimralProcess
@@ -149,14 +148,5 @@ def test_reactor_races_in_a_process_of_their_own(race: str) -> None:
     """See tests/eventloop_races.py: a second "connection closed" in Sta1 does not kill the DUL
     thread (it did, in test_cluster's server log), a paused reactor leaves a sender's response, and
     ``sending.install()`` alone (forwarding workers) brings the event-driven reactors."""
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.eventloop_races", race],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python("-m", "tests.eventloop_races", race, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -11,8 +11,6 @@ import copy
 import importlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +20,7 @@ from fuzz import harness
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
+from tests.conftest import run_python
 
 HARNESSES = ("ingest", "hl7", "stow", "import", "dimse")
 #: The DIMSE harness runs a ``DimseService``, which sets process-wide state for a server process
@@ -33,14 +32,6 @@ CASES = [
     for name in IN_PROCESS
     for path in harness.corpus_files(name) + harness.regression_files(name)
 ]
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _child(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python ARGV…`` from the repository in a child process (the DIMSE harness's home)."""
-    return subprocess.run(
-        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 _loaded: dict[str, ModuleType] = {}
@@ -72,7 +63,7 @@ def test_every_harness_has_seeds() -> None:
 def test_replay_dimse_in_a_child_process() -> None:
     """Every DIMSE seed and regression input holds the harness's oracle (``fuzz.replay``)."""
     inputs = [str(p) for p in harness.corpus_files("dimse") + harness.regression_files("dimse")]
-    replayed = _child("-m", "fuzz.replay", "dimse", *inputs)
+    replayed = run_python("-m", "fuzz.replay", "dimse", *inputs)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert f"{len(inputs)} inputs replayed, 0 failed" in replayed.stdout
 
@@ -193,7 +184,9 @@ def acceptor_contexts_copy_check() -> None:
 def test_acceptor_contexts_copy_shares_their_uids() -> None:
     """pynetdicom deep-copies the supported contexts for every connection: the copy must not
     rebuild (and re-validate) the thousands of transfer syntax UIDs (some 200 ms per connection)."""
-    checked = _child("-c", "from tests.test_fuzz_regressions import acceptor_contexts_copy_check as c; c()")
+    checked = run_python(
+        "-c", "from tests.test_fuzz_regressions import acceptor_contexts_copy_check as c; c()"
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
@@ -257,7 +250,7 @@ def test_a_malformed_association_request_frees_its_slot_at_once() -> None:
     (``regressions/dimse/associate-rq-context-without-abstract-syntax.bin``) killed the
     association thread, with the same effect, as did one without transfer syntaxes
     (``associate-rq-context-without-transfer-syntax.bin``)."""
-    checked = _child(
+    checked = run_python(
         "-c", "from tests.test_fuzz_regressions import malformed_association_request_check as c; c()"
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
