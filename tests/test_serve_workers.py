@@ -187,3 +187,38 @@ def test_serve_caps_malloc_arenas_unless_the_operator_set_them() -> None:
     assert capped == "False" and uncapped > 2  # the default: an arena per thread, here
     # The operator's MALLOC_ARENA_MAX (applied by glibc itself) is left alone.
     assert _arenas("cap", {**env, "MALLOC_ARENA_MAX": "4"}) == ("False", 4)
+
+
+# A child process: 50 MB of 64 KB blocks (below glibc's mmap threshold, so inside the main arena)
+# are written, then freed except the last one, which keeps the arena's top in place: glibc's free()
+# can only give back the top, so the freed pages stay resident until simral's trim releases them.
+TRIM_PROBE = r"""
+import ctypes, ctypes.util
+from simral.server import release_free_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+blocks = [libc.malloc(64 * 1024) for _ in range(800)]
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+for block in blocks[:-1]:
+    libc.free(block)
+before = rss_kib()
+released = release_free_memory()
+print(released, before - rss_kib())
+"""
+
+
+def test_serving_processes_give_free_arena_pages_back() -> None:
+    out = subprocess.run(
+        [str(Path(SIMRAL).with_name("python")), "-c", TRIM_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    released, freed_kib = out[0], int(out[1])
+    assert released == "True"
+    assert freed_kib > 40 * 1024  # most of the 50 MB that free() had left resident
