@@ -396,16 +396,3 @@ def test_administration_forms_follow_the_policy(world: World) -> None:
         )
     listed = world.simral.cli("users", "list").stdout
     assert "new_tech_a" in listed and "x1" not in listed and "x2" not in listed and "x3" not in listed
-
-
-def test_users_issue_their_own_tokens(world: World) -> None:
-    with world.http("rad_a") as http:
-        page = http.post("/account/tokens", data={"lifetime": "1h", "label": "station de lecture"})
-    assert page.status_code == 200
-    token = page.text.split('<code id="token">', 1)[1].split("<", 1)[0]
-    own = httpx.get(
-        f"{world.simral.http_url}/dicom-web/studies/{world.studies['A']}/metadata",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-    )
-    assert own.status_code == 200

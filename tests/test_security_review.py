@@ -649,6 +649,22 @@ def test_the_session_csrf_token_is_accepted(review: Review) -> None:
     assert re.search(r'id="token">[\w.-]+<', answer.text)
 
 
+def test_a_bearer_token_cannot_issue_tokens(review: Review) -> None:
+    """A stolen token must not outlive its own expiry or revocation by minting a successor."""
+    from sqlalchemy import func, select
+
+    def issued() -> int:
+        with review.ctx.db.reading() as session:
+            return int(session.scalar(select(func.count()).select_from(identity.ApiToken)) or 0)
+
+    before = issued()
+    with review.client(token=True) as client:
+        answer = client.post("/account/tokens", data={"lifetime": "30d", "label": "successor"})
+    assert answer.status_code == 403, answer.text[:500]
+    assert not re.search(r'id="token">', answer.text)
+    assert issued() == before
+
+
 def test_a_forged_login_post_is_refused(review: Review) -> None:
     with review.client() as anonymous:
         answer = anonymous.post(

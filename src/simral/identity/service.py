@@ -625,10 +625,14 @@ def issue_token(
 ) -> str:
     """A signed bearer token for the DICOMweb and REST APIs (RFC 6750), recorded for revocation.
 
-    Professionals issue tokens for themselves; only the platform operator (CLI) issues them for others.
+    Professionals issue tokens for themselves, signed in with their second factor (or through the
+    OpenID provider); a bearer token cannot issue tokens, or a stolen one would outlive its own
+    expiry and revocation (OWASP ASVS V3.5). Only the platform operator (CLI) issues them for others.
     """
     if principal.kind != "system" and principal.user_id != professional.id:
         raise AccessDenied(f"{principal.audit_name} may not issue tokens for {professional.login}")
+    if principal.via == "token":
+        raise AccessDenied("a bearer token cannot issue tokens: sign in to the portal to create one")
     if lifetime <= timedelta(0) or lifetime > MAX_TOKEN_LIFETIME:
         raise IdentityError(f"token lifetime must be between 1 s and {MAX_TOKEN_LIFETIME.days} days")
     acting = principal_for(session, professional, organisation=organisation)

@@ -343,8 +343,9 @@ def mount_admin(web: FastAPI, ctx: AppContext) -> None:
                     principal=principal,
                 )
         except (identity.IdentityError, AccessDenied) as exc:
+            status = 403 if isinstance(exc, AccessDenied) else 400
             return render_account(
-                request, principal, f'<p class="error" role="alert">{escape(str(exc))}</p>', 400
+                request, principal, f'<p class="error" role="alert">{escape(str(exc))}</p>', status
             )
         notice = (
             f'<p class="message" role="status">{escape(text["token_created"])} '
