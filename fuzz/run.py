@@ -1,8 +1,9 @@
-"""Run every harness for N executions, one after the other, and print the figures.
+"""Run every harness for N executions and print the figures.
 
-``python -m fuzz.run [--runs N] [--only NAME ...] [--max-total-time S]``; ``make hardening`` runs
-it with ``FUZZ_RUNS`` (default 1 000 000) executions per harness. Each harness runs in its own
-process (libFuzzer exits on the first crash); a crash leaves its input in ``fuzz/.work/NAME/``.
+``python -m fuzz.run [--runs N] [--only NAME ...] [--max-total-time S] [--jobs J]``; ``make hardening``
+runs it with ``FUZZ_RUNS`` (default 1 000 000) executions per harness. Each harness runs in its own
+process (libFuzzer exits on the first crash), ``--jobs`` of them side by side (``FUZZ_JOBS``,
+default one per CPU); a crash leaves its input in ``fuzz/.work/NAME/``.
 With ``SIMRAL_CONFORMANCE_DIR`` set, the HL7 harness also reads the ANS Téléradiologie samples
 of the conformance kit as seeds (they are not copied into the repository).
 """
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,18 +84,29 @@ def main() -> int:
     parser.add_argument("--max-total-time", type=int, default=int(os.environ.get("FUZZ_MAX_TIME", "0")))
     parser.add_argument("--only", nargs="*", default=list(HARNESSES), choices=HARNESSES)
     parser.add_argument("libfuzzer", nargs="*", help="further libFuzzer flags (after --)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("FUZZ_JOBS", "0")) or os.cpu_count() or 1,
+        help="harnesses run side by side, each in its own process (default: one per CPU)",
+    )
     args = parser.parse_args()
-    outcomes = []
-    for name in args.only:
+
+    def one(name: str) -> Outcome:
         print(f"fuzzing {name}: {args.runs} executions ...", flush=True)
         outcome = run_one(name, args.runs, args.max_total_time, args.libfuzzer)
-        outcomes.append(outcome)
         state = f"CRASH ({outcome.artifact})" if outcome.crashed else "no crash"
         print(
-            f"  {outcome.runs} executions in {outcome.seconds:.0f} s ({outcome.per_second}/s), "
+            f"  {name}: {outcome.runs} executions in {outcome.seconds:.0f} s ({outcome.per_second}/s), "
             f"{outcome.new_units} new inputs, peak RSS {outcome.peak_rss_mb} MB: {state}",
             flush=True,
         )
+        return outcome
+
+    # Each harness is a process of its own (libFuzzer exits on the first crash), so a thread per
+    # running harness only waits for it.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        outcomes = list(pool.map(one, args.only))
     print("\nharness   executions   exec/s   crashes")
     for o in outcomes:
         print(f"{o.name:<9} {o.runs:>10}   {o.per_second:>6}   {int(o.crashed):>7}")
