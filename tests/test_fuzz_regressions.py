@@ -272,6 +272,23 @@ def test_multipart_boundary_the_parser_can_take() -> None:
             request_boundary(f"multipart/related; boundary={boundary}")
 
 
+def test_content_type_parameters_the_standard_library_cannot_decode() -> None:
+    """RFC 2231 continuations mixed with an unnumbered part (``type*5=...; type*=...``) made the
+    standard library raise TypeError while reading the boundary: STOW-RS answered 500. Refused as a
+    malformed request (415) now; well-formed RFC 2231 parameters still read."""
+    from simral.dicomweb.multipart import MultipartError, request_boundary
+
+    crash = (harness.REGRESSIONS_DIR / "stow" / "content-type-rfc2231-continuations-mixed.txt").read_bytes()
+    content_type = crash.split(b"\n", 1)[0].decode("latin-1")
+    with pytest.raises(MultipartError, match="malformed Content-Type parameters"):
+        request_boundary(content_type)
+    with pytest.raises(MultipartError, match="malformed Content-Type parameters"):
+        request_boundary('multipart/related; type*5="a"; type*="b"; boundary=x')
+    assert request_boundary(
+        'multipart/related; type*0="application/"; type*1="dicom"; boundary*=\'\'simral'
+    ) == ("application/dicom", "simral")
+
+
 def test_pdq_quantity_and_birth_date_read_ascii_digits_only() -> None:
     """An RCP-2 quantity of digits str.isdigit accepts but int() refuses ("³0", from a Latin-1
     message) made the PDQ answer an "internal error" (ERR 207 with a traceback); such a quantity

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,29 @@ class MultipartError(ValueError):
     """The request body is not a well-formed multipart/related body."""
 
 
+def _param(message: Message, name: str) -> object:
+    """A Content-Type parameter. The standard library raises on some malformed RFC 2231 forms
+    (``type*5=...; type*=...``: continuations mixed with an unnumbered part): refused as such."""
+    try:
+        value = message.get_param(name)
+        # An RFC 2231 encoded value (``name*=charset'lang'value``) comes as a triple.
+        return collapse_rfc2231_value(value) if isinstance(value, tuple) else value
+    except Exception as exc:  # TypeError, ValueError, IndexError from email.utils.decode_params
+        raise MultipartError(f"malformed Content-Type parameters: {type(exc).__name__}") from None
+
+
 def request_boundary(content_type: str) -> tuple[str, str]:
-    """``(part type, boundary)`` of a multipart/related request Content-Type."""
+    """``(part type, boundary)`` of a multipart/related request Content-Type (RFC 2387)."""
     message = Message()
     message["content-type"] = content_type
     if message.get_content_type() != "multipart/related":
         raise MultipartError("expected multipart/related")
-    boundary = message.get_param("boundary")
+    boundary = _param(message, "boundary")
     if not isinstance(boundary, str) or not boundary:
         raise MultipartError("multipart/related without a boundary parameter")
     if not _BOUNDARY.fullmatch(boundary):
         raise MultipartError("the boundary is not 1 to 256 printable characters")
-    part_type = message.get_param("type")
+    part_type = _param(message, "type")
     return (part_type.lower() if isinstance(part_type, str) else ""), boundary
 
 
