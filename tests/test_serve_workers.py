@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from tests.corpus import ct_series
 from tests.simral_proc import SIMRAL, SimralProcess
@@ -222,3 +223,19 @@ def test_serving_processes_give_free_arena_pages_back() -> None:
     released, freed_kib = out[0], int(out[1])
     assert released == "True"
     assert freed_kib > 40 * 1024  # most of the 50 MB that free() had left resident
+
+
+def test_the_c_library_is_looked_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes.util.find_library runs ``ldconfig -p`` in a child process: the periodic trim forked
+    every serving process once a minute (seen as RSS spikes of a whole process under load)."""
+    import ctypes.util
+
+    from simral import server
+
+    found: list[str] = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: found.append(name) or real(name))
+    server._libc.cache_clear()
+    for _ in range(3):
+        server.release_free_memory()
+    assert found == ["c"]

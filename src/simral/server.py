@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import os
@@ -187,12 +188,21 @@ def _memory_trim_loop(stop: threading.Event, period: float = MALLOC_TRIM_SECONDS
         release_free_memory()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once: ``ctypes.util.find_library`` runs ``ldconfig -p`` in a
+    child process (a fork of the server) at every call."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def _libc_call(function: str, *args: int) -> int | None:
     """Call a C library function with integer arguments; None when the library lacks it."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return int(getattr(libc, function)(*args))
-    except (OSError, AttributeError):
+        return int(getattr(_libc(), function)(*args))
+    except AttributeError:
         return None
 
 
