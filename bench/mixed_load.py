@@ -527,6 +527,19 @@ def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
     return out
 
 
+def native_memory(http_url: str) -> dict[str, float]:
+    """``simral_native_memory_bytes`` summed over the serving processes, MiB by kind (each process
+    refreshes its figures once a minute)."""
+    text = httpx.get(f"{http_url}/metrics", timeout=30, trust_env=False).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "simral_native_memory_bytes":
+                kind = s.labels.get("kind", "")
+                out[kind] = out.get(kind, 0.0) + s.value / 2**20
+    return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
 def metrics_check(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], rec: Recorder
 ) -> dict[str, Any]:
@@ -732,12 +745,17 @@ def run(args: argparse.Namespace) -> Outcome:
                 for t in threads:
                     t.start()
                 next_log = 60.0
+                native: list[tuple[float, dict[str, float]]] = []
                 while (elapsed := time.monotonic() - t0) < duration:
                     time.sleep(min(1.0, duration - elapsed))
                     if elapsed >= next_log:
                         next_log += 60
                         errs = sum(rec.errors.values())
-                        log(f"{elapsed:.0f} s: {dict(rec.counts)} errors={errs} rss={rss.samples[-1][1]} MiB")
+                        native.append((elapsed, native_memory(simral.http_url)))
+                        log(
+                            f"{elapsed:.0f} s: {dict(rec.counts)} errors={errs} rss={rss.samples[-1][1]} MiB "
+                            f"native={native[-1][1]}"
+                        )
                 stop.set()
                 for t in threads:
                     t.join(120)
@@ -768,6 +786,18 @@ def run(args: argparse.Namespace) -> Outcome:
         "pss_end_mib": rss.pss_samples[-1][1],
         "pss_growth_after_warmup_mib_per_min": round(RssLog.slope(rss.pss_samples, warmup), 2),
         "processes": rss.processes,
+        # Where the RSS is (simral_native_memory_bytes, MiB summed over the processes): after the
+        # warm-up, at the end, and the least-squares growth in MiB/min.
+        "native": {
+            kind: {
+                "after_warmup_mib": min(native, key=lambda s: abs(s[0] - warmup))[1].get(kind),
+                "end_mib": native[-1][1].get(kind),
+                "growth_mib_per_min": round(
+                    RssLog.slope([(t, f[kind]) for t, f in native if kind in f], warmup), 2
+                ),
+            }
+            for kind in (native[-1][1] if native else {})
+        },
         "pass": growth <= args.rss_bound,
         "samples": rss.samples,
         "pss_samples": rss.pss_samples,
@@ -831,6 +861,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"PSS {m['pss_growth_after_warmup_mib_per_min']} MiB/min (PSS after warm-up "
         f"{m['pss_after_warmup_mib']} MiB, end {m['pss_end_mib']} MiB)"
     )
+    for kind, row in m["native"].items():
+        print(
+            f"  native {kind}: after warm-up {row['after_warmup_mib']} MiB, end {row['end_mib']} MiB, "
+            f"{row['growth_mib_per_min']} MiB/min"
+        )
     print("/metrics totals (server = client):")
     for name, row in report["metrics"]["totals"].items():
         print(f"  {name:24s} {row['server']:7d} {row['client']:7d} {'ok' if row['equal'] else 'MISMATCH'}")

@@ -294,6 +294,27 @@ def test_metrics_after_store_query_retrieve_and_hl7(node: Node) -> None:
     )
 
 
+def test_each_worker_publishes_its_native_memory(node: Node) -> None:
+    """``simral_native_memory_bytes``: malloc in use and free, SQLite's memory, one series per live
+    worker process (what RSS growth is made of, bench/README.md "mixed load")."""
+    assert node.simral.proc is not None
+    parent = node.simral.proc.pid
+    children = subprocess.run(
+        ["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    native: dict[tuple[str, str], float] = {}
+    for (name, labels), figure in node.scrape().items():
+        if name == "simral_native_memory_bytes":
+            found = dict(labels)
+            native[(found["pid"], found["kind"])] = figure
+    assert {pid for pid, _ in native} == {str(parent), *children} and len(children) == 1, native
+    for pid in {pid for pid, _ in native}:
+        assert native[(pid, "malloc_in_use")] > 10 * 2**20
+        assert native[(pid, "malloc_free")] >= 0
+        assert native[(pid, "sqlite")] > 0
+        assert native[(pid, "rss_anon")] > native[(pid, "malloc_in_use")] + native[(pid, "malloc_free")]
+
+
 def test_healthz_and_readyz_follow_the_blob_store(node: Node) -> None:
     assert node.get("/healthz").json() == {"status": "ok"}
     ready = node.get("/readyz")

@@ -182,10 +182,80 @@ def release_free_memory() -> bool:
     return bool(_libc_call("malloc_trim", 0))
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc 2.33+)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def native_memory() -> dict[str, int]:
+    """This process's native memory (bytes): glibc malloc in use (arena chunks in use plus mmapped
+    blocks), free inside the arenas, SQLite's own (``sqlite3_memory_used``: page caches, schemas,
+    prepared statements; part of malloc's), and the whole anonymous RSS. Kinds the system does not
+    provide are left out."""
+    figures: dict[str, int] = {}
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    if mallinfo2 is not None:
+        mallinfo2.restype = _MallInfo2
+        info = mallinfo2()
+        figures["malloc_in_use"] = int(info.uordblks + info.hblkhd)
+        figures["malloc_free"] = int(info.fordblks)
+    used = _sqlite_memory_used()
+    if used is not None:
+        figures["sqlite"] = used
+    anonymous = _status_kib("RssAnon")
+    if anonymous is not None:
+        # The rest of the anonymous RSS: Python's own arenas (obmalloc maps them itself), thread
+        # stacks, and what libraries map without malloc.
+        figures["rss_anon"] = anonymous * 1024
+    return figures
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def _sqlite_library() -> ctypes.CDLL | None:
+    """The SQLite library Python's sqlite3 module is linked with (the same loaded copy)."""
+    import _sqlite3
+
+    try:
+        return ctypes.CDLL(_sqlite3.__file__)
+    except OSError:
+        return None
+
+
+def _sqlite_memory_used() -> int | None:
+    function = getattr(_sqlite_library(), "sqlite3_memory_used", None)
+    if function is None:
+        return None
+    function.restype = ctypes.c_int64
+    return int(function())
+
+
 def _memory_trim_loop(stop: threading.Event, period: float = MALLOC_TRIM_SECONDS) -> None:
-    """Call :func:`release_free_memory` every ``period`` seconds until ``stop`` is set."""
+    """Every ``period`` seconds until ``stop`` is set: :func:`release_free_memory`, then publish
+    :func:`native_memory` (``simral_native_memory_bytes``)."""
+    metrics.record_native_memory(native_memory())
     while not stop.wait(period):
         release_free_memory()
+        metrics.record_native_memory(native_memory())
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, mmap_dict, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, mmap_dict, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -92,6 +92,14 @@ HL7_SECONDS = Histogram(
     "Seconds from an HL7 message's receipt to its acknowledgement.",
     ["message_type"],
     buckets=LATENCY_BUCKETS,
+)
+NATIVE_MEMORY = Gauge(
+    "simral_native_memory_bytes",
+    "Native memory of each serving process, updated every minute: glibc malloc in use "
+    "(malloc_in_use), free inside its arenas (malloc_free), SQLite's own allocations (sqlite, part "
+    "of malloc_in_use), the whole anonymous resident memory (rss_anon).",
+    ["kind"],
+    multiprocess_mode="liveall",
 )
 
 #: Ingest entry points (label ``entry``).
@@ -206,6 +214,12 @@ class _Forward(Collector):
 
     def collect(self) -> Iterator[object]:  # type: ignore[override]
         yield from self.source.collect()
+
+
+def record_native_memory(figures: dict[str, int]) -> None:
+    """Set this process's :data:`NATIVE_MEMORY` figures (kind -> bytes)."""
+    for kind, value in figures.items():
+        NATIVE_MEMORY.labels(kind).set(value)
 
 
 def record_ingest(entry: str, outcomes: Iterable[str], seconds: float) -> None:
