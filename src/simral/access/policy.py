@@ -184,6 +184,16 @@ def may_manage(principal: Principal, organisation: str | None = None) -> bool:
     return organisation is not None and "site-admin" in principal.roles(organisation)
 
 
+def may_issue_token(principal: Principal, user_id: int) -> bool:
+    """Whether ``principal`` may issue a bearer token to the professional ``user_id``: the platform
+    (CLI) to anyone; a professional to themself, signed in to the portal (second factor or OpenID),
+    never with a bearer token, or a stolen token would outlive its own expiry and revocation (OWASP
+    ASVS V3.5)."""
+    if principal.kind == "system":
+        return True
+    return principal.user_id == user_id and principal.via != "token"
+
+
 def may_manage_retention(principal: Principal, organisation: str = "") -> bool:
     """Whether ``principal`` may set retention policies, place or lift legal holds, review and
     approve deletions of ``organisation``'s records (CSP R.1112-7): its site administrators,

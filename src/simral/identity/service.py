@@ -32,7 +32,7 @@ from joserfc.jwk import ECKey, KeySet
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from simral.access.policy import AccessDenied, Principal, may_break_glass, may_manage
+from simral.access.policy import AccessDenied, Principal, may_break_glass, may_issue_token, may_manage
 from simral.audit import service as audit
 from simral.db.base import as_utc, utcnow
 from simral.identity.models import (
@@ -625,14 +625,12 @@ def issue_token(
 ) -> str:
     """A signed bearer token for the DICOMweb and REST APIs (RFC 6750), recorded for revocation.
 
-    Professionals issue tokens for themselves, signed in with their second factor (or through the
-    OpenID provider); a bearer token cannot issue tokens, or a stolen one would outlive its own
-    expiry and revocation (OWASP ASVS V3.5). Only the platform operator (CLI) issues them for others.
+    Who may: :func:`simral.access.policy.may_issue_token` (oneself from a portal session; the
+    platform operator, CLI, for anyone).
     """
-    if principal.kind != "system" and principal.user_id != professional.id:
-        raise AccessDenied(f"{principal.audit_name} may not issue tokens for {professional.login}")
-    if principal.via == "token":
-        raise AccessDenied("a bearer token cannot issue tokens: sign in to the portal to create one")
+    if not may_issue_token(principal, professional.id):
+        hint = ": sign in to the portal to create one" if principal.via == "token" else ""
+        raise AccessDenied(f"{principal.audit_name} may not issue tokens for {professional.login}{hint}")
     if lifetime <= timedelta(0) or lifetime > MAX_TOKEN_LIFETIME:
         raise IdentityError(f"token lifetime must be between 1 s and {MAX_TOKEN_LIFETIME.days} days")
     acting = principal_for(session, professional, organisation=organisation)

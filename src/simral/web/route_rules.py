@@ -195,9 +195,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/admin/users"): policy("may_manage", note="CSRF token"),
     ("POST", "/admin/nodes"): policy("may_manage", note="CSRF token"),
     ("GET", "/account"): authenticated("the principal's own account"),
-    ("POST", "/account/tokens"): authenticated(
-        "a token for oneself only, from a portal session, never a bearer token (identity.issue_token); CSRF"
-    ),
+    ("POST", "/account/tokens"): policy("may_issue_token", note="for oneself; CSRF token"),
     ("GET", "/admin/jobs"): policy("may_manage"),
     ("POST", "/admin/jobs/{job_id}/{verb}"): policy("may_manage", note="retry/cancel; CSRF token"),
     ("GET", "/admin/retention"): policy(
