@@ -516,27 +516,30 @@ class RssLog:
 # --------------------------------------------------------------------------------------------- /metrics
 
 
-def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The counters of ``/metrics`` (loopback: no token needed), keyed by sample name and labels."""
+def _samples(http_url: str) -> Iterator[Any]:
+    """Every sample of ``/metrics`` (loopback: no token needed)."""
     text = httpx.get(f"{http_url}/metrics", timeout=30, trust_env=False).text
-    out = {}
     for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.endswith("_total"):
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+        yield from family.samples
+
+
+def scrape(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The counters of ``/metrics``, keyed by sample name and labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for s in _samples(http_url)
+        if s.name.endswith("_total")
+    }
 
 
 def native_memory(http_url: str) -> dict[str, float]:
     """``simral_native_memory_bytes`` summed over the serving processes, MiB by kind (each process
     refreshes its figures once a minute)."""
-    text = httpx.get(f"{http_url}/metrics", timeout=30, trust_env=False).text
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "simral_native_memory_bytes":
-                kind = s.labels.get("kind", "")
-                out[kind] = out.get(kind, 0.0) + s.value / 2**20
+    for s in _samples(http_url):
+        if s.name == "simral_native_memory_bytes":
+            kind = s.labels.get("kind", "")
+            out[kind] = out.get(kind, 0.0) + s.value / 2**20
     return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
