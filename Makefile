@@ -106,13 +106,14 @@ load: install
 
 # Coverage-guided fuzzing (atheris) of the DICOM ingest path, HL7 v2, STOW-RS, media import and
 # the DICOM acceptor (fuzz/README.md): FUZZ_RUNS executions each, FUZZ_MAX_TIME seconds at most
-# each (0: no limit), FUZZ_JOBS harnesses side by side (0: one per CPU). `make test` replays the
-# corpora and regressions.
+# each (0: no limit), FUZZ_JOBS harnesses side by side (0: one per CPU), each in FUZZ_WORKERS
+# processes sharing its corpus. `make test` replays the corpora and regressions.
 FUZZ_RUNS ?= 1000000
 FUZZ_MAX_TIME ?= 0
 FUZZ_JOBS ?= 0
+FUZZ_WORKERS ?= 1
 hardening: install
-	FUZZ_JOBS=$(FUZZ_JOBS) $(BIN)/python -m fuzz.run --runs $(FUZZ_RUNS) --max-total-time $(FUZZ_MAX_TIME)
+	FUZZ_JOBS=$(FUZZ_JOBS) FUZZ_WORKERS=$(FUZZ_WORKERS) $(BIN)/python -m fuzz.run --runs $(FUZZ_RUNS) --max-total-time $(FUZZ_MAX_TIME)
 
 # Regenerate the lock file from pyproject.toml (developers only; needs `uv`).
 lock:

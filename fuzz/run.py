@@ -1,9 +1,11 @@
 """Run every harness for N executions and print the figures.
 
-``python -m fuzz.run [--runs N] [--only NAME ...] [--max-total-time S] [--jobs J]``; ``make hardening``
-runs it with ``FUZZ_RUNS`` (default 1 000 000) executions per harness. Each harness runs in its own
-process (libFuzzer exits on the first crash), ``--jobs`` of them side by side (``FUZZ_JOBS``,
-default one per CPU); a crash leaves its input in ``fuzz/.work/NAME/``.
+``python -m fuzz.run [--runs N] [--only NAME ...] [--max-total-time S] [--jobs J] [--workers W]``;
+``make hardening`` runs it with ``FUZZ_RUNS`` (default 1 000 000) executions per harness. Each
+harness runs in its own process (libFuzzer exits on the first crash), ``--jobs`` of them side by
+side (``FUZZ_JOBS``, default one per CPU); a crash leaves its input in ``fuzz/.work/NAME/``.
+``--workers W`` splits one harness's executions over W processes that share its corpus folder
+(libFuzzer's ``-reload``: each takes up the inputs the others find), as libFuzzer's ``-jobs`` does.
 With ``SIMRAL_CONFORMANCE_DIR`` set, the HL7 harness also reads the ANS Téléradiologie samples
 of the conformance kit as seeds (they are not copied into the repository).
 """
@@ -43,8 +45,9 @@ def _stat(text: str, key: str) -> int:
     return int(found[-1]) if found else 0
 
 
-def run_one(name: str, runs: int, max_total_time: int, extra: list[str]) -> Outcome:
-    """One harness in its own process; its libFuzzer log goes to ``fuzz/.work/NAME/log.txt``."""
+def run_one(name: str, runs: int, max_total_time: int, extra: list[str], *, worker: int = 0) -> Outcome:
+    """One harness in its own process; its libFuzzer log goes to ``fuzz/.work/NAME/log.txt``
+    (``log-W.txt`` for worker W > 0 of the same harness)."""
     work = WORK_DIR / name
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -59,7 +62,7 @@ def run_one(name: str, runs: int, max_total_time: int, extra: list[str]) -> Outc
     if name == "hl7" and (conformance / "teleradiologie" / "messages").is_dir():
         command.append(str(conformance / "teleradiologie" / "messages"))
     started = time.monotonic()
-    log = work / "log.txt"
+    log = work / ("log.txt" if worker == 0 else f"log-{worker}.txt")
     with log.open("w") as out:
         result = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     seconds = time.monotonic() - started
@@ -78,6 +81,30 @@ def run_one(name: str, runs: int, max_total_time: int, extra: list[str]) -> Outc
     )
 
 
+def run_workers(name: str, runs: int, max_total_time: int, extra: list[str], workers: int) -> Outcome:
+    """Harness ``name`` in ``workers`` processes sharing its corpus, ``runs`` executions in all:
+    the figures are summed (executions, new inputs, executions per second), the peak RSS is the
+    largest; a crash in any worker is a crash."""
+    if workers <= 1:
+        return run_one(name, runs, max_total_time, extra)
+    shares = [runs // workers + (1 if w < runs % workers else 0) for w in range(workers)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(
+            pool.map(lambda w: run_one(name, shares[w], max_total_time, extra, worker=w), range(workers))
+        )
+    artifacts = [p.artifact for p in parts if p.artifact]
+    return Outcome(
+        name,
+        sum(p.runs for p in parts),
+        max(p.seconds for p in parts),
+        crashed=any(p.crashed for p in parts),
+        artifact=artifacts[0] if artifacts else "",
+        new_units=sum(p.new_units for p in parts),
+        peak_rss_mb=max(p.peak_rss_mb for p in parts),
+        per_second=sum(p.per_second for p in parts),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=int(os.environ.get("FUZZ_RUNS", "1000000")))
@@ -90,11 +117,17 @@ def main() -> int:
         default=int(os.environ.get("FUZZ_JOBS", "0")) or os.cpu_count() or 1,
         help="harnesses run side by side, each in its own process (default: one per CPU)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("FUZZ_WORKERS", "1")),
+        help="processes per harness sharing its corpus, the executions split between them",
+    )
     args = parser.parse_args()
 
     def one(name: str) -> Outcome:
-        print(f"fuzzing {name}: {args.runs} executions ...", flush=True)
-        outcome = run_one(name, args.runs, args.max_total_time, args.libfuzzer)
+        print(f"fuzzing {name}: {args.runs} executions in {args.workers} process(es) ...", flush=True)
+        outcome = run_workers(name, args.runs, args.max_total_time, args.libfuzzer, args.workers)
         state = f"CRASH ({outcome.artifact})" if outcome.crashed else "no crash"
         print(
             f"  {name}: {outcome.runs} executions in {outcome.seconds:.0f} s ({outcome.per_second}/s), "
