@@ -58,13 +58,6 @@ def index() -> Iterator[str]:
     server.server_close()
 
 
-def _audit(tmp_path: Path, index: str, lines: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    lock = tmp_path / "requirements.lock"
-    lock.write_text(lines)
-    code = pin_audit.main(["--requirements", str(lock), "--index", index])
-    return code, capsys.readouterr().out
-
-
 def test_the_pins_are_read_as_pip_reads_them(tmp_path: Path) -> None:
     lock = tmp_path / "requirements.lock"
     lock.write_text(
@@ -77,35 +70,55 @@ def test_the_pins_are_read_as_pip_reads_them(tmp_path: Path) -> None:
     ]
 
 
-def test_a_vulnerability_is_reported_from_the_version_or_the_latest_document(
-    tmp_path: Path, index: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("pins", "exit_code", "printed", "not_printed"),
+    [
+        pytest.param(
+            "served-vulnerable==0.9\nmirrored==1.0\nserved==2.0\n",
+            1,
+            [
+                "VULNERABLE served-vulnerable==0.9: PYSEC-2026-1 (CVE-2026-0001) fixed in: 1.1",
+                "VULNERABLE mirrored==1.0: PYSEC-2026-1",
+                "3 pins: 2 checked by their version's document, 1 by the project's",
+            ],
+            ["PYSEC-2026-2"],  # withdrawn
+            id="vulnerable-by-version-or-latest-document",
+        ),
+        pytest.param(
+            "clean==5.0\nstale==3.0\nabsent==1.0\n",
+            1,
+            [
+                "NOT CHECKED stale==3.0: the index serves no document for 3.0 and the project's"
+                " speaks for 3.1",
+                "NOT CHECKED absent==1.0: not on the index",
+            ],
+            ["VULNERABLE"],
+            id="a-pin-no-document-speaks-for-fails",
+        ),
+        pytest.param(
+            "clean==5.0\nserved==2.0\n",
+            0,
+            ["no known vulnerability"],
+            ["VULNERABLE", "NOT CHECKED"],
+            id="clean",
+        ),
+    ],
+)
+def test_the_audit_answer(
+    tmp_path: Path,
+    index: str,
+    capsys: pytest.CaptureFixture[str],
+    pins: str,
+    exit_code: int,
+    printed: list[str],
+    not_printed: list[str],
 ) -> None:
-    code, out = _audit(tmp_path, index, "served-vulnerable==0.9\nmirrored==1.0\nserved==2.0\n", capsys)
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(pins)
 
-    assert code == 1
-    assert "VULNERABLE served-vulnerable==0.9: PYSEC-2026-1 (CVE-2026-0001) fixed in: 1.1" in out
-    assert "VULNERABLE mirrored==1.0: PYSEC-2026-1" in out
-    assert "PYSEC-2026-2" not in out  # withdrawn
-    assert "3 pins: 2 checked by their version's document, 1 by the project's" in out
-
-
-def test_a_pin_no_document_speaks_for_fails_the_audit(
-    tmp_path: Path, index: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out = _audit(tmp_path, index, "clean==5.0\nstale==3.0\nabsent==1.0\n", capsys)
-
-    assert code == 1
-    assert (
-        "NOT CHECKED stale==3.0: the index serves no document for 3.0 and the project's speaks for 3.1" in out
-    )
-    assert "NOT CHECKED absent==1.0: not on the index" in out
-    assert "VULNERABLE" not in out
-
-
-def test_every_pin_checked_and_clean_passes(
-    tmp_path: Path, index: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out = _audit(tmp_path, index, "clean==5.0\nserved==2.0\n", capsys)
-
-    assert code == 0
-    assert "no known vulnerability" in out
+    assert pin_audit.main(["--requirements", str(lock), "--index", index]) == exit_code
+    out = capsys.readouterr().out
+    for line in printed:
+        assert line in out
+    for text in not_printed:
+        assert text not in out
