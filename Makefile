@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= ./simral-data
 DICOM_PORT ?= 11112
 HTTP_PORT ?= 8080
-APT_TEST_PACKAGES := dcmtk orthanc orthanc-dicomweb postgresql chromium dicom3tools rsyslog rsyslog-openssl fonts-dejavu-core xorriso haproxy
+APT_TEST_PACKAGES := dcmtk orthanc orthanc-dicomweb postgresql chromium dicom3tools rsyslog rsyslog-openssl fonts-dejavu-core xorriso haproxy strace
 # The prebuilt OHIF viewer (npm @ohif/app, only its dist/ folder), served by simral under /viewer.
 OHIF_VERSION := 3.13.2
 OHIF_INTEGRITY := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
