@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +42,27 @@ class Outcome:
     per_second: int
 
 
-def _stat(text: str, key: str) -> int:
+def _stat(text: str, key: str, progress: str) -> int:
+    """libFuzzer's final ``stat::KEY``, else the last value of its progress lines' ``progress``
+    pattern (an interrupted atheris run ends on KeyboardInterrupt without the final figures)."""
     found = re.findall(rf"stat::{key}:\s+(\d+)", text)
+    if not found and progress:
+        found = re.findall(progress, text, re.MULTILINE)
     return int(found[-1]) if found else 0
 
 
-def run_one(name: str, runs: int, max_total_time: int, extra: list[str], *, worker: int = 0) -> Outcome:
+def run_one(
+    name: str,
+    runs: int,
+    max_total_time: int,
+    extra: list[str],
+    *,
+    worker: int = 0,
+    stop: threading.Event | None = None,
+) -> Outcome:
     """One harness in its own process; its libFuzzer log goes to ``fuzz/.work/NAME/log.txt``
-    (``log-W.txt`` for worker W > 0 of the same harness)."""
+    (``log-W.txt`` for worker W > 0 of the same harness). Once ``stop`` is set the process is
+    interrupted (SIGINT: libFuzzer prints its figures and exits), which is not a crash."""
     work = WORK_DIR / name
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -63,35 +78,55 @@ def run_one(name: str, runs: int, max_total_time: int, extra: list[str], *, work
         command.append(str(conformance / "teleradiologie" / "messages"))
     started = time.monotonic()
     log = work / ("log.txt" if worker == 0 else f"log-{worker}.txt")
+    interrupted = False
     with log.open("w") as out:
-        result = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                returncode = process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set() and not interrupted:
+                    process.send_signal(signal.SIGINT)
+                    interrupted = True
     seconds = time.monotonic() - started
-    text = log.read_text(errors="replace")
-    executed = _stat(text, "number_of_executed_units")
+    return read_outcome(name, log.read_text(errors="replace"), seconds, returncode, interrupted=interrupted)
+
+
+def read_outcome(name: str, text: str, seconds: float, returncode: int, *, interrupted: bool) -> Outcome:
+    """The figures of one libFuzzer log: its final statistics, else (an interrupted run) its last
+    progress line. A crash is an artifact written or a failing exit that no interruption caused."""
     artifact = re.findall(r"Test unit written to (\S+)", text)
     return Outcome(
         name,
-        executed,
+        _stat(text, "number_of_executed_units", r"^#(\d+)\s"),
         seconds,
-        crashed=result.returncode != 0 or bool(artifact),
+        crashed=bool(artifact) or (returncode != 0 and not interrupted),
         artifact=artifact[-1] if artifact else "",
-        new_units=_stat(text, "new_units_added"),
-        peak_rss_mb=_stat(text, "peak_rss_mb"),
-        per_second=_stat(text, "average_exec_per_sec"),
+        new_units=_stat(text, "new_units_added", "") or len(re.findall(r"^#\d+\s+NEW\s", text, re.MULTILINE)),
+        peak_rss_mb=_stat(text, "peak_rss_mb", r" rss: (\d+)Mb"),
+        per_second=_stat(text, "average_exec_per_sec", r" exec/s: (\d+) "),
     )
 
 
 def run_workers(name: str, runs: int, max_total_time: int, extra: list[str], workers: int) -> Outcome:
     """Harness ``name`` in ``workers`` processes sharing its corpus, ``runs`` executions in all:
     the figures are summed (executions, new inputs, executions per second), the peak RSS is the
-    largest; a crash in any worker is a crash."""
+    largest; a crash in any worker is a crash, and interrupts the others."""
     if workers <= 1:
         return run_one(name, runs, max_total_time, extra)
     shares = [runs // workers + (1 if w < runs % workers else 0) for w in range(workers)]
+    stop = threading.Event()
+    parts: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(
-            pool.map(lambda w: run_one(name, shares[w], max_total_time, extra, worker=w), range(workers))
-        )
+        running = [
+            pool.submit(run_one, name, shares[w], max_total_time, extra, worker=w, stop=stop)
+            for w in range(workers)
+        ]
+        for finished in as_completed(running):
+            parts.append(finished.result())
+            if parts[-1].crashed:
+                stop.set()
     artifacts = [p.artifact for p in parts if p.artifact]
     return Outcome(
         name,
