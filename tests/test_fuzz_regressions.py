@@ -127,6 +127,29 @@ def test_damaged_zip_members_are_counted_not_raised(tmp_path: Path) -> None:
     assert not [p for p in site.scratch.iterdir() if p.name.startswith(".tmp-import-")]
 
 
+def test_a_zip_spanning_disks_is_refused_not_raised(tmp_path: Path) -> None:
+    """``zipfile.is_zipfile`` itself raised BadZipFile on a Zip64 end locator naming several disks
+    (fuzz_import, after 873 841 executions): ``simral import`` and the portal upload stopped there."""
+    from simral.archive.importing import import_paths
+
+    site = _ingest_site()
+    archive = tmp_path / "spanned.zip"
+    archive.write_bytes(
+        (harness.REGRESSIONS_DIR / "import" / "zip-zip64-end-record-spanning-disks.bin").read_bytes()[1:]
+    )
+    beside = tmp_path / "beside.dcm"
+    shutil.copy(harness.CORPUS_DIR / "ingest" / "synthetic-explicit-le.dcm", beside)
+
+    # Given itself (simral import FILE) and found in a folder (the portal upload, simral import DIR).
+    for paths in ([archive, beside], [tmp_path]):
+        summary = import_paths(site.ctx, paths, principal=_harness("import").IMPORTER)
+        assert summary.rejected == [
+            (str(archive), "unreadable ZIP: BadZipFile: zipfiles that span multiple disks are not supported")
+        ]
+        assert summary.outcomes["rejected"] == 1
+        assert summary.outcomes["stored"] + summary.outcomes["duplicate"] == 1  # the file beside it
+
+
 def test_dicomdir_records_cannot_name_files_outside_the_media(tmp_path: Path) -> None:
     """PS3.10 §8.5 file IDs: a record naming ``../OUTSIDE/IM1`` is not followed by ``simral import
     DICOMDIR`` (the instance beside the media stays out of the archive)."""

@@ -151,6 +151,18 @@ def _zip_dicomdir_members(archive: Path, members: list[zipfile.ZipInfo], scratch
     return referenced
 
 
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` ends as a ZIP does (an end of central directory record, APPNOTE.TXT 4.3.16).
+
+    ``zipfile.is_zipfile`` lets :class:`zipfile.BadZipFile` out for a Zip64 end of central directory
+    locator naming several disks (APPNOTE 4.3.15); such a file is a ZIP, an unreadable one, which
+    :func:`_zip_sources` reports as such."""
+    try:
+        return zipfile.is_zipfile(path)
+    except ZIP_ERRORS:
+        return True
+
+
 def _zip_sources(archive: Path, scratch: Path) -> Iterator[Source]:
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -203,7 +215,7 @@ def iter_sources(paths: Iterable[Path], scratch: Path) -> Iterator[Source]:
                     if filename.upper() == "DICOMDIR" or file in seen:
                         continue
                     seen.add(file)
-                    if zipfile.is_zipfile(file) and file not in dicomdir_refs:
+                    if _is_zip(file) and file not in dicomdir_refs:
                         yield from _zip_sources(file, scratch)
                     else:
                         yield Source(str(file), functools.partial(_as_is, file))
@@ -217,7 +229,7 @@ def iter_sources(paths: Iterable[Path], scratch: Path) -> Iterator[Source]:
                 if ref.resolve() not in seen:
                     seen.add(ref.resolve())
                     yield Source(str(ref), functools.partial(_as_is, ref))
-        elif zipfile.is_zipfile(path):
+        elif _is_zip(path):
             yield from _zip_sources(path, scratch)
         else:
             yield Source(str(path), functools.partial(_as_is, path))
