@@ -4,6 +4,7 @@ worker processes sharing its corpus, and how their figures are added up."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from fuzz import run
@@ -14,15 +15,9 @@ def _fake_run_one(calls: list[tuple[str, int, int]], crash_worker: int | None = 
     share is done or, when a worker crashed, once ``stop`` tells them to stop (the share cut)."""
     lock = threading.Lock()
 
-    def run_one(
-        name: str,
-        runs: int,
-        max_total_time: int,
-        extra: list[str],
-        *,
-        worker: int = 0,
-        stop: threading.Event | None = None,
-    ) -> run.Outcome:
+    def run_one(name: str, runs: int, *_args: object, **options: Any) -> run.Outcome:
+        worker: int = options.get("worker", 0)
+        stop: threading.Event | None = options.get("stop")
         with lock:
             calls.append((name, runs, worker))
         crashed = worker == crash_worker
