@@ -124,7 +124,11 @@ def run_workers(name: str, runs: int, max_total_time: int, extra: list[str], wor
             for w in range(workers)
         ]
         for finished in as_completed(running):
-            parts.append(finished.result())
+            try:
+                parts.append(finished.result())
+            except BaseException:
+                stop.set()  # a worker that could not run: the others stop rather than run on
+                raise
             if parts[-1].crashed:
                 stop.set()
     artifacts = [p.artifact for p in parts if p.artifact]

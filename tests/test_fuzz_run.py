@@ -124,3 +124,20 @@ def test_a_written_test_unit_is_a_crash() -> None:
 
     assert outcome.crashed
     assert outcome.artifact == "fuzz/.work/hl7/crash-ab12"
+
+
+def test_a_worker_that_cannot_run_stops_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped = threading.Event()
+
+    def run_one(name: str, runs: int, *_args: object, **options: Any) -> run.Outcome:
+        if options["worker"] == 0:
+            raise OSError("no room for the log")
+        assert options["stop"].wait(10), "the other worker was not stopped"
+        stopped.set()
+        return run.Outcome(name, 1, 1.0, crashed=False, artifact="", new_units=0, peak_rss_mb=1, per_second=1)
+
+    monkeypatch.setattr(run, "run_one", run_one)
+
+    with pytest.raises(OSError, match="no room"):
+        run.run_workers("dimse", 100, 0, [], 2)
+    assert stopped.is_set()
