@@ -40,7 +40,6 @@ class Finding:
     #: "version" (the version's own document), "latest" (the project document, pin == latest) or
     #: "" when neither could speak for the pin.
     source: str
-    latest: str = ""
     vulnerabilities: list[dict[str, object]] = field(default_factory=list)
     problem: str = ""
 
@@ -102,10 +101,9 @@ def check(pin: Pin, index: str, timeout: float = 30.0) -> Finding:
         return Finding(
             pin,
             "",
-            latest=latest,
             problem=f"the index serves no document for {pin.version} and the project's speaks for {latest}",
         )
-    return Finding(pin, "latest", latest=latest, vulnerabilities=_live(project.get("vulnerabilities")))
+    return Finding(pin, "latest", vulnerabilities=_live(project.get("vulnerabilities")))
 
 
 def main(argv: list[str] | None = None) -> int:
